@@ -1,0 +1,5 @@
+"""cis_bot: run DAGs of AI agent sessions, with a Matrix room as the bus, the log and the control panel."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,50 @@
+"""The ``cis`` command. Each subcommand group lives in its own module and registers itself here.
+
+Exit codes: 0 success, 1 the work failed (a run did not complete), 2 bad input or usage.
+Modules import their heavy dependencies inside the handler, so ``cis homeserver`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from cis_bot.errors import UserError
+
+
+class CommandModule(Protocol):
+    def register(self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None: ...
+
+
+def _modules() -> list[CommandModule]:
+    from cis_bot.cli import dag, homeserver
+
+    return [dag, homeserver]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cis", description="Run DAGs of AI agent sessions, with a Matrix room as the bus."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in _modules():
+        module.register(subparsers)
+    return parser
+
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except UserError as exc:
+        print(f"cis: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

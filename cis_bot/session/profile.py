@@ -1,0 +1,38 @@
+"""Agent profiles: how to start an agent CLI, hand it the prompt, and tell when it waits for a human."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+
+import attrs
+
+
+class PromptVia(StrEnum):
+    #: Substituted for ``{prompt}`` in the argv template.
+    ARGUMENT = "argument"
+    #: Written to the PTY followed by end-of-file, for CLIs that read the whole of stdin.
+    STDIN = "stdin"
+    #: Typed into the PTY like a person would, once the agent is ready; the session stays interactive.
+    PTY = "pty"
+
+
+@attrs.frozen
+class AgentProfile:
+    name: str
+    #: argv template; ``{prompt}`` is replaced by the prompt when ``prompt_via = "argument"``.
+    argv: tuple[str, ...]
+    prompt_via: PromptVia = PromptVia.ARGUMENT
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    #: Regexes searched in the last lines of the rendered screen; a match means blocked.
+    blocked_patterns: tuple[str, ...] = ()
+    #: No output for this long while the process is alive means blocked (None: never).
+    quiet_secs: float | None = None
+    #: Ask the OS whether the foreground process waits in a read() on the terminal.
+    detect_tty_read: bool = True
+    #: Render output through a terminal emulator (pyte): needed for full-screen TUI agents.
+    screen: bool = False
+    #: Append an "Upstream task outputs" section to the prompt (agents) or not (shell).
+    upstream_in_prompt: bool = True
+    #: Name of the extractor that turns the transcript into the task's output.
+    output: str = "text"

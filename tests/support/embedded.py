@@ -1,0 +1,62 @@
+"""Our embedded homeserver run as a child process through ``cis homeserver``, so that kill -9 is
+real and the handle is the same as Synapse's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support.process import HomeserverUnderTest
+
+
+class EmbeddedServer(HomeserverUnderTest):
+    kind = "embedded"
+
+    def __init__(
+        self,
+        *,
+        workdir: Path,
+        server_name: str = "cis.local",
+        appservice_files: tuple[Path, ...] = (),
+        port: int | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        super().__init__(
+            workdir=workdir, server_name=server_name, appservice_files=appservice_files, port=port
+        )
+        self.python = python
+        self.state_dir = workdir / "state"
+
+    def _cis(self, *args: str) -> list[str]:
+        return [self.python, "-m", "cis_bot", "homeserver", *args]
+
+    def _command(self) -> list[str]:
+        command = self._cis(
+            "--state-dir",
+            str(self.state_dir),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--server-name",
+            self.server_name,
+        )
+        for path in self.appservice_files:
+            command += ["--appservice", str(path)]
+        return command
+
+    def _register(self, localpart: str, password: str, admin: bool) -> None:
+        command = self._cis(
+            "add-user", "--state-dir", str(self.state_dir), localpart, "--password", password
+        )
+        if admin:
+            command.append("--admin")
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=60, check=False, cwd=self.workdir
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"cis homeserver add-user {localpart} failed ({result.returncode}):\n"
+                f"{result.stdout}\n{result.stderr}"
+            )

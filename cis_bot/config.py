@@ -1,0 +1,309 @@
+"""config.toml -> :class:`Config`: execution settings and agent profiles, with defaults.
+
+Sections (every key optional; unknown keys are errors)::
+
+    [dag]         execution_mode = "hybrid"        # local | matrix | hybrid | federation
+    [dag.local]   max_workers = 4, default_agent = "claude"
+    [dag.matrix]  room_prefix = "!dag-", home_server = "cis.local", broadcast_interval_ms = 500
+    [dag.hybrid]  broadcast_status = true, broadcast_output = false, accept_remote_tasks = true
+    [agents.NAME] argv, prompt_via, env, blocked_patterns, quiet_secs, detect_tty_read, screen,
+                  upstream_in_prompt, output
+
+A section is an attrs class whose fields are its keys: the reader below derives the keys, their
+types and their defaults from the class, so adding a section (``[node]``, say) is a new class
+plus one field on its parent. Field metadata adds bounds (``{"min": 1}``, ``{"gt": 0}``) or a
+custom reader (``{"read": fn}``, as ``agents`` has); ``{"internal": True}`` marks a field that is
+not a key in the file.
+
+``[agents.NAME]`` for a built-in profile (shell, claude, aider, codex, opencode) overrides only
+the keys it gives; a new NAME must give ``argv``. ``Config.agents`` holds the built-ins merged
+with the file's profiles.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+
+from cis_bot.errors import InputError
+from cis_bot.session.profile import AgentProfile, PromptVia
+from cis_bot.session.profiles import BUILTIN_PROFILES, PROMPT_TOKEN
+from cis_bot.validation import Table, format_for, parse_document, read_text, suggestion
+
+T = TypeVar("T")
+
+#: Environment variable naming the config file; overrides the default location.
+CONFIG_ENV = "CIS_CONFIG"
+
+
+class ExecutionMode(StrEnum):
+    LOCAL = "local"
+    MATRIX = "matrix"
+    HYBRID = "hybrid"
+    FEDERATION = "federation"
+
+
+@attrs.frozen
+class LocalConfig:
+    """``[dag.local]``: running tasks on this machine."""
+
+    #: Tasks running at once (a DAG's ``max_workers`` and ``--max-workers`` override it).
+    max_workers: int = attrs.field(default=4, metadata={"min": 1})
+    #: Agent profile for tasks that give a ``prompt`` and no ``agent``.
+    default_agent: str = attrs.field(default="claude", metadata={"nonempty": True})
+
+
+@attrs.frozen
+class MatrixConfig:
+    """``[dag.matrix]``: where runs' rooms live."""
+
+    room_prefix: str = "!dag-"
+    home_server: str = attrs.field(default="cis.local", metadata={"nonempty": True})
+    #: Least time between two status broadcasts of one session.
+    broadcast_interval_ms: int = attrs.field(default=500, metadata={"min": 0})
+
+
+@attrs.frozen
+class HybridConfig:
+    """``[dag.hybrid]``: local execution with the room as monitor."""
+
+    broadcast_status: bool = True
+    #: Output samples are large: off by default; fetch transcripts through the API instead.
+    broadcast_output: bool = False
+    accept_remote_tasks: bool = True
+
+
+@attrs.frozen
+class DagConfig:
+    """``[dag]``."""
+
+    execution_mode: ExecutionMode = ExecutionMode.HYBRID
+    local: LocalConfig = attrs.field(factory=LocalConfig)
+    matrix: MatrixConfig = attrs.field(factory=MatrixConfig)
+    hybrid: HybridConfig = attrs.field(factory=HybridConfig)
+
+
+def _builtin_agents() -> Mapping[str, AgentProfile]:
+    return types.MappingProxyType(dict(BUILTIN_PROFILES))
+
+
+def _read_agents(table: Table) -> Mapping[str, AgentProfile]:
+    """``[agents.NAME]`` tables merged over the built-in profiles."""
+    merged = dict(BUILTIN_PROFILES)
+    for name in table.data:
+        if not name.strip() or any(ch.isspace() for ch in name) or "\x00" in name:
+            table.fail("an agent profile name must be non-empty and contain no whitespace", name)
+        sub = table.table(name)
+        assert sub is not None
+        given = read_values(AgentProfile, sub, checks=_PROFILE_CHECKS)
+        base = merged.get(name)
+        if base is None:
+            if "argv" not in given:
+                sub.fail(
+                    f"a new agent profile needs 'argv' ({name!r} is not a built-in profile; "
+                    f"those are {', '.join(sorted(BUILTIN_PROFILES))})",
+                    "argv",
+                )
+            profile = AgentProfile(name=name, **given)
+        else:
+            profile = attrs.evolve(base, **given)
+        if profile.prompt_via is PromptVia.ARGUMENT and not any(
+            PROMPT_TOKEN in arg for arg in profile.argv
+        ):
+            sub.fail(
+                f"prompt_via is 'argument' but no argv element contains {PROMPT_TOKEN!r}, so "
+                f"the prompt would be lost; add {PROMPT_TOKEN!r} to argv or change prompt_via",
+                "argv",
+            )
+        merged[name] = profile
+    return types.MappingProxyType(merged)
+
+
+def _check_argv(argv: object) -> str | None:
+    assert isinstance(argv, tuple)
+    return "must not be empty: give the program and its arguments" if not argv else None
+
+
+def _regex_problem(pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f"{pattern!r} is not a valid regular expression: {exc}"
+    except (RecursionError, OverflowError, ValueError) as exc:
+        return f"{pattern!r} is not a usable regular expression: {exc}"
+    return None
+
+
+def _check_patterns(patterns: object) -> str | None:
+    assert isinstance(patterns, tuple)
+    for i, pattern in enumerate(patterns):
+        problem = _regex_problem(pattern)
+        if problem:
+            return f"item {i}: {problem}"
+    return None
+
+
+def _check_pattern(pattern: object) -> str | None:
+    assert isinstance(pattern, str)
+    return _regex_problem(pattern)
+
+
+def _check_quiet(value: object) -> str | None:
+    assert isinstance(value, float)
+    return "must be greater than 0" if value <= 0 else None
+
+
+def _check_pattern_lines(value: object) -> str | None:
+    assert isinstance(value, int)
+    return "must be at least 1" if value < 1 else None
+
+
+_PROFILE_CHECKS: Mapping[str, Callable[[object], str | None]] = {
+    "argv": _check_argv,
+    "blocked_patterns": _check_patterns,
+    "ready_pattern": _check_pattern,
+    "quiet_secs": _check_quiet,
+    "pattern_lines": _check_pattern_lines,
+}
+
+
+@attrs.frozen
+class Config:
+    dag: DagConfig = attrs.field(factory=DagConfig)
+    #: Every agent profile by name: the built-ins merged with the file's ``[agents.NAME]``.
+    agents: Mapping[str, AgentProfile] = attrs.field(
+        factory=_builtin_agents, metadata={"read": _read_agents}
+    )
+    #: The file this config came from (None: defaults only).
+    source: Path | None = attrs.field(default=None, metadata={"internal": True})
+
+    @property
+    def default_agent(self) -> str:
+        return self.dag.local.default_agent
+
+
+# -- reading sections from their attrs classes ------------------------------------------------
+
+# get_type_hints needs these names even when a module imports them only for type checking.
+_TYPE_NAMES: dict[str, Any] = {
+    "Mapping": Mapping,
+    "Sequence": Sequence,
+    "Path": Path,
+    "AgentProfile": AgentProfile,
+}
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _read_value(table: Table, key: str, tp: Any, meta: Mapping[str, Any]) -> object:
+    tp = _unwrap_optional(tp)
+    origin = typing.get_origin(tp)
+    if tp is str:
+        return table.string(key, nonempty=bool(meta.get("nonempty")))
+    if tp is bool:
+        return table.opt_boolean(key)
+    if tp is int:
+        return table.opt_integer(key, minimum=meta.get("min"))
+    if tp is float:
+        return table.opt_number(key, positive="gt" in meta, minimum=meta.get("min"))
+    if isinstance(tp, type) and issubclass(tp, StrEnum):
+        return table.choice(key, tp, next(iter(tp)))
+    if origin is tuple and typing.get_args(tp)[0] is str:
+        return table.string_list(key)
+    if origin in (Mapping, dict) and typing.get_args(tp) == (str, str):
+        return table.string_map(key)
+    raise TypeError(f"config reader: no rule for {key!r} of type {tp!r}")
+
+
+def read_values(
+    cls: type[Any],
+    table: Table,
+    *,
+    skip: Sequence[str] = ("name",),
+    checks: Mapping[str, Callable[[object], str | None]] | None = None,
+) -> dict[str, Any]:
+    """The keys ``table`` gives for the attrs class ``cls``, read and checked by field type.
+
+    Only the keys present are returned, so the result can build a new instance (absent keys
+    take the class defaults) or ``attrs.evolve`` an existing one. ``skip`` names fields that are
+    not keys (a profile's name is its table's key). Nested attrs classes are sub-tables.
+    """
+    hints = typing.get_type_hints(cls, localns=_TYPE_NAMES)
+    fields = [
+        f
+        for f in attrs.fields(cls)
+        if f.init and f.name not in skip and not f.metadata.get("internal")
+    ]
+    table.reject_unknown([f.name for f in fields])
+    values: dict[str, Any] = {}
+    for f in fields:
+        if f.name not in table:
+            continue
+        tp = hints[f.name]
+        reader = f.metadata.get("read")
+        sub = table.table(f.name) if reader or attrs.has(tp) else None
+        if reader:
+            assert sub is not None
+            values[f.name] = reader(sub)
+        elif attrs.has(tp):
+            assert sub is not None
+            values[f.name] = tp(**read_values(tp, sub, skip=()))
+        else:
+            values[f.name] = _read_value(table, f.name, tp, f.metadata)
+        check = (checks or {}).get(f.name)
+        problem = check(values[f.name]) if check else None
+        if problem:
+            table.fail(problem, f.name)
+    return values
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def default_config_path() -> Path | None:
+    """Where ``load_config(None)`` reads: ``$CIS_CONFIG``, else the user's config if present."""
+    explicit = os.environ.get(CONFIG_ENV)
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    candidate = Path(base) / "cis" / "config.toml"
+    return candidate if candidate.is_file() else None
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Read a config file; ``None`` means ``$CIS_CONFIG``, else ``$XDG_CONFIG_HOME/cis/config.toml``
+    (``~/.config/cis/config.toml``) if it exists, else the defaults. Raises InputError."""
+    if path is None:
+        path = default_config_path()
+        if path is None:
+            return Config()
+    return attrs.evolve(parse_config(read_text(path), file=str(path)), source=Path(path))
+
+
+def parse_config(text: str, *, file: str) -> Config:
+    """Validate config text (TOML; JSON when ``file`` ends in ``.json``)."""
+    root = parse_document(text, file=file, fmt=format_for(file))
+    config = Config(**read_values(Config, root, skip=()))
+    default_agent = config.dag.local.default_agent
+    if default_agent not in config.agents:
+        raise InputError(
+            f"unknown agent profile {default_agent!r}{suggestion(default_agent, config.agents)}; "
+            f"known profiles: {', '.join(sorted(config.agents))}",
+            file=file,
+            key="dag.local.default_agent",
+        )
+    return config

@@ -19,9 +19,9 @@ class CommandModule(Protocol):
 
 
 def _modules() -> list[CommandModule]:
-    from cis_bot.cli import dag, homeserver
+    from cis_bot.cli import dag
 
-    return [dag, homeserver]
+    return [dag]
 
 
 def build_parser() -> argparse.ArgumentParser:

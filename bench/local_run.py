@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 # What `cis dag execute --local` imports before it runs anything.
 IMPORTS = "import cis_bot.cli.progress, cis_bot.config, cis_bot.dag.runner, cis_bot.dag.spec"
 
@@ -95,7 +94,8 @@ def main() -> None:
     for name, r in results.items():
         print(
             f"{name:8} {r['cis_s']:>7.3f}s {r['baseline_s']:>8.3f}s {r['ratio']:>6.2f}"
-            f" {r['overhead_ms_per_task']:>8.2f} {r['overhead_ms_per_task_without_python_start']:>9.2f}"
+            f" {r['overhead_ms_per_task']:>8.2f}"
+            f" {r['overhead_ms_per_task_without_python_start']:>9.2f}"
         )
     print("* overhead per task after subtracting Python start-up and imports")
 

@@ -99,6 +99,21 @@ class Delivery:
         events: list[dict[str, Any]] = self.body.get("events", [])
         return events
 
+    @property
+    def content(self) -> dict[str, Any]:
+        """The body without the events' ``age``, which a retry recomputes (Synapse does)."""
+        return {
+            **self.body,
+            "events": [_without_age(event) for event in self.events],
+        }
+
+
+def _without_age(event: dict[str, Any]) -> dict[str, Any]:
+    event = {key: value for key, value in event.items() if key != "age"}
+    if isinstance(event.get("unsigned"), dict):
+        event["unsigned"] = {k: v for k, v in event["unsigned"].items() if k != "age"}
+    return event
+
 
 class TransactionReceiver:
     """``PUT /_matrix/app/v1/transactions/{txnId}`` recorder.
@@ -302,7 +317,9 @@ class TransactionReceiver:
         """Transaction ids that arrived more than once with different bodies (must be empty)."""
         bodies: dict[str, set[str]] = {}
         for delivery in self.snapshot():
-            bodies.setdefault(delivery.txn_id, set()).add(json.dumps(delivery.body, sort_keys=True))
+            bodies.setdefault(delivery.txn_id, set()).add(
+                json.dumps(delivery.content, sort_keys=True)
+            )
         return {txn: len(found) for txn, found in bodies.items() if len(found) > 1}
 
 

@@ -185,6 +185,9 @@ class SynapseServer(HomeserverUnderTest):
                 # Issue 3 asks for downloads on the v3 paths as well as the authenticated v1
                 # ones; Synapse refuses v3 downloads of new media unless this is off.
                 "enable_authenticated_media": False,
+                # Below Synapse's 200 MiB request cap, so an upload over it gets the upload
+                # servlet's 413 M_TOO_LARGE rather than an aborted connection.
+                "max_upload_size": "4M",
                 "app_service_config_files": [str(path) for path in self.appservice_files],
                 **RATE_LIMITS,
                 **self.extra_config,

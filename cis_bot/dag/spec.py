@@ -29,7 +29,7 @@ import unicodedata
 from collections.abc import Collection, Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 
@@ -227,10 +227,11 @@ _MATRIX_USER_ID = re.compile(r"@[^\s:]+:\S+")
 _ARBITRATED_EXAMPLE = 'level = { type = "arbitrated", stakeholders = ["@alice:example.org"] }'
 
 
-def load_dag(path: str | Path, *, agents: Collection[str], default_agent: str) -> DagSpec:
+def load_dag(path: str | Path, *, agents: Collection[str] | None, default_agent: str) -> DagSpec:
     """Read and validate a DAG file (``.json`` is JSON, anything else TOML).
 
-    ``agents`` are the agent profile names the config knows; ``default_agent`` is the config's
+    ``agents`` are the agent profile names the config knows (None: accept any name, for a spec
+    read back from a room that another node's config resolved); ``default_agent`` is the config's
     ``[dag.local] default_agent``. Raises :class:`InputError` for any mistake in the file.
     """
     text = read_text(path)
@@ -245,7 +246,7 @@ def parse_dag(
     *,
     file: str,
     fmt: Literal["toml", "json"],
-    agents: Collection[str],
+    agents: Collection[str] | None,
     default_agent: str,
 ) -> DagSpec:
     """Validate DAG text. ``file`` names the source in errors; its stem is the default name."""
@@ -293,7 +294,9 @@ def _check_skill(skill: Table) -> str | None:
     return skill.opt_string("name", nonempty=True)
 
 
-def _parse_tasks(dag: Table, *, agents: Collection[str], default_agent: str) -> list[TaskSpec]:
+def _parse_tasks(
+    dag: Table, *, agents: Collection[str] | None, default_agent: str
+) -> list[TaskSpec]:
     double = "[[tasks]]" if dag.path == "" else f"[[{dag.path}.tasks]]"
     hint = "" if dag.fmt == "json" else f" (write {double}, with double brackets, once per task)"
     tables = dag.table_list("tasks", hint=hint)
@@ -379,7 +382,7 @@ def _one_of(table: Table, key: str, alias: str) -> str | None:
 
 
 def _parse_task(
-    table: Table, *, agents: Collection[str], default_agent: str
+    table: Table, *, agents: Collection[str] | None, default_agent: str
 ) -> tuple[TaskSpec, str]:
     """One task, and the key its dependencies were given under (for later error messages)."""
     if "id" not in table:
@@ -427,7 +430,9 @@ def _parse_task(
     return spec, deps_key
 
 
-def _resolve_agent(t: Table, *, agents: Collection[str], default_agent: str) -> tuple[str, str]:
+def _resolve_agent(
+    t: Table, *, agents: Collection[str] | None, default_agent: str
+) -> tuple[str, str]:
     """(agent profile, what it is given) following the rules in the module docstring."""
     command = t.opt_string("command", nonempty=True)
     prompt = t.opt_string("prompt", nonempty=True)
@@ -447,13 +452,13 @@ def _resolve_agent(t: Table, *, agents: Collection[str], default_agent: str) -> 
                 f"default agent {default_agent!r})"
             )
         if command is not None:
-            if SHELL_AGENT not in agents:
+            if agents is not None and SHELL_AGENT not in agents:
                 t.fail(
                     f"a 'command' needs the {SHELL_AGENT!r} agent profile, which is not configured"
                 )
             return SHELL_AGENT, command
         assert prompt is not None
-        if default_agent not in agents:
+        if agents is not None and default_agent not in agents:
             t.fail(
                 f"the config's default agent {default_agent!r} ([dag.local] default_agent) is "
                 f"not a known agent profile{suggestion(default_agent, agents)}; give 'agent'",
@@ -462,9 +467,9 @@ def _resolve_agent(t: Table, *, agents: Collection[str], default_agent: str) -> 
         return default_agent, prompt
 
     assert agent_key is not None
-    if agent == DEFAULT_AGENT_ALIAS and agent not in agents:
+    if agent == DEFAULT_AGENT_ALIAS and (agents is None or agent not in agents):
         agent = default_agent
-    if agent not in agents:
+    if agents is not None and agent not in agents:
         t.fail(
             f"unknown agent profile {agent!r}{suggestion(agent, agents)}; "
             f"known profiles: {', '.join(sorted(agents)) or '(none)'}",
@@ -524,3 +529,60 @@ def _parse_level(t: Table) -> Level:
             level.fail(f"lists {user!r} twice", "stakeholders")
         seen.add(user)
     return Level(kind=kind, stakeholders=stakeholders)
+
+
+# -- the spec as a document, for the room ------------------------------------------------------
+
+
+def task_to_document(task: TaskSpec) -> dict[str, Any]:
+    """A task as a table of dag.json's layout, resolved: the agent and its prompt explicit, so
+    any node reads it back to the same TaskSpec whatever its own default agent."""
+    doc: dict[str, Any] = {"id": task.id, "agent": task.agent, "prompt": task.prompt}
+    if task.name:
+        doc["name"] = task.name
+    if task.deps:
+        doc["deps"] = list(task.deps)
+    for key in ("command", "skill", "work_dir", "timeout_secs"):
+        value = getattr(task, key)
+        if value is not None:
+            doc[key] = value
+    if task.env:
+        doc["env"] = dict(task.env)
+    if task.retry != DEFAULT_RETRY:
+        doc["retry"] = task.retry
+    if task.trigger is not Trigger.ALL_SUCCESS:
+        doc["trigger"] = str(task.trigger)
+    level = task.level
+    if level != Level():
+        level_doc: dict[str, Any] = {"type": str(level.kind)}
+        if level.retry is not None:
+            level_doc["retry"] = level.retry
+        if level.kind is LevelKind.RECOMMENDED:
+            level_doc["timeout"] = level.timeout_secs
+            level_doc["default_action"] = str(level.default_action)
+        elif level.kind is LevelKind.ARBITRATED:
+            level_doc["stakeholders"] = list(level.stakeholders)
+        doc["level"] = level_doc
+    return doc
+
+
+def spec_to_document(spec: DagSpec) -> dict[str, Any]:
+    """The DAG in dag.json's layout; ``parse_dag(json.dumps(doc), fmt="json", agents=None, ...)``
+    gives back an equal DagSpec (but for ``source``)."""
+    dag: dict[str, Any] = {"name": spec.name, "policy": str(spec.policy)}
+    if spec.max_workers is not None:
+        dag["max_workers"] = spec.max_workers
+    if spec.retry_backoff_secs != DEFAULT_RETRY_BACKOFF_SECS:
+        dag["retry_backoff_secs"] = spec.retry_backoff_secs
+    dag["tasks"] = [task_to_document(t) for t in spec.tasks]
+    return {"dag": dag}
+
+
+def parse_task_document(
+    doc: Mapping[str, Any], *, file: str, agents: Collection[str] | None
+) -> TaskSpec:
+    """One resolved task table (as ``task_to_document`` writes it), validated alone: its deps
+    name tasks of a DAG the reader may not have."""
+    table = Table(dict(doc), file=file, fmt="json", path="task")
+    task, _ = _parse_task(table, agents=agents, default_agent="")
+    return task

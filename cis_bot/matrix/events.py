@@ -1,0 +1,513 @@
+"""The ``cis.dag.*`` event catalogue: typed payloads, validated both ways.
+
+Every content carries ``"v": 1``, ``run_id`` (except the node heartbeat) and ``timestamp`` (ms).
+``decode(event_type, content)`` turns a room event's content into its payload class or raises
+:class:`InvalidEvent` naming the type and the key; handlers log and drop those, never crash.
+``payload.content()`` is what goes on the wire. Sizes are bounded so no event nears Matrix's
+65,536-byte limit: long texts are cut (keeping their end) before they are sent.
+
+The first block is the catalogue of ARCHITECTURE.md; the second block holds the coordinator's
+decisions, so that the room alone replays to the run's exact state (see ``matrix/runlog.py``).
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import time
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
+
+import attrs
+
+from cis_bot.errors import InputError
+from cis_bot.validation import Table
+
+VERSION = 1
+#: Largest content we send or accept (Matrix caps a whole event at 65,536 bytes).
+MAX_CONTENT_BYTES = 48 * 1024
+#: Bounds on the free texts inside events.
+OUTPUT_SUMMARY_CHARS = 10_000
+PREVIEW_CHARS = 2_000
+REASON_CHARS = 500
+
+
+class InvalidEvent(Exception):
+    """A ``cis.*`` event whose content does not match the catalogue."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def clip(text: str | None, limit: int) -> str | None:
+    """Keep the end of a long text (the end of an output is where conclusions and errors are)."""
+    if text is None or len(text) <= limit:
+        return text
+    return "…" + text[-(limit - 1) :]
+
+
+P = TypeVar("P", bound="Payload")
+
+
+@attrs.frozen(kw_only=True)
+class Payload(abc.ABC):
+    TYPE: ClassVar[str] = ""
+    #: State events are keyed; message events are not.
+    STATE: ClassVar[bool] = False
+
+    timestamp: int = attrs.field(factory=now_ms)
+
+    def content(self) -> dict[str, Any]:
+        body = attrs.asdict(self, recurse=False)
+        return {
+            "v": VERSION,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in body.items() if v is not None},
+        }
+
+    @property
+    def state_key(self) -> str | None:
+        return None
+
+    @classmethod
+    @abc.abstractmethod
+    def from_table(cls: type[P], t: Table) -> P:
+        """Read and check the content (``t`` raises InputError on the first problem)."""
+
+    @classmethod
+    def fields_of(cls, t: Table) -> dict[str, Any]:
+        return {"timestamp": t.integer("timestamp", 0, minimum=0)}
+
+
+@attrs.frozen(kw_only=True)
+class RunPayload(Payload):
+    run_id: str
+
+    @classmethod
+    def fields_of(cls, t: Table) -> dict[str, Any]:
+        return {**super().fields_of(t), "run_id": _required_string(t, "run_id")}
+
+
+# --- the catalogue ---------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class RunCreated(RunPayload):
+    TYPE = "cis.dag.run.created"
+
+    dag_name: str
+    #: The DAG as a JSON document in dag.json's layout, every task resolved (see dag/spec.py).
+    spec: dict[str, Any] | None = None
+    #: Set instead of ``spec`` when the document is too large for an event.
+    spec_mxc: str | None = None
+    mode: str
+    max_workers: int
+    #: Node id of the coordinator.
+    coordinator: str
+
+    @classmethod
+    def from_table(cls, t: Table) -> RunCreated:
+        spec = t.table("spec")
+        spec_mxc = t.opt_string("spec_mxc", nonempty=True)
+        if spec is None and spec_mxc is None:
+            t.fail("needs 'spec' or 'spec_mxc'", "spec")
+        return cls(
+            **cls.fields_of(t),
+            dag_name=_required_string(t, "dag_name"),
+            spec=dict(spec.data) if spec is not None else None,
+            spec_mxc=spec_mxc,
+            mode=_required_string(t, "mode"),
+            max_workers=_required_int(t, "max_workers", minimum=1),
+            coordinator=_required_string(t, "coordinator"),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class TaskAssigned(RunPayload):
+    TYPE = "cis.dag.task.assigned"
+
+    task_id: str
+    attempt: int
+    #: Node id of the worker that should claim it.
+    assigned_to: str
+    #: Matrix user id of the coordinator.
+    assigned_by: str
+    agent: str
+    #: The worker must report within this long or the coordinator may reassign.
+    lease_ms: int
+    upstream_tasks: tuple[str, ...] = ()
+    #: The task as a JSON table in dag.json's layout, resolved (agent and prompt explicit).
+    task: dict[str, Any] = attrs.field(factory=dict)
+    #: Upstream outputs inline when small, else in a JSON media upload.
+    upstream: dict[str, str] | None = None
+    upstream_mxc: str | None = None
+
+    @classmethod
+    def from_table(cls, t: Table) -> TaskAssigned:
+        task = t.table("task")
+        if task is None:
+            t.fail("missing required key", "task")
+        return cls(
+            **cls.fields_of(t),
+            task_id=_required_string(t, "task_id"),
+            attempt=_required_int(t, "attempt", minimum=1),
+            assigned_to=_required_string(t, "assigned_to"),
+            assigned_by=_required_string(t, "assigned_by"),
+            agent=_required_string(t, "agent"),
+            lease_ms=_required_int(t, "lease_ms", minimum=1),
+            upstream_tasks=t.string_list("upstream_tasks") or (),
+            task=dict(task.data),
+            upstream=t.string_map("upstream"),
+            upstream_mxc=t.opt_string("upstream_mxc", nonempty=True),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class TaskClaimed(RunPayload):
+    TYPE = "cis.dag.task.claimed"
+
+    task_id: str
+    attempt: int
+    claimed_by: str
+    session_id: str
+
+    @classmethod
+    def from_table(cls, t: Table) -> TaskClaimed:
+        return cls(
+            **cls.fields_of(t),
+            task_id=_required_string(t, "task_id"),
+            attempt=_required_int(t, "attempt", minimum=1),
+            claimed_by=_required_string(t, "claimed_by"),
+            session_id=_required_string(t, "session_id"),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class SessionPayload(RunPayload):
+    #: ``run:task:attempt``
+    session_id: str
+
+    @classmethod
+    def fields_of(cls, t: Table) -> dict[str, Any]:
+        return {**super().fields_of(t), "session_id": _required_string(t, "session_id")}
+
+
+@attrs.frozen(kw_only=True)
+class SessionCreated(SessionPayload):
+    TYPE = "cis.dag.session.created"
+
+    task_id: str
+    attempt: int
+    node: str
+    agent: str | None = None
+
+    @classmethod
+    def from_table(cls, t: Table) -> SessionCreated:
+        return cls(
+            **cls.fields_of(t),
+            task_id=_required_string(t, "task_id"),
+            attempt=_required_int(t, "attempt", minimum=1),
+            node=_required_string(t, "node"),
+            agent=t.opt_string("agent"),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class SessionStateChanged(SessionPayload):
+    TYPE = "cis.dag.session.state"
+
+    old_state: str
+    new_state: str
+    reason: str | None = None
+
+    @classmethod
+    def from_table(cls, t: Table) -> SessionStateChanged:
+        return cls(
+            **cls.fields_of(t),
+            old_state=_required_string(t, "old_state"),
+            new_state=_required_string(t, "new_state"),
+            reason=t.opt_string("reason"),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class SessionOutput(SessionPayload):
+    TYPE = "cis.dag.session.output"
+
+    #: The last lines of output (bounded).
+    tail: str
+    seq: int
+
+    @classmethod
+    def from_table(cls, t: Table) -> SessionOutput:
+        return cls(
+            **cls.fields_of(t),
+            tail=t.string("tail", ""),
+            seq=_required_int(t, "seq", minimum=0),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class SessionBlocked(SessionPayload):
+    TYPE = "cis.dag.session.blocked"
+
+    reason: str
+    output_preview: str = ""
+
+    @classmethod
+    def from_table(cls, t: Table) -> SessionBlocked:
+        return cls(
+            **cls.fields_of(t),
+            reason=_required_string(t, "reason"),
+            output_preview=t.string("output_preview", ""),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class SessionCompleted(SessionPayload):
+    TYPE = "cis.dag.session.completed"
+
+    task_id: str
+    attempt: int
+    #: completed / failed / killed / timeout
+    status: str
+    exit_code: int | None = None
+    error: str | None = None
+    #: The task's output, bounded (it reaches downstream tasks).
+    output: str = ""
+    transcript: str | None = None
+    duration_s: float | None = None
+
+    @classmethod
+    def from_table(cls, t: Table) -> SessionCompleted:
+        status = _required_string(t, "status")
+        if status not in ("completed", "failed", "killed", "timeout"):
+            t.fail(f"unknown status {status!r}", "status")
+        exit_code = t.data.get("exit_code")
+        if exit_code is not None and (
+            isinstance(exit_code, bool) or not isinstance(exit_code, int)
+        ):
+            t.fail("expected an integer or null", "exit_code")
+        return cls(
+            **cls.fields_of(t),
+            task_id=_required_string(t, "task_id"),
+            attempt=_required_int(t, "attempt", minimum=1),
+            status=status,
+            exit_code=exit_code,
+            error=t.opt_string("error"),
+            output=t.string("output", ""),
+            transcript=t.opt_string("transcript", nonempty=True),
+            duration_s=t.opt_number("duration_s", minimum=0),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class RunCompleted(RunPayload):
+    TYPE = "cis.dag.run.completed"
+
+    status: str
+    #: task id -> final status
+    tasks: dict[str, str] = attrs.field(factory=dict)
+
+    @classmethod
+    def from_table(cls, t: Table) -> RunCompleted:
+        return cls(
+            **cls.fields_of(t),
+            status=_required_string(t, "status"),
+            tasks=t.string_map("tasks") or {},
+        )
+
+
+@attrs.frozen(kw_only=True)
+class NodeHeartbeat(Payload):
+    TYPE = "cis.node.heartbeat"
+    STATE = True
+
+    node_id: str
+    #: Agent profiles this node will run.
+    agents: tuple[str, ...]
+    max_workers: int
+    #: Sessions running now.
+    load: int
+    #: A node whose last heartbeat is older than this is presumed gone.
+    ttl_ms: int
+
+    @property
+    def state_key(self) -> str:
+        return self.node_id
+
+    @classmethod
+    def from_table(cls, t: Table) -> NodeHeartbeat:
+        return cls(
+            **cls.fields_of(t),
+            node_id=_required_string(t, "node_id"),
+            agents=t.string_list("agents") or (),
+            max_workers=_required_int(t, "max_workers", minimum=1),
+            load=_required_int(t, "load", minimum=0),
+            ttl_ms=_required_int(t, "ttl_ms", minimum=1),
+        )
+
+
+# --- the coordinator's decisions -------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class TaskDecision(RunPayload):
+    """A decision about one task: skipped, cancelled, timed out, approval asked/given, aborted."""
+
+    task_id: str
+    attempt: int | None = None
+    reason: str | None = None
+
+    @classmethod
+    def from_table(cls: type[_D], t: Table) -> _D:
+        attempt = t.opt_integer("attempt", minimum=1)
+        return cls(
+            **cls.fields_of(t),
+            task_id=_required_string(t, "task_id"),
+            attempt=attempt,
+            reason=t.opt_string("reason"),
+        )
+
+
+_D = TypeVar("_D", bound=TaskDecision)
+
+
+@attrs.frozen(kw_only=True)
+class TaskSkipped(TaskDecision):
+    TYPE = "cis.dag.task.skipped"
+
+
+@attrs.frozen(kw_only=True)
+class TaskCancelled(TaskDecision):
+    TYPE = "cis.dag.task.cancelled"
+
+
+@attrs.frozen(kw_only=True)
+class TaskTimedOut(TaskDecision):
+    TYPE = "cis.dag.task.timed_out"
+
+
+@attrs.frozen(kw_only=True)
+class TaskAborted(TaskDecision):
+    TYPE = "cis.dag.task.aborted"
+
+
+@attrs.frozen(kw_only=True)
+class ApprovalRequested(RunPayload):
+    TYPE = "cis.dag.task.approval_requested"
+
+    task_id: str
+    stakeholders: tuple[str, ...] = ()
+    #: When a ``recommended`` task applies its default action (ms).
+    deadline: int | None = None
+
+    @classmethod
+    def from_table(cls, t: Table) -> ApprovalRequested:
+        return cls(
+            **cls.fields_of(t),
+            task_id=_required_string(t, "task_id"),
+            stakeholders=t.string_list("stakeholders") or (),
+            deadline=t.opt_integer("deadline", minimum=0),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class TaskApproved(RunPayload):
+    """An approval: by a person (``by`` set), or by an expired countdown (``by`` absent)."""
+
+    TYPE = "cis.dag.task.approved"
+
+    task_id: str
+    by: str | None = None
+
+    @classmethod
+    def from_table(cls, t: Table) -> TaskApproved:
+        return cls(
+            **cls.fields_of(t),
+            task_id=_required_string(t, "task_id"),
+            by=t.opt_string("by", nonempty=True),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class RunCancelled(RunPayload):
+    TYPE = "cis.dag.run.cancelled"
+
+    by: str | None = None
+
+    @classmethod
+    def from_table(cls, t: Table) -> RunCancelled:
+        return cls(**cls.fields_of(t), by=t.opt_string("by", nonempty=True))
+
+
+CATALOGUE: Mapping[str, type[Payload]] = {
+    cls.TYPE: cls
+    for cls in (
+        RunCreated,
+        TaskAssigned,
+        TaskClaimed,
+        SessionCreated,
+        SessionStateChanged,
+        SessionOutput,
+        SessionBlocked,
+        SessionCompleted,
+        RunCompleted,
+        NodeHeartbeat,
+        TaskSkipped,
+        TaskCancelled,
+        TaskTimedOut,
+        TaskAborted,
+        ApprovalRequested,
+        TaskApproved,
+        RunCancelled,
+    )
+}
+
+
+def decode(event_type: str, content: object) -> Payload:
+    """The payload of a ``cis.*`` event, or InvalidEvent saying what is wrong with it."""
+    cls = CATALOGUE.get(event_type)
+    if cls is None:
+        raise InvalidEvent(f"{event_type}: not a cis_bot event type")
+    if not isinstance(content, Mapping):
+        raise InvalidEvent(f"{event_type}: content is not a JSON object")
+    size = _size(content)
+    if size > MAX_CONTENT_BYTES:
+        raise InvalidEvent(f"{event_type}: content is {size} bytes, over {MAX_CONTENT_BYTES}")
+    version = content.get("v")
+    if version != VERSION:
+        raise InvalidEvent(f"{event_type}: unsupported version v={version!r} (expected {VERSION})")
+    try:
+        return cls.from_table(Table(dict(content), file=event_type, fmt="json"))
+    except InputError as exc:
+        raise InvalidEvent(str(exc)) from None
+
+
+def encode(payload: Payload) -> tuple[str, dict[str, Any]]:
+    """(event type, content) ready to send; refuses content over the size bound."""
+    content = payload.content()
+    size = _size(content)
+    if size > MAX_CONTENT_BYTES:
+        raise ValueError(f"{payload.TYPE} content is {size} bytes, over {MAX_CONTENT_BYTES}")
+    return payload.TYPE, content
+
+
+def _size(content: Mapping[str, Any]) -> int:
+    try:
+        return len(json.dumps(content, ensure_ascii=False).encode())
+    except (TypeError, ValueError):
+        return MAX_CONTENT_BYTES + 1
+
+
+def _required_string(t: Table, key: str) -> str:
+    if key not in t:
+        t.fail("missing required key", key)
+    return t.string(key, nonempty=True)
+
+
+def _required_int(t: Table, key: str, *, minimum: int | None = None) -> int:
+    value = t.opt_integer(key, minimum=minimum)
+    if value is None:
+        t.fail("missing required key", key)
+    return value

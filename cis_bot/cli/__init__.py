@@ -19,9 +19,9 @@ class CommandModule(Protocol):
 
 
 def _modules() -> list[CommandModule]:
-    from cis_bot.cli import dag
+    from cis_bot.cli import dag, homeserver
 
-    return [dag]
+    return [dag, homeserver]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,166 @@
+"""``cis homeserver``: run the embedded loopback homeserver in the foreground, or add a local
+account to its database (``cis homeserver add-user``, safe while the server runs: SQLite WAL).
+
+Nothing heavy is imported until a handler runs, and the server path avoids rich/mautrix so the
+first ``/versions`` answers within half a second of process start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cis_bot.errors import UserError
+
+DEFAULT_STATE_DIR = Path(".cis") / "homeserver"
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "homeserver",
+        help="run the embedded loopback Matrix homeserver",
+        description="Run the embedded Matrix homeserver in the foreground (SQLite, loopback by "
+        "default). Prints 'listening on http://HOST:PORT' when ready; SIGTERM/SIGINT stop it.",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help=f"where the database and media live (default: {DEFAULT_STATE_DIR})",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument(
+        "--port", type=_port, default=8008, help="port to bind; 0 picks a free one (default 8008)"
+    )
+    parser.add_argument(
+        "--server-name", default="cis.local", help="the server name in ids (default cis.local)"
+    )
+    parser.add_argument(
+        "--appservice",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="REG.yaml",
+        help="an appservice registration file (repeatable)",
+    )
+    parser.set_defaults(handler=run)
+    commands = parser.add_subparsers(dest="homeserver_command", metavar="COMMAND")
+    add_user = commands.add_parser(
+        "add-user",
+        help="create a local account",
+        description="Create a local account in the homeserver's database. Prints the user id, "
+        "and the password when one was generated.",
+    )
+    add_user.add_argument("name", help="the localpart of the new user id")
+    add_user.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        dest="user_state_dir",
+        help=f"the homeserver's state directory (default: {DEFAULT_STATE_DIR})",
+    )
+    add_user.add_argument(
+        "--server-name",
+        default=None,
+        dest="user_server_name",
+        help="server name (default: the one the database was created with, else cis.local)",
+    )
+    add_user.add_argument("--password", help="the password (default: generate one)")
+    add_user.add_argument("--admin", action="store_true", help="make the user a server admin")
+    add_user.set_defaults(handler=run_add_user)
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {port}")
+    return port
+
+
+def _configure_logging() -> None:
+    # structlog imports rich when it can (for pretty tracebacks); the server needs neither the
+    # import time nor the memory, so make that optional import fail in this process.
+    sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
+    import logging
+
+    import structlog
+
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.format_exc_info,
+            structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"]),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        cache_logger_on_first_use=True,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    _configure_logging()
+    import asyncio
+
+    return asyncio.run(_serve(args))
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from cis_bot.homeserver.server import EmbeddedHomeserver
+
+    server = EmbeddedHomeserver(
+        state_dir=args.state_dir,
+        server_name=args.server_name,
+        host=args.host,
+        port=args.port,
+        appservice_files=args.appservice,
+    )
+    try:
+        await server.start()
+    except OSError as exc:
+        raise UserError(
+            f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
+        ) from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"listening on {server.base_url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+    return 0
+
+
+def run_add_user(args: argparse.Namespace) -> int:
+    from cis_bot.homeserver.server import new_account, store_account
+    from cis_bot.homeserver.storage.store import Store
+
+    state_dir: Path = args.user_state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        store = Store(state_dir / "homeserver.db")
+    except Exception as exc:  # sqlite3.Error, or a newer schema
+        raise UserError(f"cannot open {state_dir / 'homeserver.db'}: {exc}") from None
+    try:
+        server_name = args.user_server_name or store.server_name() or "cis.local"
+        try:
+            store.claim_server_name(server_name)
+            user_id, password, password_hash = new_account(server_name, args.name, args.password)
+            store_account(store, user_id, password_hash, args.admin)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    finally:
+        store.close()
+    print(user_id)
+    if args.password is None:
+        print(password)
+    return 0

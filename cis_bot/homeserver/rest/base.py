@@ -1,0 +1,253 @@
+"""HTTP plumbing shared by every servlet: routing on the raw path (so ``%2F`` inside a room id or
+event type stays one segment, as in Synapse), body limits, JSON parsing, authentication and the
+mapping of errors to Matrix error responses.
+
+Runs on aiohttp's low-level server: the router here is a list of regexes like Synapse's
+``client_patterns``; aiohttp only parses HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.parse
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import structlog
+from aiohttp import web
+
+from cis_bot.homeserver.errors import (
+    BAD_JSON,
+    NOT_JSON,
+    TOO_LARGE,
+    UNRECOGNIZED,
+    MatrixError,
+    bad_request,
+    forbidden,
+)
+
+if TYPE_CHECKING:
+    from multidict import MultiMapping
+
+    from cis_bot.homeserver.handlers.auth import Requester
+    from cis_bot.homeserver.server import Homeserver
+
+log = structlog.get_logger(__name__)
+
+CLIENT_PREFIX = r"^/_matrix/client/(?:api/v1|r0|v3|unstable)"
+CLIENT_V3_ONLY = r"^/_matrix/client/(?:r0|v3|unstable)"
+CLIENT_V1 = r"^/_matrix/client/v1"
+MAX_JSON_BODY = 1024 * 1024
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, HEAD, POST, PUT, DELETE, OPTIONS",
+    "Access-Control-Allow-Headers": "X-Requested-With, Content-Type, Authorization, Date",
+    "Access-Control-Expose-Headers": "Synapse-Trace-Id, Server",
+}
+
+Handler = "Callable[..., Awaitable[web.StreamResponse | tuple[int, Any]]]"
+
+
+def _reject_constant(value: str) -> Any:
+    raise ValueError(f"{value} is not valid JSON")
+
+
+def json_bytes(body: Any) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def json_response(status: int, body: Any) -> web.Response:
+    response = web.Response(status=status, body=json_bytes(body), content_type="application/json")
+    response.headers.update(CORS_HEADERS)
+    return response
+
+
+def error_response(error: MatrixError) -> web.Response:
+    return json_response(error.status, error.to_json())
+
+
+@attrs.define
+class RestRequest:
+    hs: Homeserver
+    raw: web.BaseRequest
+    path: str
+    body: bytes | None = None
+    requester: Requester | None = None
+
+    @property
+    def method(self) -> str:
+        return self.raw.method
+
+    @property
+    def query(self) -> MultiMapping[str]:
+        return self.raw.query
+
+    async def read_body(self, limit: int = MAX_JSON_BODY) -> bytes:
+        if self.body is not None:
+            return self.body
+        length = self.raw.content_length
+        if length is not None and length > limit:
+            raise MatrixError(413, TOO_LARGE, "Request body too large")
+        chunks = []
+        total = 0
+        while True:
+            chunk = await self.raw.content.read(65536)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise MatrixError(413, TOO_LARGE, "Request body too large")
+            chunks.append(chunk)
+        self.body = b"".join(chunks)
+        return self.body
+
+    async def json(self, *, allow_empty: bool = False) -> dict[str, Any]:
+        """Synapse's parse_json_object_from_request."""
+        raw = await self.read_body()
+        if not raw.strip() and allow_empty:
+            return {}
+        try:
+            value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError):
+            raise MatrixError(400, NOT_JSON, "Content not JSON.") from None
+        if not isinstance(value, dict):
+            raise MatrixError(400, BAD_JSON, "Content must be a JSON object.")
+        return value
+
+    # --- query parameters (Synapse's parse_string / parse_integer / parse_boolean) -------
+
+    def string(
+        self, name: str, default: str | None = None, *, allowed: tuple[str, ...] | None = None
+    ) -> str | None:
+        value = self.query.get(name)
+        if value is None:
+            return default
+        if allowed is not None and value not in allowed:
+            raise bad_request(
+                f"Query parameter {name!r} must be one of [{', '.join(repr(a) for a in allowed)}]",
+                "M_INVALID_PARAM",
+            )
+        return value
+
+    def integer(
+        self, name: str, default: int | None = None, *, negative: bool = False
+    ) -> int | None:
+        value = self.query.get(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise bad_request(
+                f"Query parameter {name!r} must be an integer.", "M_INVALID_PARAM"
+            ) from None
+        if number < 0 and not negative:
+            raise bad_request(
+                f"Query parameter {name!r} must be a non-negative integer.", "M_INVALID_PARAM"
+            )
+        return number
+
+    def boolean(self, name: str, default: bool = False) -> bool:
+        value = self.query.get(name)
+        if value is None:
+            return default
+        if value == "true":
+            return True
+        if value == "false":
+            return False
+        raise bad_request(
+            f"Boolean query parameter {name!r} must be one of ['true', 'false']",
+            "M_INVALID_PARAM",
+        )
+
+    # --- auth -----------------------------------------------------------------------------
+
+    def has_token(self) -> bool:
+        return bool(self.raw.headers.getall("Authorization", [])) or "access_token" in self.query
+
+    def token(self) -> str:
+        return self.hs.auth.token_from(
+            self.raw.headers.getall("Authorization", []), self.query.getall("access_token", [])
+        )
+
+    def auth(self) -> Requester:
+        if self.requester is None:
+            self.requester = self.hs.auth.authenticate(self.token(), self.query.get("user_id"))
+        return self.requester
+
+
+RouteHandler = Any  # async (RestRequest, **path params) -> web.StreamResponse | (status, body)
+
+
+@attrs.frozen
+class Route:
+    method: str
+    pattern: re.Pattern[str]
+    handler: RouteHandler
+
+
+class Router:
+    def __init__(self) -> None:
+        self.routes: list[Route] = []
+
+    def add(self, method: str, pattern: str, handler: RouteHandler) -> None:
+        self.routes.append(Route(method, re.compile(pattern + "$"), handler))
+
+    def client(self, method: str, path: str, handler: RouteHandler, *, v1: bool = True) -> None:
+        self.add(method, (CLIENT_PREFIX if v1 else CLIENT_V3_ONLY) + path, handler)
+
+    def match(self, method: str, path: str) -> tuple[RouteHandler, dict[str, str]] | None:
+        """The handler and its (url-decoded) path parameters; raises 405 for a known path with
+        another method, returns None for an unknown path."""
+        path_known = False
+        for route in self.routes:
+            found = route.pattern.match(path)
+            if found is None:
+                continue
+            path_known = True
+            if route.method == method or (method == "HEAD" and route.method == "GET"):
+                params = {k: urllib.parse.unquote(v) for k, v in found.groupdict().items()}
+                return route.handler, params
+        if path_known:
+            raise MatrixError(405, UNRECOGNIZED, "Unrecognized request")
+        return None
+
+
+class HttpFrontend:
+    """The aiohttp request handler: route, run, render."""
+
+    def __init__(self, hs: Homeserver, router: Router) -> None:
+        self.hs = hs
+        self.router = router
+
+    async def __call__(self, raw: web.BaseRequest) -> web.StreamResponse:
+        path = raw.raw_path.split("?", 1)[0]
+        if raw.method == "OPTIONS":
+            return json_response(200, {})
+        try:
+            found = self.router.match(raw.method, path)
+            if found is None:
+                raise MatrixError(404, UNRECOGNIZED, "Unrecognized request")
+            handler, params = found
+            request = RestRequest(self.hs, raw, path)
+            result = await handler(request, **params)
+        except MatrixError as error:
+            return error_response(error)
+        except (ConnectionResetError, web.HTTPException):
+            raise
+        except Exception:
+            log.exception("http.unhandled_error", method=raw.method, path=path)
+            return json_response(500, {"errcode": "M_UNKNOWN", "error": "Internal server error"})
+        if isinstance(result, web.StreamResponse):
+            return result
+        status, body = result
+        return json_response(status, body)
+
+
+def require_own_user(request: RestRequest, user_id: str, what: str) -> str:
+    requester = request.auth()
+    if requester.user_id != user_id:
+        raise forbidden(f"Cannot {what} for other users.")
+    return requester.user_id

@@ -1,0 +1,251 @@
+"""Wires storage, handlers, the HTTP front end and the appservice pushers into a server.
+
+``EmbeddedHomeserver`` is the public, in-process API (the node starts one inside
+``cis dag execute --local``); ``cis homeserver`` runs the same thing in the foreground.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import TYPE_CHECKING
+
+import structlog
+from aiohttp import web
+
+from cis_bot.errors import InputError
+from cis_bot.homeserver.appservice.registration import load_registrations
+from cis_bot.homeserver.handlers.auth import AuthHandler, hash_password
+from cis_bot.homeserver.handlers.ephemeral import ReceiptHandler, TypingHandler
+from cis_bot.homeserver.handlers.notifier import Notifier
+from cis_bot.homeserver.handlers.pagination import PaginationHandler
+from cis_bot.homeserver.handlers.pushrules import PushRulesHandler
+from cis_bot.homeserver.handlers.rooms import RoomHandler
+from cis_bot.homeserver.handlers.serialize import Serializer
+from cis_bot.homeserver.handlers.sync import SyncHandler
+from cis_bot.homeserver.ids import check_new_localpart
+from cis_bot.homeserver.rest import account, appservice, media, rooms, sync
+from cis_bot.homeserver.rest.base import HttpFrontend, Router
+from cis_bot.homeserver.storage.store import Store, UserExistsError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
+
+    import aiohttp
+
+    from cis_bot.homeserver.appservice.pusher import AppservicePusher
+    from cis_bot.homeserver.appservice.registration import Appservice
+
+log = structlog.get_logger(__name__)
+
+DB_NAME = "homeserver.db"
+DEFAULT_MAX_UPLOAD = 50 * 1024 * 1024
+
+
+class Homeserver:
+    """Everything a request handler can reach (Synapse's ``HomeServer``)."""
+
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        server_name: str,
+        appservices: Sequence[Appservice],
+        max_upload_size: int = DEFAULT_MAX_UPLOAD,
+    ) -> None:
+        self.server_name = server_name
+        self.state_dir = state_dir
+        self.media_dir = state_dir / "media"
+        self.max_upload_size = max_upload_size
+        self.base_url = ""
+        self.appservices = list(appservices)
+        self.store = Store(state_dir / DB_NAME)
+        try:
+            self.store.claim_server_name(server_name)
+        except ValueError as err:
+            self.store.close()
+            raise InputError(str(err)) from None
+        self.notifier = Notifier()
+        self.auth = AuthHandler(self.store, server_name, self.appservices)
+        self.rooms = RoomHandler(
+            store=self.store,
+            notifier=self.notifier,
+            server_name=server_name,
+            appservices=self.appservices,
+        )
+        self.serializer = Serializer(self.store)
+        self.typing = TypingHandler(self.rooms, self.notifier)
+        self.receipts = ReceiptHandler(self.store, self.rooms, self.notifier)
+        self.push_rules = PushRulesHandler(self.store, self.notifier)
+        self.pagination = PaginationHandler(self.store, self.rooms, self.serializer)
+        self.sync = SyncHandler(
+            store=self.store,
+            rooms=self.rooms,
+            notifier=self.notifier,
+            serializer=self.serializer,
+            typing=self.typing,
+            receipts=self.receipts,
+            push_rules=self.push_rules,
+        )
+        self.pushers: dict[str, AppservicePusher] = {}
+
+    def close(self) -> None:
+        self.typing.close()
+        self.store.close()
+
+
+def build_router() -> Router:
+    router = Router()
+    for module in (account, rooms, sync, media, appservice):
+        module.register_routes(router)
+    return router
+
+
+def new_account(server_name: str, localpart: str, password: str | None) -> tuple[str, str, str]:
+    """Validate the name and hash the password (slow: PBKDF2): (user_id, password, hash).
+    Raises ValueError with a message for a bad name."""
+    from cis_bot.homeserver.errors import MatrixError
+
+    try:
+        user_id = check_new_localpart(localpart, server_name)
+    except MatrixError as err:
+        raise ValueError(f"invalid user name {localpart!r}: {err.message}") from None
+    secret = password if password is not None else secrets.token_urlsafe(18)
+    return user_id, secret, hash_password(secret)
+
+
+def store_account(store: Store, user_id: str, password_hash: str, admin: bool) -> None:
+    localpart = user_id[1:].split(":", 1)[0]
+    try:
+        store.create_user(user_id, password_hash=password_hash, admin=admin, displayname=localpart)
+    except UserExistsError:
+        raise ValueError(f"user {user_id} already exists") from None
+
+
+class EmbeddedHomeserver:
+    """A loopback Matrix homeserver on SQLite, started inside the caller's event loop."""
+
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        server_name: str = "cis.local",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        appservice_files: Sequence[Path] = (),
+        retry_initial: float = 1.0,
+        retry_max: float = 60.0,
+        max_upload_size: int = DEFAULT_MAX_UPLOAD,
+    ) -> None:
+        self.state_dir = state_dir
+        self.server_name = server_name
+        self.host = host
+        self.port = port
+        self.appservice_files = tuple(appservice_files)
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.max_upload_size = max_upload_size
+        self.hs: Homeserver | None = None
+        self._runner: web.ServerRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def base_url(self) -> str:
+        if self._runner is None:
+            raise RuntimeError("the homeserver is not started")
+        return f"http://{self._display_host()}:{self.port}"
+
+    def _display_host(self) -> str:
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+    async def start(self) -> None:
+        """Read registrations (InputError when bad), open the database, bind (OSError when the
+        port is taken), start the appservice pushers."""
+        if self._runner is not None:
+            raise RuntimeError("the homeserver is already started")
+        appservices = load_registrations(self.appservice_files, self.server_name)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        hs = Homeserver(
+            state_dir=self.state_dir,
+            server_name=self.server_name,
+            appservices=appservices,
+            max_upload_size=self.max_upload_size,
+        )
+        self.hs = hs
+        try:
+            server = web.Server(
+                HttpFrontend(hs, build_router()), access_log=None, handler_cancellation=True
+            )
+            runner = web.ServerRunner(server, handle_signals=False)
+            await runner.setup()
+            site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+            try:
+                await site.start()
+            except BaseException:
+                await runner.cleanup()
+                raise
+            self._runner = runner
+            self.port = _bound_port(site) or self.port
+            hs.base_url = self.base_url
+            await self._start_pushers(hs)
+        except BaseException:
+            hs.close()
+            self.hs = None
+            raise
+        log.info("homeserver.started", base_url=self.base_url, server_name=self.server_name)
+
+    async def _start_pushers(self, hs: Homeserver) -> None:
+        import aiohttp
+
+        from cis_bot.homeserver.appservice.pusher import AppservicePusher
+
+        self._session = aiohttp.ClientSession()
+        for service in hs.appservices:
+            pusher = AppservicePusher(
+                service,
+                store=hs.store,
+                rooms=hs.rooms,
+                serializer=hs.serializer,
+                notifier=hs.notifier,
+                session=self._session,
+                retry_initial=self.retry_initial,
+                retry_max=self.retry_max,
+            )
+            hs.pushers[service.id] = pusher
+            pusher.start()
+
+    async def stop(self) -> None:
+        hs = self.hs
+        if hs is not None:
+            for pusher in hs.pushers.values():
+                await pusher.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if hs is not None:
+            hs.close()
+            self.hs = None
+        log.info("homeserver.stopped")
+
+    async def add_user(
+        self, localpart: str, password: str | None = None, admin: bool = False
+    ) -> tuple[str, str]:
+        """Create a local account: (user_id, password); a generated password when none is
+        given. Raises ValueError for a bad or taken name."""
+        if self.hs is None:
+            raise RuntimeError("the homeserver is not started")
+        user_id, secret, password_hash = await asyncio.to_thread(
+            new_account, self.server_name, localpart, password
+        )
+        store_account(self.hs.store, user_id, password_hash, admin)
+        return user_id, secret
+
+
+def _bound_port(site: web.TCPSite) -> int | None:
+    server = site._server  # aiohttp keeps the asyncio.Server here; there is no public accessor
+    sockets = getattr(server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1]) if sockets else None

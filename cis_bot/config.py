@@ -91,6 +91,43 @@ class DagConfig:
     hybrid: HybridConfig = attrs.field(factory=HybridConfig)
 
 
+@attrs.frozen
+class NodeConfig:
+    """``[node]``: this machine as a Matrix appservice (``cis node``, matrix and hybrid modes).
+
+    ``cis registration generate`` fills in the tokens and writes the registration file that the
+    homeserver loads; the two must agree, so change them through that command.
+    """
+
+    #: This node's name in assignments (``assigned_to``) and heartbeats.
+    id: str = attrs.field(default="", metadata={"nonempty": True})
+    #: Client-server API base URL of the homeserver, e.g. ``http://127.0.0.1:8008``.
+    homeserver: str = ""
+    #: The homeserver's server name, the part after ":" in user ids (default: dag.matrix.home_server).
+    server_name: str = ""
+    #: The bot's localpart (default ``cis_<id>``); its exclusive namespace is ``<localpart>(_.*)?``.
+    bot_localpart: str = ""
+    #: Where this node's appservice HTTP server listens; the registration's ``url`` points here.
+    listen_host: str = "127.0.0.1"
+    listen_port: int = attrs.field(default=29333, metadata={"min": 0})
+    as_token: str = ""
+    hs_token: str = ""
+    #: Users who may invite the bot and give it orders (besides those at assign_power_level).
+    allowed_users: tuple[str, ...] = ()
+    #: Senders at or above this power level in a room may assign tasks to this node.
+    assign_power_level: int = 50
+    #: Agent profiles this node runs for others; None: every profile but ``shell`` (a raw
+    #: command from the room runs only where the worker's owner allowed it).
+    accept_agents: tuple[str, ...] | None = None
+    #: How often the node refreshes its ``cis.node.heartbeat`` (a node silent for 3 of these
+    #: is presumed gone).
+    heartbeat_secs: float = attrs.field(default=15.0, metadata={"gt": 0})
+
+    @property
+    def localpart(self) -> str:
+        return self.bot_localpart or f"cis_{self.id}"
+
+
 def _builtin_agents() -> Mapping[str, AgentProfile]:
     return types.MappingProxyType(dict(BUILTIN_PROFILES))
 
@@ -178,6 +215,7 @@ _PROFILE_CHECKS: Mapping[str, Callable[[object], str | None]] = {
 @attrs.frozen
 class Config:
     dag: DagConfig = attrs.field(factory=DagConfig)
+    node: NodeConfig = attrs.field(factory=NodeConfig)
     #: Every agent profile by name: the built-ins merged with the file's ``[agents.NAME]``.
     agents: Mapping[str, AgentProfile] = attrs.field(
         factory=_builtin_agents, metadata={"read": _read_agents}

@@ -88,6 +88,45 @@ def prompt_with_upstream(prompt: str, upstream: Mapping[str, str]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def attempt_session(
+    task: TaskSpec,
+    attempt: int,
+    *,
+    run_id: str,
+    paths: RunPaths,
+    profile: AgentProfile,
+    upstream: Mapping[str, str],
+    work_dir: Path,
+) -> SessionSpec:
+    """How one attempt of a task runs as a session, wherever it runs: the CIS_* environment,
+    the upstream outputs as files (and in the prompt, for agents), the transcript's path."""
+    sid = session_id(run_id, task.id, attempt)
+    env = {
+        **task.env,
+        "CIS_RUN_ID": run_id,
+        "CIS_TASK_ID": task.id,
+        "CIS_ATTEMPT": str(attempt),
+        "CIS_SESSION_ID": sid,
+    }
+    if task.deps:
+        directory = paths.upstream_dir(task.id)
+        directory.mkdir(parents=True, exist_ok=True)
+        for dep, output in upstream.items():
+            (directory / f"{dep}.txt").write_text(output, encoding="utf-8")
+        env["CIS_UPSTREAM_DIR"] = str(directory)
+    prompt = task.prompt
+    if profile.upstream_in_prompt:
+        prompt = prompt_with_upstream(prompt, upstream)
+    return SessionSpec(
+        session_id=sid,
+        profile=profile,
+        prompt=prompt,
+        work_dir=work_dir / task.work_dir if task.work_dir else work_dir,
+        transcript_path=paths.transcript(task.id, attempt),
+        env=env,
+    )
+
+
 class RunObserver(Protocol):
     def on_run_event(self, event: RunEvent, engine: RunEngine) -> None: ...
 
@@ -196,33 +235,19 @@ class LocalExecutor:
     async def start(
         self, dispatch: TaskDispatched, task: TaskSpec, upstream: dict[str, str]
     ) -> None:
-        profile = self.profiles[task.agent]
-        sid = session_id(self.run_id, task.id, dispatch.attempt)
-        env = {
-            **task.env,
-            "CIS_RUN_ID": self.run_id,
-            "CIS_TASK_ID": task.id,
-            "CIS_ATTEMPT": str(dispatch.attempt),
-            "CIS_SESSION_ID": sid,
-        }
-        if task.deps:
-            env["CIS_UPSTREAM_DIR"] = str(self._write_upstream(task.id, upstream))
-        prompt = task.prompt
-        if profile.upstream_in_prompt:
-            prompt = prompt_with_upstream(prompt, upstream)
-        self._attempts[sid] = (task.id, dispatch.attempt)
-        self._live.add(sid)
-        self._all_ended.clear()
-        await self.manager.start(
-            SessionSpec(
-                session_id=sid,
-                profile=profile,
-                prompt=prompt,
-                work_dir=self.work_dir / task.work_dir if task.work_dir else self.work_dir,
-                transcript_path=self.paths.transcript(task.id, dispatch.attempt),
-                env=env,
-            )
+        spec = attempt_session(
+            task,
+            dispatch.attempt,
+            run_id=self.run_id,
+            paths=self.paths,
+            profile=self.profiles[task.agent],
+            upstream=upstream,
+            work_dir=self.work_dir,
         )
+        self._attempts[spec.session_id] = (task.id, dispatch.attempt)
+        self._live.add(spec.session_id)
+        self._all_ended.clear()
+        await self.manager.start(spec)
 
     async def stop(self, task_id: str, attempt: int, *, timed_out: bool, reason: str) -> None:
         sid = session_id(self.run_id, task_id, attempt)
@@ -234,13 +259,6 @@ class LocalExecutor:
         await self._all_ended.wait()
         self._subscription.close()
         self._listener.cancel()
-
-    def _write_upstream(self, task_id: str, upstream: Mapping[str, str]) -> Path:
-        directory = self.paths.upstream_dir(task_id)
-        directory.mkdir(parents=True, exist_ok=True)
-        for dep, output in upstream.items():
-            (directory / f"{dep}.txt").write_text(output, encoding="utf-8")
-        return directory
 
     async def _listen(self) -> None:
         async for event in self._subscription:

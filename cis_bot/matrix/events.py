@@ -130,6 +130,8 @@ class TaskAssigned(RunPayload):
     attempt: int
     #: Node id of the worker that should claim it.
     assigned_to: str
+    #: Matrix user id of that worker node: only its answers count.
+    assigned_user: str
     #: Matrix user id of the coordinator.
     assigned_by: str
     agent: str
@@ -144,14 +146,16 @@ class TaskAssigned(RunPayload):
 
     @classmethod
     def from_table(cls, t: Table) -> TaskAssigned:
+        fields = cls.fields_of(t)
         task = t.table("task")
         if task is None:
             t.fail("missing required key", "task")
         return cls(
-            **cls.fields_of(t),
+            **fields,
             task_id=_required_string(t, "task_id"),
             attempt=_required_int(t, "attempt", minimum=1),
             assigned_to=_required_string(t, "assigned_to"),
+            assigned_user=_required_string(t, "assigned_user"),
             assigned_by=_required_string(t, "assigned_by"),
             agent=_required_string(t, "agent"),
             lease_ms=_required_int(t, "lease_ms", minimum=1),
@@ -311,9 +315,12 @@ class RunCompleted(RunPayload):
 
     @classmethod
     def from_table(cls, t: Table) -> RunCompleted:
+        status = _required_string(t, "status")
+        if status not in ("completed", "failed", "cancelled"):
+            t.fail(f"unknown status {status!r}", "status")
         return cls(
             **cls.fields_of(t),
-            status=_required_string(t, "status"),
+            status=status,
             tasks=t.string_map("tasks") or {},
         )
 

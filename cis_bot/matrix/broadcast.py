@@ -1,0 +1,355 @@
+"""Turning what happens on a node into room events.
+
+``SessionReporter``: SessionEvents -> ``cis.dag.session.*`` (state changes batched per
+``broadcast_interval_ms``, output samples only with ``broadcast_output``, the transcript uploaded
+as media when the session ends). Used by the worker and by local execution alike.
+
+``RunRecorder``: the engine's events -> the run log (assignments, claims, decisions, the run's
+end), plus one human-readable ``m.notice`` table per run, edited in place with ``m.replace`` so a
+person in Element sees progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import structlog
+from mautrix.errors import MatrixRequestError
+
+from cis_bot.dag import engine as en
+from cis_bot.dag.spec import task_to_document
+from cis_bot.matrix import events as ev
+from cis_bot.matrix.node import outgoing
+from cis_bot.matrix.outbox import Outbox, Outgoing
+from cis_bot.matrix.runlog import decision_payload, ms
+from cis_bot.session import events as se
+
+log = structlog.get_logger(__name__)
+
+Upload = Callable[[bytes, str, str], Awaitable[str]]
+
+#: Transcripts larger than this are uploaded by their end only.
+TRANSCRIPT_UPLOAD_LIMIT = 8 * 1024 * 1024
+
+
+class SessionReporter:
+    def __init__(
+        self,
+        outbox: Outbox,
+        *,
+        node_id: str,
+        upload: Upload | None,
+        interval_ms: int = 500,
+        broadcast_output: bool = False,
+    ) -> None:
+        self.outbox = outbox
+        self.node_id = node_id
+        self.upload = upload
+        self.interval_s = interval_ms / 1000
+        self.broadcast_output = broadcast_output
+        self._pending_states: list[ev.SessionStateChanged] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._output_seq: dict[str, int] = {}
+        self._last_output: dict[str, float] = {}
+
+    def report(self, event: se.SessionEvent, run_id: str, task_id: str, attempt: int) -> None:
+        sid = event.session_id
+        match event:
+            case se.SessionCreated(agent=agent):
+                self._post(
+                    ev.SessionCreated(
+                        run_id=run_id,
+                        session_id=sid,
+                        task_id=task_id,
+                        attempt=attempt,
+                        node=self.node_id,
+                        agent=agent,
+                    )
+                )
+            case se.SessionStateChanged(old=old, new=new, reason=reason):
+                self._pending_states.append(
+                    ev.SessionStateChanged(
+                        run_id=run_id,
+                        session_id=sid,
+                        old_state=str(old),
+                        new_state=str(new),
+                        reason=ev.clip(reason, ev.REASON_CHARS),
+                    )
+                )
+                self._schedule_states()
+            case se.SessionOutputUpdated(tail=tail):
+                now = time.monotonic()
+                if self.broadcast_output and now - self._last_output.get(sid, 0) >= self.interval_s:
+                    self._last_output[sid] = now
+                    seq = self._output_seq[sid] = self._output_seq.get(sid, 0) + 1
+                    sample = ev.SessionOutput(
+                        run_id=run_id,
+                        session_id=sid,
+                        tail=ev.clip(tail, ev.PREVIEW_CHARS) or "",
+                        seq=seq,
+                    )
+                    self._post(sample, droppable=True)
+            case se.SessionBlocked(reason=reason, preview=preview):
+                self.flush_states()
+                self._post(
+                    ev.SessionBlocked(
+                        run_id=run_id,
+                        session_id=sid,
+                        reason=ev.clip(reason, ev.REASON_CHARS) or "",
+                        output_preview=ev.clip(preview, ev.PREVIEW_CHARS) or "",
+                    )
+                )
+            case se.SessionCompleted():
+                self.flush_states()
+                self._post_completed(event, run_id, task_id, attempt)
+
+    def flush_states(self) -> None:
+        if self._flush_handle:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        states, self._pending_states = self._pending_states, []
+        for state in states:
+            self._post(state)
+
+    def _schedule_states(self) -> None:
+        if self.interval_s <= 0:
+            self.flush_states()
+        elif self._flush_handle is None:
+            loop = asyncio.get_running_loop()
+            self._flush_handle = loop.call_later(self.interval_s, self.flush_states)
+
+    def _post(self, payload: ev.Payload, *, droppable: bool = False) -> None:
+        self.outbox.post(outgoing(payload, droppable=droppable))
+
+    def _post_completed(
+        self, event: se.SessionCompleted, run_id: str, task_id: str, attempt: int
+    ) -> None:
+        payload = ev.SessionCompleted(
+            run_id=run_id,
+            session_id=event.session_id,
+            task_id=task_id,
+            attempt=attempt,
+            status=str(event.state),
+            exit_code=event.exit_code,
+            error=ev.clip(event.error, ev.REASON_CHARS),
+            output=ev.clip(event.output, ev.OUTPUT_SUMMARY_CHARS) or "",
+            duration_s=round(event.duration_s, 3),
+        )
+        item = outgoing(payload)
+        upload = self.upload
+        if upload is not None:
+            transcript = event.transcript_path
+
+            async def attach_transcript(item: Outgoing) -> None:
+                mxc = await _upload_transcript(upload, transcript, event.session_id)
+                if mxc:
+                    item.content["transcript"] = mxc
+
+            item.prepare = attach_transcript
+        self.outbox.post(item)
+
+
+def _read_end(path: Path, limit: int) -> bytes | None:
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - limit))
+            return f.read()
+    except OSError:
+        return None
+
+
+async def _upload_transcript(upload: Upload, path: Path, session_id: str) -> str | None:
+    """The transcript's mxc URI, or None when there is none to upload or it is refused (a missing
+    transcript must not hold back the completion event)."""
+    data = await asyncio.to_thread(_read_end, path, TRANSCRIPT_UPLOAD_LIMIT)
+    if data is None:
+        return None
+    filename = f"{session_id.replace(':', '_')}.log"
+    try:
+        return await upload(data, "text/plain; charset=utf-8", filename)
+    except MatrixRequestError as exc:
+        if exc.http_status >= 500 or exc.http_status == 429:
+            raise  # the outbox retries while the homeserver is away
+        log.warning("transcript.upload_refused", session_id=session_id, error=exc.message)
+        return None
+
+
+class RunRecorder:
+    """Writes a run's log into its room as the engine moves (local, hybrid and matrix modes)."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        *,
+        run_id: str,
+        node_id: str,
+        user_id: str,
+        record_local_dispatch: bool,
+        reporter: SessionReporter | None = None,
+        lease_ms: int = 60_000,
+        notice_interval_s: float = 2.0,
+    ) -> None:
+        self.outbox = outbox
+        self.run_id = run_id
+        self.node_id = node_id
+        self.user_id = user_id
+        #: Local execution: a dispatch is this node assigning to itself, and a start its claim.
+        self.record_local_dispatch = record_local_dispatch
+        #: Reports this node's own sessions (local execution).
+        self.reporter = reporter
+        self.lease_ms = lease_ms
+        self.notice = StatusNotice(outbox, run_id=run_id, interval_s=notice_interval_s)
+
+    def on_run_event(self, event: en.RunEvent, engine: en.RunEngine) -> None:
+        rid = self.run_id
+        if self.record_local_dispatch:
+            match event:
+                case en.TaskDispatched(task_id=tid, attempt=attempt, at=at):
+                    task = engine.spec.task(tid)
+                    self._post(
+                        ev.TaskAssigned(
+                            run_id=rid,
+                            task_id=tid,
+                            attempt=attempt,
+                            assigned_to=self.node_id,
+                            assigned_user=self.user_id,
+                            assigned_by=self.user_id,
+                            agent=task.agent,
+                            lease_ms=self.lease_ms,
+                            upstream_tasks=task.deps,
+                            task=task_to_document(task),
+                            timestamp=ms(at),
+                        )
+                    )
+                case en.TaskStarted(task_id=tid, attempt=attempt, at=at, session_id=sid):
+                    self._post(
+                        ev.TaskClaimed(
+                            run_id=rid,
+                            task_id=tid,
+                            attempt=attempt,
+                            claimed_by=self.node_id,
+                            session_id=sid or f"{rid}:{tid}:{attempt}",
+                            timestamp=ms(at),
+                        )
+                    )
+        payload = decision_payload(rid, event, engine)
+        if payload is not None:
+            self._post(payload)
+        self.notice.update(engine, final=isinstance(event, en.RunFinished))
+
+    def on_session_event(self, event: se.SessionEvent, task_id: str, attempt: int) -> None:
+        if self.reporter:
+            self.reporter.report(event, self.run_id, task_id, attempt)
+        if isinstance(event, se.SessionBlocked):
+            self.notice.blocked[task_id] = event.reason
+        elif isinstance(event, se.SessionStateChanged | se.SessionCompleted):
+            self.notice.blocked.pop(task_id, None)
+
+    def _post(self, payload: ev.Payload) -> None:
+        self.outbox.post(outgoing(payload))
+
+
+_ICONS = {
+    en.TaskStatus.COMPLETED: "✅",
+    en.TaskStatus.FAILED: "❌",
+    en.TaskStatus.TIMEOUT: "⏱️",
+    en.TaskStatus.SKIPPED: "⏭️",
+    en.TaskStatus.CANCELLED: "🚫",
+    en.TaskStatus.RUNNING: "🔄",
+    en.TaskStatus.DISPATCHED: "📤",
+    en.TaskStatus.AWAITING_APPROVAL: "✋",
+}
+
+
+def status_table(engine: en.RunEngine, run_id: str, blocked: dict[str, str]) -> tuple[str, str]:
+    """(plain text, HTML) of a run's status, for people reading the room."""
+    head = f"DAG {engine.spec.name} — run {run_id}: {engine.status}"
+    lines, rows = [head], []
+    for tid, record in engine.tasks.items():
+        status = "blocked" if tid in blocked else str(record.status)
+        icon = "⛔" if tid in blocked else _ICONS.get(record.status, "⏳")
+        detail = blocked.get(tid) or record.reason or ""
+        attempts = len(record.attempts)
+        lines.append(f"{icon} {tid}: {status} (attempt {attempts}) {detail}".rstrip())
+        rows.append(
+            f"<tr><td>{icon}</td><td><code>{_html(tid)}</code></td><td>{status}</td>"
+            f"<td>{attempts}</td><td>{_html(detail)}</td></tr>"
+        )
+    html = (
+        f"<p><b>{_html(head)}</b></p><table><tr><th></th><th>task</th><th>status</th>"
+        f"<th>attempts</th><th>detail</th></tr>{''.join(rows)}</table>"
+    )
+    return "\n".join(lines), html
+
+
+def _html(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+class StatusNotice:
+    """One m.notice per run, sent once and then edited in place (throttled)."""
+
+    def __init__(self, outbox: Outbox, *, run_id: str, interval_s: float) -> None:
+        self.outbox = outbox
+        self.run_id = run_id
+        self.interval_s = interval_s
+        self.blocked: dict[str, str] = {}
+        self._event_id: str | None = None
+        self._in_flight = False
+        self._engine: en.RunEngine | None = None
+        self._dirty = False
+        self._last_sent = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def update(self, engine: en.RunEngine, *, final: bool = False) -> None:
+        self._engine = engine
+        self._dirty = True
+        if final:
+            if self._timer:
+                self._timer.cancel()
+                self._timer = None
+            self._last_sent = 0.0
+        self._maybe_send()
+
+    def _maybe_send(self) -> None:
+        if not self._dirty or self._in_flight or self._engine is None:
+            return
+        wait = self._last_sent + self.interval_s - time.monotonic()
+        if wait > 0:
+            if self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(wait, self._on_timer)
+            return
+        text, html = status_table(self._engine, self.run_id, self.blocked)
+        content: dict[str, object] = {
+            "msgtype": "m.notice",
+            "body": text,
+            "format": "org.matrix.custom.html",
+            "formatted_body": html,
+        }
+        if self._event_id is not None:
+            content = {
+                "msgtype": "m.notice",
+                "body": f"* {text}",
+                "m.new_content": dict(content),
+                "m.relates_to": {"rel_type": "m.replace", "event_id": self._event_id},
+            }
+        self._dirty = False
+        self._in_flight = True
+        self._last_sent = time.monotonic()
+        self.outbox.post(Outgoing("m.room.message", content, on_sent=self._on_sent))
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._maybe_send()
+
+    def _on_sent(self, event_id: str) -> None:
+        if self._event_id is None:
+            self._event_id = event_id
+        self._in_flight = False
+        with contextlib.suppress(RuntimeError):  # no loop: the run is over
+            self._maybe_send()

@@ -1,0 +1,395 @@
+"""The node: this machine as a Matrix appservice (mautrix), and the room plumbing everyone uses.
+
+The homeserver pushes transactions to our appservice HTTP server; we take the raw events, accept
+invitations from allowed users, and hand every other event, in order, to the listeners (the
+worker, a coordinator, the control handlers). Listeners get plain dicts and parse what they need;
+a listener that raises is logged and the loop goes on. Sending goes through the bot's IntentAPI.
+
+Reading a room's history (``history``) uses the same credentials, so ``cis dag status`` works
+while no node runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import attrs
+import structlog
+from mautrix.api import Method, Path
+from mautrix.appservice import AppService, AppServiceAPI
+from mautrix.appservice.state_store import ASStateStore
+from mautrix.client.state_store import MemoryStateStore
+from mautrix.errors import MatrixRequestError
+from mautrix.types import (
+    JSON,
+    ContentURI,
+    DeviceID,
+    DeviceLists,
+    DeviceOTKCount,
+    EventType,
+    RoomAlias,
+    RoomID,
+    UserID,
+)
+
+from cis_bot.errors import UserError
+from cis_bot.matrix import events as ev
+from cis_bot.matrix.outbox import Outbox, Outgoing
+
+if TYPE_CHECKING:
+    from mautrix.appservice import IntentAPI
+
+    from cis_bot.config import Config
+
+log = structlog.get_logger(__name__)
+
+Listener = Callable[[str, Mapping[str, Any]], Awaitable[None]]
+
+
+class MemoryASStateStore(MemoryStateStore, ASStateStore):
+    """mautrix's caches (membership, power levels) in memory: the room is our persistent state."""
+
+    def __init__(self) -> None:
+        MemoryStateStore.__init__(self)
+        ASStateStore.__init__(self)
+
+
+@attrs.frozen
+class NodeIdentity:
+    """Everything a node needs to act as its appservice."""
+
+    node_id: str
+    homeserver: str
+    server_name: str
+    localpart: str
+    as_token: str
+    hs_token: str
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    allowed_users: tuple[str, ...] = ()
+    assign_power_level: int = 50
+
+    @property
+    def user_id(self) -> str:
+        return f"@{self.localpart}:{self.server_name}"
+
+    @property
+    def registration_id(self) -> str:
+        return f"cis-{self.node_id}"
+
+    @classmethod
+    def from_config(cls, config: Config) -> NodeIdentity:
+        node = config.node
+        missing = [
+            key
+            for key, value in (
+                ("id", node.id),
+                ("homeserver", node.homeserver),
+                ("as_token", node.as_token),
+                ("hs_token", node.hs_token),
+            )
+            if not value
+        ]
+        if missing:
+            where = f" in {config.source}" if config.source else ""
+            raise UserError(
+                f"the config's [node] section{where} lacks {', '.join(missing)}: set id and "
+                "homeserver, then run `cis registration generate --config F -o registration.yaml`"
+            )
+        return cls(
+            node_id=node.id,
+            homeserver=node.homeserver.rstrip("/"),
+            server_name=node.server_name or config.dag.matrix.home_server,
+            localpart=node.localpart,
+            as_token=node.as_token,
+            hs_token=node.hs_token,
+            listen_host=node.listen_host,
+            listen_port=node.listen_port,
+            allowed_users=node.allowed_users,
+            assign_power_level=node.assign_power_level,
+        )
+
+    def registration(self, *, url: str | None = None) -> dict[str, Any]:
+        """The registration file the homeserver loads (Synapse's ``app_service_config_files``)."""
+        localpart = re.escape(self.localpart)
+        server = re.escape(self.server_name)
+        return {
+            "id": self.registration_id,
+            "url": url or f"http://{self.listen_host}:{self.listen_port}",
+            "as_token": self.as_token,
+            "hs_token": self.hs_token,
+            "sender_localpart": self.localpart,
+            "namespaces": {
+                "users": [{"regex": f"@{localpart}(_[^:]*)?:{server}", "exclusive": True}],
+                "aliases": [],
+                "rooms": [],
+            },
+            "rate_limited": False,
+        }
+
+
+class _RawAppService(AppService):
+    """mautrix's AppService, handing us each transaction's raw events in order."""
+
+    def __init__(self, on_events: Callable[[list[dict[str, Any]]], None], **kw: Any) -> None:
+        super().__init__(**kw)
+        self._on_events = on_events
+
+    async def handle_transaction(
+        self,
+        txn_id: str,
+        *,
+        events: list[JSON],
+        extra_data: JSON,
+        ephemeral: list[JSON] | None = None,
+        to_device: list[JSON] | None = None,
+        otk_counts: dict[UserID, dict[DeviceID, DeviceOTKCount]] | None = None,
+        device_lists: DeviceLists | None = None,
+    ) -> JSON:
+        if isinstance(events, list):
+            self._on_events([e for e in events if isinstance(e, dict)])
+        return JSON({})
+
+
+class Node:
+    def __init__(self, identity: NodeIdentity) -> None:
+        self.identity = identity
+        self._listeners: list[Listener] = []
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._consumer: asyncio.Task[None] | None = None
+        self._appservice = _RawAppService(
+            self._queue_events,
+            server=identity.homeserver,
+            domain=identity.server_name,
+            as_token=identity.as_token,
+            hs_token=identity.hs_token,
+            bot_localpart=identity.localpart,
+            id=identity.registration_id,
+            state_store=MemoryASStateStore(),
+            aiohttp_params={"client_max_size": 8 * 1024 * 1024},
+        )
+        self.port = identity.listen_port
+        self._intent: IntentAPI | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._serving = False
+
+    @property
+    def user_id(self) -> str:
+        return self.identity.user_id
+
+    @property
+    def intent(self) -> IntentAPI:
+        if self._intent is None:
+            raise RuntimeError("the node is not started")
+        return self._intent
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    async def start(self, *, serve: bool = True) -> None:
+        """Listen (unless ``serve=False``: reading rooms only) and connect to the homeserver."""
+        if serve:
+            await self.listen()
+        await self.connect()
+
+    async def listen(self) -> int:
+        """Start the appservice HTTP server; returns its port (for a registration's url)."""
+        az = self._appservice
+        try:
+            await az.start(host=self.identity.listen_host, port=self.identity.listen_port)
+        except OSError as exc:
+            await az.stop()
+            raise UserError(
+                f"cannot listen on {self.identity.listen_host}:{self.identity.listen_port} "
+                f"for the appservice ({exc.strerror}); is another `cis node` running with "
+                "this config?"
+            ) from None
+        self._serving = True
+        self._intent = az.intent
+        if az.runner and az.runner.addresses:
+            self.port = int(az.runner.addresses[0][1])
+        self._consumer = asyncio.create_task(self._consume())
+        return self.port
+
+    async def connect(self) -> None:
+        """Make sure the bot user exists on the homeserver (registering it the first time)."""
+        if self._intent is None:
+            self._session = aiohttp.ClientSession()
+            self._intent = AppServiceAPI(
+                base_url=self.identity.homeserver,
+                bot_mxid=UserID(self.user_id),
+                token=self.identity.as_token,
+                state_store=MemoryASStateStore(),
+                client_session=self._session,
+            ).bot_intent()
+        try:
+            await self.intent.ensure_registered()
+        except (MatrixRequestError, aiohttp.ClientError, OSError) as exc:
+            await self.stop()
+            raise UserError(
+                f"cannot reach the homeserver at {self.identity.homeserver} as "
+                f"{self.user_id}: {exc}"
+            ) from None
+        log.info("node.connected", node=self.identity.node_id, user=self.user_id, port=self.port)
+
+    async def stop(self) -> None:
+        if self._consumer:
+            self._consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._consumer
+            self._consumer = None
+        if self._serving:
+            await self._appservice.stop()
+        if self._session:
+            await self._session.close()
+            self._session = None
+        self._intent = None
+
+    # --- intake ----------------------------------------------------------------------------------
+
+    def _queue_events(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            self._queue.put_nowait(event)
+
+    async def _consume(self) -> None:
+        while True:
+            event = await self._queue.get()
+            room_id = event.get("room_id")
+            if not isinstance(room_id, str):
+                continue
+            if self._is_invite_for_me(event):
+                await self._on_invite(room_id, event)
+                continue
+            for listener in self._listeners:
+                try:
+                    await listener(room_id, event)
+                except Exception:
+                    log.exception("node.listener_failed", event_id=event.get("event_id"))
+
+    def _is_invite_for_me(self, event: Mapping[str, Any]) -> bool:
+        content = event.get("content")
+        return (
+            event.get("type") == "m.room.member"
+            and event.get("state_key") == self.user_id
+            and isinstance(content, dict)
+            and content.get("membership") == "invite"
+        )
+
+    async def _on_invite(self, room_id: str, event: Mapping[str, Any]) -> None:
+        sender = str(event.get("sender"))
+        if sender not in self.identity.allowed_users:
+            log.warning("node.invite_refused", room_id=room_id, sender=sender)
+            with contextlib.suppress(MatrixRequestError):
+                await self.intent.leave_room(RoomID(room_id), reason="not an allowed user")
+            return
+        await self.intent.join_room_by_id(RoomID(room_id))
+        log.info("node.joined", room_id=room_id, inviter=sender)
+
+    # --- rooms -----------------------------------------------------------------------------------
+
+    async def resolve_room(self, room: str) -> str:
+        """A room id for ``room`` (an id or an alias), joining it if the bot is not in it."""
+        try:
+            if room.startswith("#"):
+                room_id = (await self.intent.resolve_room_alias(RoomAlias(room))).room_id
+            else:
+                room_id = RoomID(room)
+            joined = await self.intent.get_joined_rooms()
+            if room_id not in joined:
+                await self.intent.join_room(room_id)
+        except MatrixRequestError as exc:
+            raise UserError(f"cannot join room {room}: {exc.message}") from None
+        return str(room_id)
+
+    async def create_room(self, *, name: str, invite: tuple[str, ...] = ()) -> str:
+        room_id = await self.intent.create_room(
+            name=name,
+            invitees=[UserID(u) for u in invite],
+            power_level_override={"users": {self.user_id: 100, **{u: 50 for u in invite}}},
+        )
+        return str(room_id)
+
+    async def send(self, room_id: str, payload: ev.Payload) -> str:
+        """Send now (raises on failure); most callers post through an ``outbox`` instead."""
+        return await self.send_outgoing(room_id, outgoing(payload))
+
+    async def send_outgoing(self, room_id: str, item: Outgoing) -> str:
+        if item.state_key is not None:
+            event_id = await self.intent.send_state_event(
+                RoomID(room_id),
+                EventType.find(item.event_type, EventType.Class.STATE),
+                item.content,
+                state_key=item.state_key,
+            )
+        else:
+            event_id = await self.intent.send_message_event(
+                RoomID(room_id),
+                EventType.find(item.event_type, EventType.Class.MESSAGE),
+                item.content,  # type: ignore[arg-type]  # mautrix accepts plain dicts
+                txn_id=item.txn_id,
+            )
+        return str(event_id)
+
+    def outbox(self, room_id: str, **kw: Any) -> Outbox:
+        """A started outbox that posts to ``room_id`` as this node."""
+
+        async def send(item: Outgoing) -> str:
+            return await self.send_outgoing(room_id, item)
+
+        box = Outbox(send, **kw)
+        box.start()
+        return box
+
+    async def power_level(self, room_id: str, user_id: str) -> int:
+        levels = await self.intent.get_power_levels(RoomID(room_id))
+        return int(levels.get_user_level(UserID(user_id)))
+
+    async def authorised(self, room_id: str, user_id: str) -> bool:
+        """May ``user_id`` give this node orders in this room?"""
+        if user_id == self.user_id or user_id in self.identity.allowed_users:
+            return True
+        try:
+            return await self.power_level(room_id, user_id) >= self.identity.assign_power_level
+        except MatrixRequestError:
+            return False
+
+    async def history(self, room_id: str, *, page: int = 500) -> AsyncIterator[dict[str, Any]]:
+        """The room's events, oldest first (read backwards from now, then reversed per page)."""
+        pages: list[list[dict[str, Any]]] = []
+        token: str | None = None
+        while True:
+            query: dict[str, Any] = {"dir": "b", "limit": str(page)}
+            if token:
+                query["from"] = token
+            body = await self.intent.api.request(
+                Method.GET, Path.v3.rooms[room_id].messages, query_params=query
+            )
+            chunk = body.get("chunk") or []
+            pages.append([e for e in chunk if isinstance(e, dict)])
+            token = body.get("end")
+            if not chunk or not token:
+                break
+        for events in reversed(pages):
+            for event in reversed(events):
+                yield event
+
+    async def upload(self, data: bytes, *, mime_type: str, filename: str) -> str:
+        return str(await self.intent.upload_media(data, mime_type=mime_type, filename=filename))
+
+    async def download(self, mxc: str) -> bytes:
+        data: bytes = await self.intent.download_media(ContentURI(mxc))
+        return data
+
+    async def download_json(self, mxc: str) -> Any:
+        return json.loads(await self.download(mxc))
+
+
+def outgoing(payload: ev.Payload, *, droppable: bool = False) -> Outgoing:
+    event_type, content = ev.encode(payload)
+    return Outgoing(event_type, content, state_key=payload.state_key, droppable=droppable)

@@ -7,7 +7,7 @@ from typing import Any
 import attrs
 
 from cis_bot.homeserver.errors import bad_request
-from cis_bot.homeserver.ids import split_id
+from cis_bot.homeserver.ids import is_valid_room_id, is_valid_user_id
 
 FILTER_TIMELINE_LIMIT = 100  # Synapse's filter_timeline_limit default
 
@@ -31,12 +31,10 @@ def _check_string_list(value: Any, where: str, sigil: str | None = None) -> None
     for item in value:
         if not isinstance(item, str):
             raise _fail(f"{item!r} is not of type 'string' ({where})")
-        if sigil is not None:
-            try:
-                split_id(item, sigil)
-            except ValueError:
-                kind = "matrix_user_id" if sigil == "@" else "matrix_room_id"
-                raise _fail(f"{item!r} is not a {kind!r} ({where})") from None
+        if sigil == "@" and not is_valid_user_id(item):
+            raise _fail(f"{item!r} is not a 'matrix_user_id' ({where})")
+        if sigil == "!" and not is_valid_room_id(item):
+            raise _fail(f"{item!r} is not a 'matrix_room_id' ({where})")
 
 
 def _check_event_filter(value: Any, where: str, room_event: bool) -> None:

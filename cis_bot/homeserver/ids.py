@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import secrets
 import string
 from typing import Any
@@ -84,6 +85,22 @@ def is_valid_user_id(user_id: object) -> bool:
     except ValueError:
         return False
     return True
+
+
+_DOMAINLESS_ROOM_ID = re.compile(r"^[A-Za-z0-9_-]{43}$")
+
+
+def is_valid_room_id(room_id: object) -> bool:
+    """``!local:server``, or a v12 ``!`` + 43 url-safe base64 characters (MSC4291)."""
+    if not isinstance(room_id, str) or not room_id.startswith("!"):
+        return False
+    if ":" in room_id:
+        try:
+            split_id(room_id, "!")
+        except ValueError:
+            return False
+        return True
+    return bool(_DOMAINLESS_ROOM_ID.match(room_id[1:]))
 
 
 def new_room_id(server_name: str) -> str:

@@ -11,7 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 from cis_bot.homeserver.errors import BAD_JSON, MatrixError, bad_request, forbidden
 from cis_bot.homeserver.events import CREATE, JOIN_RULES, MEMBER, POWER_LEVELS
-from cis_bot.homeserver.ids import is_valid_user_id
+from cis_bot.homeserver.ids import (
+    CANONICALJSON_MAX_INT,
+    CANONICALJSON_MIN_INT,
+    is_valid_user_id,
+)
 from cis_bot.homeserver.room_versions import CREATOR_POWER_LEVEL
 
 if TYPE_CHECKING:
@@ -221,6 +225,41 @@ def _check_membership(
             raise forbidden("You are already invited to this room")
         if target_banned:
             raise forbidden("You are banned from this room")
+
+
+_PL_INTS = ("ban", "events_default", "invite", "kick", "redact", "state_default", "users_default")
+_PL_MAPS = ("events", "notifications", "users")
+
+
+def _schema_int(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MatrixError(400, BAD_JSON, f"\"{name}\": {value!r} is not of type 'integer'")
+    if value > CANONICALJSON_MAX_INT:
+        raise MatrixError(
+            400,
+            BAD_JSON,
+            f'"{name}": {value} is greater than the maximum of {CANONICALJSON_MAX_INT}',
+        )
+    if value < CANONICALJSON_MIN_INT:
+        raise MatrixError(
+            400, BAD_JSON, f'"{name}": {value} is less than the minimum of {CANONICALJSON_MIN_INT}'
+        )
+
+
+def check_power_levels_schema(content: dict[str, Any]) -> None:
+    """Synapse's EventValidator POWER_LEVELS_SCHEMA check (before any auth rule): 400
+    M_BAD_JSON naming the offending key."""
+    for key in _PL_INTS:
+        if key in content:
+            _schema_int(content[key], key)
+    for key in _PL_MAPS:
+        if key not in content:
+            continue
+        mapping = content[key]
+        if not isinstance(mapping, dict):
+            raise MatrixError(400, BAD_JSON, f"\"{key}\": {mapping!r} is not of type 'object'")
+        for name, value in mapping.items():
+            _schema_int(value, name)
 
 
 def validate_power_levels_content(

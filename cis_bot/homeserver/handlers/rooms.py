@@ -260,6 +260,14 @@ class RoomHandler:
             raise forbidden("Changing the room create event is forbidden")
         if event_type == ev.CANONICAL_ALIAS and state_key == "":
             self._validate_canonical_alias(room_id, content)
+        if state_key is not None:
+            current = room.state.get((event_type, state_key))
+            if (
+                current is not None
+                and current.sender == requester.user_id
+                and canonical_json(current.content) == canonical_json(content)
+            ):
+                return current  # Synapse's deduplicate_state_event
         if event_type == ev.REDACTION:
             if room.version.updated_redaction_rules:
                 if "redacts" in content and redacts is not None and content["redacts"] != redacts:
@@ -375,6 +383,8 @@ class RoomHandler:
             if value is not None and len(value.encode("utf-8")) > 255:
                 raise MatrixError(413, TOO_LARGE, f"'{name}' too large")
         check_canonical_json_values(content)
+        if event_type == ev.POWER_LEVELS:
+            event_auth.check_power_levels_schema(content)
         if not skip_auth:
             event_auth.check_event(
                 event_type=event_type,
@@ -487,6 +497,17 @@ class RoomHandler:
             alias = f"#{alias_name}:{self.server_name}"
             if self.store.get_alias(alias) is not None:
                 raise MatrixError(400, ROOM_IN_USE, "Room alias already taken")
+            if requester.appservice is not None:
+                if not requester.appservice.is_alias_in_namespace(alias):
+                    raise MatrixError(
+                        400,
+                        "M_EXCLUSIVE",
+                        "This application service has not reserved this kind of alias.",
+                    )
+            elif self.alias_exclusive_to_other(alias, user_id):
+                raise MatrixError(
+                    400, "M_EXCLUSIVE", "This alias is reserved by an application service."
+                )
         for invitee in invite_list:
             try:
                 parse_user_id(invitee)
@@ -749,37 +770,79 @@ class RoomHandler:
             return mapping[0]
         raise bad_request(f"{room_or_alias} was not legal room ID or room alias", INVALID_PARAM)
 
-    def create_alias(self, requester: Requester, alias: str, room_id: object) -> None:
+    def alias_exclusive_to_other(self, alias: str, user_id: str) -> bool:
+        """Synapse's can_modify_alias, negated: an appservice other than the user holds an
+        exclusive claim on the alias."""
+        for service in self.appservices:
+            if not service.is_alias_in_namespace(alias):
+                continue
+            if service.sender == user_id:
+                return False
+            if service.is_exclusive_alias(alias):
+                return True
+        return False
+
+    def check_alias_syntax(self, alias: str) -> tuple[str, str]:
         try:
-            _, server = split_id(alias, "#")
+            localpart, server = split_id(alias, "#")
         except ValueError:
-            raise bad_request(f"Invalid room alias: {alias}", INVALID_PARAM) from None
+            raise bad_request("Room alias invalid", INVALID_PARAM) from None
+        return localpart, server
+
+    def create_alias(
+        self,
+        requester: Requester,
+        alias: str,
+        room_id: str,
+        *,
+        is_admin: bool,
+        check_membership: bool = True,
+    ) -> None:
+        """Synapse's DirectoryHandler.create_association."""
+        localpart, server = self.check_alias_syntax(alias)
+        if len(alias) > 255:
+            raise bad_request("Can't create aliases longer than 255 characters", INVALID_PARAM)
+        service = requester.appservice
+        if service is not None:
+            if not service.is_alias_in_namespace(alias):
+                raise MatrixError(
+                    400,
+                    "M_EXCLUSIVE",
+                    "This application service has not reserved this kind of alias.",
+                )
+        else:
+            if check_membership and not is_admin:
+                room = self.get(room_id)
+                if room is None or room.membership(requester.user_id) != "join":
+                    raise forbidden("You must be in the room to create an alias for it")
+            if self.alias_exclusive_to_other(alias, requester.user_id):
+                raise MatrixError(
+                    400, "M_EXCLUSIVE", "This alias is reserved by an application service."
+                )
+        if any(ch in localpart for ch in string.whitespace):
+            raise bad_request("Invalid characters in room alias")
         if server != self.server_name:
             raise bad_request("Room alias must be local")
-        if not isinstance(room_id, str):
-            raise bad_request("Missing params: room_id", "M_MISSING_PARAM")
-        if any(ch in alias for ch in string.whitespace):
-            raise bad_request("Invalid characters in room alias")
-        service = requester.appservice
-        if service is None:
-            for other in self.appservices:
-                if other.is_exclusive_alias(alias):
-                    raise MatrixError(
-                        400, "M_EXCLUSIVE", "This alias is reserved by an application service."
-                    )
-        elif not service.is_alias_in_namespace(alias):
-            raise MatrixError(
-                400, "M_EXCLUSIVE", "This application service has not reserved this kind of alias."
-            )
-        if self.get(room_id) is None:
-            raise not_found("Room does not exist")
         if not self.store.create_alias(alias, room_id, requester.user_id):
             raise MatrixError(409, "M_UNKNOWN", f"Room alias {alias} already exists")
 
     def delete_alias(self, requester: Requester, alias: str, is_admin: bool) -> None:
+        self.check_alias_syntax(alias)
+        service = requester.appservice
+        if service is not None:
+            if not service.is_alias_in_namespace(alias):
+                raise MatrixError(
+                    400,
+                    "M_EXCLUSIVE",
+                    "This application service has not reserved this kind of alias",
+                )
+            if self.store.get_alias(alias) is None:
+                raise MatrixError(404, NOT_FOUND, "Unknown room alias")
+            self.store.delete_alias(alias)
+            return
         mapping = self.store.get_alias(alias)
         if mapping is None:
-            raise MatrixError(404, NOT_FOUND, f"Room alias {alias} not found")
+            raise MatrixError(404, NOT_FOUND, "Unknown room alias")
         room_id, creator = mapping
         allowed = is_admin or creator == requester.user_id
         if not allowed:
@@ -789,4 +852,8 @@ class RoomHandler:
                 allowed = level >= event_auth.send_level(ev.CANONICAL_ALIAS, "", room.state)
         if not allowed:
             raise forbidden("You don't have permission to delete the alias.")
+        if self.alias_exclusive_to_other(alias, requester.user_id):
+            raise MatrixError(
+                400, "M_EXCLUSIVE", "This alias is reserved by an application service."
+            )
         self.store.delete_alias(alias)

@@ -102,13 +102,15 @@ async def login(request: RestRequest) -> Result:
         user_id = user if user.startswith("@") else f"@{user}:{hs.server_name}"
         if not service.is_interested_in_user(user_id):
             raise MatrixError(403, FORBIDDEN, "Invalid access_token")
-    elif login_type == PASSWORD_LOGIN:
-        password = body.get("password")
-        if not isinstance(password, str):
-            raise bad_request("Bad parameter: password", INVALID_PARAM)
-        user_id = await hs.auth.check_password(_identifier_user(body), password)
     else:
-        raise bad_request(f"Unknown login type {login_type}")
+        password = body.get("password")
+        if login_type == PASSWORD_LOGIN and not isinstance(password, str):
+            raise bad_request("Bad parameter: password", INVALID_PARAM)
+        user = _identifier_user(body)
+        if login_type != PASSWORD_LOGIN:
+            raise bad_request(f"Unknown login type {login_type}")
+        assert isinstance(password, str)
+        user_id = await hs.auth.check_password(user, password)
     device, token = hs.auth.new_session(user_id, device_id, display_name)
     return 200, {
         "user_id": user_id,

@@ -345,16 +345,25 @@ async def room_aliases(request: RestRequest, room_id: str) -> Result:
 
 
 async def get_alias(request: RestRequest, alias: str) -> Result:
-    request.auth()
     hs = request.hs
-    room_id = hs.rooms.resolve_room(alias)
-    return 200, {"room_id": room_id, "servers": [hs.server_name]}
+    hs.rooms.check_alias_syntax(alias)
+    mapping = hs.store.get_alias(alias)
+    if mapping is None:
+        raise MatrixError(404, NOT_FOUND, f"Room alias {alias} not found")
+    return 200, {"room_id": mapping[0], "servers": [hs.server_name]}
 
 
 async def put_alias(request: RestRequest, alias: str) -> Result:
-    requester = request.auth()
+    hs = request.hs
+    hs.rooms.check_alias_syntax(alias)
     body = await request.json()
-    request.hs.rooms.create_alias(requester, alias, body.get("room_id"))
+    room_id = body.get("room_id")
+    if not isinstance(room_id, str):
+        raise bad_request("room_id: Input should be a valid string", "M_BAD_JSON")
+    if hs.store.get_room(room_id) is None:
+        raise bad_request("Room does not exist")
+    requester = request.auth()
+    hs.rooms.create_alias(requester, alias, room_id, is_admin=hs.auth.is_admin(requester.user_id))
     return 200, {}
 
 

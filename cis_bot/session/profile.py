@@ -1,4 +1,4 @@
-"""Agent profiles: how to start an agent CLI, hand it the prompt, and tell when it waits for a human."""
+"""Agent profiles: how to start an agent CLI, hand it the prompt, tell when it waits for a human."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ class PromptVia(StrEnum):
     ARGUMENT = "argument"
     #: Written to the PTY followed by end-of-file, for CLIs that read the whole of stdin.
     STDIN = "stdin"
-    #: Typed into the PTY like a person would, once the agent is ready; the session stays interactive.
+    #: Typed into the PTY like a person would, once the agent is ready; the session stays
+    #: interactive.
     PTY = "pty"
 
 
@@ -26,6 +27,13 @@ class AgentProfile:
     env: Mapping[str, str] = attrs.field(factory=dict)
     #: Regexes searched in the last lines of the rendered screen; a match means blocked.
     blocked_patterns: tuple[str, ...] = ()
+    #: How many of the last non-empty lines the patterns see (None: the last line of a plain
+    #: CLI's output, the last 10 lines of a rendered screen, where options and a footer often
+    #: sit below the question).
+    pattern_lines: int | None = None
+    #: ``prompt_via = "pty"``: a regex on those lines saying the agent is ready for the prompt.
+    #: Without it, ready means the terminal is being read, or output has started and settled.
+    ready_pattern: str | None = None
     #: No output for this long while the process is alive means blocked (None: never).
     quiet_secs: float | None = None
     #: Ask the OS whether the foreground process waits in a read() on the terminal.

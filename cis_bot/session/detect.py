@@ -1,0 +1,237 @@
+"""Blocked detection: is the agent waiting for a person?
+
+Three rules, each configured per profile, evaluated by ``AgentSession`` once output has settled:
+
+1. ``blocked_patterns``: regexes over the last lines of what the terminal shows. For TUI agents
+   (``screen = true``) the output is rendered through a terminal emulator (pyte) so the lines are
+   the screen a person would see; otherwise they are the plain-text tail.
+2. ``quiet_secs``: no output for that long while the process is alive.
+3. ``detect_tty_read``: the kernel says the PTY's foreground process group waits in ``read()`` on
+   this PTY (``/proc/PID/syscall``: syscall number, then the fd, which must point at our slave).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from enum import StrEnum
+from typing import TYPE_CHECKING, Protocol
+
+import attrs
+
+from cis_bot.session import procfs
+from cis_bot.session.output import terminal_text
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+
+class BlockRule(StrEnum):
+    PROMPT = "prompt"
+    TTY_READ = "tty-read"
+    QUIET = "quiet"
+
+
+@attrs.frozen
+class Blocked:
+    rule: BlockRule
+    #: Says which rule fired and quotes the line that shows it.
+    reason: str
+
+
+_BOX = "".join(chr(c) for c in range(0x2500, 0x2580)) + "|"
+_SPACES = re.compile(r"\s{2,}")
+
+
+def tidy(line: str) -> str:
+    """A screen line as a person would quote it: without the window border around it, and with
+    runs of padding collapsed."""
+    stripped = line.strip()
+    if stripped and (stripped[0] in _BOX or stripped[-1] in _BOX):
+        line = stripped.strip(_BOX).strip()
+    return _SPACES.sub(" ", line)
+
+
+def quote(line: str, limit: int = 200) -> str:
+    if len(line) > limit:
+        line = line[: limit - 1] + "…"
+    return '"' + line.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def prompt_blocked(line: str) -> Blocked:
+    return Blocked(BlockRule.PROMPT, f"prompt: {quote(tidy(line).strip())}")
+
+
+def tty_read_blocked(last_line: str | None) -> Blocked:
+    shown = f": {quote(tidy(last_line))}" if last_line else ""
+    return Blocked(BlockRule.TTY_READ, f"waiting for input on the terminal{shown}")
+
+
+def quiet_blocked(quiet_secs: float, last_line: str | None) -> Blocked:
+    shown = f"; last line: {quote(tidy(last_line))}" if last_line else ""
+    return Blocked(BlockRule.QUIET, f"no output for {quiet_secs:g}s{shown}")
+
+
+def compile_patterns(patterns: Sequence[str]) -> tuple[re.Pattern[str], ...]:
+    """Compile a profile's regexes; a bad one raises ValueError naming it."""
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as e:
+            raise ValueError(f"invalid blocked pattern {pattern!r}: {e}") from None
+    return tuple(compiled)
+
+
+def find_prompt(patterns: Sequence[re.Pattern[str]], lines: Sequence[str]) -> str | None:
+    """The lowest (most recent) line that one of ``patterns`` matches."""
+    for line in reversed(lines):
+        if any(p.search(line) for p in patterns):
+            return line
+    return None
+
+
+class TerminalView(Protocol):
+    """What the terminal shows, fed with the raw output."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    def last_lines(self, count: int) -> list[str]:
+        """The last ``count`` non-empty lines, oldest first."""
+        ...
+
+    def resize(self, rows: int, cols: int) -> None: ...
+
+
+class TextView:
+    """Plain-text view for line-oriented CLIs: the tail of the output, escapes stripped."""
+
+    def __init__(self, keep_bytes: int = 16 * 1024) -> None:
+        self._keep = keep_bytes
+        self._buf = bytearray()
+        self._truncated = False
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) > 2 * self._keep:
+            del self._buf[: -self._keep]
+            self._truncated = True
+
+    def last_lines(self, count: int) -> list[str]:
+        text = terminal_text(bytes(self._buf[-self._keep :]), truncated=self._truncated)
+        lines = [line for line in text.split("\n") if line.strip()]
+        return lines[-count:]
+
+    def resize(self, rows: int, cols: int) -> None:
+        pass
+
+
+class ScreenView:
+    """A rendered screen (pyte) for full-screen TUI agents.
+
+    Output is queued and fed to the emulator when the screen is looked at, or once enough has
+    queued up, so a burst of output costs one pass and the emulator never holds the loop long.
+    """
+
+    def __init__(self, rows: int, cols: int, *, feed_threshold: int = 64 * 1024) -> None:
+        import pyte  # only TUI profiles pay for the emulator
+
+        self._screen = pyte.Screen(cols, rows)
+        self._stream = pyte.ByteStream(self._screen)
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._threshold = feed_threshold
+
+    def feed(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= self._threshold:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self._pending_bytes = 0
+            self._stream.feed(data)
+
+    def display(self) -> list[str]:
+        self._flush()
+        return [line.rstrip() for line in self._screen.display]
+
+    def last_lines(self, count: int) -> list[str]:
+        return [line for line in self.display() if line.strip()][-count:]
+
+    def resize(self, rows: int, cols: int) -> None:
+        self._flush()
+        self._screen.resize(rows, cols)
+
+
+# read(2) and its vectored/positional variants, by machine: syscall numbers from the kernel's
+# syscall tables (x86_64: read 0, pread64 17, readv 19; asm-generic/arm64: readv 65, pread64 67).
+_READ_SYSCALLS: dict[str, frozenset[int]] = {
+    "x86_64": frozenset({0, 17, 19}),
+    "aarch64": frozenset({63, 65, 67}),
+    "arm64": frozenset({63, 65, 67}),
+}
+
+
+def read_syscalls() -> frozenset[int]:
+    """The read syscall numbers on this machine (empty where unknown: the rule then never fires)."""
+    return _READ_SYSCALLS.get(platform.machine(), frozenset())
+
+
+class TtyReadProbe:
+    """Asks /proc whether the PTY's foreground process group waits in a read on this PTY."""
+
+    def __init__(self, leader_pid: int, master_fd: int, slave_path: str) -> None:
+        self._leader = leader_pid
+        self._master_fd = master_fd
+        self._slave_path = slave_path
+        self._syscalls = read_syscalls()
+
+    @property
+    def available(self) -> bool:
+        return bool(self._syscalls) and bool(self._slave_path)
+
+    def reading_pid(self) -> int | None:
+        """A process of the foreground group blocked reading this PTY, or None."""
+        if not self.available:
+            return None
+        try:
+            pgid = os.tcgetpgrp(self._master_fd)
+        except OSError:
+            return None
+        for pid in self._group_members(pgid):
+            if self._reads_tty(pid):
+                return pid
+        return None
+
+    def _group_members(self, pgid: int) -> Iterator[int]:
+        # The group leader is the usual reader (a shell's `read`, or the agent itself); others
+        # are found by walking our process tree, or all of /proc once our leader has gone.
+        yield pgid
+        pids = procfs.descendants(self._leader) if procfs.alive(self._leader) else procfs.all_pids()
+        for pid in pids:
+            if pid != pgid and procfs.pgrp(pid) == pgid:
+                yield pid
+
+    def _reads_tty(self, pid: int) -> bool:
+        for task in procfs.thread_dirs(pid):
+            try:
+                fields = (task / "syscall").read_text().split()
+            except OSError:
+                continue
+            # "NR ARG1 ..." while blocked in a syscall; "running", or "-1 ..." otherwise.
+            if len(fields) < 2 or not fields[0].isdigit():
+                continue
+            if int(fields[0]) not in self._syscalls:
+                continue
+            try:
+                fd = int(fields[1], 16)
+            except ValueError:
+                continue
+            if procfs.fd_target(pid, fd) == self._slave_path:
+                return True
+        return False

@@ -1,0 +1,924 @@
+"""AgentSession: one agent process in a real PTY, driven from the asyncio loop.
+
+Everything here runs on the event loop without blocking it: the PTY master is non-blocking and
+watched with ``loop.add_reader``; the exit status comes from a pidfd watched the same way, then
+``waitpid(WNOHANG)``. No threads, no polling for output or exit. The only timers are the settle
+check of blocked detection (and its backed-off tty-read re-checks while the agent is quiet), the
+quiet-period rule, the kill grace period and the coalescing of output updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import signal
+import struct
+import termios
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import structlog
+from ptyprocess import PtyProcess
+
+from cis_bot.errors import UserError
+from cis_bot.session import procfs
+from cis_bot.session.detect import (
+    Blocked,
+    BlockRule,
+    ScreenView,
+    TerminalView,
+    TextView,
+    TtyReadProbe,
+    compile_patterns,
+    find_prompt,
+    prompt_blocked,
+    quiet_blocked,
+    tty_read_blocked,
+)
+from cis_bot.session.events import (
+    SessionBlocked,
+    SessionCompleted,
+    SessionCreated,
+    SessionEvent,
+    SessionOutputUpdated,
+    SessionState,
+    SessionStateChanged,
+)
+from cis_bot.session.output import ExtractorInput, get_extractor, terminal_text
+from cis_bot.session.profile import AgentProfile, PromptVia
+from cis_bot.session.profiles import PROMPT_TOKEN
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+log = structlog.get_logger(__name__)
+
+_TIOCGPTN = 0x80045430  # _IOR('T', 0x30, unsigned int): the pts number of a PTY master
+_BRACKETED_PASTE_ON = b"\x1b[?2004h"
+_BRACKETED_PASTE_OFF = b"\x1b[?2004l"
+# Signals whose disposition the agent should start with at the default, whatever ours is:
+# Python ignores SIGPIPE and SIGXFSZ, and a parent run under nohup ignores SIGHUP.
+_DEFAULT_SIGNALS = (
+    signal.SIGPIPE,
+    signal.SIGXFSZ,
+    signal.SIGHUP,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGTERM,
+    signal.SIGTSTP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+)
+
+
+class SessionError(UserError):
+    """An operation on a session that cannot be done (unknown id, session already ended)."""
+
+
+@attrs.frozen
+class SessionSettings:
+    """Timing and size knobs shared by every session of a manager (tests make them short)."""
+
+    #: Output must be quiet this long before blocked patterns and the tty-read rule are checked.
+    settle_secs: float = 0.3
+    #: ... but no longer than this after the first unchecked output (spinners never settle).
+    settle_max_secs: float = 2.0
+    #: While quiet, the tty-read check is repeated with backoff up to this interval.
+    tty_poll_max_secs: float = 2.0
+    #: At most one SessionOutputUpdated per session per interval.
+    output_interval: float = 0.5
+    #: kill(): SIGTERM, then SIGKILL after this long.
+    kill_grace_secs: float = 5.0
+    #: After the agent exits, how long to wait for the PTY to deliver the rest of its output
+    #: (only a process that escaped with the terminal still open makes this wait).
+    drain_secs: float = 2.0
+    #: The in-memory tail of raw output, per running session.
+    tail_bytes: int = 256 * 1024
+    #: What a finished session keeps of its tail (the transcript file has everything).
+    finished_tail_bytes: int = 64 * 1024
+    #: PTY size at spawn.
+    rows: int = 40
+    cols: int = 120
+    #: Reads per wake-up of the PTY reader: bounds the time one busy session holds the loop.
+    read_size: int = 64 * 1024
+    reads_per_wakeup: int = 4
+
+
+def build_argv(profile: AgentProfile, prompt: str) -> list[str]:
+    """The profile's argv with ``{prompt}`` tokens replaced by the prompt (argument mode only).
+
+    Plain token replacement, never ``str.format``: braces in a prompt are just text.
+    """
+    if not profile.argv:
+        raise ValueError(f"agent profile {profile.name!r} has an empty argv")
+    if profile.prompt_via is not PromptVia.ARGUMENT:
+        return list(profile.argv)
+    if not any(PROMPT_TOKEN in arg for arg in profile.argv):
+        raise ValueError(
+            f"agent profile {profile.name!r} passes the prompt as an argument "
+            f"but its argv has no {PROMPT_TOKEN}"
+        )
+    return [arg.replace(PROMPT_TOKEN, prompt) for arg in profile.argv]
+
+
+def resolve_executable(command: str, env: Mapping[str, str], cwd: Path) -> str:
+    """The path execve will run: PATH lookup in the agent's own environment."""
+    if "/" in command:
+        path = Path(command) if Path(command).is_absolute() else cwd / command
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise FileNotFoundError("no such executable file")
+        return str(path)
+    found = shutil.which(command, path=env.get("PATH", os.defpath))
+    if found is None:
+        raise FileNotFoundError("command not found in PATH")
+    return found
+
+
+def _child_setup(work_dir: str) -> None:
+    """Runs in the forked child before exec (errors travel back to the parent as exceptions)."""
+    for sig in _DEFAULT_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    os.chdir(work_dir)
+
+
+class _Pty(PtyProcess):  # type: ignore[misc]
+    """PtyProcess that remembers the last instance it made, so a child whose exec failed (spawn
+    raises, returning nothing) can still be reaped instead of left as a zombie."""
+
+    last_made: _Pty | None = None
+
+    def __init__(self, pid: int, fd: int) -> None:
+        super().__init__(pid, fd)
+        # ptyprocess sleeps this long in close(); we close only after reaping the child.
+        self.delayafterclose = 0
+        _Pty.last_made = self
+
+    @classmethod
+    def take_last_made(cls) -> _Pty | None:
+        made, cls.last_made = cls.last_made, None
+        return made
+
+    def release(self) -> None:
+        """Close the master without ptyprocess's own wait-and-terminate logic (we reaped)."""
+        self.terminated = True
+        self.close(force=False)
+
+
+def _stdin_payload(prompt: str, attrs_: list[Any]) -> bytes:
+    """The prompt as keystrokes for a canonical-mode terminal, then end-of-file.
+
+    Control characters are quoted with the terminal's literal-next character so ^C or ^D in a
+    prompt is text, not a signal or an early EOF; the EOF character ends any partial line (lines
+    are also cut every 1 KiB: the line discipline holds at most 4 KiB of one unfinished line),
+    then a second one on an empty line reads as end-of-file.
+    """
+    cc = attrs_[6]
+    eof, lnext = (
+        c if isinstance(c, bytes) else bytes([c]) for c in (cc[termios.VEOF], cc[termios.VLNEXT])
+    )
+    out = bytearray()
+    since_break = 0
+    for ch in prompt.encode("utf-8"):
+        if ch == 0x0A:
+            out.append(ch)
+            since_break = 0
+            continue
+        if (ch < 0x20 and ch != 0x09) or ch == 0x7F:
+            out += lnext
+        out.append(ch)
+        since_break += 1
+        if since_break >= 1024:
+            out += eof
+            since_break = 0
+    if since_break:
+        out += eof
+    out += eof
+    return bytes(out)
+
+
+class AgentSession:
+    """One agent process in a PTY. Create it with ``SessionManager.start`` (or call ``start``
+    inside a running loop); all methods must be called from that loop."""
+
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        profile: AgentProfile,
+        prompt: str,
+        work_dir: Path,
+        transcript_path: Path,
+        env: Mapping[str, str],
+        settings: SessionSettings,
+        publish: Callable[[SessionEvent], None],
+    ) -> None:
+        self.session_id = session_id
+        self.profile = profile
+        self.prompt = prompt
+        self.work_dir = work_dir
+        self.transcript_path = transcript_path
+        self.env = dict(env)
+        self.settings = settings
+        self._publish = publish
+
+        self.state = SessionState.SPAWNING
+        self.pid: int | None = None
+        self.blocked_reason: str | None = None
+        self.exit_code: int | None = None
+        self.error: str | None = None
+        self.total_bytes = 0
+        self.started_at = time.time()
+        self.completion: SessionCompleted | None = None
+
+        self._loop = asyncio.get_running_loop()
+        self._t0 = self._loop.time()
+        self._done: asyncio.Future[SessionCompleted] = self._loop.create_future()
+        self._proc: _Pty | None = None
+        self._fd = -1
+        self._pidfd = -1
+        self._transcript_fd = -1
+        self._transcript_failed = False
+        self._tail = bytearray()
+        self._tail_truncated = False
+        self._listeners: list[Callable[[bytes], None]] = []
+        self._view: TerminalView | None = None
+        self._probe: TtyReadProbe | None = None
+        self._patterns = compile_patterns(profile.blocked_patterns)
+        self._ready_pattern = (
+            compile_patterns([profile.ready_pattern])[0] if (profile.ready_pattern) else None
+        )
+        self._blocked: Blocked | None = None
+        self._pattern_lines = profile.pattern_lines or (10 if profile.screen else 1)
+        self._wbuf = bytearray()
+        self._writer_active = False
+        self._prompt_pending = profile.prompt_via is PromptVia.PTY
+        self._bracketed_paste = False
+        self._status: int | None = None
+        self._exited = False
+        self._eof = False
+        self._finished = False
+        self._kill_state: SessionState | None = None
+        self._kill_reason: str | None = None
+
+        now = self._t0
+        self._last_activity = now
+        self._unsettled_since: float | None = None
+        self._output_since_input = False
+        self._settle_timer: asyncio.TimerHandle | None = None
+        self._poll_timer: asyncio.TimerHandle | None = None
+        self._poll_interval = settings.settle_secs
+        self._quiet_timer: asyncio.TimerHandle | None = None
+        self._kill_timer: asyncio.TimerHandle | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._exit_poll_timer: asyncio.TimerHandle | None = None
+        self._output_timer: asyncio.TimerHandle | None = None
+        self._output_dirty = False
+        self._last_output_event = -1e9
+
+    # ----------------------------------------------------------------- public API
+
+    @property
+    def duration_s(self) -> float:
+        if self.completion is not None:
+            return self.completion.duration_s
+        return self._loop.time() - self._t0
+
+    @property
+    def agent(self) -> str:
+        return self.profile.name
+
+    async def wait(self) -> SessionCompleted:
+        """Until the session has ended; its SessionCompleted."""
+        return await asyncio.shield(self._done)
+
+    def send_input(self, data: str | bytes) -> None:
+        """Write to the PTY as if typed. A blocked session goes back to running."""
+        if self.state.is_terminal or self._fd < 0 or self._exited:
+            raise SessionError(f"session {self.session_id} has ended ({self.state})")
+        raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        self._write(raw)
+        now = self._loop.time()
+        self._last_activity = now
+        self._output_since_input = False
+        self._arm_quiet()
+        if self.state is SessionState.BLOCKED:
+            self._set_running("input")
+        self._poll_interval = self.settings.settle_secs
+        self._arm_poll(self.settings.settle_secs)
+
+    async def kill(
+        self,
+        state: SessionState = SessionState.KILLED,
+        reason: str | None = None,
+        *,
+        grace_secs: float | None = None,
+    ) -> SessionCompleted:
+        """End the session's whole process group: SIGTERM, SIGKILL after the grace period."""
+        if state not in (SessionState.KILLED, SessionState.TIMEOUT):
+            raise ValueError(f"kill state must be killed or timeout, not {state}")
+        if not self._finished and self._kill_state is None:
+            self._kill_state = state
+            self._kill_reason = reason or (
+                "timed out" if state is SessionState.TIMEOUT else "killed"
+            )
+            log.info("session.kill", session_id=self.session_id, state=str(state), reason=reason)
+            if not self._exited:
+                self._signal_session(signal.SIGTERM)
+                self._signal_session(signal.SIGCONT)
+                grace = self.settings.kill_grace_secs if grace_secs is None else grace_secs
+                self._kill_timer = self._loop.call_later(grace, self._escalate_kill)
+            else:
+                self._finish()
+        return await self.wait()
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Set the PTY's window size (the agent gets SIGWINCH)."""
+        if not all(isinstance(n, int) and 0 < n < 10000 for n in (rows, cols)):
+            raise ValueError(f"invalid terminal size {rows}x{cols}")
+        if self._proc is not None and not self._finished:
+            with contextlib.suppress(OSError):
+                self._proc.setwinsize(rows, cols)
+        if self._view is not None:
+            self._view.resize(rows, cols)
+
+    def add_output_listener(self, listener: Callable[[bytes], None]) -> Callable[[], None]:
+        """Call ``listener`` with every chunk of raw output; returns a function that removes it.
+
+        ``tail_bytes()`` then ``add_output_listener()`` in the same loop step gives a gap-free
+        stream (what a terminal attaching to a live session needs)."""
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return remove
+
+    def tail_bytes(self) -> bytes:
+        """The end of the raw output (bounded)."""
+        return bytes(self._tail)
+
+    def tail_text(self, max_lines: int = 40) -> str:
+        """The last lines of output as plain text (or of the screen, for screen profiles)."""
+        if isinstance(self._view, ScreenView):
+            return "\n".join(self._view.last_lines(max_lines))
+        text = terminal_text(
+            bytes(self._tail[-16384:]), truncated=self._tail_truncated or (len(self._tail) > 16384)
+        )
+        return "\n".join(text.rstrip("\n").split("\n")[-max_lines:])
+
+    def screen_lines(self) -> list[str] | None:
+        """The rendered screen, line by line (screen profiles only)."""
+        return self._view.display() if isinstance(self._view, ScreenView) else None
+
+    # ----------------------------------------------------------------- spawning
+
+    def start(self) -> None:
+        """Spawn the agent. Failures end the session as failed (with SessionCompleted)."""
+        try:
+            argv = build_argv(self.profile, self.prompt)
+            if not self.work_dir.is_dir():
+                raise FileNotFoundError(f"work_dir {self.work_dir} is not a directory")
+            argv[0] = resolve_executable(argv[0], self.env, self.work_dir)
+            if any("\0" in arg for arg in argv):
+                raise ValueError("the command line contains a NUL character")
+        except (OSError, ValueError) as e:
+            self._fail_to_start(str(e))
+            return
+        try:
+            self.transcript_path.parent.mkdir(parents=True, exist_ok=True)
+            self._transcript_fd = os.open(
+                self.transcript_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+            )
+        except OSError as e:
+            self._fail_to_start(f"cannot open transcript {self.transcript_path}: {e}")
+            return
+        _Pty.take_last_made()
+        try:
+            proc = _Pty.spawn(
+                argv,
+                env=self.env,
+                echo=self.profile.prompt_via is not PromptVia.STDIN,
+                preexec_fn=lambda: _child_setup(str(self.work_dir)),
+                dimensions=(self.settings.rows, self.settings.cols),
+            )
+        except Exception as e:  # ptyprocess re-raises the child's exec error as it was
+            failed = _Pty.take_last_made()
+            if failed is not None:
+                self._reap_failed_spawn(failed)
+            self._fail_to_start(str(e))
+            return
+        _Pty.take_last_made()
+        self._proc = proc
+        self.pid = proc.pid
+        self._fd = proc.fd
+        os.set_blocking(self._fd, False)
+        slave = _slave_path(self._fd)
+        if self.profile.detect_tty_read and slave:
+            probe = TtyReadProbe(proc.pid, self._fd, slave)
+            self._probe = probe if probe.available else None
+        self._view = (
+            ScreenView(self.settings.rows, self.settings.cols)
+            if self.profile.screen
+            else TextView()
+        )
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._watch_exit()
+        log.debug("session.spawned", session_id=self.session_id, pid=proc.pid, argv0=argv[0])
+        self._publish(
+            SessionCreated(self.session_id, self.profile.name, proc.pid, self.transcript_path)
+        )
+        self._change_state(SessionState.RUNNING, None)
+        if self.profile.prompt_via is PromptVia.STDIN:
+            self._write(_stdin_payload(self.prompt, _termios_of(self._fd)))
+        self._arm_quiet()
+        if self._probe is not None or self._prompt_pending:
+            self._arm_poll(self.settings.settle_secs)
+
+    def _fail_to_start(self, detail: str) -> None:
+        command = self.profile.argv[0] if self.profile.argv else ""
+        self.error = f"cannot execute {command!r}: {detail}"
+        log.warning("session.spawn_failed", session_id=self.session_id, error=self.error)
+        if self._transcript_fd >= 0:
+            os.close(self._transcript_fd)
+            self._transcript_fd = -1
+        self._publish(
+            SessionCreated(self.session_id, self.profile.name, None, self.transcript_path)
+        )
+        self._complete(SessionState.FAILED, None, self.error, "")
+
+    def _reap_failed_spawn(self, proc: _Pty) -> None:
+        proc.terminated = True
+        with contextlib.suppress(OSError):
+            proc.close(force=False)
+        # The child exits right after reporting its exec error; reap it off the loop's back.
+        _reap_when_exited(self._loop, proc.pid)
+
+    def _watch_exit(self) -> None:
+        assert self.pid is not None
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except OSError:  # kernels before 5.3: fall back to polling waitpid with backoff
+            self._exit_poll_timer = self._loop.call_later(0.005, self._poll_exit, 0.005)
+            return
+        self._loop.add_reader(self._pidfd, self._on_exit)
+
+    def _poll_exit(self, delay: float) -> None:
+        self._exit_poll_timer = None
+        if not self._reap():
+            delay = min(delay * 2, 0.2)
+            self._exit_poll_timer = self._loop.call_later(delay, self._poll_exit, delay)
+
+    # ----------------------------------------------------------------- I/O
+
+    def _on_readable(self) -> None:
+        for _ in range(self.settings.reads_per_wakeup):
+            try:
+                data = os.read(self._fd, self.settings.read_size)
+            except BlockingIOError:
+                return
+            except OSError as e:  # EIO: every process has closed the terminal
+                if e.errno not in (errno.EIO, errno.EBADF):
+                    log.warning("session.read_error", session_id=self.session_id, error=str(e))
+                self._on_eof()
+                return
+            if not data:
+                self._on_eof()
+                return
+            self._on_output(data)
+
+    def _on_output(self, data: bytes) -> None:
+        self.total_bytes += len(data)
+        if self._transcript_fd >= 0:
+            self._append_transcript(data)
+        tail = self._tail
+        tail += data
+        if len(tail) > 2 * self.settings.tail_bytes:
+            del tail[: -self.settings.tail_bytes]
+            self._tail_truncated = True
+        if self._view is not None:
+            self._view.feed(data)
+        if self._prompt_pending and b"?2004" in data:
+            self._track_bracketed_paste(data)
+        for listener in tuple(self._listeners):
+            try:
+                listener(data)
+            except Exception:
+                log.exception("session.listener_failed", session_id=self.session_id)
+        if self._finished:
+            return
+        now = self._loop.time()
+        self._last_activity = now
+        self._output_since_input = True
+        if self._unsettled_since is None:
+            self._unsettled_since = now
+        self._poll_interval = self.settings.settle_secs
+        if self._settle_timer is None:
+            self._settle_timer = self._loop.call_at(
+                now + self.settings.settle_secs, self._on_settle_timer
+            )
+        if self._quiet_timer is None:
+            self._arm_quiet()
+        if self._blocked is not None and self._blocked.rule is not BlockRule.PROMPT:
+            self._set_running("new output")
+        self._output_dirty = True
+        if self._output_timer is None:
+            delay = max(0.0, self._last_output_event + self.settings.output_interval - now)
+            self._output_timer = self._loop.call_later(delay, self._emit_output_updated)
+
+    def _append_transcript(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._transcript_fd, view)
+                view = view[written:]
+        except OSError as e:
+            if not self._transcript_failed:
+                self._transcript_failed = True
+                log.error(
+                    "session.transcript_write_failed", session_id=self.session_id, error=str(e)
+                )
+
+    def _track_bracketed_paste(self, data: bytes) -> None:
+        on, off = data.rfind(_BRACKETED_PASTE_ON), data.rfind(_BRACKETED_PASTE_OFF)
+        if on >= 0 or off >= 0:
+            self._bracketed_paste = on > off
+
+    def _write(self, data: bytes) -> None:
+        if self._writer_active:
+            self._wbuf += data
+            return
+        try:
+            written = os.write(self._fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError as e:
+            log.warning("session.write_failed", session_id=self.session_id, error=str(e))
+            return
+        if written < len(data):
+            self._wbuf += data[written:]
+            self._writer_active = True
+            self._loop.add_writer(self._fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        try:
+            written = os.write(self._fd, self._wbuf)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            log.warning("session.write_failed", session_id=self.session_id, error=str(e))
+            written = len(self._wbuf)
+        del self._wbuf[:written]
+        if not self._wbuf:
+            self._loop.remove_writer(self._fd)
+            self._writer_active = False
+
+    def _emit_output_updated(self) -> None:
+        self._output_timer = None
+        if not self._output_dirty:
+            return
+        self._output_dirty = False
+        self._last_output_event = self._loop.time()
+        self._publish(SessionOutputUpdated(self.session_id, self.total_bytes, self.tail_text(20)))
+
+    # ----------------------------------------------------------------- blocked detection
+
+    def _on_settle_timer(self) -> None:
+        self._settle_timer = None
+        if self._finished or self._exited:
+            return
+        now = self._loop.time()
+        due = self._last_activity + self.settings.settle_secs
+        if self._unsettled_since is not None:
+            due = min(due, self._unsettled_since + self.settings.settle_max_secs)
+        if now < due:
+            self._settle_timer = self._loop.call_at(due, self._on_settle_timer)
+            return
+        self._unsettled_since = None
+        self._evaluate()
+
+    def _arm_poll(self, delay: float) -> None:
+        if self._poll_timer is not None:
+            self._poll_timer.cancel()
+        self._poll_timer = self._loop.call_later(delay, self._on_poll_timer)
+
+    def _on_poll_timer(self) -> None:
+        self._poll_timer = None
+        if self._finished or self._exited:
+            return
+        if self._loop.time() - self._last_activity < self.settings.settle_secs:
+            # Output or input since: the settle timer takes over; look again later anyway.
+            self._arm_poll(self.settings.settle_secs)
+            return
+        self._evaluate()
+
+    def _evaluate(self) -> None:
+        """Output has settled (or a re-check is due): is the agent waiting for a person?"""
+        if self._finished or self._exited:
+            return
+        view = self._view
+        lines = view.last_lines(self._pattern_lines) if view is not None else []
+        if self._prompt_pending:
+            if self._ready_for_prompt(lines):
+                self._type_prompt()
+            else:
+                self._schedule_next_poll()
+            return
+        blocked: Blocked | None = None
+        if self._patterns and self._output_since_input:
+            line = find_prompt(self._patterns, lines)
+            if line is not None:
+                blocked = prompt_blocked(line)
+        if blocked is None and self._probe is not None and self._probe.reading_pid():
+            blocked = tty_read_blocked(lines[-1] if lines else None)
+        if blocked is not None:
+            self._set_blocked(blocked)
+        elif self._blocked is not None and self._blocked.rule is not BlockRule.QUIET:
+            self._set_running("no longer waiting")
+        self._schedule_next_poll()
+
+    def _schedule_next_poll(self) -> None:
+        if self._probe is None and not self._prompt_pending:
+            return
+        self._poll_interval = min(self._poll_interval * 2, self.settings.tty_poll_max_secs)
+        self._arm_poll(self._poll_interval)
+
+    def _ready_for_prompt(self, lines: list[str]) -> bool:
+        if self._ready_pattern is not None:
+            return find_prompt((self._ready_pattern,), lines) is not None
+        if self._probe is not None and self._probe.reading_pid():
+            return True
+        return self.total_bytes > 0 and (
+            self._loop.time() - self._last_activity >= self.settings.settle_secs
+        )
+
+    def _type_prompt(self) -> None:
+        self._prompt_pending = False
+        text = self.prompt.encode("utf-8")
+        if self._bracketed_paste:
+            text = b"\x1b[200~" + text + b"\x1b[201~"
+        log.debug("session.prompt_typed", session_id=self.session_id, bytes=len(text))
+        self._write(text + b"\r")
+        self._last_activity = self._loop.time()
+        self._output_since_input = False
+        self._poll_interval = self.settings.settle_secs
+        if self._probe is not None:
+            self._arm_poll(self.settings.settle_secs)
+
+    def _arm_quiet(self) -> None:
+        quiet = self.profile.quiet_secs
+        if quiet is None or self._finished:
+            return
+        if self._quiet_timer is not None:
+            self._quiet_timer.cancel()
+        self._quiet_timer = self._loop.call_at(self._last_activity + quiet, self._on_quiet_timer)
+
+    def _on_quiet_timer(self) -> None:
+        self._quiet_timer = None
+        quiet = self.profile.quiet_secs
+        if quiet is None or self._finished or self._exited:
+            return
+        due = self._last_activity + quiet
+        if self._loop.time() < due:
+            self._quiet_timer = self._loop.call_at(due, self._on_quiet_timer)
+            return
+        if self._prompt_pending:
+            self._type_prompt()
+            return
+        if self._blocked is None:
+            lines = self._view.last_lines(1) if self._view is not None else []
+            self._set_blocked(quiet_blocked(quiet, lines[-1] if lines else None))
+
+    def _set_blocked(self, blocked: Blocked) -> None:
+        if self._blocked == blocked:
+            return
+        self._blocked = blocked
+        self.blocked_reason = blocked.reason
+        if self.state is not SessionState.BLOCKED:
+            self._change_state(SessionState.BLOCKED, blocked.reason)
+        preview = "\n".join(self._view.last_lines(10)) if self._view is not None else ""
+        log.info("session.blocked", session_id=self.session_id, reason=blocked.reason)
+        self._publish(SessionBlocked(self.session_id, blocked.reason, preview))
+
+    def _set_running(self, why: str) -> None:
+        self._blocked = None
+        self.blocked_reason = None
+        if self.state is SessionState.BLOCKED:
+            self._change_state(SessionState.RUNNING, why)
+
+    # ----------------------------------------------------------------- exit and kill
+
+    def _on_exit(self) -> None:
+        self._reap()
+
+    def _reap(self) -> bool:
+        """waitpid(WNOHANG); True once the agent's exit status is known."""
+        assert self.pid is not None
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.pid, -1
+        if pid == 0:
+            return False
+        self._status = status
+        self._exited = True
+        if self._pidfd >= 0:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        if self._eof or self._finished:
+            self._finish()
+        else:
+            self._drain_timer = self._loop.call_later(self.settings.drain_secs, self._finish)
+        return True
+
+    def _on_eof(self) -> None:
+        self._eof = True
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+        if self._exited:
+            self._finish()
+
+    def _escalate_kill(self) -> None:
+        self._kill_timer = None
+        if not self._finished:
+            log.info("session.kill_escalated", session_id=self.session_id)
+            self._signal_session(signal.SIGKILL)
+
+    def _signal_session(self, sig: signal.Signals) -> None:
+        """Signal the agent's process group and every other process of its session."""
+        if self.pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+        for pid in procfs.session_members(self.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        for timer in (
+            self._settle_timer,
+            self._poll_timer,
+            self._quiet_timer,
+            self._kill_timer,
+            self._drain_timer,
+            self._exit_poll_timer,
+            self._output_timer,
+        ):
+            if timer is not None:
+                timer.cancel()
+        if self._fd >= 0:
+            if not self._eof:
+                self._loop.remove_reader(self._fd)
+                self._drain_remaining()
+            if self._writer_active:
+                self._loop.remove_writer(self._fd)
+        if self.pid is not None:
+            # Whatever the agent left behind in its process group (a stray background job)
+            # goes with it; if the terminal never closed, someone escaped the group: find them.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+            if not self._eof:
+                self._signal_session(signal.SIGKILL)
+        if self._proc is not None:
+            self._proc.release()
+        self._fd = -1
+        if self._transcript_fd >= 0:
+            os.close(self._transcript_fd)
+            self._transcript_fd = -1
+        state, exit_code, error = self._verdict()
+        self._complete(state, exit_code, error, None)
+
+    def _drain_remaining(self) -> None:
+        while True:
+            try:
+                data = os.read(self._fd, self.settings.read_size)
+            except OSError:
+                return
+            if not data:
+                return
+            self._on_output(data)
+
+    def _verdict(self) -> tuple[SessionState, int | None, str | None]:
+        status = self._status
+        exit_code = None if status is None or status < 0 else os.waitstatus_to_exitcode(status)
+        if self._kill_state is not None:
+            return self._kill_state, exit_code, self._kill_reason
+        if exit_code is None:
+            return SessionState.FAILED, None, "exit status unavailable (reaped elsewhere)"
+        if exit_code < 0:
+            return SessionState.FAILED, exit_code, f"killed by {signal.Signals(-exit_code).name}"
+        if exit_code != 0:
+            return SessionState.FAILED, exit_code, f"exited with status {exit_code}"
+        return SessionState.COMPLETED, 0, None
+
+    def _complete(
+        self, state: SessionState, exit_code: int | None, error: str | None, output: str | None
+    ) -> None:
+        """Publish the final OutputUpdated, StateChanged and SessionCompleted, exactly once."""
+        self._finished = True
+        if output is None:
+            output, error, state = self._extract(state, error)
+        if self._output_dirty:
+            self._output_dirty = False
+            self._publish(
+                SessionOutputUpdated(self.session_id, self.total_bytes, self.tail_text(20))
+            )
+        self.exit_code = exit_code
+        self.error = error
+        self._blocked = None
+        self.blocked_reason = None
+        self._change_state(state, error)
+        completed = SessionCompleted(
+            session_id=self.session_id,
+            state=state,
+            exit_code=exit_code,
+            error=error,
+            output=output,
+            transcript_path=self.transcript_path,
+            duration_s=self._loop.time() - self._t0,
+        )
+        self.completion = completed
+        log.debug(
+            "session.completed", session_id=self.session_id, state=str(state), exit_code=exit_code
+        )
+        # Free what a finished session no longer needs (the transcript file has everything).
+        keep = self.settings.finished_tail_bytes
+        if len(self._tail) > keep:
+            del self._tail[:-keep]
+            self._tail_truncated = True
+        self._listeners.clear()
+        self._publish(completed)
+        self._done.set_result(completed)
+
+    def _extract(
+        self, state: SessionState, error: str | None
+    ) -> tuple[str, str | None, SessionState]:
+        try:
+            extractor = get_extractor(self.profile.output)
+            extracted = extractor(
+                ExtractorInput(
+                    raw_tail=bytes(self._tail),
+                    complete=not self._tail_truncated,
+                    transcript_path=self.transcript_path,
+                )
+            )
+        except Exception as e:
+            log.exception("session.extractor_failed", session_id=self.session_id)
+            fallback = terminal_text(bytes(self._tail[-65536:]), truncated=True)
+            if state is SessionState.COMPLETED:
+                return fallback, f"cannot read the agent's output: {e}", SessionState.FAILED
+            return fallback, error, state
+        if extracted.error is not None and state is SessionState.COMPLETED:
+            return extracted.output, extracted.error, SessionState.FAILED
+        return extracted.output, error, state
+
+    def _change_state(self, new: SessionState, reason: str | None) -> None:
+        old = self.state
+        if old is new:
+            return
+        self.state = new
+        self._publish(SessionStateChanged(self.session_id, old, new, reason))
+
+
+def _slave_path(master_fd: int) -> str:
+    try:
+        number = struct.unpack("I", fcntl.ioctl(master_fd, _TIOCGPTN, b"\0\0\0\0"))[0]
+    except OSError:
+        return ""
+    return f"/dev/pts/{number}"
+
+
+def _termios_of(fd: int) -> list[Any]:
+    return termios.tcgetattr(fd)
+
+
+def _reap_when_exited(loop: asyncio.AbstractEventLoop, pid: int) -> None:
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] != 0:
+            return
+    except ChildProcessError:
+        return
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        loop.call_later(0.05, _reap_when_exited, loop, pid)
+        return
+
+    def reap() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+    loop.add_reader(pidfd, reap)

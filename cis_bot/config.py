@@ -69,6 +69,8 @@ class MatrixConfig:
     home_server: str = attrs.field(default="cis.local", metadata={"nonempty": True})
     #: Least time between two status broadcasts of one session.
     broadcast_interval_ms: int = attrs.field(default=500, metadata={"min": 0})
+    #: After a run, how long to wait for an unreachable homeserver to take the queued events.
+    flush_timeout_secs: float = attrs.field(default=60.0, metadata={"gt": 0})
 
 
 @attrs.frozen
@@ -103,7 +105,7 @@ class NodeConfig:
     id: str = attrs.field(default="", metadata={"nonempty": True})
     #: Client-server API base URL of the homeserver, e.g. ``http://127.0.0.1:8008``.
     homeserver: str = ""
-    #: The homeserver's server name, the part after ":" in user ids (default: dag.matrix.home_server).
+    #: The server name in user ids, after ":" (default: dag.matrix.home_server).
     server_name: str = ""
     #: The bot's localpart (default ``cis_<id>``); its exclusive namespace is ``<localpart>(_.*)?``.
     bot_localpart: str = ""

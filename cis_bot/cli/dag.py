@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import secrets
 import signal
 import sys
 import time
@@ -17,6 +17,7 @@ from cis_bot.errors import UserError
 if TYPE_CHECKING:
     from cis_bot.config import Config
     from cis_bot.dag.spec import DagSpec
+    from cis_bot.execute import RunRequest
 
 _MODES = ("local", "matrix", "hybrid", "federation")
 
@@ -84,27 +85,30 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def new_run_id() -> str:
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-
-
 def _execute(args: argparse.Namespace) -> int:
     from cis_bot import log
+    from cis_bot.config import ExecutionMode
     from cis_bot.dag.runner import default_state_dir
+    from cis_bot.execute import RunRequest
 
     log.configure(args.log_level)
     config, spec = _load(args.file, args.config)
-    mode = args.mode or str(config.dag.execution_mode)
+    mode = ExecutionMode(args.mode or config.dag.execution_mode)
     parser: argparse.ArgumentParser = args.parser
-    if mode in ("matrix", "hybrid") and not args.room:
+    if mode in (ExecutionMode.MATRIX, ExecutionMode.HYBRID) and not args.room:
         parser.error(f"--{mode} needs --room R")
-    if mode != "local":
-        raise UserError(f"--{mode} mode is not implemented yet; use --local")
-    max_workers = args.max_workers or spec.max_workers or config.dag.local.max_workers
-    state_dir: Path = args.state_dir or default_state_dir()
-    report = asyncio.run(
-        _run_local(spec, config, max_workers=max_workers, state_dir=state_dir, as_json=args.json)
+    if mode is ExecutionMode.FEDERATION:
+        raise UserError("--federation is not implemented yet; use --matrix, --hybrid or --local")
+    request = RunRequest(
+        spec=spec,
+        config=config,
+        mode=mode,
+        max_workers=args.max_workers or spec.max_workers or config.dag.local.max_workers,
+        state_dir=args.state_dir or default_state_dir(),
+        work_dir=Path.cwd(),
+        room=args.room,
     )
+    report = asyncio.run(_run(request, as_json=args.json))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -112,32 +116,25 @@ def _execute(args: argparse.Namespace) -> int:
     return 0 if report["status"] == "completed" else 1
 
 
-async def _run_local(
-    spec: DagSpec, config: Config, *, max_workers: int, state_dir: Path, as_json: bool
-) -> dict[str, Any]:
+async def _run(request: RunRequest, *, as_json: bool) -> dict[str, Any]:
     from cis_bot.cli.progress import LiveProgress, PlainProgress
-    from cis_bot.dag.engine import RunCancelled, RunEngine
-    from cis_bot.dag.report import build_report
-    from cis_bot.dag.runner import LocalExecutor, RunDriver, RunObserver, RunPaths
+    from cis_bot.dag.engine import RunCancelled
+    from cis_bot.dag.runner import RunDriver, RunObserver
+    from cis_bot.execute import execute
     from cis_bot.session.manager import SessionManager
 
-    run_id = new_run_id()
-    paths = RunPaths(state_dir / "runs" / run_id)
-    paths.run_dir.mkdir(parents=True, exist_ok=True)
-    engine = RunEngine(spec, max_workers=max_workers)
     progress: LiveProgress | PlainProgress | None = None
     if not as_json:
-        progress = LiveProgress(engine) if sys.stdout.isatty() else PlainProgress()
+        progress = LiveProgress() if sys.stdout.isatty() else PlainProgress()
     observers: list[RunObserver] = [progress] if progress else []
-    driver = RunDriver(engine, observers=observers)
-    manager = SessionManager()
-    executor = LocalExecutor(
-        driver, manager, run_id=run_id, paths=paths, profiles=config.agents, work_dir=Path.cwd()
-    )
     loop = asyncio.get_running_loop()
+    running: list[tuple[RunDriver, SessionManager]] = []
     interrupts: list[asyncio.Task[None] | None] = []
 
     def on_interrupt() -> None:
+        if not running:
+            raise KeyboardInterrupt  # still connecting: nothing to cancel yet
+        driver, manager = running[0]
         if not interrupts:
             driver.submit(RunCancelled(time.time(), by="SIGINT"))
             interrupts.append(None)
@@ -146,17 +143,13 @@ async def _run_local(
 
     loop.add_signal_handler(signal.SIGINT, on_interrupt)
     loop.add_signal_handler(signal.SIGTERM, on_interrupt)
-    started = time.monotonic()
     try:
-        if progress:
-            with progress:
-                await driver.run(executor)
-        else:
-            await driver.run(executor)
+        with progress or contextlib.nullcontext():
+            return await execute(
+                request,
+                observers=observers,
+                on_started=lambda driver, manager: running.append((driver, manager)),
+            )
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         loop.remove_signal_handler(signal.SIGTERM)
-        await manager.close()
-    report = build_report(engine, run_id=run_id, paths=paths, duration_s=time.monotonic() - started)
-    paths.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return report

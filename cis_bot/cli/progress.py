@@ -89,8 +89,9 @@ class PlainProgress:
 class LiveProgress:
     """A table of tasks, redrawn in place on a terminal."""
 
-    def __init__(self, engine: RunEngine, console: Console | None = None) -> None:
-        self.engine = engine
+    def __init__(self, console: Console | None = None) -> None:
+        #: Known from the first run event (the run starts after its room is ready).
+        self.engine: RunEngine | None = None
         self.console = console or Console(stderr=False)
         self._last_line: dict[str, str] = {}
         self._blocked: dict[str, str] = {}
@@ -112,6 +113,7 @@ class LiveProgress:
         self._live.__exit__(exc_type, exc, tb)
 
     def on_run_event(self, event: RunEvent, engine: RunEngine) -> None:
+        self.engine = engine
         if isinstance(event, TaskFinished | TaskDispatched):
             self._blocked.pop(event.task_id, None)
 
@@ -124,12 +126,15 @@ class LiveProgress:
         elif isinstance(event, SessionBlocked):
             self._blocked[task_id] = event.reason
 
-    def _render(self) -> Table:
-        table = Table(title=f"{self.engine.spec.name}", expand=False)
+    def _render(self) -> Table | Text:
+        engine = self.engine
+        if engine is None:
+            return Text("starting…", style="dim")
+        table = Table(title=f"{engine.spec.name}", expand=False)
         for column in ("task", "status", "try", "time", "last output"):
             table.add_column(column, overflow="ellipsis", no_wrap=True)
         now = time.time()
-        for task_id, record in self.engine.tasks.items():
+        for task_id, record in engine.tasks.items():
             attempt = record.current
             elapsed = ""
             if attempt is not None:

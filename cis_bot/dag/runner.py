@@ -227,6 +227,7 @@ class LocalExecutor:
         self.work_dir = work_dir
         self._attempts: dict[str, tuple[str, int]] = {}
         self._live: set[str] = set()
+        self._kills: set[asyncio.Task[SessionCompleted]] = set()
         self._all_ended = asyncio.Event()
         self._all_ended.set()
         self._subscription = manager.subscribe()
@@ -253,7 +254,10 @@ class LocalExecutor:
         sid = session_id(self.run_id, task_id, attempt)
         if sid in self._live:
             state = SessionState.TIMEOUT if timed_out else SessionState.KILLED
-            await self.manager.kill(sid, state=state, reason=reason)
+            # Killing waits out the grace period: do it aside so the run goes on meanwhile.
+            kill = asyncio.create_task(self.manager.kill(sid, state=state, reason=reason))
+            self._kills.add(kill)
+            kill.add_done_callback(self._kills.discard)
 
     async def drain(self) -> None:
         await self._all_ended.wait()

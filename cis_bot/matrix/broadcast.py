@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -137,7 +138,7 @@ class SessionReporter:
             exit_code=event.exit_code,
             error=ev.clip(event.error, ev.REASON_CHARS),
             output=ev.clip(event.output, ev.OUTPUT_SUMMARY_CHARS) or "",
-            duration_s=round(event.duration_s, 3),
+            duration_ms=round(event.duration_s * 1000),
         )
         item = outgoing(payload)
         upload = self.upload
@@ -222,7 +223,7 @@ class RunRecorder:
                             agent=task.agent,
                             lease_ms=self.lease_ms,
                             upstream_tasks=task.deps,
-                            task=task_to_document(task),
+                            task=json.dumps(task_to_document(task)),
                             timestamp=ms(at),
                         )
                     )

@@ -96,8 +96,9 @@ class RunCreated(RunPayload):
     TYPE = "cis.dag.run.created"
 
     dag_name: str
-    #: The DAG as a JSON document in dag.json's layout, every task resolved (see dag/spec.py).
-    spec: dict[str, Any] | None = None
+    #: The DAG as JSON text in dag.json's layout, every task resolved (see dag/spec.py). Text,
+    #: because Matrix event JSON admits no floats and a DAG has some (timeouts, backoff).
+    spec: str | None = None
     #: Set instead of ``spec`` when the document is too large for an event.
     spec_mxc: str | None = None
     mode: str
@@ -107,14 +108,14 @@ class RunCreated(RunPayload):
 
     @classmethod
     def from_table(cls, t: Table) -> RunCreated:
-        spec = t.table("spec")
+        spec = _json_object_text(t, "spec", required=False)
         spec_mxc = t.opt_string("spec_mxc", nonempty=True)
         if spec is None and spec_mxc is None:
             t.fail("needs 'spec' or 'spec_mxc'", "spec")
         return cls(
             **cls.fields_of(t),
             dag_name=_required_string(t, "dag_name"),
-            spec=dict(spec.data) if spec is not None else None,
+            spec=spec,
             spec_mxc=spec_mxc,
             mode=_required_string(t, "mode"),
             max_workers=_required_int(t, "max_workers", minimum=1),
@@ -139,7 +140,8 @@ class TaskAssigned(RunPayload):
     lease_ms: int
     upstream_tasks: tuple[str, ...] = ()
     #: The task as a JSON table in dag.json's layout, resolved (agent and prompt explicit).
-    task: dict[str, Any] = attrs.field(factory=dict)
+    #: The task as JSON text (see RunCreated.spec) of a table in dag.json's layout, resolved.
+    task: str = "{}"
     #: Upstream outputs inline when small, else in a JSON media upload.
     upstream: dict[str, str] | None = None
     upstream_mxc: str | None = None
@@ -147,9 +149,8 @@ class TaskAssigned(RunPayload):
     @classmethod
     def from_table(cls, t: Table) -> TaskAssigned:
         fields = cls.fields_of(t)
-        task = t.table("task")
-        if task is None:
-            t.fail("missing required key", "task")
+        task = _json_object_text(t, "task", required=True)
+        assert task is not None
         return cls(
             **fields,
             task_id=_required_string(t, "task_id"),
@@ -160,7 +161,7 @@ class TaskAssigned(RunPayload):
             agent=_required_string(t, "agent"),
             lease_ms=_required_int(t, "lease_ms", minimum=1),
             upstream_tasks=t.string_list("upstream_tasks") or (),
-            task=dict(task.data),
+            task=task,
             upstream=t.string_map("upstream"),
             upstream_mxc=t.opt_string("upstream_mxc", nonempty=True),
         )
@@ -280,7 +281,7 @@ class SessionCompleted(SessionPayload):
     #: The task's output, bounded (it reaches downstream tasks).
     output: str = ""
     transcript: str | None = None
-    duration_s: float | None = None
+    duration_ms: int | None = None
 
     @classmethod
     def from_table(cls, t: Table) -> SessionCompleted:
@@ -301,7 +302,7 @@ class SessionCompleted(SessionPayload):
             error=t.opt_string("error"),
             output=t.string("output", ""),
             transcript=t.opt_string("transcript", nonempty=True),
-            duration_s=t.opt_number("duration_s", minimum=0),
+            duration_ms=t.opt_integer("duration_ms", minimum=0),
         )
 
 
@@ -505,6 +506,22 @@ def _size(content: Mapping[str, Any]) -> int:
         return len(json.dumps(content, ensure_ascii=False).encode())
     except (TypeError, ValueError):
         return MAX_CONTENT_BYTES + 1
+
+
+def _json_object_text(t: Table, key: str, *, required: bool) -> str | None:
+    """A string holding a JSON object (how we carry documents that may contain floats)."""
+    if key not in t:
+        if required:
+            t.fail("missing required key", key)
+        return None
+    text = t.string(key, nonempty=True)
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        t.fail(f"not valid JSON text: {exc}", key)
+    if not isinstance(value, dict):
+        t.fail("expected JSON text of an object", key)
+    return text
 
 
 def _required_string(t: Table, key: str) -> str:

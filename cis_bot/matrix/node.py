@@ -14,13 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import attrs
 import structlog
+from aiohttp import web
 from mautrix.api import Method, Path
 from mautrix.appservice import AppService, AppServiceAPI
 from mautrix.appservice.state_store import ASStateStore
@@ -34,6 +37,7 @@ from mautrix.types import (
     DeviceOTKCount,
     EventType,
     RoomAlias,
+    RoomCreatePreset,
     RoomID,
     UserID,
 )
@@ -115,10 +119,19 @@ class NodeIdentity:
             assign_power_level=node.assign_power_level,
         )
 
-    def registration(self, *, url: str | None = None) -> dict[str, Any]:
-        """The registration file the homeserver loads (Synapse's ``app_service_config_files``)."""
+    def registration(
+        self, *, url: str | None = None, room_alias_prefix: str | None = None
+    ) -> dict[str, Any]:
+        """The registration file the homeserver loads (Synapse's ``app_service_config_files``).
+
+        The bot owns users and aliases under its localpart; ``room_alias_prefix`` also lets it
+        name rooms ``#<prefix>...`` (shared, not exclusive)."""
         localpart = re.escape(self.localpart)
         server = re.escape(self.server_name)
+        aliases = [{"regex": f"#{localpart}_[^:]*:{server}", "exclusive": True}]
+        if room_alias_prefix:
+            prefix = re.escape(room_alias_prefix)
+            aliases.append({"regex": f"#{prefix}[^:]*:{server}", "exclusive": False})
         return {
             "id": self.registration_id,
             "url": url or f"http://{self.listen_host}:{self.listen_port}",
@@ -127,7 +140,7 @@ class NodeIdentity:
             "sender_localpart": self.localpart,
             "namespaces": {
                 "users": [{"regex": f"@{localpart}(_[^:]*)?:{server}", "exclusive": True}],
-                "aliases": [],
+                "aliases": aliases,
                 "rooms": [],
             },
             "rate_limited": False,
@@ -177,7 +190,7 @@ class Node:
         self.port = identity.listen_port
         self._intent: IntentAPI | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._serving = False
+        self._runner: web.AppRunner | None = None
 
     @property
     def user_id(self) -> str:
@@ -200,34 +213,35 @@ class Node:
 
     async def listen(self) -> int:
         """Start the appservice HTTP server; returns its port (for a registration's url)."""
-        az = self._appservice
+        host, port = self.identity.listen_host, self.identity.listen_port
         try:
-            await az.start(host=self.identity.listen_host, port=self.identity.listen_port)
+            sock = socket.create_server((host, port))
         except OSError as exc:
-            await az.stop()
             raise UserError(
-                f"cannot listen on {self.identity.listen_host}:{self.identity.listen_port} "
-                f"for the appservice ({exc.strerror}); is another `cis node` running with "
-                "this config?"
+                f"cannot listen on {host}:{port} for the appservice ({exc.strerror}); is "
+                "another `cis node` running with this config?"
             ) from None
-        self._serving = True
-        self._intent = az.intent
-        if az.runner and az.runner.addresses:
-            self.port = int(az.runner.addresses[0][1])
+        self._runner = web.AppRunner(self._appservice.app, access_log=None)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock).start()
+        self.port = int(sock.getsockname()[1])
         self._consumer = asyncio.create_task(self._consume())
         return self.port
 
-    async def connect(self) -> None:
-        """Make sure the bot user exists on the homeserver (registering it the first time)."""
-        if self._intent is None:
-            self._session = aiohttp.ClientSession()
-            self._intent = AppServiceAPI(
-                base_url=self.identity.homeserver,
-                bot_mxid=UserID(self.user_id),
-                token=self.identity.as_token,
-                state_store=MemoryASStateStore(),
-                client_session=self._session,
-            ).bot_intent()
+    async def connect(self, homeserver: str | None = None) -> None:
+        """Talk to the homeserver (``homeserver`` overrides the identity's URL, for an embedded
+        one whose port is known only now); registers the bot user the first time."""
+        if homeserver:
+            self.identity = attrs.evolve(self.identity, homeserver=homeserver.rstrip("/"))
+        self._session = aiohttp.ClientSession()
+        self._intent = AppServiceAPI(
+            base_url=self.identity.homeserver,
+            bot_mxid=UserID(self.user_id),
+            token=self.identity.as_token,
+            log=logging.getLogger("mau.as"),  # type: ignore[arg-type]  # a TraceLogger at runtime
+            state_store=MemoryASStateStore(),
+            client_session=self._session,
+        ).bot_intent()
         try:
             await self.intent.ensure_registered()
         except (MatrixRequestError, aiohttp.ClientError, OSError) as exc:
@@ -244,8 +258,9 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._consumer
             self._consumer = None
-        if self._serving:
-            await self._appservice.stop()
+        if self._runner:
+            await self._runner.cleanup()
+            self._runner = None
         if self._session:
             await self._session.close()
             self._session = None
@@ -293,6 +308,10 @@ class Node:
 
     # --- rooms -----------------------------------------------------------------------------------
 
+    async def room_state(self, room_id: str) -> list[dict[str, Any]]:
+        body = await self.intent.api.request(Method.GET, Path.v3.rooms[room_id].state)
+        return [e for e in body if isinstance(e, dict)] if isinstance(body, list) else []
+
     async def resolve_room(self, room: str) -> str:
         """A room id for ``room`` (an id or an alias), joining it if the bot is not in it."""
         try:
@@ -307,11 +326,27 @@ class Node:
             raise UserError(f"cannot join room {room}: {exc.message}") from None
         return str(room_id)
 
-    async def create_room(self, *, name: str, invite: tuple[str, ...] = ()) -> str:
+    async def create_room(
+        self,
+        *,
+        name: str,
+        alias: str | None = None,
+        public: bool = False,
+        invite: tuple[str, ...] = (),
+    ) -> str:
+        """A room for runs, created by this node (so it holds the top power level); anyone
+        joined may post heartbeats (a state event, which rooms otherwise reserve for moderators).
+        """
         room_id = await self.intent.create_room(
+            alias_localpart=alias,
+            preset=RoomCreatePreset.PUBLIC if public else RoomCreatePreset.PRIVATE,
             name=name,
             invitees=[UserID(u) for u in invite],
-            power_level_override={"users": {self.user_id: 100, **{u: 50 for u in invite}}},
+            power_level_override={
+                # Room version 12 forbids listing the creator here: creators outrank everyone.
+                "users": {u: 50 for u in invite},
+                "events": {ev.NodeHeartbeat.TYPE: 0},
+            },
         )
         return str(room_id)
 

@@ -7,7 +7,6 @@ the room cannot complete a task, and a late answer from a reassigned worker is f
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -159,7 +158,7 @@ class RunLog:
         self.created = payload
         self.coordinator_user = sender
         if payload.spec is not None:  # else it is in media: the reader fetches it
-            self.spec = spec_from_document(payload.spec, run_id=self.run_id)
+            self.spec = spec_from_text(payload.spec, run_id=self.run_id)
 
     def _from_worker(self, event: RoomEvent) -> None:
         payload = event.payload
@@ -208,10 +207,10 @@ class RunLog:
                 self.events.append(en.RunFinished(en.RunStatus(payload.status), at))
 
 
-def spec_from_document(document: Mapping[str, Any], *, run_id: str) -> DagSpec | None:
+def spec_from_text(text: str, *, run_id: str) -> DagSpec | None:
     try:
         return parse_dag(
-            json.dumps(document),
+            text,
             file=f"the spec of run {run_id}",
             fmt="json",
             agents=None,

@@ -1,0 +1,270 @@
+"""The coordinator's executor for matrix mode: dispatches become assignments to worker nodes.
+
+Workers announce themselves with ``cis.node.heartbeat`` state events (agents, capacity, load).
+A dispatch goes to a live worker that runs the task's agent, chosen round-robin or least-loaded
+(its reported load plus what we assigned it since). With no such worker the dispatch waits for
+one to appear, and fails after ``no_worker_timeout``. Claims and completions come back through
+the room and count only from the worker the attempt was assigned to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import time
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+import attrs
+import structlog
+
+from cis_bot.dag.engine import Outcome, TaskDispatched, TaskFinished
+from cis_bot.dag.runner import RunDriver
+from cis_bot.dag.spec import TaskSpec, task_to_document
+from cis_bot.matrix import events as ev
+from cis_bot.matrix.node import Node, outgoing
+from cis_bot.matrix.outbox import Outbox
+from cis_bot.matrix.runlog import finished_fact, parse_room_event, started_fact
+
+log = structlog.get_logger(__name__)
+
+#: Upstream outputs bigger than this (JSON bytes) travel as a media upload, not in the event.
+INLINE_UPSTREAM_BYTES = 24 * 1024
+
+
+class Assignment(StrEnum):
+    ROUND_ROBIN = "round_robin"
+    LEAST_LOADED = "least_loaded"
+
+
+@attrs.define
+class WorkerInfo:
+    user_id: str
+    beat: ev.NodeHeartbeat
+    seen_at: float
+    #: Attempts we assigned it that have not completed.
+    in_flight: set[str] = attrs.Factory(set)
+
+    def alive(self, now: float) -> bool:
+        return now - self.seen_at < self.beat.ttl_ms / 1000
+
+    @property
+    def load(self) -> float:
+        return max(self.beat.load, len(self.in_flight)) / self.beat.max_workers
+
+
+@attrs.define
+class _Attempt:
+    task: TaskSpec
+    dispatch: TaskDispatched
+    upstream: dict[str, str]
+    worker: str | None = None
+    worker_user: str | None = None
+    waiting_since: float = attrs.Factory(time.monotonic)
+    done: bool = False
+
+
+class RoomExecutor:
+    def __init__(
+        self,
+        driver: RunDriver,
+        node: Node,
+        outbox: Outbox,
+        *,
+        room_id: str,
+        run_id: str,
+        policy: Assignment = Assignment.LEAST_LOADED,
+        lease_ms: int = 60_000,
+        no_worker_timeout: float = 60.0,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        self.driver = driver
+        self.node = node
+        self.outbox = outbox
+        self.room_id = room_id
+        self.run_id = run_id
+        self.policy = policy
+        self.lease_ms = lease_ms
+        self.no_worker_timeout = no_worker_timeout
+        self.drain_timeout = drain_timeout
+        self.workers: dict[str, WorkerInfo] = {}
+        self._attempts: dict[tuple[str, int], _Attempt] = {}
+        self._waiting: list[_Attempt] = []
+        self._rr = itertools.count()
+        self._changed = asyncio.Event()
+        self._seen_events: set[str] = set()
+        #: (task, attempt) -> the transcript's mxc URI, as workers report them.
+        self.transcripts: dict[tuple[str, int], str] = {}
+        self._retry_task: asyncio.Task[None] | None = None
+
+    async def start_listening(self) -> None:
+        """Learn the workers present from the room's state, then follow the room live."""
+        self.node.add_listener(self.on_event)
+        for raw in await self.node.room_state(self.room_id):
+            if raw.get("type") == ev.NodeHeartbeat.TYPE:
+                await self.on_event(self.room_id, raw)
+        self._retry_task = asyncio.create_task(self._retry_waiting())
+
+    def adopt(self, task: TaskSpec, dispatch: TaskDispatched, worker_user: str) -> None:
+        """An attempt assigned before a restart, still out on a worker (from the run log)."""
+        self._attempts[(task.id, dispatch.attempt)] = _Attempt(
+            task, dispatch, {}, worker=None, worker_user=worker_user
+        )
+
+    # --- Executor --------------------------------------------------------------------------------
+
+    async def start(
+        self, dispatch: TaskDispatched, task: TaskSpec, upstream: dict[str, str]
+    ) -> None:
+        attempt = _Attempt(task, dispatch, upstream)
+        self._attempts[(task.id, dispatch.attempt)] = attempt
+        if not await self._assign(attempt):
+            self._waiting.append(attempt)
+
+    async def stop(self, task_id: str, attempt: int, *, timed_out: bool, reason: str) -> None:
+        """The decision (cancelled / timed out) is in the room already: the worker acts on it."""
+        record = self._attempts.get((task_id, attempt))
+        if record is None:
+            return
+        if record in self._waiting:
+            self._waiting.remove(record)
+            record.done = True
+        self._changed.set()
+
+    async def drain(self) -> None:
+        """Wait for the workers to report the end of every attempt (bounded: a dead worker
+        never answers)."""
+        deadline = time.monotonic() + self.drain_timeout
+        while any(not a.done and a.worker_user for a in self._attempts.values()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("coordinator.drain_timeout", run_id=self.run_id)
+                break
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        if self._retry_task:
+            self._retry_task.cancel()
+
+    # --- assignment ------------------------------------------------------------------------------
+
+    def _candidates(self, agent: str) -> list[tuple[str, WorkerInfo]]:
+        now = time.time()
+        return [
+            (node_id, info)
+            for node_id, info in self.workers.items()
+            if info.alive(now) and agent in info.beat.agents
+        ]
+
+    async def _assign(self, attempt: _Attempt) -> bool:
+        candidates = self._candidates(attempt.task.agent)
+        if not candidates:
+            return False
+        if self.policy is Assignment.ROUND_ROBIN:
+            node_id, info = candidates[next(self._rr) % len(candidates)]
+        else:
+            node_id, info = min(candidates, key=lambda c: (c[1].load, c[0]))
+        task, dispatch = attempt.task, attempt.dispatch
+        sid = f"{self.run_id}:{task.id}:{dispatch.attempt}"
+        upstream: dict[str, str] | None = dict(attempt.upstream)
+        upstream_mxc = None
+        if len(json.dumps(upstream).encode()) > INLINE_UPSTREAM_BYTES:
+            data = json.dumps(upstream).encode()
+            upstream_mxc = await self.node.upload(
+                data, mime_type="application/json", filename=f"{sid}.upstream.json"
+            )
+            upstream = None
+        attempt.worker, attempt.worker_user = node_id, info.user_id
+        info.in_flight.add(sid)
+        self.outbox.post(
+            outgoing(
+                ev.TaskAssigned(
+                    run_id=self.run_id,
+                    task_id=task.id,
+                    attempt=dispatch.attempt,
+                    assigned_to=node_id,
+                    assigned_user=info.user_id,
+                    assigned_by=self.node.user_id,
+                    agent=task.agent,
+                    lease_ms=self.lease_ms,
+                    upstream_tasks=task.deps,
+                    task=json.dumps(task_to_document(task)),
+                    upstream=upstream,
+                    upstream_mxc=upstream_mxc,
+                )
+            )
+        )
+        log.info("coordinator.assigned", session_id=sid, worker=node_id)
+        return True
+
+    async def _retry_waiting(self) -> None:
+        while True:
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 1.0)
+            for attempt in list(self._waiting):
+                if await self._assign(attempt):
+                    self._waiting.remove(attempt)
+                elif time.monotonic() - attempt.waiting_since > self.no_worker_timeout:
+                    self._waiting.remove(attempt)
+                    attempt.done = True
+                    agent = attempt.task.agent
+                    self.driver.submit(
+                        TaskFinished(
+                            attempt.task.id,
+                            attempt.dispatch.attempt,
+                            time.time(),
+                            Outcome.FAILED,
+                            error=f"no live worker in the room runs agent {agent!r}",
+                        )
+                    )
+
+    # --- the room --------------------------------------------------------------------------------
+
+    async def on_event(self, room_id: str, raw: Mapping[str, Any]) -> None:
+        if room_id != self.room_id:
+            return
+        event_id = raw.get("event_id")
+        if isinstance(event_id, str):
+            if event_id in self._seen_events:
+                return
+            self._seen_events.add(event_id)
+        event = parse_room_event(raw)
+        if event is None:
+            return
+        payload = event.payload
+        if isinstance(payload, ev.NodeHeartbeat):
+            self._on_heartbeat(event.sender, payload)
+        elif isinstance(payload, ev.TaskClaimed | ev.SessionCompleted):
+            if payload.run_id != self.run_id:
+                return
+            record = self._attempts.get((payload.task_id, payload.attempt))
+            if record is None or record.worker_user != event.sender:
+                log.warning(
+                    "event.unauthorised", type=payload.TYPE, sender=event.sender, run=self.run_id
+                )
+                return
+            if isinstance(payload, ev.TaskClaimed):
+                self.driver.submit(started_fact(payload))
+            else:
+                record.done = True
+                if payload.transcript:
+                    self.transcripts[(payload.task_id, payload.attempt)] = payload.transcript
+                if record.worker in self.workers:
+                    self.workers[record.worker].in_flight.discard(payload.session_id)
+                self.driver.submit(finished_fact(payload))
+        self._changed.set()
+
+    def _on_heartbeat(self, sender: str, beat: ev.NodeHeartbeat) -> None:
+        known = self.workers.get(beat.node_id)
+        if known is not None and known.user_id != sender:
+            log.warning("heartbeat.impostor", node=beat.node_id, sender=sender, owner=known.user_id)
+            return
+        seen_at = beat.timestamp / 1000
+        if known is None:
+            self.workers[beat.node_id] = WorkerInfo(sender, beat, seen_at)
+        else:
+            known.beat, known.seen_at = beat, max(known.seen_at, seen_at)

@@ -1,0 +1,282 @@
+"""The worker: claims assignments addressed to this node, runs them, reports through the room.
+
+An assignment is obeyed only when it names this node and this node's user, comes from a sender
+this node trusts (an allowed user, or one at the configured power level in the room), and asks for
+an agent profile this node accepts (a raw shell command only where the owner allowed ``shell``).
+The claim goes out at once; the session's events follow through the SessionReporter. The run's
+coordinator can end an attempt early with ``cis.dag.task.cancelled`` / ``timed_out``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import structlog
+from mautrix.errors import MatrixRequestError
+
+from cis_bot.dag.runner import RunPaths, attempt_session
+from cis_bot.dag.spec import TaskSpec, parse_task_document
+from cis_bot.errors import InputError
+from cis_bot.matrix import events as ev
+from cis_bot.matrix.broadcast import SessionReporter
+from cis_bot.matrix.node import Node, outgoing
+from cis_bot.matrix.outbox import Outbox
+from cis_bot.matrix.runlog import RoomEvent, parse_room_event
+from cis_bot.session.events import SessionCompleted, SessionState
+from cis_bot.session.manager import SessionManager
+from cis_bot.session.profile import AgentProfile
+
+log = structlog.get_logger(__name__)
+
+
+@attrs.define
+class _Running:
+    room_id: str
+    run_id: str
+    task_id: str
+    attempt: int
+    #: Who assigned it: the only sender whose cancel/timeout we obey for it.
+    assigner: str
+
+
+class Worker:
+    def __init__(
+        self,
+        node: Node,
+        manager: SessionManager,
+        *,
+        profiles: Mapping[str, AgentProfile],
+        accept_agents: tuple[str, ...] | None,
+        max_workers: int,
+        state_dir: Path,
+        work_dir: Path,
+        interval_ms: int = 500,
+        broadcast_output: bool = False,
+        heartbeat_secs: float = 15.0,
+    ) -> None:
+        self.node = node
+        self.manager = manager
+        self.profiles = profiles
+        self.accepted = frozenset(
+            accept_agents if accept_agents is not None else (p for p in profiles if p != "shell")
+        )
+        self.max_workers = max_workers
+        self.state_dir = state_dir
+        self.work_dir = work_dir
+        self.interval_ms = interval_ms
+        self.broadcast_output = broadcast_output
+        self.heartbeat_secs = heartbeat_secs
+        self._outboxes: dict[str, Outbox] = {}
+        self._reporters: dict[str, SessionReporter] = {}
+        self._running: dict[str, _Running] = {}
+        self._seen: set[tuple[str, str, int]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._heartbeat_now = asyncio.Event()
+        self._subscription = manager.subscribe()
+
+    @property
+    def node_id(self) -> str:
+        return self.node.identity.node_id
+
+    @property
+    def load(self) -> int:
+        return len(self._running)
+
+    def start(self) -> None:
+        self.node.add_listener(self.on_event)
+        self._spawn(self._forward_sessions())
+        self._spawn(self._heartbeats())
+
+    async def stop(self) -> None:
+        """Stop heartbeating; deliver what is queued (the caller kills sessions first)."""
+        for task in self._tasks:
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._subscription.close()
+        for outbox in self._outboxes.values():
+            await outbox.flush(timeout=5)
+            await outbox.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def outbox(self, room_id: str) -> Outbox:
+        if room_id not in self._outboxes:
+            self._outboxes[room_id] = self.node.outbox(room_id)
+        return self._outboxes[room_id]
+
+    def _reporter(self, room_id: str) -> SessionReporter:
+        if room_id not in self._reporters:
+            self._reporters[room_id] = SessionReporter(
+                self.outbox(room_id),
+                node_id=self.node_id,
+                upload=self._upload,
+                interval_ms=self.interval_ms,
+                broadcast_output=self.broadcast_output,
+            )
+        return self._reporters[room_id]
+
+    async def _upload(self, data: bytes, mime_type: str, filename: str) -> str:
+        return await self.node.upload(data, mime_type=mime_type, filename=filename)
+
+    # --- room events -----------------------------------------------------------------------------
+
+    async def on_event(self, room_id: str, raw: Mapping[str, Any]) -> None:
+        event = parse_room_event(raw)
+        if event is None:
+            return
+        payload = event.payload
+        if isinstance(payload, ev.TaskAssigned) and payload.assigned_to == self.node_id:
+            await self._on_assigned(room_id, event, payload)
+        elif isinstance(payload, ev.TaskCancelled | ev.TaskTimedOut) and payload.attempt:
+            await self._on_stop(event, payload)
+
+    async def _on_assigned(self, room_id: str, event: RoomEvent, a: ev.TaskAssigned) -> None:
+        key = (a.run_id, a.task_id, a.attempt)
+        if a.assigned_user != self.node.user_id or key in self._seen:
+            return
+        if not await self.node.authorised(room_id, event.sender):
+            log.warning(
+                "assignment.unauthorised", room_id=room_id, sender=event.sender, run_id=a.run_id
+            )
+            return
+        self._seen.add(key)
+        sid = f"{a.run_id}:{a.task_id}:{a.attempt}"
+        outbox = self.outbox(room_id)
+        task = self._accept(a)
+        if isinstance(task, str):
+            log.warning("assignment.refused", session_id=sid, reason=task)
+            outbox.post(outgoing(_refused(a, sid, task)))
+            return
+        outbox.post(
+            outgoing(
+                ev.TaskClaimed(
+                    run_id=a.run_id,
+                    task_id=a.task_id,
+                    attempt=a.attempt,
+                    claimed_by=self.node_id,
+                    session_id=sid,
+                )
+            )
+        )
+        self._running[sid] = _Running(room_id, a.run_id, a.task_id, a.attempt, event.sender)
+        self._heartbeat_now.set()
+        try:
+            upstream = await self._upstream(a)
+        except (MatrixRequestError, OSError, ValueError) as exc:
+            upstream = {}
+            log.warning("assignment.upstream_missing", session_id=sid, error=str(exc))
+        paths = RunPaths(self.state_dir / "runs" / a.run_id)
+        spec = attempt_session(
+            task,
+            a.attempt,
+            run_id=a.run_id,
+            paths=paths,
+            profile=self.profiles[task.agent],
+            upstream=upstream,
+            work_dir=self.work_dir,
+        )
+        log.info("assignment.claimed", session_id=sid, agent=task.agent)
+        await self.manager.start(spec)
+
+    def _accept(self, a: ev.TaskAssigned) -> TaskSpec | str:
+        """The task to run, or why this node will not run it."""
+        if a.agent not in self.accepted or a.agent not in self.profiles:
+            accepted = ", ".join(sorted(self.accepted & set(self.profiles))) or "none"
+            return f"node {self.node_id} does not run agent {a.agent!r} (it runs: {accepted})"
+        try:
+            task = parse_task_document(json.loads(a.task), file="assignment", agents=self.accepted)
+        except InputError as exc:
+            return f"invalid task: {exc}"
+        if task.id != a.task_id or task.agent != a.agent:
+            return "the task document does not match the assignment"
+        return task
+
+    async def _upstream(self, a: ev.TaskAssigned) -> dict[str, str]:
+        if a.upstream is not None:
+            return dict(a.upstream)
+        if a.upstream_mxc:
+            data = await self.node.download_json(a.upstream_mxc)
+            if isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
+                return {str(k): v for k, v in data.items()}
+            raise ValueError("upstream media is not a JSON object of strings")
+        return {}
+
+    async def _on_stop(self, event: RoomEvent, payload: ev.TaskCancelled | ev.TaskTimedOut) -> None:
+        sid = f"{payload.run_id}:{payload.task_id}:{payload.attempt}"
+        running = self._running.get(sid)
+        if running is None or running.assigner != event.sender:
+            return
+        state = (
+            SessionState.TIMEOUT if isinstance(payload, ev.TaskTimedOut) else SessionState.KILLED
+        )
+        # Killing waits out the grace period: do it aside, the room's events keep flowing.
+        self._spawn(self.manager.kill(sid, state=state, reason=payload.reason))
+
+    # --- sessions --------------------------------------------------------------------------------
+
+    async def _forward_sessions(self) -> None:
+        async for event in self._subscription:
+            running = self._running.get(event.session_id)
+            if running is None:
+                continue  # not a room assignment (a local run shares the manager)
+            reporter = self._reporter(running.room_id)
+            reporter.report(event, running.run_id, running.task_id, running.attempt)
+            if isinstance(event, SessionCompleted):
+                del self._running[event.session_id]
+                self._heartbeat_now.set()
+
+    # --- heartbeats ------------------------------------------------------------------------------
+
+    async def _heartbeats(self) -> None:
+        last_load = -1
+        while True:
+            try:
+                rooms = await self.node.intent.get_joined_rooms()
+            except Exception as exc:
+                log.warning("heartbeat.failed", error=str(exc))
+                rooms = []
+            beat = ev.NodeHeartbeat(
+                node_id=self.node_id,
+                agents=tuple(sorted(self.accepted & set(self.profiles))),
+                max_workers=self.max_workers,
+                load=self.load,
+                ttl_ms=int(self.heartbeat_secs * 3000),
+            )
+            for room_id in rooms:
+                self.outbox(str(room_id)).post(outgoing(beat))
+            last_load = self.load
+            # Load changes are announced at once, but at most once a second.
+            await asyncio.sleep(min(1.0, self.heartbeat_secs))
+            self._heartbeat_now.clear()
+            deadline = time.monotonic() + self.heartbeat_secs
+            while time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._heartbeat_now.wait(), max(0.0, deadline - time.monotonic())
+                    )
+                self._heartbeat_now.clear()
+                if self.load != last_load:
+                    break
+
+
+def _refused(a: ev.TaskAssigned, sid: str, reason: str) -> ev.SessionCompleted:
+    return ev.SessionCompleted(
+        run_id=a.run_id,
+        session_id=sid,
+        task_id=a.task_id,
+        attempt=a.attempt,
+        status=str(SessionState.FAILED),
+        error=reason,
+    )

@@ -16,7 +16,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,26 @@ import structlog
 import yaml
 
 from cis_bot.config import Config, ExecutionMode
-from cis_bot.dag.engine import RunEngine
+from cis_bot.dag.engine import (
+    Fact,
+    Outcome,
+    RunEngine,
+    RunEvent,
+    RunStatus,
+    TaskCarried,
+    TaskDispatched,
+    TaskFinished,
+    TaskStatus,
+)
 from cis_bot.dag.report import build_report
 from cis_bot.dag.runner import LocalExecutor, RunDriver, RunObserver, RunPaths
 from cis_bot.dag.spec import DagSpec, spec_to_document
+from cis_bot.errors import UserError
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.broadcast import RunRecorder, SessionReporter
 from cis_bot.matrix.coordinator import RoomExecutor
-from cis_bot.matrix.node import Node, NodeIdentity, outgoing
+from cis_bot.matrix.node import Node, NodeIdentity
+from cis_bot.matrix.runlog import RunLog, fold_runs, parse_room_event, spec_from_text
 from cis_bot.matrix.worker import Worker
 from cis_bot.session.manager import SessionManager
 
@@ -118,6 +130,23 @@ async def connect_configured(config: Config, *, serve: bool = True) -> Connectio
     return Connection(node)
 
 
+@attrs.frozen
+class RunPlan:
+    """What ``drive_run`` drives: a run in a room, new or picked up from its log."""
+
+    run_id: str
+    room_id: str
+    spec: DagSpec
+    mode: ExecutionMode
+    max_workers: int
+    #: Events already in the room (a run picked up after its coordinator stopped).
+    history: Sequence[RunEvent] = ()
+    #: (task, attempt) -> worker user, for attempts out on workers (from the run log).
+    assignees: Mapping[tuple[str, int], str] = attrs.field(factory=dict)
+    #: Facts to feed first (a resumed run's carried-over tasks).
+    prelude: Sequence[Fact] = ()
+
+
 async def execute(
     request: RunRequest,
     *,
@@ -126,41 +155,82 @@ async def execute(
 ) -> dict[str, Any]:
     """Run the DAG; returns the report. ``on_started`` gets the driver (submit RunCancelled to
     cancel) and the session manager once the run is under way."""
-    spec, config = request.spec, request.config
-    run_id = new_run_id()
-    paths = RunPaths(request.state_dir / "runs" / run_id)
-    paths.run_dir.mkdir(parents=True, exist_ok=True)
-    matrix = config.dag.matrix
-    if request.mode is ExecutionMode.LOCAL:
-        connection = await connect_local(request.state_dir, matrix.home_server)
-    else:
-        connection = await connect_configured(config)
-    node = connection.node
-    manager = SessionManager()
-    worker: Worker | None = None
-    started = time.monotonic()
+    connection = await open_connection(request.config, request.mode, request.state_dir)
     try:
+        node = connection.node
+        run_id = new_run_id()
         if request.mode is ExecutionMode.LOCAL:
             room_id = await node.create_room(
-                name=f"DAG {spec.name} · run {run_id}", alias=f"{RUN_ALIAS}{run_id}", public=True
+                name=f"DAG {request.spec.name} · run {run_id}",
+                alias=f"{RUN_ALIAS}{run_id}",
+                public=True,
             )
         else:
             assert request.room is not None
             room_id = await node.resolve_room(request.room)
-        outbox = node.outbox(room_id)
-        outbox.post(
-            outgoing(
-                ev.RunCreated(
-                    run_id=run_id,
-                    dag_name=spec.name,
-                    spec=json.dumps(spec_to_document(spec)),
-                    mode=str(request.mode),
-                    max_workers=request.max_workers,
-                    coordinator=node.identity.node_id,
-                )
-            )
+        plan = RunPlan(run_id, room_id, request.spec, request.mode, request.max_workers)
+        await announce(node, plan)
+        return await drive_run(
+            connection,
+            plan,
+            config=request.config,
+            state_dir=request.state_dir,
+            work_dir=request.work_dir,
+            observers=observers,
+            on_started=on_started,
         )
-        runs_here = request.mode is not ExecutionMode.MATRIX
+    finally:
+        await connection.close()
+
+
+async def open_connection(config: Config, mode: ExecutionMode, state_dir: Path) -> Connection:
+    if mode is ExecutionMode.LOCAL:
+        return await connect_local(state_dir, config.dag.matrix.home_server)
+    return await connect_configured(config)
+
+
+async def announce(node: Node, plan: RunPlan, *, resumed_from: str | None = None) -> None:
+    """Post the run's ``cis.dag.run.created`` (the spec in media when too big for an event)."""
+    text = json.dumps(spec_to_document(plan.spec))
+    created = ev.RunCreated(
+        run_id=plan.run_id,
+        dag_name=plan.spec.name,
+        spec=text,
+        mode=str(plan.mode),
+        max_workers=plan.max_workers,
+        coordinator=node.identity.node_id,
+        resumed_from=resumed_from,
+    )
+    try:
+        ev.encode(created)
+    except ValueError:
+        mxc = await node.upload(
+            text.encode(), mime_type="application/json", filename=f"{plan.run_id}.dag.json"
+        )
+        created = attrs.evolve(created, spec=None, spec_mxc=mxc)
+    await node.send(plan.room_id, created)
+
+
+async def drive_run(
+    connection: Connection,
+    plan: RunPlan,
+    *,
+    config: Config,
+    state_dir: Path,
+    work_dir: Path,
+    observers: Sequence[RunObserver] = (),
+    on_started: Callable[[RunDriver, SessionManager], None] | None = None,
+) -> dict[str, Any]:
+    node = connection.node
+    matrix = config.dag.matrix
+    paths = RunPaths(state_dir / "runs" / plan.run_id)
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    manager = SessionManager()
+    worker: Worker | None = None
+    started = time.monotonic()
+    outbox = node.outbox(plan.room_id)
+    try:
+        runs_here = plan.mode is not ExecutionMode.MATRIX
         reporter = None
         if runs_here and config.dag.hybrid.broadcast_status:
             reporter = SessionReporter(
@@ -172,56 +242,91 @@ async def execute(
             )
         recorder = RunRecorder(
             outbox,
-            run_id=run_id,
+            run_id=plan.run_id,
             node_id=node.identity.node_id,
             user_id=node.user_id,
             record_local_dispatch=runs_here,
             reporter=reporter,
         )
-        engine = RunEngine(spec, max_workers=request.max_workers)
+        engine = RunEngine.replay(plan.spec, plan.history, max_workers=plan.max_workers)
         driver = RunDriver(engine, observers=[*observers, recorder])
         if runs_here:
             executor: LocalExecutor | RoomExecutor = LocalExecutor(
                 driver,
                 manager,
-                run_id=run_id,
+                run_id=plan.run_id,
                 paths=paths,
                 profiles=config.agents,
-                work_dir=request.work_dir,
+                work_dir=work_dir,
             )
-            if request.mode is ExecutionMode.HYBRID and config.dag.hybrid.accept_remote_tasks:
-                worker = _worker(node, manager, config, request)
+            if plan.mode is ExecutionMode.HYBRID and config.dag.hybrid.accept_remote_tasks:
+                worker = make_worker(node, manager, config, state_dir=state_dir, work_dir=work_dir)
                 worker.start()
         else:
-            executor = RoomExecutor(driver, node, outbox, room_id=room_id, run_id=run_id)
+            executor = RoomExecutor(driver, node, outbox, room_id=plan.room_id, run_id=plan.run_id)
             await executor.start_listening()
+        for fact in plan.prelude:
+            driver.submit(fact)
+        _pick_up_open_attempts(engine, driver, executor, plan)
         if on_started:
             on_started(driver, manager)
         await driver.run(executor)
         await manager.close()
         report = build_report(
             engine,
-            run_id=run_id,
+            run_id=plan.run_id,
             paths=paths,
             duration_s=time.monotonic() - started,
             transcripts=executor.transcripts if isinstance(executor, RoomExecutor) else None,
         )
-        report["room_id"] = room_id
+        report["room_id"] = plan.room_id
         paths.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         if worker:
             await worker.stop()
         if not await outbox.flush(timeout=matrix.flush_timeout_secs):
             log.warning(
                 "room.events_undelivered",
-                room_id=room_id,
+                room_id=plan.room_id,
                 pending=outbox.pending,
                 hint="the homeserver did not come back in time; the run itself is complete",
             )
-        await outbox.close()
         return report
     finally:
+        await outbox.close()
         await manager.close()
-        await connection.close()
+
+
+def _pick_up_open_attempts(
+    engine: RunEngine,
+    driver: RunDriver,
+    executor: LocalExecutor | RoomExecutor,
+    plan: RunPlan,
+) -> None:
+    """Attempts the log shows under way when the coordinator stopped: those on workers are
+    awaited (their results come through the room); those that ran in the stopped process are
+    lost, and go again."""
+    now = time.time()
+    for task_id, record in engine.tasks.items():
+        attempt = record.current
+        if not record.status.is_active or attempt is None:
+            continue
+        assignee = plan.assignees.get((task_id, attempt.number))
+        if isinstance(executor, RoomExecutor) and assignee:
+            executor.adopt(
+                record.spec,
+                TaskDispatched(task_id, attempt.number, attempt.dispatched_at),
+                assignee,
+            )
+        else:
+            driver.submit(
+                TaskFinished(
+                    task_id,
+                    attempt.number,
+                    now,
+                    Outcome.LOST,
+                    error="its node stopped before it reported",
+                )
+            )
 
 
 def _uploader(node: Node) -> Any:
@@ -231,27 +336,11 @@ def _uploader(node: Node) -> Any:
     return upload
 
 
-def _worker(node: Node, manager: SessionManager, config: Config, request: RunRequest) -> Worker:
+def make_worker(
+    node: Node, manager: SessionManager, config: Config, *, state_dir: Path, work_dir: Path
+) -> Worker:
     return Worker(
         node,
-        manager,
-        profiles=config.agents,
-        accept_agents=config.node.accept_agents,
-        max_workers=config.dag.local.max_workers,
-        state_dir=request.state_dir,
-        work_dir=request.work_dir,
-        interval_ms=config.dag.matrix.broadcast_interval_ms,
-        broadcast_output=config.dag.hybrid.broadcast_output,
-        heartbeat_secs=config.node.heartbeat_secs,
-    )
-
-
-async def serve_node(config: Config, *, state_dir: Path, work_dir: Path) -> None:
-    """``cis node``: a long-lived worker until cancelled (SIGINT/SIGTERM)."""
-    connection = await connect_configured(config)
-    manager = SessionManager()
-    worker = Worker(
-        connection.node,
         manager,
         profiles=config.agents,
         accept_agents=config.node.accept_agents,
@@ -262,11 +351,197 @@ async def serve_node(config: Config, *, state_dir: Path, work_dir: Path) -> None
         broadcast_output=config.dag.hybrid.broadcast_output,
         heartbeat_secs=config.node.heartbeat_secs,
     )
-    worker.start()
+
+
+async def read_runs(node: Node, rooms: Sequence[str]) -> list[tuple[str, RunLog]]:
+    """Every run the rooms' logs hold, as (room id, run log), oldest first per room."""
+    found: list[tuple[str, RunLog]] = []
+    for room_id in rooms:
+        events = []
+        async for raw in node.history(room_id):
+            event = parse_room_event(raw)
+            if event is not None:
+                events.append(event)
+        for run in fold_runs(events).values():
+            created = run.created
+            if run.spec is None and created is not None and created.spec_mxc:
+                text = (await node.download(created.spec_mxc)).decode("utf-8", "replace")
+                run.spec = spec_from_text(text, run_id=run.run_id)
+            if run.spec is not None:
+                found.append((room_id, run))
+    return found
+
+
+def pick_run(found: Sequence[tuple[str, RunLog]], wanted: str | None) -> tuple[str, RunLog]:
+    """The run named by ``wanted`` (a run id or a unique prefix of one; None: the latest)."""
+    if not found:
+        raise UserError("no runs found")
+    if wanted is None:
+        return max(found, key=lambda f: f[1].created.timestamp if f[1].created else 0)
+    exact = [f for f in found if f[1].run_id == wanted]
+    matches = exact or [f for f in found if f[1].run_id.startswith(wanted)]
+    if not matches:
+        raise UserError(f"no run {wanted!r}; runs: {', '.join(f[1].run_id for f in found[-10:])}")
+    if len(matches) > 1:
+        raise UserError(f"{wanted!r} is ambiguous: {', '.join(f[1].run_id for f in matches[:10])}")
+    return matches[0]
+
+
+async def rooms_of(node: Node, room: str | None) -> list[str]:
+    if room:
+        return [await node.resolve_room(room)]
+    return [str(r) for r in await node.intent.get_joined_rooms()]
+
+
+async def resume(
+    config: Config,
+    *,
+    mode: ExecutionMode,
+    wanted: str,
+    room: str | None,
+    state_dir: Path,
+    work_dir: Path,
+    observers: Sequence[RunObserver] = (),
+    on_started: Callable[[RunDriver, SessionManager], None] | None = None,
+) -> dict[str, Any]:
+    """``cis dag resume``: an unfinished run whose coordinator stopped is picked up where its
+    log ends (attempts out on workers are awaited, attempts lost with the coordinator go
+    again); a failed or cancelled run is run again as a new run that keeps (carries over) its
+    completed tasks."""
+    connection = await open_connection(config, mode, state_dir)
     try:
+        node = connection.node
+        room_id, run = pick_run(await read_runs(node, await rooms_of(node, room)), wanted)
+        assert run.spec is not None and run.created is not None
+        created = run.created
+        replayed = RunEngine.replay(run.spec, run.events, max_workers=created.max_workers)
+        if not replayed.finished:
+            if created.coordinator != node.identity.node_id:
+                raise UserError(
+                    f"run {run.run_id} is coordinated by node {created.coordinator!r}, not by "
+                    f"this node ({node.identity.node_id!r})"
+                )
+            plan = RunPlan(
+                run.run_id,
+                room_id,
+                run.spec,
+                ExecutionMode(created.mode),
+                created.max_workers,
+                history=run.events,
+                assignees=run.assignees,
+            )
+        else:
+            if replayed.status is RunStatus.COMPLETED:
+                raise UserError(f"run {run.run_id} completed: nothing to resume")
+            now = time.time()
+            carried = [
+                TaskCarried(tid, now, record.output, run.run_id)
+                for tid, record in replayed.tasks.items()
+                if record.status is TaskStatus.COMPLETED
+            ]
+            plan = RunPlan(
+                new_run_id(), room_id, run.spec, mode, created.max_workers, prelude=carried
+            )
+            await announce(node, plan, resumed_from=run.run_id)
+        return await drive_run(
+            connection,
+            plan,
+            config=config,
+            state_dir=state_dir,
+            work_dir=work_dir,
+            observers=observers,
+            on_started=on_started,
+        )
+    finally:
+        await connection.close()
+
+
+async def serve_node(
+    config: Config, *, state_dir: Path, work_dir: Path, coordinator: bool = False
+) -> None:
+    """``cis node``: a long-lived worker until cancelled (SIGINT/SIGTERM); with
+    ``coordinator``, it also picks up the unfinished runs it was coordinating."""
+    connection = await connect_configured(config)
+    node = connection.node
+    manager = SessionManager()
+    worker = make_worker(node, manager, config, state_dir=state_dir, work_dir=work_dir)
+    worker.start()
+    resumed: list[asyncio.Task[dict[str, Any]]] = []
+    try:
+        if coordinator:
+            for room_id, run in await read_runs(node, await rooms_of(node, None)):
+                plan = _unfinished_plan(node, room_id, run)
+                if plan is not None:
+                    log.info("node.resuming_run", run_id=run.run_id, room_id=room_id)
+                    resumed.append(
+                        asyncio.create_task(
+                            drive_run(
+                                connection,
+                                plan,
+                                config=config,
+                                state_dir=state_dir,
+                                work_dir=work_dir,
+                            )
+                        )
+                    )
         await asyncio.Event().wait()
     finally:
+        for task in resumed:
+            task.cancel()
         with contextlib.suppress(Exception):
             await manager.close()
         await worker.stop()
         await connection.close()
+
+
+def _unfinished_plan(node: Node, room_id: str, run: RunLog) -> RunPlan | None:
+    created = run.created
+    if created is None or run.spec is None or created.coordinator != node.identity.node_id:
+        return None
+    if RunEngine.replay(run.spec, run.events).finished:
+        return None
+    return RunPlan(
+        run.run_id,
+        room_id,
+        run.spec,
+        ExecutionMode(created.mode),
+        created.max_workers,
+        history=run.events,
+        assignees=run.assignees,
+    )
+
+
+def run_summary(room_id: str, run: RunLog) -> dict[str, Any]:
+    """A run as its room tells it: what ``cis dag status`` and ``cis dag list`` show."""
+    assert run.spec is not None and run.created is not None
+    engine = RunEngine.replay(run.spec, run.events, max_workers=run.created.max_workers)
+    transcripts = {
+        (e.payload.task_id, e.payload.attempt): e.payload.transcript
+        for e in run.sessions
+        if isinstance(e.payload, ev.SessionCompleted) and e.payload.transcript
+    }
+    tasks: dict[str, Any] = {}
+    for task_id, record in engine.tasks.items():
+        attempt = record.current
+        duration = attempt.duration_s if attempt else None
+        tasks[task_id] = {
+            "status": str(record.status),
+            "attempts": len(record.attempts),
+            "exit_code": record.exit_code,
+            "duration_s": None if duration is None else round(duration, 3),
+            "transcript": transcripts.get((task_id, attempt.number)) if attempt else None,
+            "reason": record.reason,
+            "node": attempt.node if attempt else None,
+        }
+    return {
+        "run_id": run.run_id,
+        "dag": run.spec.name,
+        "status": str(engine.status),
+        "mode": run.created.mode,
+        "coordinator": run.created.coordinator,
+        "created_at": run.created.timestamp,
+        "resumed_from": run.created.resumed_from,
+        "room_id": room_id,
+        "debts": engine.debts,
+        "tasks": tasks,
+    }

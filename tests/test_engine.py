@@ -17,6 +17,7 @@ from cis_bot.dag.engine import (
     TaskAborted,
     TaskApproved,
     TaskCancelled,
+    TaskCarried,
     TaskDispatched,
     TaskFinished,
     TaskSkipped,
@@ -452,3 +453,25 @@ def test_long_chain_is_linear_not_recursive() -> None:
         assert dispatched(d.decide()) == [f"t{i}"]
         d.run_ok(f"t{i}")
     assert d.decide() == [RunFinished(RunStatus.COMPLETED, d.now)]
+
+
+def test_lost_attempt_goes_again_at_once_without_using_a_retry() -> None:
+    d = Driver(dag(task("a", retry=0), retry_backoff_secs=10.0))
+    d.decide()
+    d.start("a")
+    d.finish("a", Outcome.LOST, error="its node stopped")
+    assert d.status("a") is TaskStatus.READY
+    assert dispatched(d.decide()) == ["a"]  # no backoff
+    d.start("a")
+    d.finish("a", Outcome.FAILED)
+    assert d.decide() == [RunFinished(RunStatus.FAILED, d.now)]  # retry=0: the real failure ends it
+    assert [a.outcome for a in d.engine.tasks["a"].attempts] == [Outcome.LOST, Outcome.FAILED]
+
+
+def test_carried_tasks_count_as_completed_and_feed_their_output() -> None:
+    d = Driver(dag(task("a"), task("b", "a")))
+    assert d.engine.apply(TaskCarried("a", d.now, output="kept", from_run="r1"))
+    assert not d.engine.apply(TaskCarried("a", d.now, output="again"))
+    assert dispatched(d.decide()) == ["b"]
+    assert d.engine.upstream_outputs("b") == {"a": "kept"}
+    assert d.engine.tasks["a"].attempts == []

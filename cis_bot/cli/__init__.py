@@ -19,9 +19,9 @@ class CommandModule(Protocol):
 
 
 def _modules() -> list[CommandModule]:
-    from cis_bot.cli import dag, homeserver
+    from cis_bot.cli import dag, homeserver, node
 
-    return [dag, homeserver]
+    return [dag, homeserver, node]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +40,9 @@ Handler = Callable[[argparse.Namespace], int]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from cis_bot import log
+
+    log.configure(getattr(args, "log_level", "warning"))
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -9,15 +9,18 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cis_bot.errors import UserError
 
 if TYPE_CHECKING:
-    from cis_bot.config import Config
+    from cis_bot.config import Config, ExecutionMode
+    from cis_bot.dag.runner import RunDriver, RunObserver
     from cis_bot.dag.spec import DagSpec
     from cis_bot.execute import RunRequest
+    from cis_bot.session.manager import SessionManager
 
 _MODES = ("local", "matrix", "hybrid", "federation")
 
@@ -58,6 +61,37 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     execute.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
     execute.set_defaults(handler=_execute, parser=execute)
 
+    status = commands.add_parser("status", help="a run's tasks, read from its room")
+    status.add_argument("run", nargs="?", metavar="RUN", help="run id or prefix (default: latest)")
+    _room_reader_options(status)
+    status.set_defaults(handler=_status)
+
+    listing = commands.add_parser("list", help="the runs in the rooms this node is in")
+    _room_reader_options(listing)
+    listing.set_defaults(handler=_list)
+
+    resume = commands.add_parser(
+        "resume",
+        help="pick up a run whose coordinator stopped, or re-run a failed run's unfinished tasks",
+    )
+    resume.add_argument("run", metavar="RUN", help="run id or unique prefix")
+    _room_reader_options(resume)
+    resume.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
+    resume.set_defaults(handler=_resume)
+
+
+def _room_reader_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="read the embedded homeserver's rooms in --state-dir (the default when the config "
+        "names no homeserver)",
+    )
+    parser.add_argument("--room", metavar="R", help="only this room (id or alias)")
+    parser.add_argument("--config", type=Path, metavar="F", help="config.toml to read")
+    parser.add_argument("--state-dir", type=Path, metavar="D", help="where runs keep their files")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
 
 def _load(file: Path, config_path: Path | None) -> tuple[Config, DagSpec]:
     from cis_bot.config import load_config
@@ -86,12 +120,10 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _execute(args: argparse.Namespace) -> int:
-    from cis_bot import log
     from cis_bot.config import ExecutionMode
     from cis_bot.dag.runner import default_state_dir
     from cis_bot.execute import RunRequest
 
-    log.configure(args.log_level)
     config, spec = _load(args.file, args.config)
     mode = ExecutionMode(args.mode or config.dag.execution_mode)
     parser: argparse.ArgumentParser = args.parser
@@ -117,11 +149,24 @@ def _execute(args: argparse.Namespace) -> int:
 
 
 async def _run(request: RunRequest, *, as_json: bool) -> dict[str, Any]:
+    from cis_bot.execute import execute
+
+    async def run(observers: list[RunObserver], on_started: OnStarted) -> dict[str, Any]:
+        return await execute(request, observers=observers, on_started=on_started)
+
+    return await _with_progress(run, as_json=as_json)
+
+
+OnStarted = Callable[["RunDriver", "SessionManager"], None]
+
+
+async def _with_progress(
+    run: Callable[[list[RunObserver], OnStarted], Awaitable[dict[str, Any]]], *, as_json: bool
+) -> dict[str, Any]:
+    """Run with a progress display (unless JSON), Ctrl-C cancelling the run: the first
+    interrupt cancels it, the second stops waiting for its sessions to end gracefully."""
     from cis_bot.cli.progress import LiveProgress, PlainProgress
     from cis_bot.dag.engine import RunCancelled
-    from cis_bot.dag.runner import RunDriver, RunObserver
-    from cis_bot.execute import execute
-    from cis_bot.session.manager import SessionManager
 
     progress: LiveProgress | PlainProgress | None = None
     if not as_json:
@@ -138,18 +183,107 @@ async def _run(request: RunRequest, *, as_json: bool) -> dict[str, Any]:
         if not interrupts:
             driver.submit(RunCancelled(time.time(), by="SIGINT"))
             interrupts.append(None)
-        elif len(interrupts) == 1:  # a second Ctrl-C: stop waiting for sessions to end gracefully
+        elif len(interrupts) == 1:
             interrupts.append(loop.create_task(manager.close(grace_secs=0)))
 
     loop.add_signal_handler(signal.SIGINT, on_interrupt)
     loop.add_signal_handler(signal.SIGTERM, on_interrupt)
     try:
         with progress or contextlib.nullcontext():
-            return await execute(
-                request,
-                observers=observers,
-                on_started=lambda driver, manager: running.append((driver, manager)),
-            )
+            return await run(observers, lambda d, m: running.append((d, m)))
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         loop.remove_signal_handler(signal.SIGTERM)
+
+
+def _reader_mode(args: argparse.Namespace) -> tuple[Config, ExecutionMode, Path]:
+    from cis_bot.config import ExecutionMode, load_config
+    from cis_bot.dag.runner import default_state_dir
+
+    config = load_config(args.config)
+    local = args.local or not config.node.homeserver
+    mode = ExecutionMode.LOCAL if local else ExecutionMode(config.dag.execution_mode)
+    return config, mode, args.state_dir or default_state_dir()
+
+
+async def _read(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from cis_bot.execute import open_connection, read_runs, rooms_of, run_summary
+
+    config, mode, state_dir = _reader_mode(args)
+    connection = await open_connection(config, mode, state_dir)
+    try:
+        node = connection.node
+        found = await read_runs(node, await rooms_of(node, args.room))
+        return [run_summary(room_id, run) for room_id, run in found]
+    finally:
+        await connection.close()
+
+
+def _status(args: argparse.Namespace) -> int:
+    summaries = asyncio.run(_read(args))
+    if not summaries:
+        raise UserError("no runs found")
+    if args.run is None:
+        summary = max(summaries, key=lambda s: s["created_at"])
+    else:
+        matches = [s for s in summaries if s["run_id"] == args.run] or [
+            s for s in summaries if s["run_id"].startswith(args.run)
+        ]
+        if not matches:
+            raise UserError(f"no run {args.run!r}")
+        if len(matches) > 1:
+            raise UserError(f"{args.run!r} is ambiguous: {', '.join(m['run_id'] for m in matches)}")
+        summary = matches[0]
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"run {summary['run_id']} ({summary['dag']}, {summary['mode']}): {summary['status']}")
+    for task_id, task in summary["tasks"].items():
+        detail = f" — {task['reason']}" if task["reason"] else ""
+        node = f" on {task['node']}" if task["node"] else ""
+        print(f"  {task_id}: {task['status']} (attempts {task['attempts']}{node}){detail}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    summaries = sorted(asyncio.run(_read(args)), key=lambda s: s["created_at"])
+    if args.json:
+        keys = ("run_id", "dag", "status", "mode", "created_at", "room_id", "resumed_from")
+        print(json.dumps([{k: s[k] for k in keys} for s in summaries], indent=2))
+        return 0
+    if not summaries:
+        print("no runs")
+    for s in summaries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created_at"] / 1000))
+        done = sum(1 for t in s["tasks"].values() if t["status"] == "completed")
+        print(f"{s['run_id']}  {when}  {s['status']:<9}  {done}/{len(s['tasks'])}  {s['dag']}")
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    report = asyncio.run(_resume_run(args))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"run {report['run_id']} {report['status']} in {report['duration_s']:.2f}s")
+    return 0 if report["status"] == "completed" else 1
+
+
+async def _resume_run(args: argparse.Namespace) -> dict[str, Any]:
+    from cis_bot.execute import resume
+
+    config, mode, state_dir = _reader_mode(args)
+
+    async def run(observers: list[RunObserver], on_started: OnStarted) -> dict[str, Any]:
+        return await resume(
+            config,
+            mode=mode,
+            wanted=args.run,
+            room=args.room,
+            state_dir=state_dir,
+            work_dir=Path.cwd(),
+            observers=observers,
+            on_started=on_started,
+        )
+
+    return await _with_progress(run, as_json=args.json)

@@ -95,6 +95,9 @@ class Outcome(StrEnum):
     TIMEOUT = "timeout"
     #: Killed on a person's request: a failure that is not retried.
     KILLED = "killed"
+    #: No result will ever come (its node stopped): dispatched again at once, and not counted
+    #: against the task's retries.
+    LOST = "lost"
 
 
 # --- facts fed in by the caller ------------------------------------------------------------------
@@ -133,6 +136,16 @@ class TaskApproved:
 class RunCancelled:
     at: float
     by: str | None = None
+
+
+@attrs.frozen
+class TaskCarried:
+    """A resumed run keeps this task's result from an earlier run instead of running it."""
+
+    task_id: str
+    at: float
+    output: str = ""
+    from_run: str = ""
 
 
 # --- decisions: events the engine makes itself ---------------------------------------------------
@@ -198,7 +211,7 @@ class RunFinished:
     at: float
 
 
-Fact = TaskStarted | TaskFinished | TaskApproved | RunCancelled
+Fact = TaskStarted | TaskFinished | TaskApproved | RunCancelled | TaskCarried
 Decision = (
     TaskDispatched
     | TaskTimedOut
@@ -392,6 +405,13 @@ class RunEngine:
                 return True
             case TaskApproved():
                 return self._apply_approved(record, event)
+            case TaskCarried():
+                if record.status is not TaskStatus.PENDING or record.attempts:
+                    return False
+                record.status = TaskStatus.COMPLETED
+                record.output = event.output
+                record.reason = f"carried over from run {event.from_run}"
+                return True
             case TaskAborted():
                 if record.status.is_terminal or record.status.is_active:
                     return False
@@ -437,12 +457,14 @@ class RunEngine:
     def _conclude_failure(
         self, record: TaskRecord, status: TaskStatus, at: float, error: str | None
     ) -> None:
-        """Retry while attempts remain and the run goes on; otherwise the failure is final."""
-        attempts_made = len(record.attempts)
-        if attempts_made < record.spec.max_attempts and not self._stopping:
+        """Retry while attempts remain and the run goes on; otherwise the failure is final.
+        A lost attempt is not the task's failure: it goes again at once, uncounted."""
+        attempts_made = sum(1 for a in record.attempts if a.outcome is not Outcome.LOST)
+        lost = record.current is not None and record.current.outcome is Outcome.LOST
+        if (lost or attempts_made < record.spec.max_attempts) and not self._stopping:
             backoff = self.spec.retry_backoff_secs * 2 ** (attempts_made - 1)
             record.status = TaskStatus.READY
-            record.not_before = at + min(backoff, MAX_RETRY_BACKOFF_SECS)
+            record.not_before = at if lost else at + min(backoff, MAX_RETRY_BACKOFF_SECS)
         else:
             record.status = status
         record.reason = error

@@ -227,23 +227,24 @@ class RunRecorder:
                             timestamp=ms(at),
                         )
                     )
-                case en.TaskStarted(task_id=tid, attempt=attempt, at=at, session_id=sid):
-                    self._post(
-                        ev.TaskClaimed(
-                            run_id=rid,
-                            task_id=tid,
-                            attempt=attempt,
-                            claimed_by=self.node_id,
-                            session_id=sid or f"{rid}:{tid}:{attempt}",
-                            timestamp=ms(at),
-                        )
-                    )
         payload = decision_payload(rid, event, engine)
         if payload is not None:
             self._post(payload)
         self.notice.update(engine, final=isinstance(event, en.RunFinished))
 
     def on_session_event(self, event: se.SessionEvent, task_id: str, attempt: int) -> None:
+        if self.record_local_dispatch and isinstance(event, se.SessionCreated):
+            # Claimed here, not when the engine folds the start: the session's own events
+            # follow at once and must come after the claim in the log.
+            self._post(
+                ev.TaskClaimed(
+                    run_id=self.run_id,
+                    task_id=task_id,
+                    attempt=attempt,
+                    claimed_by=self.node_id,
+                    session_id=event.session_id,
+                )
+            )
         if self.reporter:
             self.reporter.report(event, self.run_id, task_id, attempt)
         if isinstance(event, se.SessionBlocked):

@@ -105,6 +105,8 @@ class RunCreated(RunPayload):
     max_workers: int
     #: Node id of the coordinator.
     coordinator: str
+    #: The run this one resumes (its completed tasks are carried over).
+    resumed_from: str | None = None
 
     @classmethod
     def from_table(cls, t: Table) -> RunCreated:
@@ -120,6 +122,7 @@ class RunCreated(RunPayload):
             mode=_required_string(t, "mode"),
             max_workers=_required_int(t, "max_workers", minimum=1),
             coordinator=_required_string(t, "coordinator"),
+            resumed_from=t.opt_string("resumed_from", nonempty=True),
         )
 
 
@@ -402,6 +405,33 @@ class TaskAborted(TaskDecision):
 
 
 @attrs.frozen(kw_only=True)
+class TaskLost(TaskDecision):
+    """The attempt will never report (its node stopped): the coordinator dispatches again."""
+
+    TYPE = "cis.dag.task.lost"
+
+
+@attrs.frozen(kw_only=True)
+class TaskCarried(RunPayload):
+    """A resumed run keeps this task's result from an earlier run."""
+
+    TYPE = "cis.dag.task.carried"
+
+    task_id: str
+    from_run: str
+    output: str = ""
+
+    @classmethod
+    def from_table(cls, t: Table) -> TaskCarried:
+        return cls(
+            **cls.fields_of(t),
+            task_id=_required_string(t, "task_id"),
+            from_run=_required_string(t, "from_run"),
+            output=t.string("output", ""),
+        )
+
+
+@attrs.frozen(kw_only=True)
 class ApprovalRequested(RunPayload):
     TYPE = "cis.dag.task.approval_requested"
 
@@ -466,6 +496,8 @@ CATALOGUE: Mapping[str, type[Payload]] = {
         TaskCancelled,
         TaskTimedOut,
         TaskAborted,
+        TaskLost,
+        TaskCarried,
         ApprovalRequested,
         TaskApproved,
         RunCancelled,

@@ -88,18 +88,12 @@ class NodeIdentity:
         return f"cis-{self.node_id}"
 
     @classmethod
-    def from_config(cls, config: Config) -> NodeIdentity:
+    def from_config(cls, config: Config, *, require_homeserver: bool = True) -> NodeIdentity:
         node = config.node
-        missing = [
-            key
-            for key, value in (
-                ("id", node.id),
-                ("homeserver", node.homeserver),
-                ("as_token", node.as_token),
-                ("hs_token", node.hs_token),
-            )
-            if not value
-        ]
+        required = [("id", node.id), ("as_token", node.as_token), ("hs_token", node.hs_token)]
+        if require_homeserver:
+            required.append(("homeserver", node.homeserver))
+        missing = [key for key, value in required if not value]
         if missing:
             where = f" in {config.source}" if config.source else ""
             raise UserError(

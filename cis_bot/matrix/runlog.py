@@ -59,6 +59,19 @@ def decision_payload(run_id: str, decision: en.RunEvent, engine: en.RunEngine) -
             return ev.TaskApproved(run_id=run_id, task_id=tid, by=by, timestamp=ms(at))
         case en.RunCancelled(by=by, at=at):
             return ev.RunCancelled(run_id=run_id, by=by, timestamp=ms(at))
+        case en.TaskCarried(task_id=tid, output=output, from_run=from_run, at=at):
+            return ev.TaskCarried(
+                run_id=run_id,
+                task_id=tid,
+                from_run=from_run,
+                output=ev.clip(output, ev.OUTPUT_SUMMARY_CHARS) or "",
+                timestamp=ms(at),
+            )
+        case en.TaskFinished(task_id=tid, attempt=attempt, outcome=en.Outcome.LOST, at=at):
+            # Other results are the workers' to report; a lost attempt has no one else to.
+            return ev.TaskLost(
+                run_id=run_id, task_id=tid, attempt=attempt, reason=decision.error, timestamp=ms(at)
+            )
         case en.RunFinished(status=status, at=at):
             tasks = {tid: str(record.status) for tid, record in engine.tasks.items()}
             return ev.RunCompleted(run_id=run_id, status=str(status), tasks=tasks, timestamp=ms(at))
@@ -202,6 +215,10 @@ class RunLog:
                 self.events.append(en.TaskApproved(tid, at, by))
             case ev.RunCancelled(by=by):
                 self.events.append(en.RunCancelled(at, by))
+            case ev.TaskCarried(task_id=tid, output=output, from_run=from_run):
+                self.events.append(en.TaskCarried(tid, at, output, from_run))
+            case ev.TaskLost(task_id=tid, attempt=int(attempt), reason=reason):
+                self.events.append(en.TaskFinished(tid, attempt, at, en.Outcome.LOST, error=reason))
             case ev.RunCompleted():
                 self.completed = payload
                 self.events.append(en.RunFinished(en.RunStatus(payload.status), at))

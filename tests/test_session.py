@@ -594,3 +594,56 @@ async def test_many_sessions_in_parallel_each_complete_once(
         assert completed[sid].exit_code == i % 3
         assert completed[sid].output == str(i)
     assert {s.session_id for s in manager.list()} == set(sids)
+
+
+@pytest.mark.slow
+async def test_screen_rendering_of_a_flood_does_not_stall_the_loop(tmp_path: Path) -> None:
+    # pyte renders about 1 MB/s: a screen session must feed it in small steps.
+    manager = SessionManager(FAST)
+    spawner = Spawner(manager, tmp_path)
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def measure_lag() -> None:
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            before = loop.time()
+            await asyncio.sleep(0.01)
+            lags.append(loop.time() - before - 0.01)
+
+    probe = asyncio.create_task(measure_lag())
+    done = await spawner.run("flood 1000000; print END", fake_profile(screen=True))
+    stop.set()
+    await probe
+    session = manager.get(done.session_id)
+    await manager.close()
+    assert done.state is SessionState.COMPLETED
+    assert session is not None
+    screen = session.screen_lines()
+    assert screen is not None and "END" in screen
+    assert max(lags) < 0.25, f"loop stalled {max(lags):.3f}s"
+
+
+CLAUDE_BIN = Path(__file__).resolve().parent.parent / "node_modules" / ".bin"
+
+
+@pytest.mark.skipif(not (CLAUDE_BIN / "claude").exists(), reason="npm test tools not installed")
+async def test_real_claude_print_mode_api_error_fails_the_task(
+    spawner: Spawner, tmp_path: Path
+) -> None:
+    # The real CLI, offline: its API is a closed loopback port. Exit status alone would not
+    # say it failed; the claude-stream-json extractor reads the result event.
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        "PATH": f"{CLAUDE_BIN}:{os.environ.get('PATH', os.defpath)}",
+        "HOME": str(home),
+        "ANTHROPIC_BASE_URL": "http://127.0.0.1:9",
+        "ANTHROPIC_API_KEY": "sk-test",
+        "CLAUDE_CODE_MAX_RETRIES": "0",
+    }
+    done = await spawner.run("say hi", BUILTIN_PROFILES["claude"], env=env)
+    assert done.state is SessionState.FAILED
+    assert done.error is not None
+    assert done.error.startswith("exited with status 1 (agent error: API Error")
+    assert done.output.startswith("API Error")

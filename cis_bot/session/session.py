@@ -256,6 +256,10 @@ class AgentSession:
         )
         self._blocked: Blocked | None = None
         self._pattern_lines = profile.pattern_lines or (10 if profile.screen else 1)
+        # The terminal emulator is slow (~1 MB/s): screen sessions take smaller bites per wake-up
+        # so one busy TUI cannot hold the loop for long.
+        self._reads_per_wakeup = 1 if profile.screen else settings.reads_per_wakeup
+        self._read_size = min(settings.read_size, 8192) if profile.screen else settings.read_size
         self._wbuf = bytearray()
         self._writer_active = False
         self._prompt_pending = profile.prompt_via is PromptVia.PTY
@@ -479,9 +483,9 @@ class AgentSession:
     # ----------------------------------------------------------------- I/O
 
     def _on_readable(self) -> None:
-        for _ in range(self.settings.reads_per_wakeup):
+        for _ in range(self._reads_per_wakeup):
             try:
-                data = os.read(self._fd, self.settings.read_size)
+                data = os.read(self._fd, self._read_size)
             except BlockingIOError:
                 return
             except OSError as e:  # EIO: every process has closed the terminal
@@ -766,6 +770,14 @@ class AgentSession:
         if self._finished:
             return
         self._finished = True
+        try:
+            self._release_resources()
+        except Exception:  # never let cleanup trouble cost the session its SessionCompleted
+            log.exception("session.cleanup_failed", session_id=self.session_id)
+        state, exit_code, error = self._verdict()
+        self._complete(state, exit_code, error, None)
+
+    def _release_resources(self) -> None:
         for timer in (
             self._settle_timer,
             self._poll_timer,
@@ -796,11 +808,10 @@ class AgentSession:
         if self._transcript_fd >= 0:
             os.close(self._transcript_fd)
             self._transcript_fd = -1
-        state, exit_code, error = self._verdict()
-        self._complete(state, exit_code, error, None)
 
     def _drain_remaining(self) -> None:
-        while True:
+        """What is already in the PTY, bounded: a process that escaped may still be writing."""
+        for _ in range(64):
             try:
                 data = os.read(self._fd, self.settings.read_size)
             except OSError:
@@ -881,6 +892,9 @@ class AgentSession:
             return fallback, error, state
         if extracted.error is not None and state is SessionState.COMPLETED:
             return extracted.output, extracted.error, SessionState.FAILED
+        if extracted.error is not None and state is SessionState.FAILED:
+            # The agent's own account is worth more than its exit status alone.
+            return extracted.output, f"{error} ({extracted.error})", state
         return extracted.output, error, state
 
     def _change_state(self, new: SessionState, reason: str | None) -> None:

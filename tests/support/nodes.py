@@ -1,0 +1,211 @@
+"""cis_bot nodes as real processes on a test homeserver: registrations, configs, a run room.
+
+Registrations must exist before the homeserver starts (Synapse reads them only then), so a test
+first calls ``plan_nodes`` (tokens, appservice ports), starts the homeserver with
+``registration_files``, then ``write_configs`` once the homeserver's URL is known.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+from cis_bot.matrix.node import NodeIdentity
+from tests.support.client import MatrixClient
+from tests.support.process import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@attrs.define
+class NodePlan:
+    identity: NodeIdentity
+    workdir: Path
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    @property
+    def user_id(self) -> str:
+        return self.identity.user_id
+
+    @property
+    def config(self) -> Path:
+        return self.workdir / "config.toml"
+
+    @property
+    def registration(self) -> Path:
+        return self.workdir / "registration.yaml"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.workdir / "state"
+
+
+def plan_nodes(root: Path, server_name: str, *node_ids: str) -> list[NodePlan]:
+    plans = []
+    for node_id in node_ids:
+        identity = NodeIdentity(
+            node_id=node_id,
+            homeserver="",
+            server_name=server_name,
+            localpart=f"cis_{node_id}",
+            as_token=secrets.token_urlsafe(24),
+            hs_token=secrets.token_urlsafe(24),
+            listen_port=free_port(),
+        )
+        plan = NodePlan(identity, root / node_id)
+        plan.workdir.mkdir(parents=True, exist_ok=True)
+        plan.registration.write_text(yaml.safe_dump(identity.registration()))
+        plans.append(plan)
+    return plans
+
+
+def registration_files(plans: list[NodePlan]) -> tuple[Path, ...]:
+    return tuple(p.registration for p in plans)
+
+
+def write_configs(
+    plans: list[NodePlan],
+    homeserver_url: str,
+    *,
+    allowed_users: list[str],
+    accept_agents: list[str] | None = None,
+    heartbeat_secs: float = 1.0,
+    extra: str = "",
+) -> None:
+    for plan in plans:
+        i = plan.identity
+        accept = f"accept_agents = {json.dumps(accept_agents)}\n" if accept_agents else ""
+        plan.config.write_text(
+            f"""
+[dag.matrix]
+home_server = "{i.server_name}"
+broadcast_interval_ms = 100
+flush_timeout_secs = 60
+
+[node]
+id = "{i.node_id}"
+homeserver = "{homeserver_url}"
+listen_port = {i.listen_port}
+as_token = "{i.as_token}"
+hs_token = "{i.hs_token}"
+allowed_users = {json.dumps(allowed_users)}
+heartbeat_secs = {heartbeat_secs}
+{accept}{extra}
+"""
+        )
+
+
+def cis_env() -> dict[str, str]:
+    return {**os.environ, "CIS_CONFIG": os.devnull, "PYTHONUNBUFFERED": "1"}
+
+
+def cis_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cis_bot", *args]
+
+
+class NodeProcess:
+    """``cis node`` in the background; its log in the node's workdir."""
+
+    def __init__(self, plan: NodePlan, *extra: str) -> None:
+        self.plan = plan
+        self.extra = extra
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = plan.workdir / "node.log"
+
+    def start(self) -> NodeProcess:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                cis_command(
+                    "node",
+                    "--config",
+                    str(self.plan.config),
+                    "--state-dir",
+                    str(self.plan.state_dir),
+                    *self.extra,
+                ),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.plan.workdir,
+                env=cis_env(),
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+async def wait_for(
+    check: Callable[[], Any], *, timeout: float = 30.0, what: str = "condition"
+) -> Any:
+    """Poll an async ``check`` until it returns something truthy."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def run_room(admin: MatrixClient, invite: list[str]) -> str:
+    """A room like an operator would make for runs: the given bots invited, heartbeats open."""
+    return await admin.create_room(
+        name="runs",
+        invite=invite,
+        power_level_content_override={"events": {"cis.node.heartbeat": 0}},
+    )
+
+
+async def joined_members(admin: MatrixClient, room_id: str) -> set[str]:
+    body = await admin.ok("GET", f"/_matrix/client/v3/rooms/{room_id}/joined_members")
+    return set(body.get("joined", {}))
+
+
+async def heartbeats(admin: MatrixClient, room_id: str) -> dict[str, dict[str, Any]]:
+    state = await admin.ok("GET", f"/_matrix/client/v3/rooms/{room_id}/state")
+    return {e["state_key"]: e["content"] for e in state if e.get("type") == "cis.node.heartbeat"}
+
+
+async def room_events(admin: MatrixClient, room_id: str) -> list[dict[str, Any]]:
+    """Every event of the room, oldest first."""
+    events: list[dict[str, Any]] = []
+    token: str | None = None
+    while True:
+        params = {"dir": "b", "limit": "500", **({"from": token} if token else {})}
+        body = await admin.ok("GET", f"/_matrix/client/v3/rooms/{room_id}/messages", params=params)
+        events.extend(body.get("chunk", []))
+        token = body.get("end")
+        if not body.get("chunk") or not token:
+            break
+    return list(reversed(events))

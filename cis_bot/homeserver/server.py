@@ -11,10 +11,10 @@ import secrets
 from typing import TYPE_CHECKING
 
 import structlog
-from aiohttp import web
 
 from cis_bot.errors import InputError
 from cis_bot.homeserver.appservice.registration import load_registrations
+from cis_bot.homeserver.errors import TOO_LARGE, MatrixError
 from cis_bot.homeserver.handlers.auth import AuthHandler, hash_password
 from cis_bot.homeserver.handlers.ephemeral import ReceiptHandler, TypingHandler
 from cis_bot.homeserver.handlers.notifier import Notifier
@@ -23,16 +23,16 @@ from cis_bot.homeserver.handlers.pushrules import PushRulesHandler
 from cis_bot.homeserver.handlers.rooms import RoomHandler
 from cis_bot.homeserver.handlers.serialize import Serializer
 from cis_bot.homeserver.handlers.sync import SyncHandler
+from cis_bot.homeserver.http.client import HttpClient
+from cis_bot.homeserver.http.server import HttpServer
 from cis_bot.homeserver.ids import check_new_localpart
 from cis_bot.homeserver.rest import account, appservice, media, rooms, sync
-from cis_bot.homeserver.rest.base import HttpFrontend, Router
+from cis_bot.homeserver.rest.base import MAX_JSON_BODY, HttpFrontend, Router, error_response
 from cis_bot.homeserver.storage.store import Store, UserExistsError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from pathlib import Path
-
-    import aiohttp
 
     from cis_bot.homeserver.appservice.pusher import AppservicePusher
     from cis_bot.homeserver.appservice.registration import Appservice
@@ -105,8 +105,6 @@ def build_router() -> Router:
 def new_account(server_name: str, localpart: str, password: str | None) -> tuple[str, str, str]:
     """Validate the name and hash the password (slow: PBKDF2): (user_id, password, hash).
     Raises ValueError with a message for a bad name."""
-    from cis_bot.homeserver.errors import MatrixError
-
     try:
         user_id = check_new_localpart(localpart, server_name)
     except MatrixError as err:
@@ -147,12 +145,12 @@ class EmbeddedHomeserver:
         self.retry_max = retry_max
         self.max_upload_size = max_upload_size
         self.hs: Homeserver | None = None
-        self._runner: web.ServerRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._http: HttpServer | None = None
+        self._client: HttpClient | None = None
 
     @property
     def base_url(self) -> str:
-        if self._runner is None:
+        if self._http is None:
             raise RuntimeError("the homeserver is not started")
         return f"http://{self._display_host()}:{self.port}"
 
@@ -162,7 +160,7 @@ class EmbeddedHomeserver:
     async def start(self) -> None:
         """Read registrations (InputError when bad), open the database, bind (OSError when the
         port is taken), start the appservice pushers."""
-        if self._runner is not None:
+        if self._http is not None:
             raise RuntimeError("the homeserver is already started")
         appservices = load_registrations(self.appservice_files, self.server_name)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -174,33 +172,27 @@ class EmbeddedHomeserver:
         )
         self.hs = hs
         try:
-            server = web.Server(
-                HttpFrontend(hs, build_router()), access_log=None, handler_cancellation=True
+            http = HttpServer(
+                HttpFrontend(hs, build_router()),
+                max_body=max(self.max_upload_size, MAX_JSON_BODY),
+                too_large=lambda: error_response(
+                    MatrixError(413, TOO_LARGE, "Request body too large")
+                ),
             )
-            runner = web.ServerRunner(server, handle_signals=False)
-            await runner.setup()
-            site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
-            try:
-                await site.start()
-            except BaseException:
-                await runner.cleanup()
-                raise
-            self._runner = runner
-            self.port = _bound_port(site) or self.port
+            self.port = await http.start(self.host, self.port)
+            self._http = http
             hs.base_url = self.base_url
-            await self._start_pushers(hs)
+            self._start_pushers(hs)
         except BaseException:
             hs.close()
             self.hs = None
             raise
         log.info("homeserver.started", base_url=self.base_url, server_name=self.server_name)
 
-    async def _start_pushers(self, hs: Homeserver) -> None:
-        import aiohttp
-
+    def _start_pushers(self, hs: Homeserver) -> None:
         from cis_bot.homeserver.appservice.pusher import AppservicePusher
 
-        self._session = aiohttp.ClientSession()
+        self._client = HttpClient()
         for service in hs.appservices:
             pusher = AppservicePusher(
                 service,
@@ -208,7 +200,7 @@ class EmbeddedHomeserver:
                 rooms=hs.rooms,
                 serializer=hs.serializer,
                 notifier=hs.notifier,
-                session=self._session,
+                client=self._client,
                 retry_initial=self.retry_initial,
                 retry_max=self.retry_max,
             )
@@ -220,12 +212,12 @@ class EmbeddedHomeserver:
         if hs is not None:
             for pusher in hs.pushers.values():
                 await pusher.stop()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
         if hs is not None:
             hs.close()
             self.hs = None
@@ -243,9 +235,3 @@ class EmbeddedHomeserver:
         )
         store_account(self.hs.store, user_id, password_hash, admin)
         return user_id, secret
-
-
-def _bound_port(site: web.TCPSite) -> int | None:
-    server = site._server  # aiohttp keeps the asyncio.Server here; there is no public accessor
-    sockets = getattr(server, "sockets", None) or []
-    return int(sockets[0].getsockname()[1]) if sockets else None

@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from cis_bot.homeserver import events as ev
+from cis_bot.homeserver.http.client import HttpClient, HttpClientError
 
 if TYPE_CHECKING:
-    import aiohttp
-
     from cis_bot.homeserver.appservice.registration import Appservice
     from cis_bot.homeserver.events import Event
     from cis_bot.homeserver.handlers.notifier import Notifier
@@ -57,7 +56,7 @@ class AppservicePusher:
         rooms: RoomHandler,
         serializer: Serializer,
         notifier: Notifier,
-        session: aiohttp.ClientSession,
+        client: HttpClient,
         retry_initial: float = 1.0,
         retry_max: float = 60.0,
         request_timeout: float = 30.0,
@@ -67,7 +66,7 @@ class AppservicePusher:
         self.rooms = rooms
         self.serializer = serializer
         self.notifier = notifier
-        self.session = session
+        self.client = client
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.request_timeout = request_timeout
@@ -208,31 +207,20 @@ class AppservicePusher:
         }
 
     async def _put(self, txn_id: int, body: dict[str, Any]) -> bool:
-        import aiohttp
-
         assert self.service.url is not None
         url = (
             f"{self.service.url}/_matrix/app/v1/transactions/"
             f"{urllib.parse.quote(str(txn_id), safe='')}"
         )
         try:
-            async with self.session.put(
+            response = await self.client.request(
+                "PUT",
                 url,
-                data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
+                body=json.dumps(body, ensure_ascii=False).encode("utf-8"),
                 headers=self._headers(),
-                timeout=aiohttp.ClientTimeout(total=self.request_timeout),
-            ) as response:
-                await response.read()
-                if 200 <= response.status < 300:
-                    return True
-                log.warning(
-                    "appservice.txn_refused",
-                    appservice=self.service.id,
-                    txn_id=txn_id,
-                    status=response.status,
-                )
-                return False
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                timeout=self.request_timeout,
+            )
+        except (HttpClientError, TimeoutError) as exc:
             log.warning(
                 "appservice.txn_failed",
                 appservice=self.service.id,
@@ -240,31 +228,38 @@ class AppservicePusher:
                 error=f"{type(exc).__name__}: {exc}",
             )
             return False
+        if 200 <= response.status < 300:
+            return True
+        log.warning(
+            "appservice.txn_refused",
+            appservice=self.service.id,
+            txn_id=txn_id,
+            status=response.status,
+        )
+        return False
 
     async def ping(self, transaction_id: Any) -> int:
         """POST /_matrix/app/v1/ping; returns the round trip in ms or raises PingError."""
-        import aiohttp
-
         assert self.service.url is not None
         started = time.monotonic()
         try:
-            async with self.session.post(
+            response = await self.client.request(
+                "POST",
                 f"{self.service.url}/_matrix/app/v1/ping",
-                data=json.dumps({"transaction_id": transaction_id}).encode(),
+                body=json.dumps({"transaction_id": transaction_id}).encode(),
                 headers=self._headers(),
-                timeout=aiohttp.ClientTimeout(total=self.request_timeout),
-            ) as response:
-                raw = await response.read()
-                if not 200 <= response.status < 300:
-                    raise PingError(
-                        502,
-                        "M_BAD_STATUS",
-                        f"HTTP {response.status} {response.reason}",
-                        status=response.status,
-                        body=raw.decode("utf-8", errors="replace"),
-                    )
+                timeout=self.request_timeout,
+            )
         except TimeoutError:
             raise PingError(504, "M_CONNECTION_TIMEOUT", "Timed out waiting for response") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise PingError(502, "M_CONNECTION_FAILED", f"{type(exc).__name__}: {exc}") from None
+        except HttpClientError as exc:
+            raise PingError(502, "M_CONNECTION_FAILED", str(exc)) from None
+        if not 200 <= response.status < 300:
+            raise PingError(
+                502,
+                "M_BAD_STATUS",
+                f"HTTP {response.status} {response.reason}",
+                status=response.status,
+                body=response.body.decode("utf-8", errors="replace"),
+            )
         return int((time.monotonic() - started) * 1000)

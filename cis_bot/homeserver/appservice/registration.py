@@ -141,6 +141,8 @@ def parse_registration(path: Path, data: Any, server_name: str) -> Appservice:
 
 def load_registrations(paths: Sequence[Path], server_name: str) -> list[Appservice]:
     """Read every file; ids and as_tokens must be unique across them (as in Synapse)."""
+    if not paths:
+        return []
     import yaml  # only needed when there are registrations to read
 
     seen_ids: dict[str, Path] = {}

@@ -1,9 +1,7 @@
 """HTTP plumbing shared by every servlet: routing on the raw path (so ``%2F`` inside a room id or
 event type stays one segment, as in Synapse), body limits, JSON parsing, authentication and the
-mapping of errors to Matrix error responses.
-
-Runs on aiohttp's low-level server: the router here is a list of regexes like Synapse's
-``client_patterns``; aiohttp only parses HTTP.
+mapping of errors to Matrix error responses. The router is a list of regexes like Synapse's
+``client_patterns``; ``cis_bot.homeserver.http.server`` speaks HTTP.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 import structlog
-from aiohttp import web
 
 from cis_bot.homeserver.errors import (
     BAD_JSON,
@@ -26,10 +23,9 @@ from cis_bot.homeserver.errors import (
     bad_request,
     forbidden,
 )
+from cis_bot.homeserver.http.server import Request, Response, parse_query
 
 if TYPE_CHECKING:
-    from multidict import MultiMapping
-
     from cis_bot.homeserver.handlers.auth import Requester
     from cis_bot.homeserver.server import Homeserver
 
@@ -47,8 +43,6 @@ CORS_HEADERS = {
     "Access-Control-Expose-Headers": "Synapse-Trace-Id, Server",
 }
 
-Handler = "Callable[..., Awaitable[web.StreamResponse | tuple[int, Any]]]"
-
 
 def _reject_constant(value: str) -> Any:
     raise ValueError(f"{value} is not valid JSON")
@@ -58,50 +52,54 @@ def json_bytes(body: Any) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def json_response(status: int, body: Any) -> web.Response:
-    response = web.Response(status=status, body=json_bytes(body), content_type="application/json")
-    response.headers.update(CORS_HEADERS)
-    return response
+_CORS_LIST = list(CORS_HEADERS.items())
 
 
-def error_response(error: MatrixError) -> web.Response:
+def json_response(status: int, body: Any) -> Response:
+    return Response(status, json_bytes(body), list(_CORS_LIST))
+
+
+def error_response(error: MatrixError) -> Response:
     return json_response(error.status, error.to_json())
+
+
+class Query:
+    """Query parameters: ``get`` (first value), ``getall``, ``in``."""
+
+    def __init__(self, raw: str) -> None:
+        self._values = parse_query(raw) if raw else {}
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        values = self._values.get(name)
+        return values[0] if values else default
+
+    def getall(self, name: str) -> list[str]:
+        return self._values.get(name, [])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._values
 
 
 @attrs.define
 class RestRequest:
     hs: Homeserver
-    raw: web.BaseRequest
+    raw: Request
     path: str
-    body: bytes | None = None
+    query: Query
     requester: Requester | None = None
 
     @property
     def method(self) -> str:
         return self.raw.method
 
-    @property
-    def query(self) -> MultiMapping[str]:
-        return self.raw.query
+    def header(self, name: str) -> str | None:
+        return self.raw.header(name)
 
     async def read_body(self, limit: int = MAX_JSON_BODY) -> bytes:
-        if self.body is not None:
-            return self.body
-        length = self.raw.content_length
-        if length is not None and length > limit:
+        # The HTTP layer has read the body already (bounded by the largest limit, uploads).
+        if len(self.raw.body) > limit:
             raise MatrixError(413, TOO_LARGE, "Request body too large")
-        chunks = []
-        total = 0
-        while True:
-            chunk = await self.raw.content.read(65536)
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > limit:
-                raise MatrixError(413, TOO_LARGE, "Request body too large")
-            chunks.append(chunk)
-        self.body = b"".join(chunks)
-        return self.body
+        return self.raw.body
 
     async def json(self, *, allow_empty: bool = False) -> dict[str, Any]:
         """Synapse's parse_json_object_from_request."""
@@ -165,11 +163,11 @@ class RestRequest:
     # --- auth -----------------------------------------------------------------------------
 
     def has_token(self) -> bool:
-        return bool(self.raw.headers.getall("Authorization", [])) or "access_token" in self.query
+        return bool(self.raw.header_all("authorization")) or "access_token" in self.query
 
     def token(self) -> str:
         return self.hs.auth.token_from(
-            self.raw.headers.getall("Authorization", []), self.query.getall("access_token", [])
+            self.raw.header_all("authorization"), self.query.getall("access_token")
         )
 
     def auth(self) -> Requester:
@@ -178,7 +176,7 @@ class RestRequest:
         return self.requester
 
 
-RouteHandler = Any  # async (RestRequest, **path params) -> web.StreamResponse | (status, body)
+RouteHandler = Any  # async (RestRequest, **path params) -> Response | (status, body)
 
 
 @attrs.frozen
@@ -216,14 +214,14 @@ class Router:
 
 
 class HttpFrontend:
-    """The aiohttp request handler: route, run, render."""
+    """The HTTP server's handler: route, run, render."""
 
     def __init__(self, hs: Homeserver, router: Router) -> None:
         self.hs = hs
         self.router = router
 
-    async def __call__(self, raw: web.BaseRequest) -> web.StreamResponse:
-        path = raw.raw_path.split("?", 1)[0]
+    async def __call__(self, raw: Request) -> Response:
+        path = raw.path
         if raw.method == "OPTIONS":
             return json_response(200, {})
         try:
@@ -231,16 +229,14 @@ class HttpFrontend:
             if found is None:
                 raise MatrixError(404, UNRECOGNIZED, "Unrecognized request")
             handler, params = found
-            request = RestRequest(self.hs, raw, path)
+            request = RestRequest(self.hs, raw, path, Query(raw.query_string))
             result = await handler(request, **params)
         except MatrixError as error:
             return error_response(error)
-        except (ConnectionResetError, web.HTTPException):
-            raise
         except Exception:
             log.exception("http.unhandled_error", method=raw.method, path=path)
             return json_response(500, {"errcode": "M_UNKNOWN", "error": "Internal server error"})
-        if isinstance(result, web.StreamResponse):
+        if isinstance(result, Response):
             return result
         status, body = result
         return json_response(status, body)

@@ -11,9 +11,8 @@ import string
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
 from cis_bot.homeserver.errors import TOO_LARGE, MatrixError, not_found
+from cis_bot.homeserver.http.server import Response
 from cis_bot.homeserver.rest.base import CORS_HEADERS
 
 if TYPE_CHECKING:
@@ -40,7 +39,7 @@ async def upload(request: RestRequest) -> tuple[int, Any]:
         if err.errcode == TOO_LARGE:
             raise MatrixError(413, TOO_LARGE, "Upload request body is too large") from None
         raise
-    content_type = request.raw.headers.get("Content-Type", "application/octet-stream")
+    content_type = request.header("Content-Type") or "application/octet-stream"
     filename = request.string("filename")
     media_id = "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
     path = _media_path(hs.media_dir, media_id)
@@ -58,7 +57,7 @@ async def upload(request: RestRequest) -> tuple[int, Any]:
 
 async def _download(
     request: RestRequest, server_name: str, media_id: str, file_name: str | None
-) -> web.StreamResponse:
+) -> Response:
     hs = request.hs
     if server_name != hs.server_name:
         raise not_found("Not found")  # no federation: remote media is unknown
@@ -75,38 +74,39 @@ async def _download(
     disposition = "inline" if row.content_type.startswith(inline_types) else "attachment"
     if name:
         disposition += f"; filename*=utf-8''{urllib.parse.quote(name)}"
-    response = web.Response(body=data, status=200)
-    response.headers["Content-Type"] = row.content_type
-    response.headers["Content-Disposition"] = disposition
-    response.headers["Content-Security-Policy"] = (
-        "sandbox; default-src 'none'; script-src 'none'; plugin-types application/pdf; "
-        "style-src 'unsafe-inline'; media-src 'self'; object-src 'self';"
-    )
-    response.headers["Cross-Origin-Resource-Policy"] = "cross-origin"
-    response.headers.update(CORS_HEADERS)
-    return response
+    headers = [
+        ("Content-Disposition", disposition),
+        (
+            "Content-Security-Policy",
+            "sandbox; default-src 'none'; script-src 'none'; plugin-types application/pdf; "
+            "style-src 'unsafe-inline'; media-src 'self'; object-src 'self';",
+        ),
+        ("Cross-Origin-Resource-Policy", "cross-origin"),
+        *CORS_HEADERS.items(),
+    ]
+    return Response(200, data, headers, content_type=row.content_type)
 
 
 async def download(
     request: RestRequest, server_name: str, media_id: str, file_name: str | None = None
-) -> web.StreamResponse:
+) -> Response:
     return await _download(request, server_name, media_id, file_name)
 
 
 async def download_authenticated(
     request: RestRequest, server_name: str, media_id: str, file_name: str | None = None
-) -> web.StreamResponse:
+) -> Response:
     request.auth()
     return await _download(request, server_name, media_id, file_name)
 
 
-async def thumbnail(request: RestRequest, server_name: str, media_id: str) -> web.StreamResponse:
+async def thumbnail(request: RestRequest, server_name: str, media_id: str) -> Response:
     return await _download(request, server_name, media_id, None)
 
 
 async def thumbnail_authenticated(
     request: RestRequest, server_name: str, media_id: str
-) -> web.StreamResponse:
+) -> Response:
     request.auth()
     return await _download(request, server_name, media_id, None)
 

@@ -140,12 +140,12 @@ def prepare_claude_home(
 
 
 def find_claude() -> str | None:
-    """The ``claude`` executable: on PATH, else the one npm installed in this checkout."""
-    on_path = shutil.which("claude")
-    if on_path is not None:
-        return on_path
+    """The ``claude`` executable: the one npm installed in this checkout (package.json pins the
+    version the screen patterns were measured on), else the one on PATH."""
     local = Path(__file__).resolve().parents[2] / "node_modules" / ".bin" / "claude"
-    return str(local) if os.access(local, os.X_OK) else None
+    if os.access(local, os.X_OK):
+        return str(local)
+    return shutil.which("claude")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

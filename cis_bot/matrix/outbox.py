@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import attrs
 import structlog
-from mautrix.errors import MatrixRequestError
+from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
 log = structlog.get_logger(__name__)
 
@@ -130,9 +130,12 @@ class Outbox:
                     errcode=exc.errcode,
                     error=exc.message,
                 )
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            except (MatrixConnectionError, aiohttp.ClientError, OSError, TimeoutError) as exc:
                 backoff = await self._wait_offline(exc, backoff)
                 continue
+            except Exception:  # a bug must cost one event, not every event after it
+                self.rejected += 1
+                log.exception("outbox.failed", type=item.event_type)
             else:
                 self.sent += 1
                 if item.on_sent:

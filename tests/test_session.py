@@ -28,6 +28,7 @@ from cis_bot.session.manager import SessionManager, SessionSpec, Subscription
 from cis_bot.session.profile import AgentProfile, PromptVia
 from cis_bot.session.profiles import BUILTIN_PROFILES
 from cis_bot.session.session import SessionError, SessionSettings
+from cis_bot.session.spawn import SETSID, setsid_failure
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -107,6 +108,16 @@ def spawner(manager: SessionManager, tmp_path: Path) -> Spawner:
     return Spawner(manager, tmp_path)
 
 
+@pytest.fixture(params=["vfork", "fork"])
+async def either(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Spawner]:
+    """A spawner using each way of starting a PTY process (see cis_bot/session/spawn.py)."""
+    if request.param == "vfork" and SETSID is None:
+        pytest.skip("no util-linux setsid here")
+    mgr = SessionManager(attrs.evolve(FAST, use_vfork=request.param == "vfork"))
+    yield Spawner(mgr, tmp_path)
+    await mgr.close(grace_secs=0.2)
+
+
 async def next_event(
     sub: Subscription, match: Callable[[SessionEvent], bool], timeout: float = DEADLINE
 ) -> SessionEvent:
@@ -129,8 +140,8 @@ def gone(pid: int) -> bool:
 # ------------------------------------------------------------------------------- exit status
 
 
-async def test_exit_zero_completes_with_output(spawner: Spawner) -> None:
-    done = await spawner.run("echo hello; echo world")
+async def test_exit_zero_completes_with_output(either: Spawner) -> None:
+    done = await either.run("echo hello; echo world")
     assert done.state is SessionState.COMPLETED
     assert done.exit_code == 0
     assert done.error is None
@@ -138,16 +149,16 @@ async def test_exit_zero_completes_with_output(spawner: Spawner) -> None:
     assert done.duration_s > 0
 
 
-async def test_non_zero_exit_fails_with_its_status(spawner: Spawner) -> None:
-    done = await spawner.run("echo doomed; exit 3")
+async def test_non_zero_exit_fails_with_its_status(either: Spawner) -> None:
+    done = await either.run("echo doomed; exit 3")
     assert done.state is SessionState.FAILED
     assert done.exit_code == 3
     assert done.error == "exited with status 3"
     assert done.output == "doomed"
 
 
-async def test_death_by_signal_fails_naming_the_signal(spawner: Spawner) -> None:
-    done = await spawner.run("kill -SEGV $$")
+async def test_death_by_signal_fails_naming_the_signal(either: Spawner) -> None:
+    done = await either.run("kill -SEGV $$")
     assert done.state is SessionState.FAILED
     assert done.exit_code == -signal.SIGSEGV
     assert done.error == "killed by SIGSEGV"
@@ -172,14 +183,27 @@ async def test_missing_command_fails_to_start_with_events(
     assert (changed.old, changed.new) == (SessionState.SPAWNING, SessionState.FAILED)
 
 
-async def test_exec_failure_is_reported_and_the_child_reaped(
-    spawner: Spawner, tmp_path: Path
+async def test_bad_interpreter_is_a_spawn_failure(either: Spawner, tmp_path: Path) -> None:
+    script = tmp_path / "agent"
+    script.write_text("#!/nonexistent/interpreter\n")
+    script.chmod(0o755)
+    done = await either.run("x", attrs.evolve(SHELL, argv=(str(script), "{prompt}")))
+    assert done.state is SessionState.FAILED
+    assert done.error is not None
+    assert done.error.startswith(f"cannot execute {str(script)!r}: ")
+    assert "No such file or directory" in done.error
+
+
+async def test_exec_failure_in_forked_child_is_reported_and_the_child_reaped(
+    tmp_path: Path,
 ) -> None:
+    manager = SessionManager(attrs.evolve(FAST, use_vfork=False))
     not_a_program = tmp_path / "garbage"
     not_a_program.write_bytes(b"\x7fELF\x00garbage")
     not_a_program.chmod(0o755)
     profile = attrs.evolve(SHELL, argv=(str(not_a_program), "{prompt}"))
-    done = await spawner.run("x", profile)
+    done = await Spawner(manager, tmp_path).run("x", profile)
+    await manager.close()
     assert done.state is SessionState.FAILED
     assert done.error is not None
     assert done.error.startswith(f"cannot execute {str(not_a_program)!r}: ")
@@ -189,6 +213,16 @@ async def test_exec_failure_is_reported_and_the_child_reaped(
         while zombies := [p for p in procfs.descendants(os.getpid()) if gone(p)]:
             await asyncio.sleep(0.01)
     assert not zombies
+
+
+def test_setsid_failure_message() -> None:
+    head = b"setsid: failed to execute /x/agent: Permission denied\r\nmore"
+    assert setsid_failure(126, head) == "Permission denied"
+    assert setsid_failure(0, head) is None
+    assert setsid_failure(1, b"agent output\r\n") is None
+    assert setsid_failure(1, b"setsid: failed to set the controlling terminal: EPERM") == (
+        "failed to set the controlling terminal: EPERM"
+    )
 
 
 async def test_missing_work_dir_fails_to_start(spawner: Spawner, tmp_path: Path) -> None:
@@ -205,13 +239,13 @@ async def test_profile_without_prompt_token_fails_clearly(spawner: Spawner) -> N
 
 
 async def test_work_dir_and_environment(
-    spawner: Spawner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    either: Spawner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("TERM", raising=False)  # a PTY gets a TERM even when we have none
     work = tmp_path / "work"
     work.mkdir()
     profile = attrs.evolve(SHELL, env={"FROM_PROFILE": "p", "OVERRIDDEN": "profile"})
-    done = await spawner.run(
+    done = await either.run(
         'pwd; echo "$FROM_PROFILE $OVERRIDDEN $TERM"; [ -t 0 ] && [ -t 1 ] && echo tty',
         profile,
         env={"OVERRIDDEN": "task"},
@@ -220,9 +254,9 @@ async def test_work_dir_and_environment(
     assert done.output.splitlines() == [str(work), "p task xterm-256color", "tty"]
 
 
-async def test_agent_starts_with_default_signal_dispositions(spawner: Spawner) -> None:
+async def test_agent_starts_with_default_signal_dispositions(either: Spawner) -> None:
     # Python ignores SIGPIPE; the agent must not inherit that: `yes | head` ends by SIGPIPE.
-    done = await spawner.run("yes | head -n 2; grep SigIgn /proc/$$/status")
+    done = await either.run("yes | head -n 2; grep SigIgn /proc/$$/status")
     assert done.state is SessionState.COMPLETED
     lines = done.output.splitlines()
     assert lines[:2] == ["y", "y"]
@@ -238,13 +272,13 @@ async def test_prompt_via_argument_is_substituted_verbatim(spawner: Spawner) -> 
     assert done.output == f"[{prompt}]"
 
 
-async def test_prompt_via_stdin_arrives_byte_for_byte(spawner: Spawner) -> None:
+async def test_prompt_via_stdin_arrives_byte_for_byte(either: Spawner) -> None:
     long_line = "x" * 5000  # longer than the line discipline's 4 KiB line buffer
     prompt = (
         f"first line\n{long_line}\ncontrol: \x03 \x04 \x1a \x7f end\nünïcødé\nno newline at end"
     )
     profile = fake_profile("--stdin", prompt_via=PromptVia.STDIN)
-    done = await spawner.run(prompt, profile)
+    done = await either.run(prompt, profile)
     data = prompt.encode()
     assert done.state is SessionState.COMPLETED, done
     assert done.output == f"stdin: {len(data)} bytes sha256={hashlib.sha256(data).hexdigest()}"
@@ -285,8 +319,9 @@ async def test_prompt_pasted_into_a_tui_when_it_asks_for_bracketed_paste(
 
 
 async def test_kill_takes_the_whole_process_group_even_if_it_ignores_sigterm(
-    manager: SessionManager, spawner: Spawner
+    either: Spawner,
 ) -> None:
+    manager, spawner = either.manager, either
     # sh ignores TERM and so do its children (an ignored signal stays ignored across exec);
     # one grandchild sits in a process group of its own (job control), still in the session.
     script = (

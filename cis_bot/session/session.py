@@ -12,11 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import os
 import shutil
 import signal
-import struct
+import subprocess
 import termios
 import time
 from pathlib import Path
@@ -24,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 import structlog
-from ptyprocess import PtyProcess
 
 from cis_bot.errors import UserError
 from cis_bot.session import procfs
@@ -53,28 +51,15 @@ from cis_bot.session.events import (
 from cis_bot.session.output import ExtractorInput, get_extractor, terminal_text
 from cis_bot.session.profile import AgentProfile, PromptVia
 from cis_bot.session.profiles import PROMPT_TOKEN
+from cis_bot.session.spawn import Pty, setsid_failure, spawn
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
 log = structlog.get_logger(__name__)
 
-_TIOCGPTN = 0x80045430  # _IOR('T', 0x30, unsigned int): the pts number of a PTY master
 _BRACKETED_PASTE_ON = b"\x1b[?2004h"
 _BRACKETED_PASTE_OFF = b"\x1b[?2004l"
-# Signals whose disposition the agent should start with at the default, whatever ours is:
-# Python ignores SIGPIPE and SIGXFSZ, and a parent run under nohup ignores SIGHUP.
-_DEFAULT_SIGNALS = (
-    signal.SIGPIPE,
-    signal.SIGXFSZ,
-    signal.SIGHUP,
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGTERM,
-    signal.SIGTSTP,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-)
 
 
 class SessionError(UserError):
@@ -102,6 +87,9 @@ class SessionSettings:
     tail_bytes: int = 256 * 1024
     #: What a finished session keeps of its tail (the transcript file has everything).
     finished_tail_bytes: int = 64 * 1024
+    #: Spawn through vfork + util-linux ``setsid --ctty`` when available (see spawn.py); else,
+    #: or when False, ptyprocess's fork.
+    use_vfork: bool = True
     #: PTY size at spawn.
     rows: int = 40
     cols: int = 120
@@ -138,37 +126,6 @@ def resolve_executable(command: str, env: Mapping[str, str], cwd: Path) -> str:
     if found is None:
         raise FileNotFoundError("command not found in PATH")
     return found
-
-
-def _child_setup(work_dir: str) -> None:
-    """Runs in the forked child before exec (errors travel back to the parent as exceptions)."""
-    for sig in _DEFAULT_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, ())
-    os.chdir(work_dir)
-
-
-class _Pty(PtyProcess):  # type: ignore[misc]
-    """PtyProcess that remembers the last instance it made, so a child whose exec failed (spawn
-    raises, returning nothing) can still be reaped instead of left as a zombie."""
-
-    last_made: _Pty | None = None
-
-    def __init__(self, pid: int, fd: int) -> None:
-        super().__init__(pid, fd)
-        # ptyprocess sleeps this long in close(); we close only after reaping the child.
-        self.delayafterclose = 0
-        _Pty.last_made = self
-
-    @classmethod
-    def take_last_made(cls) -> _Pty | None:
-        made, cls.last_made = cls.last_made, None
-        return made
-
-    def release(self) -> None:
-        """Close the master without ptyprocess's own wait-and-terminate logic (we reaped)."""
-        self.terminated = True
-        self.close(force=False)
 
 
 def _stdin_payload(prompt: str, attrs_: list[Any]) -> bytes:
@@ -240,7 +197,8 @@ class AgentSession:
         self._loop = asyncio.get_running_loop()
         self._t0 = self._loop.time()
         self._done: asyncio.Future[SessionCompleted] = self._loop.create_future()
-        self._proc: _Pty | None = None
+        self._proc: Pty | None = None
+        self._via_setsid = False
         self._fd = -1
         self._pidfd = -1
         self._transcript_fd = -1
@@ -404,29 +362,28 @@ class AgentSession:
         except OSError as e:
             self._fail_to_start(f"cannot open transcript {self.transcript_path}: {e}")
             return
-        _Pty.take_last_made()
         try:
-            proc = _Pty.spawn(
+            spawned = spawn(
                 argv,
+                cwd=self.work_dir,
                 env=self.env,
+                rows=self.settings.rows,
+                cols=self.settings.cols,
                 echo=self.profile.prompt_via is not PromptVia.STDIN,
-                preexec_fn=lambda: _child_setup(str(self.work_dir)),
-                dimensions=(self.settings.rows, self.settings.cols),
+                use_vfork=self.settings.use_vfork,
+                loop=self._loop,
             )
-        except Exception as e:  # ptyprocess re-raises the child's exec error as it was
-            failed = _Pty.take_last_made()
-            if failed is not None:
-                self._reap_failed_spawn(failed)
-            self._fail_to_start(str(e))
+        except (OSError, subprocess.SubprocessError, ValueError) as e:
+            self._fail_to_start(_describe_spawn_error(e))
             return
-        _Pty.take_last_made()
+        proc = spawned.pty
         self._proc = proc
+        self._via_setsid = spawned.via_setsid
         self.pid = proc.pid
         self._fd = proc.fd
         os.set_blocking(self._fd, False)
-        slave = _slave_path(self._fd)
-        if self.profile.detect_tty_read and slave:
-            probe = TtyReadProbe(proc.pid, self._fd, slave)
+        if self.profile.detect_tty_read and spawned.slave_path:
+            probe = TtyReadProbe(proc.pid, self._fd, spawned.slave_path)
             self._probe = probe if probe.available else None
         self._view = (
             ScreenView(self.settings.rows, self.settings.cols)
@@ -446,9 +403,12 @@ class AgentSession:
         if self._probe is not None or self._prompt_pending:
             self._arm_poll(self.settings.settle_secs)
 
-    def _fail_to_start(self, detail: str) -> None:
+    def _cannot_execute(self, detail: str) -> str:
         command = self.profile.argv[0] if self.profile.argv else ""
-        self.error = f"cannot execute {command!r}: {detail}"
+        return f"cannot execute {command!r}: {detail}"
+
+    def _fail_to_start(self, detail: str) -> None:
+        self.error = self._cannot_execute(detail)
         log.warning("session.spawn_failed", session_id=self.session_id, error=self.error)
         if self._transcript_fd >= 0:
             os.close(self._transcript_fd)
@@ -457,13 +417,6 @@ class AgentSession:
             SessionCreated(self.session_id, self.profile.name, None, self.transcript_path)
         )
         self._complete(SessionState.FAILED, None, self.error, "")
-
-    def _reap_failed_spawn(self, proc: _Pty) -> None:
-        proc.terminated = True
-        with contextlib.suppress(OSError):
-            proc.close(force=False)
-        # The child exits right after reporting its exec error; reap it off the loop's back.
-        _reap_when_exited(self._loop, proc.pid)
 
     def _watch_exit(self) -> None:
         assert self.pid is not None
@@ -827,6 +780,10 @@ class AgentSession:
             return self._kill_state, exit_code, self._kill_reason
         if exit_code is None:
             return SessionState.FAILED, None, "exit status unavailable (reaped elsewhere)"
+        if self._via_setsid:
+            why = setsid_failure(exit_code, bytes(self._tail[:512]))
+            if why is not None:
+                return SessionState.FAILED, exit_code, self._cannot_execute(why)
         if exit_code < 0:
             return SessionState.FAILED, exit_code, f"killed by {signal.Signals(-exit_code).name}"
         if exit_code != 0:
@@ -905,34 +862,12 @@ class AgentSession:
         self._publish(SessionStateChanged(self.session_id, old, new, reason))
 
 
-def _slave_path(master_fd: int) -> str:
-    try:
-        number = struct.unpack("I", fcntl.ioctl(master_fd, _TIOCGPTN, b"\0\0\0\0"))[0]
-    except OSError:
-        return ""
-    return f"/dev/pts/{number}"
-
-
 def _termios_of(fd: int) -> list[Any]:
     return termios.tcgetattr(fd)
 
 
-def _reap_when_exited(loop: asyncio.AbstractEventLoop, pid: int) -> None:
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] != 0:
-            return
-    except ChildProcessError:
-        return
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        loop.call_later(0.05, _reap_when_exited, loop, pid)
-        return
-
-    def reap() -> None:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-
-    loop.add_reader(pidfd, reap)
+def _describe_spawn_error(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}"
+    return str(error)

@@ -682,3 +682,9 @@ async def test_real_claude_print_mode_api_error_fails_the_task(
     assert done.error is not None
     assert done.error.startswith("exited with status 1 (agent error: API Error")
     assert done.output.startswith("API Error")
+
+
+async def test_invalid_profile_pattern_fails_the_session_not_the_caller(spawner: Spawner) -> None:
+    done = await spawner.run("true", attrs.evolve(SHELL, blocked_patterns=("[unclosed",)))
+    assert done.state is SessionState.FAILED
+    assert done.error is not None and "invalid blocked pattern '[unclosed'" in done.error

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -208,10 +209,8 @@ class AgentSession:
         self._listeners: list[Callable[[bytes], None]] = []
         self._view: TerminalView | None = None
         self._probe: TtyReadProbe | None = None
-        self._patterns = compile_patterns(profile.blocked_patterns)
-        self._ready_pattern = (
-            compile_patterns([profile.ready_pattern])[0] if (profile.ready_pattern) else None
-        )
+        self._patterns: tuple[re.Pattern[str], ...] = ()
+        self._ready_pattern: re.Pattern[str] | None = None
         self._blocked: Blocked | None = None
         self._pattern_lines = profile.pattern_lines or (10 if profile.screen else 1)
         # The terminal emulator is slow (~1 MB/s): screen sessions take smaller bites per wake-up
@@ -345,6 +344,9 @@ class AgentSession:
     def start(self) -> None:
         """Spawn the agent. Failures end the session as failed (with SessionCompleted)."""
         try:
+            self._patterns = compile_patterns(self.profile.blocked_patterns)
+            if self.profile.ready_pattern:
+                self._ready_pattern = compile_patterns([self.profile.ready_pattern])[0]
             argv = build_argv(self.profile, self.prompt)
             if not self.work_dir.is_dir():
                 raise FileNotFoundError(f"work_dir {self.work_dir} is not a directory")

@@ -399,3 +399,24 @@ async def test_interactive_without_trust_stops_at_a_setup_dialog(
     assert reading.dialog == "trust_folder"
     assert reading.reason is not None
     assert str(work_dir) in reading.reason
+
+
+async def test_interactive_takes_a_long_multiline_prompt_as_its_argument(
+    claude: str, tmp_path: Path, work_dir: Path
+) -> None:
+    """The prompt as argv reaches the API verbatim; typed this fast, Claude Code would take it as
+    a paste and wrap it in <pasted_content> tags (which its system prompt calls untrusted)."""
+    lines = [f"upstream line {i}: " + "y" * 60 for i in range(60)]
+    prompt = "\n".join(["-starts with a dash", "", "!not a shell command", *lines])
+    async with FakeAnthropic([TextReply("Read it all.")]) as fake:
+        home = home_for(tmp_path, fake, work_dir)
+        tui = PtyScreen([claude, "--", prompt], env=home.environ(), cwd=work_dir)
+        try:
+            screen = await tui.wait_for(
+                lambda s: read_screen(s).state == ScreenState.IDLE and TURN_DONE.search(s), DEADLINE
+            )
+        finally:
+            tui.close()
+    assert "Read it all." in screen
+    (request,) = fake.message_requests
+    assert request.prompt == prompt

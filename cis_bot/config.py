@@ -71,6 +71,8 @@ class MatrixConfig:
     broadcast_interval_ms: int = attrs.field(default=500, metadata={"min": 0})
     #: After a run, how long to wait for an unreachable homeserver to take the queued events.
     flush_timeout_secs: float = attrs.field(default=60.0, metadata={"gt": 0})
+    #: Matrix mode: how long a task waits for a live worker that runs its agent, then fails.
+    no_worker_timeout_secs: float = attrs.field(default=60.0, metadata={"gt": 0})
 
 
 @attrs.frozen

@@ -52,8 +52,6 @@ log = structlog.get_logger(__name__)
 
 #: The local node's id and bot localpart on the embedded homeserver.
 LOCAL_NODE_ID = "local"
-#: Local run rooms are ``#dag-<run_id>:<server>``.
-RUN_ALIAS = "dag-"
 
 
 def new_run_id() -> str:
@@ -84,7 +82,12 @@ class Connection:
             await self.homeserver.stop()
 
 
-async def connect_local(state_dir: Path, server_name: str) -> Connection:
+def run_alias_prefix(config: Config) -> str:
+    """Local run rooms are ``#<prefix><run_id>:<server>`` (from ``[dag.matrix] room_prefix``)."""
+    return config.dag.matrix.room_prefix.lstrip("!#") or "dag-"
+
+
+async def connect_local(state_dir: Path, server_name: str, alias_prefix: str) -> Connection:
     """The local node on the embedded homeserver kept in ``state_dir/homeserver``.
 
     The appservice listens first (the registration must name its port), then the homeserver
@@ -107,7 +110,7 @@ async def connect_local(state_dir: Path, server_name: str) -> Connection:
     registration = hs_dir / "local-node.yaml"
     registration.write_text(
         yaml.safe_dump(
-            identity.registration(url=f"http://127.0.0.1:{port}", room_alias_prefix=RUN_ALIAS)
+            identity.registration(url=f"http://127.0.0.1:{port}", room_alias_prefix=alias_prefix)
         )
     )
     registration.chmod(0o600)
@@ -162,7 +165,7 @@ async def execute(
         if request.mode is ExecutionMode.LOCAL:
             room_id = await node.create_room(
                 name=f"DAG {request.spec.name} · run {run_id}",
-                alias=f"{RUN_ALIAS}{run_id}",
+                alias=f"{run_alias_prefix(request.config)}{run_id}",
                 public=True,
             )
         else:
@@ -185,7 +188,9 @@ async def execute(
 
 async def open_connection(config: Config, mode: ExecutionMode, state_dir: Path) -> Connection:
     if mode is ExecutionMode.LOCAL:
-        return await connect_local(state_dir, config.dag.matrix.home_server)
+        return await connect_local(
+            state_dir, config.dag.matrix.home_server, run_alias_prefix(config)
+        )
     return await connect_configured(config)
 
 
@@ -263,7 +268,14 @@ async def drive_run(
                 worker = make_worker(node, manager, config, state_dir=state_dir, work_dir=work_dir)
                 worker.start()
         else:
-            executor = RoomExecutor(driver, node, outbox, room_id=plan.room_id, run_id=plan.run_id)
+            executor = RoomExecutor(
+                driver,
+                node,
+                outbox,
+                room_id=plan.room_id,
+                run_id=plan.run_id,
+                no_worker_timeout=matrix.no_worker_timeout_secs,
+            )
             await executor.start_listening()
         for fact in plan.prelude:
             driver.submit(fact)

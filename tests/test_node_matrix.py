@@ -57,14 +57,21 @@ async def bot_exists(admin: MatrixClient, user_id: str) -> bool:
 
 
 async def start_cluster(
-    hs: HomeserverUnderTest, http: aiohttp.ClientSession, plans: list[NodePlan]
+    hs: HomeserverUnderTest,
+    http: aiohttp.ClientSession,
+    plans: list[NodePlan],
+    *,
+    accept_agents: tuple[str, ...] = ("shell",),
 ) -> tuple[MatrixClient, str, list[NodeProcess]]:
     admin_id, token = await hs.create_user("admin", admin=True)
     admin = MatrixClient(http, hs.base_url, user_id=admin_id, token=token)
     coord, *workers = plans
     write_configs([coord], hs.base_url, allowed_users=[admin_id])
     write_configs(
-        workers, hs.base_url, allowed_users=[admin_id, coord.user_id], accept_agents=["shell"]
+        workers,
+        hs.base_url,
+        allowed_users=[admin_id, coord.user_id],
+        accept_agents=list(accept_agents),
     )
     processes = [NodeProcess(w).start() for w in workers]
     for w in workers:
@@ -174,6 +181,56 @@ async def test_matrix_mode_spreads_tasks_over_two_workers_and_collects_results(
         summary = json.loads(status.stdout)
         assert summary["status"] == "completed"
         assert {t["node"] for t in summary["tasks"].values()} == {"wa", "wb"}
+    finally:
+        for p in processes:
+            p.stop()
+
+
+async def test_a_worker_refuses_a_raw_command_unless_its_owner_allowed_the_shell(
+    homeserver_factory: Any, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    plans = plan_nodes(tmp_path, "cis.local", "coord", "wa")
+    hs = homeserver_factory(appservice_files=registration_files(plans))
+    coord, wa = plans
+    admin, room, processes = await start_cluster(hs, http, plans, accept_agents=("claude",))
+    try:
+        (tmp_path / "shell.toml").write_text('[[tasks]]\nid = "raw"\ncommand = "touch pwned"\n')
+        proc = await run_cis(
+            "dag", "execute", "--matrix", "--room", room, str(tmp_path / "shell.toml"), "--json",
+            "--config", str(coord.config), "--state-dir", str(coord.state_dir),
+        )  # fmt: skip
+        # No worker in the room runs the shell profile: the coordinator says so, nothing runs.
+        assert proc.returncode == 1
+        report = json.loads(proc.stdout)
+        assert "no live worker in the room runs agent 'shell'" in report["tasks"]["raw"]["reason"]
+
+        # An allowed user assigns it anyway, straight to the worker: it refuses, and says why.
+        order = ev.TaskAssigned(
+            run_id="manual",
+            task_id="raw",
+            attempt=1,
+            assigned_to="wa",
+            assigned_user=wa.user_id,
+            assigned_by=admin.user_id or "",
+            agent="shell",
+            lease_ms=1000,
+            task=json.dumps({"id": "raw", "agent": "shell", "prompt": "touch pwned"}),
+        )
+        await admin.send(room, order.content(), event_type=order.TYPE)
+
+        async def refusal() -> ev.SessionCompleted | None:
+            for e in await room_events(admin, room):
+                if e["type"] == ev.SessionCompleted.TYPE and e["content"].get("run_id") == "manual":
+                    payload = ev.decode(e["type"], e["content"])
+                    assert isinstance(payload, ev.SessionCompleted)
+                    return payload
+            return None
+
+        answer = await wait_for(refusal, what="the worker's refusal")
+        assert answer.status == "failed"
+        assert answer.error and "does not run agent 'shell'" in answer.error
+        assert not (wa.workdir / "pwned").exists()
+        assert processes[0].alive
     finally:
         for p in processes:
             p.stop()

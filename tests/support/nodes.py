@@ -95,6 +95,7 @@ def write_configs(
 home_server = "{i.server_name}"
 broadcast_interval_ms = 100
 flush_timeout_secs = 60
+no_worker_timeout_secs = 3
 
 [node]
 id = "{i.node_id}"

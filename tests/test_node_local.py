@@ -1,0 +1,100 @@
+"""Local mode is the node on the embedded homeserver: the run's room is its log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from cis_bot.config import Config, ExecutionMode
+from cis_bot.execute import open_connection
+from cis_bot.matrix import events as ev
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cis(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cis_bot", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env={**os.environ, "CIS_CONFIG": os.devnull},
+    )
+
+
+async def local_room_events(state_dir: Path, room_id: str) -> list[dict[str, Any]]:
+    connection = await open_connection(Config(), ExecutionMode.LOCAL, state_dir)
+    try:
+        return [e async for e in connection.node.history(room_id)]
+    finally:
+        await connection.close()
+
+
+def test_local_run_leaves_a_complete_log_that_status_reads_back(tmp_path: Path) -> None:
+    dag = tmp_path / "dag.toml"
+    dag.write_text(
+        '[[tasks]]\nid = "ok"\ncommand = "echo fine"\n'
+        '[[tasks]]\nid = "bad"\ncommand = "echo broken >&2; exit 4"\n'
+        '[[tasks]]\nid = "after"\ndeps = ["ok", "bad"]\ncommand = "true"\n'
+    )
+    state = tmp_path / "state"
+    run = cis("dag", "execute", "--local", str(dag), "--state-dir", str(state), "--json")
+    assert run.returncode == 1, run.stderr
+    report = json.loads(run.stdout)
+
+    status = cis("dag", "status", "--state-dir", str(state), "--json")
+    assert status.returncode == 0, status.stderr
+    summary = json.loads(status.stdout)
+    assert summary["run_id"] == report["run_id"]
+    assert summary["status"] == report["status"] == "failed"
+    for task_id, task in report["tasks"].items():
+        told = summary["tasks"][task_id]
+        assert (told["status"], told["attempts"], told["exit_code"]) == (
+            task["status"],
+            task["attempts"],
+            task["exit_code"],
+        )
+    assert summary["tasks"]["bad"]["transcript"].startswith("mxc://")
+    assert summary["tasks"]["after"]["reason"] == "upstream bad failed"
+
+    listing = cis("dag", "list", "--state-dir", str(state))
+    assert listing.returncode == 0
+    assert report["run_id"] in listing.stdout and "failed" in listing.stdout
+
+    events = asyncio.run(local_room_events(state, report["room_id"]))
+    types = [e["type"] for e in events if e["type"].startswith("cis.")]
+    for event in events:
+        if event["type"].startswith("cis."):
+            ev.decode(event["type"], event["content"])  # every event matches the catalogue
+    assert types[0] == "cis.dag.run.created"
+    assert types[-1] == "cis.dag.run.completed"
+    assert types.count("cis.dag.task.assigned") == 2  # "after" was skipped, never assigned
+    assert "cis.dag.task.skipped" in types
+
+    # One status notice, edited in place; its last version shows the end of the run.
+    notices = [e for e in events if e["type"] == "m.room.message"]
+    first, *edits = notices
+    assert first["content"]["msgtype"] == "m.notice"
+    assert "m.relates_to" not in first["content"]
+    assert edits, "the notice is edited as the run moves"
+    for edit in edits:
+        assert edit["content"]["m.relates_to"] == {
+            "rel_type": "m.replace",
+            "event_id": first["event_id"],
+        }
+    final = edits[-1]["content"]["m.new_content"]["body"]
+    assert f"run {report['run_id']}: failed" in final
+    assert "bad: failed" in final and "after: skipped" in final
+
+
+def test_federation_mode_says_it_is_not_there_yet(tmp_path: Path) -> None:
+    proc = cis("dag", "execute", "--federation", str(REPO / "examples" / "hello.toml"))
+    assert proc.returncode == 2
+    assert "not implemented yet" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -125,9 +125,9 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         await server.start()
     except OSError as exc:
-        raise UserError(
-            f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
-        ) from None
+        # asyncio wraps a bind error as "error while attempting to bind on ...: <reason>"
+        reason = (exc.strerror or str(exc)).rsplit(": ", 1)[-1]
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {reason}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

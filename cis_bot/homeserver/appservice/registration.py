@@ -139,6 +139,15 @@ def parse_registration(path: Path, data: Any, server_name: str) -> Appservice:
     )
 
 
+def _yaml_problem(exc: Exception) -> str:
+    """One line: what and where (PyYAML's own message spans several lines)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return str(problem)
+
+
 def load_registrations(paths: Sequence[Path], server_name: str) -> list[Appservice]:
     """Read every file; ids and as_tokens must be unique across them (as in Synapse)."""
     if not paths:
@@ -156,7 +165,7 @@ def load_registrations(paths: Sequence[Path], server_name: str) -> list[Appservi
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise _fail(path, f"not valid YAML: {exc}") from None
+            raise _fail(path, f"not valid YAML: {_yaml_problem(exc)}") from None
         service = parse_registration(path, data, server_name)
         if service.id in seen_ids:
             raise _fail(

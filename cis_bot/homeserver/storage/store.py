@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 SCHEMA_VERSION = 1
-EVENT_CACHE_SIZE = 2048
+EVENT_CACHE_SIZE = 512
 
 
 def now_ms() -> int:
@@ -79,7 +79,7 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=10000")
     conn.execute("PRAGMA foreign_keys=OFF")
-    conn.execute("PRAGMA cache_size=-4096")  # 4 MiB page cache: the memory budget is tight
+    conn.execute("PRAGMA cache_size=-2048")  # 2 MiB page cache: the memory budget is tight
     schema = resources.files("cis_bot.homeserver.storage").joinpath("schema.sql").read_text()
     conn.executescript(schema)  # every statement is CREATE ... IF NOT EXISTS
     row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()

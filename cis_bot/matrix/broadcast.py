@@ -38,6 +38,11 @@ TRANSCRIPT_UPLOAD_LIMIT = 8 * 1024 * 1024
 
 
 class SessionReporter:
+    """Session events -> ``cis.dag.session.*``, batched: a session's creation and state changes
+    wait up to ``interval_ms`` and go out together; those of a session that ends within that
+    time are never sent (its ``session.completed`` says all of it). Terminal states are told by
+    ``session.completed`` alone. Blocked, and output samples, flush the session's batch first."""
+
     def __init__(
         self,
         outbox: Outbox,
@@ -52,7 +57,7 @@ class SessionReporter:
         self.upload = upload
         self.interval_s = interval_ms / 1000
         self.broadcast_output = broadcast_output
-        self._pending_states: list[ev.SessionStateChanged] = []
+        self._pending: dict[str, list[ev.Payload]] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
         self._output_seq: dict[str, int] = {}
         self._last_output: dict[str, float] = {}
@@ -61,7 +66,7 @@ class SessionReporter:
         sid = event.session_id
         match event:
             case se.SessionCreated(agent=agent):
-                self._post(
+                self._batch(
                     ev.SessionCreated(
                         run_id=run_id,
                         session_id=sid,
@@ -72,21 +77,22 @@ class SessionReporter:
                     )
                 )
             case se.SessionStateChanged(old=old, new=new, reason=reason):
-                self._pending_states.append(
-                    ev.SessionStateChanged(
-                        run_id=run_id,
-                        session_id=sid,
-                        old_state=str(old),
-                        new_state=str(new),
-                        reason=ev.clip(reason, ev.REASON_CHARS),
+                if not new.is_terminal:
+                    self._batch(
+                        ev.SessionStateChanged(
+                            run_id=run_id,
+                            session_id=sid,
+                            old_state=str(old),
+                            new_state=str(new),
+                            reason=ev.clip(reason, ev.REASON_CHARS),
+                        )
                     )
-                )
-                self._schedule_states()
             case se.SessionOutputUpdated(tail=tail):
                 now = time.monotonic()
                 if self.broadcast_output and now - self._last_output.get(sid, 0) >= self.interval_s:
                     self._last_output[sid] = now
                     seq = self._output_seq[sid] = self._output_seq.get(sid, 0) + 1
+                    self._flush_session(sid)
                     sample = ev.SessionOutput(
                         run_id=run_id,
                         session_id=sid,
@@ -95,7 +101,7 @@ class SessionReporter:
                     )
                     self._post(sample, droppable=True)
             case se.SessionBlocked(reason=reason, preview=preview):
-                self.flush_states()
+                self._flush_session(sid)
                 self._post(
                     ev.SessionBlocked(
                         run_id=run_id,
@@ -105,23 +111,30 @@ class SessionReporter:
                     )
                 )
             case se.SessionCompleted():
-                self.flush_states()
+                self._pending.pop(sid, None)
+                self._output_seq.pop(sid, None)
+                self._last_output.pop(sid, None)
                 self._post_completed(event, run_id, task_id, attempt)
 
-    def flush_states(self) -> None:
+    def flush(self) -> None:
+        """Send every batched event now."""
         if self._flush_handle:
             self._flush_handle.cancel()
             self._flush_handle = None
-        states, self._pending_states = self._pending_states, []
-        for state in states:
-            self._post(state)
+        for sid in list(self._pending):
+            self._flush_session(sid)
 
-    def _schedule_states(self) -> None:
+    def _flush_session(self, sid: str) -> None:
+        for payload in self._pending.pop(sid, []):
+            self._post(payload)
+
+    def _batch(self, payload: ev.SessionPayload) -> None:
+        self._pending.setdefault(payload.session_id, []).append(payload)
         if self.interval_s <= 0:
-            self.flush_states()
+            self.flush()
         elif self._flush_handle is None:
             loop = asyncio.get_running_loop()
-            self._flush_handle = loop.call_later(self.interval_s, self.flush_states)
+            self._flush_handle = loop.call_later(self.interval_s, self.flush)
 
     def _post(self, payload: ev.Payload, *, droppable: bool = False) -> None:
         self.outbox.post(outgoing(payload, droppable=droppable))
@@ -168,8 +181,8 @@ async def _upload_transcript(upload: Upload, path: Path, session_id: str) -> str
     """The transcript's mxc URI, or None when there is none to upload or it is refused (a missing
     transcript must not hold back the completion event)."""
     data = await asyncio.to_thread(_read_end, path, TRANSCRIPT_UPLOAD_LIMIT)
-    if data is None:
-        return None
+    if not data:
+        return None  # nothing to keep: spare the homeserver a request
     filename = f"{session_id.replace(':', '_')}.log"
     try:
         return await upload(data, "text/plain; charset=utf-8", filename)
@@ -343,7 +356,9 @@ class StatusNotice:
         self._dirty = False
         self._in_flight = True
         self._last_sent = time.monotonic()
-        self.outbox.post(Outgoing("m.room.message", content, on_sent=self._on_sent))
+        self.outbox.post(
+            Outgoing("m.room.message", content, on_sent=self._on_sent, key=f"notice:{self.run_id}")
+        )
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -413,5 +413,14 @@ class Node:
 
 
 def outgoing(payload: ev.Payload, *, droppable: bool = False) -> Outgoing:
+    """An event to post; its ordering key keeps each task's events in order (run-wide events
+    order against everything, see Outbox)."""
     event_type, content = ev.encode(payload)
-    return Outgoing(event_type, content, state_key=payload.state_key, droppable=droppable)
+    key: str | None = None
+    if isinstance(payload, ev.NodeHeartbeat):
+        key = f"heartbeat:{payload.node_id}"
+    elif isinstance(payload, ev.RunPayload) and isinstance(task_id := content.get("task_id"), str):
+        key = f"{payload.run_id}:{task_id}"
+    elif isinstance(payload, ev.SessionPayload):
+        key = payload.session_id.rsplit(":", 1)[0]
+    return Outgoing(event_type, content, state_key=payload.state_key, droppable=droppable, key=key)

@@ -138,6 +138,9 @@ class Worker:
             return
         payload = event.payload
         if isinstance(payload, ev.TaskAssigned) and payload.assigned_to == self.node_id:
+            sent = raw.get("origin_server_ts")
+            if isinstance(sent, int):
+                log.debug("assignment.received", lag_ms=int(time.time() * 1000) - sent)
             await self._on_assigned(room_id, event, payload)
         elif isinstance(payload, ev.TaskCancelled | ev.TaskTimedOut) and payload.attempt:
             await self._on_stop(event, payload)

@@ -1,0 +1,147 @@
+"""The outbox's ordering, concurrency and outage rules, with a scripted sender.
+
+(The outbox against real homeservers is exercised by the node tests, including an outage.)"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from mautrix.errors import MatrixConnectionError, MatrixUnknownRequestError
+
+from cis_bot.matrix.outbox import Outbox, Outgoing
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.done: list[str] = []
+        self.txns: dict[str, list[str]] = {}
+        self.gates: dict[str, asyncio.Event] = {}
+        self.fail: dict[str, list[BaseException]] = {}
+        self.max_in_flight = 0
+        self._in_flight = 0
+
+    async def send(self, item: Outgoing) -> str:
+        name = item.content["n"]
+        self.started.append(name)
+        self.txns.setdefault(name, []).append(item.txn_id)
+        self._in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        try:
+            if name in self.gates:
+                await self.gates[name].wait()
+            else:
+                await asyncio.sleep(0)
+            if self.fail.get(name):
+                raise self.fail[name].pop(0)
+        finally:
+            self._in_flight -= 1
+        self.done.append(name)
+        return f"$ev-{name}"
+
+
+def item(name: str, key: str | None = "k", **kw: object) -> Outgoing:
+    return Outgoing("t", {"n": name}, key=key, **kw)  # type: ignore[arg-type]
+
+
+async def test_same_key_in_order_other_keys_overlap() -> None:
+    r = Recorder()
+    r.gates["a1"] = asyncio.Event()
+    box = Outbox(r.send, concurrency=4)
+    box.start()
+    for post in (item("a1", "a"), item("a2", "a"), item("b1", "b"), item("b2", "b")):
+        box.post(post)
+    await asyncio.sleep(0.01)
+    assert r.started == ["a1", "b1", "b2"]  # a2 waits behind a1; b goes on
+    r.gates["a1"].set()
+    assert await box.flush(timeout=2)
+    assert r.done.index("a1") < r.done.index("a2")
+    await box.close()
+
+
+async def test_a_barrier_waits_for_everything_before_and_holds_everything_after() -> None:
+    r = Recorder()
+    r.gates["x"] = asyncio.Event()
+    box = Outbox(r.send, concurrency=8)
+    box.start()
+    box.post(item("x", "a"))
+    box.post(item("end", None))
+    box.post(item("later", "b"))
+    await asyncio.sleep(0.01)
+    assert r.started == ["x"]
+    r.gates["x"].set()
+    assert await box.flush(timeout=2)
+    assert r.done == ["x", "end", "later"]
+    await box.close()
+
+
+async def test_concurrency_is_bounded() -> None:
+    r = Recorder()
+    box = Outbox(r.send, concurrency=3)
+    box.start()
+    for i in range(30):
+        box.post(item(f"e{i}", f"k{i}"))
+    assert await box.flush(timeout=2)
+    assert r.max_in_flight <= 3
+    assert sorted(r.done) == sorted(f"e{i}" for i in range(30))
+    await box.close()
+
+
+async def test_outage_retries_with_the_same_transaction_id_and_loses_nothing() -> None:
+    r = Recorder()
+    r.fail["a"] = [MatrixConnectionError("down"), MatrixUnknownRequestError(502, "down")]
+    box = Outbox(r.send, retry_initial_secs=0.01, retry_max_secs=0.02)
+    box.start()
+    box.post(item("a", "k"))
+    box.post(item("b", "k"))
+    assert await box.flush(timeout=2)
+    assert r.done == ["a", "b"]
+    assert len(r.txns["a"]) == 3 and len(set(r.txns["a"])) == 1
+    assert not box.offline
+    await box.close()
+
+
+async def test_a_refused_event_is_skipped_and_a_bug_costs_one_event() -> None:
+    r = Recorder()
+    r.fail["bad"] = [MatrixUnknownRequestError(403, "no", "M_FORBIDDEN")]
+    r.fail["buggy"] = [ValueError("oops")]
+    box = Outbox(r.send)
+    box.start()
+    for name in ("bad", "buggy", "fine"):
+        box.post(item(name))
+    assert await box.flush(timeout=2)
+    assert r.done == ["fine"]
+    assert box.rejected == 2
+    await box.close()
+
+
+async def test_when_full_output_samples_go_first_and_state_never() -> None:
+    r = Recorder()
+    r.gates["head"] = asyncio.Event()
+    box = Outbox(r.send, limit=3, concurrency=1)
+    box.start()
+    box.post(item("head"))
+    await asyncio.sleep(0.01)
+    box.post(item("sample1", droppable=True))
+    box.post(item("state1"))
+    box.post(item("state2"))  # full: the oldest sample makes room
+    box.post(item("sample2", droppable=True))  # full, nothing droppable but itself
+    box.post(item("state3"))  # never dropped: the queue grows past its limit instead
+    r.gates["head"].set()
+    assert await box.flush(timeout=2)
+    assert r.done == ["head", "state1", "state2", "state3"]
+    assert box.dropped == 2
+    await box.close()
+
+
+@pytest.mark.parametrize("concurrency", [1, 8])
+async def test_flush_times_out_while_the_homeserver_is_away(concurrency: int) -> None:
+    r = Recorder()
+    r.fail["a"] = [MatrixConnectionError("down")] * 1000
+    box = Outbox(r.send, concurrency=concurrency, retry_initial_secs=0.01, retry_max_secs=0.01)
+    box.start()
+    box.post(item("a"))
+    assert not await box.flush(timeout=0.2)
+    assert box.offline and box.pending == 1
+    await box.close()

@@ -77,9 +77,11 @@ class Connection:
     homeserver: Any = None
 
     async def close(self) -> None:
-        await self.node.stop()
+        # The homeserver first: its appservice pusher must not be left waiting on our
+        # appservice endpoint once that is gone.
         if self.homeserver is not None:
             await self.homeserver.stop()
+        await self.node.stop()
 
 
 def run_alias_prefix(config: Config) -> str:

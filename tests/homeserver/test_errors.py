@@ -66,7 +66,7 @@ async def test_tokens(users: Users) -> None:
 
 
 async def test_not_joined(users: Users) -> None:
-    alice, mallory = await users.new("alice"), await users.new("mallory")
+    alice, mallory = await users.many("alice", "mallory")
     room_id = await alice.create_room()
     base = f"{CS}/rooms/{q(room_id)}"
     for method, path, body in (

@@ -29,7 +29,7 @@ async def upload(client: MatrixClient, data: bytes, content_type: str, filename:
 
 
 async def test_upload_and_download(users: Users) -> None:
-    alice, bob = await users.new("alice"), await users.new("bob")
+    alice, bob = await users.many("alice", "bob")
     data = os.urandom(3000)
     uri = await upload(alice, data, "application/octet-stream", "blob.bin")
     server_name, media_id = uri[len("mxc://") :].split("/", 1)

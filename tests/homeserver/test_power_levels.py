@@ -37,7 +37,7 @@ async def test_power_levels_can_be_fetched(users: Users) -> None:
 
 
 async def test_power_levels_can_be_set(users: Users) -> None:
-    alice, bob = await users.new("alice"), await users.new("bob")
+    alice, bob = await users.many("alice", "bob")
     room_id = await alice.create_room(preset="public_chat")
     await bob.join(room_id)
     current = await alice.get_state(room_id, "m.room.power_levels")
@@ -49,7 +49,7 @@ async def test_power_levels_can_be_set(users: Users) -> None:
 
 
 async def test_power_levels_enforced(users: Users) -> None:
-    alice, bob = await users.new("alice"), await users.new("bob")
+    alice, bob = await users.many("alice", "bob")
     room_id = await alice.create_room(
         preset="public_chat",
         power_level_content_override={"events": {"cis.test.guarded": 60, "m.room.name": 50}},
@@ -79,7 +79,7 @@ async def test_power_levels_enforced(users: Users) -> None:
 
 
 async def test_demoting_users_via_users_default(users: Users) -> None:
-    alice, bob = await users.new("alice"), await users.new("bob")
+    alice, bob = await users.many("alice", "bob")
     override = {
         "users_default": 100,
         "users": {bob.user_id: 100},
@@ -108,7 +108,7 @@ async def test_power_levels_bad_content(users: Users) -> None:
 async def test_power_levels_shapes_match(pair: Pair) -> None:
     answers = {}
     for name, users in pair.each():
-        alice, bob = await users.new("alice"), await users.new("bob")
+        alice, bob = await users.many("alice", "bob")
         room_id = await alice.create_room(preset="public_chat")
         await bob.join(room_id)
         base = f"{CS}/rooms/{q(room_id)}"

@@ -58,7 +58,7 @@ async def test_create_room_minimal(users: Users) -> None:
 
 
 async def test_create_room_with_everything(users: Users) -> None:
-    alice, bob = await users.new("alice"), await users.new("bob")
+    alice, bob = await users.many("alice", "bob")
     alias_local = unique("room")
     room_id = await alice.create_room(
         preset="private_chat",
@@ -95,7 +95,7 @@ async def test_create_room_with_everything(users: Users) -> None:
 
 
 async def test_create_room_presets(users: Users) -> None:
-    alice, bob = await users.new("alice"), await users.new("bob")
+    alice, bob = await users.many("alice", "bob")
     public = await alice.create_room(preset="public_chat")
     assert (await alice.get_state(public, "m.room.join_rules")) == {"join_rule": "public"}
     assert (await alice.get_state(public, "m.room.history_visibility")) == {
@@ -124,7 +124,7 @@ async def test_create_room_presets(users: Users) -> None:
 
 
 async def test_room_alias(users: Users) -> None:
-    alice, bob = await users.new("alice"), await users.new("bob")
+    alice, bob = await users.many("alice", "bob")
     alias_local = unique("alias")
     alias = f"#{alias_local}:{users.server.server_name}"
     room_id = await alice.create_room(preset="public_chat", room_alias_name=alias_local)
@@ -174,7 +174,7 @@ async def test_create_room_shapes_match(pair: Pair) -> None:
     sequences: dict[str, list[tuple[str, str]]] = {}
     answers: dict[str, Any] = {}
     for name, users in pair.each():
-        alice, bob = await users.new("alice"), await users.new("bob")
+        alice, bob = await users.many("alice", "bob")
         room_id = await alice.create_room(
             preset="private_chat",
             name="n",

@@ -80,7 +80,7 @@ async def test_messages_filter(users: Users) -> None:
 
 
 async def test_messages_bad_input(users: Users) -> None:
-    alice, mallory = await users.new("alice"), await users.new("mallory")
+    alice, mallory = await users.many("alice", "mallory")
     room_id = await alice.create_room()
     path = f"{CS}/rooms/{q(room_id)}/messages"
     (await alice.request("GET", path, params={"dir": "sideways"})).expect(400, "M_INVALID_PARAM")
@@ -93,7 +93,7 @@ async def test_messages_bad_input(users: Users) -> None:
 
 
 async def test_get_single_event(users: Users) -> None:
-    alice, mallory = await users.new("alice"), await users.new("mallory")
+    alice, mallory = await users.many("alice", "mallory")
     room_id = await alice.create_room()
     event_id = await alice.send_text(room_id, "one")
     event = await alice.ok("GET", f"{CS}/rooms/{q(room_id)}/event/{q(event_id)}")
@@ -108,7 +108,7 @@ async def test_get_single_event(users: Users) -> None:
 
 
 async def test_send_needs_membership(users: Users) -> None:
-    alice, mallory = await users.new("alice"), await users.new("mallory")
+    alice, mallory = await users.many("alice", "mallory")
     room_id = await alice.create_room(preset="public_chat")
     path = f"{CS}/rooms/{q(room_id)}/send/m.room.message/t1"
     body = {"msgtype": "m.text", "body": "hi"}

@@ -58,7 +58,7 @@ async def test_put_state_event(users: Users) -> None:
 
 
 async def test_state_needs_membership(users: Users) -> None:
-    alice, mallory = await users.new("alice"), await users.new("mallory")
+    alice, mallory = await users.many("alice", "mallory")
     room_id = await alice.create_room(name="private")
     for path in (
         f"{CS}/rooms/{q(room_id)}/state/m.room.name",
@@ -73,7 +73,7 @@ async def test_state_needs_membership(users: Users) -> None:
 
 
 async def test_members_and_joined_members(users: Users) -> None:
-    alice, bob, carol = await users.new("alice"), await users.new("bob"), await users.new("carol")
+    alice, bob, carol = await users.many("alice", "bob", "carol")
     room_id = await alice.create_room(preset="public_chat", invite=[carol.user_id])
     await bob.join(room_id)
 

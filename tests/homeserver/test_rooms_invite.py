@@ -10,7 +10,7 @@ from tests.support.shape import assert_same_shape
 
 
 async def test_invite_then_join(users: Users) -> None:
-    alice, bob = await users.new("alice"), await users.new("bob")
+    alice, bob = await users.many("alice", "bob")
     room_id = await alice.create_room(preset="private_chat")
     (await bob.request("POST", f"{CS}/join/{q(room_id)}", {})).expect(403, "M_FORBIDDEN")
     assert await alice.ok("POST", f"{CS}/rooms/{q(room_id)}/invite", {"user_id": bob.user_id}) == {}
@@ -42,7 +42,7 @@ async def test_invite_errors(users: Users) -> None:
 
 
 async def test_reject_invite(users: Users) -> None:
-    alice, bob = await users.new("alice"), await users.new("bob")
+    alice, bob = await users.many("alice", "bob")
     room_id = await alice.create_room(preset="private_chat", invite=[bob.user_id])
     assert await bob.ok("POST", f"{CS}/rooms/{q(room_id)}/leave", {}) == {}
     member = await alice.get_state(room_id, "m.room.member", str(bob.user_id))
@@ -51,7 +51,7 @@ async def test_reject_invite(users: Users) -> None:
 
 
 async def test_invite_with_reason(users: Users) -> None:
-    alice, bob = await users.new("alice"), await users.new("bob")
+    alice, bob = await users.many("alice", "bob")
     room_id = await alice.create_room()
     await alice.ok(
         "POST", f"{CS}/rooms/{q(room_id)}/invite", {"user_id": bob.user_id, "reason": "come in"}
@@ -62,7 +62,7 @@ async def test_invite_with_reason(users: Users) -> None:
 
 
 async def test_kick_and_leave(users: Users) -> None:
-    alice, bob, carol = await users.new("alice"), await users.new("bob"), await users.new("carol")
+    alice, bob, carol = await users.many("alice", "bob", "carol")
     room_id = await alice.create_room(preset="public_chat")
     await bob.join(room_id)
     await carol.join(room_id)
@@ -105,7 +105,7 @@ async def test_join_unknown_room(users: Users) -> None:
 async def test_rooms_invite_shapes_match(pair: Pair) -> None:
     answers = {}
     for name, users in pair.each():
-        alice, bob = await users.new("alice"), await users.new("bob")
+        alice, bob = await users.many("alice", "bob")
         room_id = await alice.create_room(preset="private_chat")
         base = f"{CS}/rooms/{q(room_id)}"
         answers[name] = {

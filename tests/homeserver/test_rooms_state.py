@@ -22,7 +22,7 @@ async def test_parallel_state_changes_all_land(users: Users) -> None:
 
 
 async def test_state_change_reaches_other_members_by_sync(users: Users) -> None:
-    alice, bob = await users.new("alice"), await users.new("bob")
+    alice, bob = await users.many("alice", "bob")
     room_id = await alice.create_room(preset="public_chat")
     await bob.join(room_id)
     first = await bob.sync_until(lambda body: room_id in body["rooms"].get("join", {}))

@@ -51,7 +51,7 @@ async def test_incremental_sync_has_only_new_events(users: Users) -> None:
 
 
 async def test_sync_long_poll_wakes_on_new_event(users: Users) -> None:
-    alice, bob = await users.new("alice"), await users.new("bob")
+    alice, bob = await users.many("alice", "bob")
     room_id = await alice.create_room(preset="public_chat")
     await bob.join(room_id)
     position = (await bob.sync())["next_batch"]
@@ -67,7 +67,7 @@ async def test_sync_long_poll_wakes_on_new_event(users: Users) -> None:
 
 
 async def test_sync_invite_and_leave(users: Users) -> None:
-    alice, bob = await users.new("alice"), await users.new("bob")
+    alice, bob = await users.many("alice", "bob")
     room_id = await alice.create_room(name="invited", preset="private_chat")
     position = (await bob.sync())["next_batch"]
     await alice.invite(room_id, str(bob.user_id))
@@ -144,7 +144,7 @@ async def test_sync_bad_input(users: Users) -> None:
 async def test_sync_shapes_match(pair: Pair) -> None:
     answers = {}
     for name, users in pair.each():
-        alice, bob = await users.new("alice"), await users.new("bob")
+        alice, bob = await users.many("alice", "bob")
         room_id = await alice.create_room(name="n", preset="private_chat")
         event_id = await alice.send_text(room_id, "hello")
         initial = await alice.sync_until(has_event(event_id, room_id))

@@ -26,7 +26,7 @@ async def test_filter_create_and_get(users: Users) -> None:
 
 
 async def test_filter_errors(users: Users) -> None:
-    alice, bob = await users.new("alice"), await users.new("bob")
+    alice, bob = await users.many("alice", "bob")
     mine = f"{CS}/user/{q(str(alice.user_id))}/filter"
     filter_id = (await alice.ok("POST", mine, {}))["filter_id"]
     (await bob.request("POST", mine, {})).expect(403, "M_FORBIDDEN")

@@ -47,8 +47,16 @@ class EmbeddedServer(HomeserverUnderTest):
         return command
 
     def _register(self, localpart: str, password: str, admin: bool) -> None:
+        # add-user gives no token: create_user then logs in with the password.
         command = self._cis(
-            "add-user", "--state-dir", str(self.state_dir), localpart, "--password", password
+            "add-user",
+            "--state-dir",
+            str(self.state_dir),
+            "--server-name",
+            self.server_name,
+            localpart,
+            "--password",
+            password,
         )
         if admin:
             command.append("--admin")

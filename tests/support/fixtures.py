@@ -12,6 +12,7 @@ A server that cannot start fails the test with its log tail; nothing here skips.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,12 @@ class Users:
     async def new(self, prefix: str = "u", admin: bool = False) -> MatrixClient:
         user_id, token = await self.server.create_user(unique(prefix), admin=admin)
         return self.client(user_id=user_id, token=token)
+
+    async def many(self, *prefixes: str) -> list[MatrixClient]:
+        """Several fresh accounts, created concurrently (account creation is the slow part of
+        most tests: Synapse hashes passwords, the embedded server runs ``cis homeserver
+        add-user``)."""
+        return list(await asyncio.gather(*(self.new(prefix) for prefix in prefixes)))
 
     def client(self, *, user_id: str | None = None, token: str | None = None) -> MatrixClient:
         return MatrixClient(self.http, self.server.base_url, user_id=user_id, token=token)

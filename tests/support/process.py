@@ -107,8 +107,8 @@ class HomeserverUnderTest(abc.ABC):
         """argv that runs the server in the foreground on ``self.port``."""
 
     @abc.abstractmethod
-    def _register(self, localpart: str, password: str, admin: bool) -> None:
-        """Create a local account (the server is running)."""
+    def _register(self, localpart: str, password: str, admin: bool) -> str | None:
+        """Create a local account (the server is running); its access token if that gave one."""
 
     def _log_files(self) -> list[Path]:
         return [self.log_path]
@@ -242,8 +242,10 @@ class HomeserverUnderTest(abc.ABC):
     ) -> tuple[str, str]:
         """Create a local account and log it in: (user_id, access_token)."""
         password = password or f"pw-{os.urandom(8).hex()}"
-        self._register(localpart, password, admin)
+        token = self._register(localpart, password, admin)
         self._passwords[localpart] = password
+        if token is not None:
+            return self.user_id(localpart), token
         return self.login_sync(localpart)
 
     async def create_user(

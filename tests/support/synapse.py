@@ -188,6 +188,8 @@ class SynapseServer(HomeserverUnderTest):
                 # Below Synapse's 200 MiB request cap, so an upload over it gets the upload
                 # servlet's 413 M_TOO_LARGE rather than an aborted connection.
                 "max_upload_size": "4M",
+                # Cheap password hashing: tests create hundreds of accounts.
+                "bcrypt_rounds": 4,
                 "app_service_config_files": [str(path) for path in self.appservice_files],
                 **RATE_LIMITS,
                 **self.extra_config,
@@ -195,7 +197,7 @@ class SynapseServer(HomeserverUnderTest):
         )
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
-    def _register(self, localpart: str, password: str, admin: bool) -> None:
+    def _register(self, localpart: str, password: str, admin: bool) -> str:
         """Synapse's shared-secret registration (``/_synapse/admin/v1/register``)."""
         url = f"{self.base_url}/_synapse/admin/v1/register"
         status, answer = http_json("GET", url)
@@ -226,6 +228,7 @@ class SynapseServer(HomeserverUnderTest):
         )
         if status != 200:
             raise RuntimeError(f"synapse register {localpart}: {status} {answer}")
+        return str(answer["access_token"])
 
 
 def _main() -> None:

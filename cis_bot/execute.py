@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
+import os
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -75,6 +77,7 @@ class Connection:
 
     node: Node
     homeserver: Any = None
+    lock: Any = None
 
     async def close(self) -> None:
         # The homeserver first: its appservice pusher must not be left waiting on our
@@ -82,6 +85,28 @@ class Connection:
         if self.homeserver is not None:
             await self.homeserver.stop()
         await self.node.stop()
+        if self.lock is not None:
+            self.lock.close()
+
+
+def _lock_state(hs_dir: Path) -> Any:
+    """One process at a time owns an embedded homeserver's database."""
+    handle = (hs_dir / "lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(
+            f"the local homeserver in {hs_dir} is in use by {holder}; wait for it to finish "
+            "or give another --state-dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"cis (pid {os.getpid()})")
+    handle.flush()
+    return handle
 
 
 def run_alias_prefix(config: Config) -> str:
@@ -105,10 +130,15 @@ async def connect_local(state_dir: Path, server_name: str, alias_prefix: str) ->
         as_token=secrets.token_urlsafe(32),
         hs_token=secrets.token_urlsafe(32),
     )
-    node = Node(identity)
-    port = await node.listen()
     hs_dir = state_dir / "homeserver"
     hs_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_state(hs_dir)
+    node = Node(identity)
+    try:
+        port = await node.listen()
+    except BaseException:
+        lock.close()
+        raise
     registration = hs_dir / "local-node.yaml"
     registration.write_text(
         yaml.safe_dump(
@@ -123,10 +153,11 @@ async def connect_local(state_dir: Path, server_name: str, alias_prefix: str) ->
         await homeserver.start()
         await node.connect(homeserver.base_url)
     except BaseException:
-        await node.stop()
         await homeserver.stop()
+        await node.stop()
+        lock.close()
         raise
-    return Connection(node, homeserver)
+    return Connection(node, homeserver, lock)
 
 
 async def connect_configured(config: Config, *, serve: bool = True) -> Connection:

@@ -56,6 +56,16 @@ def test_hello_example_completes_with_a_json_report(tmp_path: Path) -> None:
     assert json.loads((run_dir / "report.json").read_text()) == report
 
 
+@pytest.mark.parametrize(
+    "example",
+    sorted(p.name for p in (REPO / "examples").iterdir() if p.name != "config.toml"),
+)
+def test_every_example_runs_to_completion(example: str, tmp_path: Path) -> None:
+    code, report = execute_json(REPO / "examples" / example, tmp_path)
+    assert code == 0, report
+    assert {t["status"] for t in report["tasks"].values()} == {"completed"}
+
+
 def test_failure_exits_1_skips_downstream_and_keeps_the_exit_code(tmp_path: Path) -> None:
     dag = write(
         tmp_path,

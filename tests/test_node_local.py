@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +100,31 @@ def test_federation_mode_says_it_is_not_there_yet(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "not implemented yet" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_second_local_run_on_the_same_state_dir_is_refused_clearly(tmp_path: Path) -> None:
+    dag = tmp_path / "slow.toml"
+    dag.write_text('[[tasks]]\nid = "wait"\ncommand = "touch started; sleep 30"\n')
+    state = tmp_path / "state"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "cis_bot", "dag", "execute", "--local", str(dag), "--json"]
+        + ["--state-dir", str(state)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "CIS_CONFIG": os.devnull},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "started").exists():
+            assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        second = cis("dag", "execute", "--local", str(REPO / "examples" / "hello.toml"),
+                     "--state-dir", str(state))  # fmt: skip
+        assert second.returncode == 2
+        assert "in use by cis (pid" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=30)
+    assert first.returncode == 1  # cancelled

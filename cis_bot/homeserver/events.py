@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from cis_bot.homeserver.room_versions import RoomVersion
 
 MEMBER = "m.room.member"
+MESSAGE = "m.room.message"
 CREATE = "m.room.create"
 POWER_LEVELS = "m.room.power_levels"
 JOIN_RULES = "m.room.join_rules"

@@ -201,12 +201,16 @@ class AuthHandler:
         return user_id
 
     def new_session(
-        self, user_id: str, device_id: str | None, display_name: str | None = None
+        self,
+        user_id: str,
+        device_id: str | None,
+        display_name: str | None = None,
+        ip: str | None = None,
     ) -> tuple[str, str]:
         """Create an access token for a (possibly new) device: (device_id, token)."""
         device = device_id or generate_device_id()
         token = generate_access_token(user_id)
-        self.store.add_access_token(token, user_id, device)
+        self.store.add_access_token(token, user_id, device, ip)
         if display_name is not None:
             self.store.set_device_display_name(user_id, device, display_name)
         return device, token

@@ -114,6 +114,39 @@ def _deepmerge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+def _ensure_strings(content: dict[str, Any], keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if key not in content:
+            raise bad_request(f"'{key}' not in content")
+        if not isinstance(content[key], str):
+            raise bad_request(f"'{key}' not a string type")
+
+
+def validate_builder(
+    room: RoomState, event_type: str, state_key: str | None, content: dict[str, Any]
+) -> None:
+    """Synapse's EventValidator.validate_builder: shape checks on well-known event types."""
+    if event_type == ev.MESSAGE:
+        _ensure_strings(content, ("body", "msgtype"))
+        return
+    if event_type in (ev.TOPIC, ev.NAME):
+        _ensure_strings(content, ("topic",) if event_type == ev.TOPIC else ("name",))
+    elif event_type == ev.MEMBER:
+        if "membership" not in content:
+            raise bad_request("Content has not membership key")
+        if content["membership"] not in event_auth.MEMBERSHIPS:
+            raise bad_request("Invalid membership key")
+    elif event_type == ev.TOMBSTONE:
+        if "replacement_room" not in content:
+            raise bad_request("Content has no replacement_room key")
+        if content["replacement_room"] == room.room_id:
+            raise bad_request("Tombstone cannot reference the room it was sent in")
+    else:
+        return
+    if state_key is None:
+        raise bad_request(f"'{event_type}' must be state events")
+
+
 @attrs.define
 class RoomState:
     room_id: str
@@ -379,6 +412,7 @@ class RoomHandler:
         redacts: str | None,
         skip_auth: bool,
     ) -> dict[str, Any]:
+        validate_builder(room, event_type, state_key, content)
         for name, value in (("type", event_type), ("state_key", state_key)):
             if value is not None and len(value.encode("utf-8")) > 255:
                 raise MatrixError(413, TOO_LARGE, f"'{name}' too large")
@@ -708,12 +742,19 @@ class RoomHandler:
             raise forbidden("Unknown room")
         current = room.state.get((ev.MEMBER, target))
         current_membership = current.membership if current is not None else None
-        if action == "unban" and current_membership != "ban":
-            raise forbidden(f"{target} is not banned")  # Synapse: only unban the banned
-        if action == "kick" and current_membership not in ("join", "invite", "knock"):
-            raise forbidden(f"{target} is not in the room")
-        if effective == "leave" and target == requester.user_id and current_membership is None:
-            raise forbidden(f"User {target} is not in the room")
+        if current is not None:
+            if action == "unban" and current_membership != "ban":
+                raise MatrixError(
+                    403,
+                    "M_BAD_STATE",
+                    f"Cannot unban user who was not banned (membership={current_membership})",
+                )
+            if current_membership == "ban" and action not in ("ban", "unban", "leave"):
+                raise MatrixError(403, "M_BAD_STATE", f"Cannot {action} user who was banned")
+            if current_membership in ("ban", "leave") and action == "kick":
+                raise forbidden("The target user is not in the room")
+        elif action == "kick":
+            raise forbidden("The target user is not in the room")
         body = self._member_content(effective, target, content)
         if (
             current is not None

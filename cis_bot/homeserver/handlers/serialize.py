@@ -69,6 +69,7 @@ class Serializer:
                 unsigned["prev_sender"] = previous.sender
         if event.redacted_by is not None:
             redaction = self.store.get_event(event.redacted_by)
+            unsigned["redacted_by"] = event.redacted_by
             if redaction is not None:
                 unsigned["redacted_because"] = self.client_event(
                     redaction, fmt, txn_scope=txn_scope, now_ms=now

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from cis_bot.homeserver import events as ev
-from cis_bot.homeserver.errors import bad_request
+from cis_bot.homeserver.errors import MatrixError, bad_request
 from cis_bot.homeserver.filtering import EventFilter, FilterCollection
 
 if TYPE_CHECKING:
@@ -46,7 +46,15 @@ class SyncToken:
             stream, _, typing = raw[1:].partition("_")
             return cls(int(stream), int(typing or 0))
         except ValueError:
-            raise bad_request(f"Invalid stream token {raw!r}", "M_INVALID_PARAM") from None
+            raise bad_request("Invalid stream token") from None
+
+
+def is_pagination_token(raw: str) -> bool:
+    try:
+        parse_pagination_token(raw)
+    except MatrixError:
+        return False
+    return True
 
 
 def parse_pagination_token(raw: str) -> int:
@@ -58,7 +66,7 @@ def parse_pagination_token(raw: str) -> int:
             return int(raw[1:].split("_", 1)[0])
     except ValueError:
         pass
-    raise bad_request(f"Invalid stream token {raw!r}", "M_INVALID_PARAM")
+    raise bad_request(f"Invalid stream token {raw!r}")
 
 
 def stripped_state(room: RoomState) -> list[dict[str, Any]]:
@@ -185,6 +193,16 @@ class SyncHandler:
         account_data = self._global_account_data(user_id, since, now, filters)
         if account_data:
             response["account_data"] = {"events": account_data}
+        device_lists: dict[str, list[str]] = {}
+        if since is not None:
+            changed, gone = self._device_list_changes(user_id, since.stream, now.stream)
+            if changed:
+                device_lists["changed"] = changed
+            if gone:
+                device_lists["left"] = gone
+            response["device_lists"] = device_lists
+            if not device_lists:
+                del response["device_lists"]
         response["device_one_time_keys_count"] = {"signed_curve25519": 0}
         response["device_unused_fallback_key_types"] = []
         rooms: dict[str, Any] = {}
@@ -196,7 +214,62 @@ class SyncHandler:
             rooms["leave"] = left
         if rooms:
             response["rooms"] = rooms
-        return response, bool(rooms or account_data)
+        return response, bool(rooms or account_data or device_lists)
+
+    def _device_list_changes(
+        self, user_id: str, after: int, upto: int
+    ) -> tuple[list[str], list[str]]:
+        """Synapse's device_lists for a client without E2EE keys: users who newly share a room
+        with ``user_id`` ("changed": their devices became relevant) and users who no longer
+        share any ("left")."""
+        if after >= upto:
+            return [], []
+        shared_now: set[str] = set()
+        joined_rooms = []
+        for row in self.store.memberships_for_user(user_id):
+            if row.membership == "join":
+                room = self.rooms.get(row.room_id)
+                if room is not None:
+                    shared_now |= room.joined
+                    joined_rooms.append(room)
+        changed: list[str] = []
+        gone: list[str] = []
+        rooms_touched = {row.room_id for row in self.store.membership_changes(user_id, after, upto)}
+        rooms_touched |= {room.room_id for room in joined_rooms}
+        for room_id in rooms_touched:
+            for event in self.store.room_events(
+                room_id, after=after, upto=upto, limit=10_000, backwards=False, types=[ev.MEMBER]
+            ):
+                target = event.state_key
+                if target is None:
+                    continue
+                if event.membership == "join" and target in shared_now:
+                    if target == user_id:
+                        # We joined: everyone already there is new to us.
+                        room = self.rooms.get(room_id)
+                        for member in sorted(room.joined if room is not None else ()):
+                            if member not in changed and member != user_id:
+                                changed.append(member)
+                    if target not in changed:
+                        changed.append(target)
+                elif event.membership in ("leave", "ban"):
+                    candidates = [target]
+                    if target == user_id:
+                        previous = self.store.state_ids_at(room_id, event.stream - 1)
+                        members = self.store.get_events(
+                            v for (t, _), v in previous.items() if t == ev.MEMBER
+                        )
+                        candidates = [
+                            member.state_key
+                            for member in members.values()
+                            if member.membership == "join"
+                            and member.state_key not in (None, user_id)
+                        ]
+                    for candidate in candidates:
+                        if candidate and candidate not in shared_now and candidate not in gone:
+                            gone.append(candidate)
+        changed = [u for u in changed if u in shared_now]
+        return changed, [u for u in gone if u not in shared_now]
 
     def _membership_at(self, user_id: str, room_id: str, stream: int) -> str | None:
         row = self.store.membership_at(user_id, room_id, stream)

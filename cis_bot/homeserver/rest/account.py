@@ -111,7 +111,7 @@ async def login(request: RestRequest) -> Result:
             raise bad_request(f"Unknown login type {login_type}")
         assert isinstance(password, str)
         user_id = await hs.auth.check_password(user, password)
-    device, token = hs.auth.new_session(user_id, device_id, display_name)
+    device, token = hs.auth.new_session(user_id, device_id, display_name, request.raw.peer)
     return 200, {
         "user_id": user_id,
         "access_token": token,
@@ -165,10 +165,12 @@ async def register(request: RestRequest) -> Result:
         result: dict[str, Any] = {"user_id": user_id, "home_server": hs.server_name}
         if not body.get("inhibit_login", False):
             device_id = body.get("device_id")
+            name = body.get("initial_device_display_name")
             device, access_token = hs.auth.new_session(
                 user_id,
                 device_id if isinstance(device_id, str) else None,
-                body.get("initial_device_display_name"),
+                name if isinstance(name, str) else None,
+                request.raw.peer,
             )
             result.update({"access_token": access_token, "device_id": device})
         return 200, result
@@ -220,7 +222,7 @@ def _profile_row(request: RestRequest, user_id: str) -> Any:
         raise bad_request(f"Invalid user id: {user_id}", INVALID_PARAM) from None
     row = request.hs.store.get_user(user_id)
     if row is None:
-        raise not_found("Profile was not found")
+        raise MatrixError(404, "M_UNKNOWN", "No row found (profiles)")
     return row
 
 
@@ -268,24 +270,35 @@ async def set_profile_field(request: RestRequest, user_id: str, field: str) -> R
 async def get_devices(request: RestRequest) -> Result:
     requester = request.auth()
     devices = [
-        {"device_id": d, "display_name": name, "last_seen_ts": seen}
-        for d, name, seen in request.hs.store.get_devices(requester.user_id)
+        _device(requester.user_id, *row) for row in request.hs.store.get_devices(requester.user_id)
     ]
     return 200, {"devices": devices}
 
 
+def _device(
+    user_id: str, device_id: str, name: str | None, seen: int | None, ip: str | None
+) -> dict[str, Any]:
+    return {
+        "device_id": device_id,
+        "display_name": name,
+        "last_seen_ip": ip,
+        "last_seen_ts": seen,
+        "user_id": user_id,
+    }
+
+
 async def get_device(request: RestRequest, device_id: str) -> Result:
     requester = request.auth()
-    for d, name, seen in request.hs.store.get_devices(requester.user_id):
-        if d == device_id:
-            return 200, {"device_id": d, "display_name": name, "last_seen_ts": seen}
+    for row in request.hs.store.get_devices(requester.user_id):
+        if row[0] == device_id:
+            return 200, _device(requester.user_id, *row)
     raise not_found("No device found")
 
 
 async def put_device(request: RestRequest, device_id: str) -> Result:
     requester = request.auth()
     body = await request.json()
-    known = {d for d, _, _ in request.hs.store.get_devices(requester.user_id)}
+    known = {row[0] for row in request.hs.store.get_devices(requester.user_id)}
     if device_id not in known:
         raise not_found("Unknown device")
     name = body.get("display_name")
@@ -318,7 +331,7 @@ async def get_filter(request: RestRequest, user_id: str, filter_id: str) -> Resu
     try:
         number = int(filter_id)
     except ValueError:
-        raise bad_request("Invalid filter_id", INVALID_PARAM) from None
+        raise bad_request("Invalid filter_id") from None
     found = request.hs.store.get_filter(user_id, number)
     if found is None:
         raise not_found("No such filter")

@@ -15,7 +15,7 @@ from cis_bot.homeserver.errors import (
     not_found,
 )
 from cis_bot.homeserver.filtering import EventFilter, validate_filter
-from cis_bot.homeserver.handlers.sync import parse_pagination_token
+from cis_bot.homeserver.handlers.sync import is_pagination_token, parse_pagination_token
 from cis_bot.homeserver.ids import parse_user_id
 
 if TYPE_CHECKING:
@@ -180,8 +180,10 @@ async def messages(request: RestRequest, room_id: str) -> Result:
     requester = request.auth()
     hs = request.hs
     direction = request.string("dir", "b", allowed=("b", "f"))
-    limit = request.integer("limit", 10)
-    assert limit is not None
+    try:
+        limit = int(request.query.get("limit") or 10)
+    except ValueError:
+        raise bad_request("Query parameter limit must be an integer", INVALID_PARAM) from None
     raw_filter = request.string("filter")
     event_filter = EventFilter()
     if raw_filter:
@@ -197,6 +199,9 @@ async def messages(request: RestRequest, room_id: str) -> Result:
         event_filter = EventFilter.from_json(parsed)
     start_token = request.string("from")
     end_token = request.string("to")
+    for name, token in (("from", start_token), ("to", end_token)):
+        if token is not None and not is_pagination_token(token):
+            raise bad_request(f"'{name}' parameter is invalid")
     result = hs.pagination.messages(
         requester,
         room_id,
@@ -280,7 +285,7 @@ async def forget(request: RestRequest, room_id: str, txn_id: str | None = None) 
 async def typing(request: RestRequest, room_id: str, user_id: str) -> Result:
     requester = request.auth()
     if requester.user_id != user_id:
-        raise forbidden("Cannot set another user's typing state")
+        raise MatrixError(400, "M_FORBIDDEN", "Cannot set another user's typing state")
     body = await request.json()
     if "typing" not in body:
         raise bad_request("Missing params: ['typing']", MISSING_PARAM)

@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT NOT NULL,
     display_name TEXT,
     last_seen_ts INTEGER,
+    last_seen_ip TEXT,
     PRIMARY KEY (user_id, device_id)
 );
 

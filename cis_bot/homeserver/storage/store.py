@@ -227,7 +227,9 @@ class Store:
         with self.transaction() as conn:
             conn.execute(f"UPDATE users SET {field} = ? WHERE user_id = ?", (value, user_id))
 
-    def add_access_token(self, token: str, user_id: str, device_id: str) -> None:
+    def add_access_token(
+        self, token: str, user_id: str, device_id: str, ip: str | None = None
+    ) -> None:
         with self.transaction() as conn:
             conn.execute(
                 "INSERT INTO access_tokens (token, user_id, device_id, created_ts)"
@@ -235,8 +237,13 @@ class Store:
                 (token, user_id, device_id, now_ms()),
             )
             conn.execute(
-                "INSERT OR IGNORE INTO devices (user_id, device_id, last_seen_ts) VALUES (?, ?, ?)",
-                (user_id, device_id, now_ms()),
+                "INSERT OR IGNORE INTO devices (user_id, device_id) VALUES (?, ?)",
+                (user_id, device_id),
+            )
+            conn.execute(
+                "UPDATE devices SET last_seen_ts = ?, last_seen_ip = ?"
+                " WHERE user_id = ? AND device_id = ?",
+                (now_ms(), ip, user_id, device_id),
             )
 
     def set_device_display_name(self, user_id: str, device_id: str, name: str | None) -> None:
@@ -286,12 +293,13 @@ class Store:
             conn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
         return tokens
 
-    def get_devices(self, user_id: str) -> list[tuple[str, str | None, int | None]]:
+    def get_devices(self, user_id: str) -> list[tuple[str, str | None, int | None, str | None]]:
+        """(device_id, display_name, last_seen_ts, last_seen_ip) of each device."""
         return [
-            (r[0], r[1], r[2])
+            (r[0], r[1], r[2], r[3])
             for r in self.conn.execute(
-                "SELECT device_id, display_name, last_seen_ts FROM devices WHERE user_id = ?"
-                " ORDER BY device_id",
+                "SELECT device_id, display_name, last_seen_ts, last_seen_ip FROM devices"
+                " WHERE user_id = ? ORDER BY device_id",
                 (user_id,),
             )
         ]

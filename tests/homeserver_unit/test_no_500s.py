@@ -1,0 +1,225 @@
+"""Bad input gets a 4xx Matrix error, never a 500: random JSON bodies, query strings and path
+segments thrown at the endpoints clients use, against one in-process server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cis_bot.homeserver.server import EmbeddedHomeserver
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**60), max_value=2**60)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+keys = st.sampled_from(
+    [
+        "name",
+        "topic",
+        "preset",
+        "invite",
+        "initial_state",
+        "room_alias_name",
+        "power_level_content_override",
+        "room_version",
+        "creation_content",
+        "visibility",
+        "msgtype",
+        "body",
+        "membership",
+        "user_id",
+        "reason",
+        "users",
+        "events",
+        "ban",
+        "identifier",
+        "type",
+        "password",
+        "username",
+        "room",
+        "timeline",
+        "limit",
+        "types",
+        "not_types",
+        "rooms",
+        "senders",
+        "state",
+        "event_fields",
+        "alias",
+        "displayname",
+        "typing",
+        "timeout",
+        "m.fully_read",
+        "m.read",
+        "is_direct",
+        "redacts",
+    ]
+)
+bodies = st.one_of(
+    json_values,
+    st.dictionaries(keys, json_values, max_size=6),
+)
+segments = st.text(min_size=0, max_size=12).map(lambda s: quote(s, safe=""))
+
+
+class Rig:
+    def __init__(
+        self,
+        hs: EmbeddedHomeserver,
+        http: aiohttp.ClientSession,
+        token: str,
+        room_id: str,
+        event_id: str,
+    ) -> None:
+        self.hs = hs
+        self.http = http
+        self.token = token
+        self.room_id = room_id
+        self.event_id = event_id
+
+    async def status(
+        self, method: str, path: str, body: Any = None, raw: bytes | None = None
+    ) -> int:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        async with self.http.request(
+            method,
+            self.hs.base_url + path,
+            data=data,
+            headers={"Authorization": f"Bearer {self.token}"},
+        ) as response:
+            payload = await response.read()
+            if response.status >= 500:
+                raise AssertionError(f"{method} {path} -> {response.status} {payload[:300]!r}")
+            if response.status >= 400:
+                decoded = json.loads(payload)
+                assert isinstance(decoded.get("errcode"), str), payload
+                assert isinstance(decoded.get("error"), str), payload
+            return response.status
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One server for the whole module, run on its own loop in this thread's event loop
+    through the helper below (hypothesis drives synchronous test functions)."""
+    loop = asyncio.new_event_loop()
+
+    async def setup() -> Rig:
+        hs = EmbeddedHomeserver(state_dir=tmp_path_factory.mktemp("fuzz") / "state")
+        await hs.start()
+        http = aiohttp.ClientSession()
+        _, password = await hs.add_user("fuzzer")
+        login = {
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": "fuzzer"},
+            "password": password,
+        }
+        async with http.post(f"{hs.base_url}/_matrix/client/v3/login", json=login) as r:
+            token = (await r.json())["access_token"]
+        headers = {"Authorization": f"Bearer {token}"}
+        async with http.post(
+            f"{hs.base_url}/_matrix/client/v3/createRoom", json={"name": "fuzz"}, headers=headers
+        ) as r:
+            room_id = (await r.json())["room_id"]
+        async with http.put(
+            f"{hs.base_url}/_matrix/client/v3/rooms/{room_id}/send/m.room.message/t0",
+            json={"msgtype": "m.text", "body": "x"},
+            headers=headers,
+        ) as r:
+            event_id = (await r.json())["event_id"]
+        return Rig(hs, http, token, room_id, event_id)
+
+    built = loop.run_until_complete(setup())
+    yield loop, built
+
+    async def teardown() -> None:
+        await built.http.close()
+        await built.hs.stop()
+
+    loop.run_until_complete(teardown())
+    loop.close()
+
+
+def _paths(rig: Rig) -> list[tuple[str, str]]:
+    r = quote(rig.room_id, safe="")
+    e = quote(rig.event_id, safe="")
+    return [
+        ("POST", "/_matrix/client/v3/createRoom"),
+        ("PUT", f"/_matrix/client/v3/rooms/{r}/send/m.room.message/fz"),
+        ("PUT", f"/_matrix/client/v3/rooms/{r}/send/org.example.custom/fz2"),
+        ("PUT", f"/_matrix/client/v3/rooms/{r}/state/m.room.power_levels/"),
+        ("PUT", f"/_matrix/client/v3/rooms/{r}/state/m.room.name"),
+        ("PUT", f"/_matrix/client/v3/rooms/{r}/state/m.room.member/%40fuzzer%3Acis.local"),
+        ("PUT", f"/_matrix/client/v3/rooms/{r}/state/m.room.canonical_alias"),
+        ("POST", f"/_matrix/client/v3/rooms/{r}/invite"),
+        ("POST", f"/_matrix/client/v3/rooms/{r}/kick"),
+        ("POST", f"/_matrix/client/v3/rooms/{r}/ban"),
+        ("POST", f"/_matrix/client/v3/rooms/{r}/join"),
+        ("PUT", f"/_matrix/client/v3/rooms/{r}/redact/{e}/fz3"),
+        ("PUT", f"/_matrix/client/v3/rooms/{r}/typing/%40fuzzer%3Acis.local"),
+        ("POST", f"/_matrix/client/v3/rooms/{r}/receipt/m.read/{e}"),
+        ("POST", f"/_matrix/client/v3/rooms/{r}/read_markers"),
+        ("POST", "/_matrix/client/v3/user/%40fuzzer%3Acis.local/filter"),
+        ("PUT", "/_matrix/client/v3/user/%40fuzzer%3Acis.local/account_data/org.x"),
+        ("PUT", "/_matrix/client/v3/profile/%40fuzzer%3Acis.local/displayname"),
+        ("PUT", "/_matrix/client/v3/directory/room/%23fz%3Acis.local"),
+        ("POST", "/_matrix/client/v3/login"),
+        ("POST", "/_matrix/client/v3/register"),
+        ("PUT", "/_matrix/client/v3/pushrules/global/override/fz"),
+        ("POST", "/_matrix/client/v3/publicRooms"),
+    ]
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(choice=st.integers(min_value=0, max_value=10_000), body=bodies)
+def test_random_bodies(rig: Any, choice: int, body: Any) -> None:
+    loop, built = rig
+    paths = _paths(built)
+    method, path = paths[choice % len(paths)]
+    loop.run_until_complete(built.status(method, path, body))
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(a=segments, b=segments, query=st.text(max_size=30))
+def test_random_paths_and_queries(rig: Any, a: str, b: str, query: str) -> None:
+    loop, built = rig
+    q = quote(query, safe="=&")
+    targets = [
+        ("GET", f"/_matrix/client/v3/rooms/{a}/state/{b}?{q}"),
+        ("GET", f"/_matrix/client/v3/rooms/{a}/messages?{q}"),
+        ("GET", f"/_matrix/client/v3/sync?{q}&timeout=0"),
+        ("GET", f"/_matrix/client/v3/rooms/{a}/event/{b}"),
+        ("GET", f"/_matrix/client/v3/directory/room/{a}"),
+        ("GET", f"/_matrix/client/v3/profile/{a}/{b}"),
+        ("POST", f"/_matrix/client/v3/join/{a}?{q}"),
+        ("GET", f"/_matrix/media/v3/download/{a}/{b}"),
+        ("GET", f"/_matrix/client/v3/user/{a}/filter/{b}"),
+        ("PUT", f"/_matrix/client/v3/rooms/{a}/send/{b}/x"),
+    ]
+    for method, path in targets:
+        body = {"msgtype": "m.text", "body": "x"} if method != "GET" else None
+        loop.run_until_complete(built.status(method, path, body))
+
+
+def test_non_json_bodies(rig: Any) -> None:
+    loop, built = rig
+    for raw in (b"", b"{", b"[1,2]", b'"s"', b"\xff\xfe", b"NaN", b'{"a": NaN}', b"{}" * 3):
+        for method, path in _paths(built):
+            loop.run_until_complete(built.status(method, path, raw=raw))

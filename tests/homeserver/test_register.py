@@ -3,10 +3,14 @@ local accounts come from the admin side; appservices register users in their nam
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import aiohttp
 
 from tests.homeserver.conftest import AppserviceRig
 from tests.support.client import CS, MatrixClient, unique
+from tests.support.embedded import EmbeddedServer
 from tests.support.fixtures import Users
 from tests.support.shape import assert_same_shape
 
@@ -118,3 +122,27 @@ async def test_register_shapes_match(
             )
         ).body
     assert_same_shape(answers["synapse"], answers["embedded"])
+
+
+def test_cis_homeserver_add_user_cli(embedded: EmbeddedServer) -> None:
+    """Local accounts come from ``cis homeserver add-user`` (embedded only: Synapse has its
+    own admin API); run here as the real subprocess, against the running server's database."""
+    localpart = unique("cli")
+    embedded.add_user_in_process = False
+    try:
+        user_id, token = embedded.create_user_sync(localpart, password="a-long-password")
+    finally:
+        embedded.add_user_in_process = True
+    assert user_id == f"@{localpart}:{embedded.server_name}"
+    assert token
+    again = subprocess.run(
+        [sys.executable, "-m", "cis_bot", "homeserver", "add-user"]
+        + ["--state-dir", str(embedded.state_dir), localpart, "--password", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert again.returncode == 2, again
+    assert "Traceback" not in again.stderr
+    assert again.stderr.startswith("cis: error:")

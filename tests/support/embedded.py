@@ -21,12 +21,14 @@ class EmbeddedServer(HomeserverUnderTest):
         appservice_files: tuple[Path, ...] = (),
         port: int | None = None,
         python: str = sys.executable,
+        add_user_in_process: bool = True,
     ) -> None:
         super().__init__(
             workdir=workdir, server_name=server_name, appservice_files=appservice_files, port=port
         )
         self.python = python
         self.state_dir = workdir / "state"
+        self.add_user_in_process = add_user_in_process
 
     def _cis(self, *args: str) -> list[str]:
         return [self.python, "-m", "cis_bot", "homeserver", *args]
@@ -48,7 +50,7 @@ class EmbeddedServer(HomeserverUnderTest):
 
     def _register(self, localpart: str, password: str, admin: bool) -> None:
         # add-user gives no token: create_user then logs in with the password.
-        command = self._cis(
+        args = [
             "add-user",
             "--state-dir",
             str(self.state_dir),
@@ -57,9 +59,17 @@ class EmbeddedServer(HomeserverUnderTest):
             localpart,
             "--password",
             password,
-        )
-        if admin:
-            command.append("--admin")
+            *(["--admin"] if admin else []),
+        ]
+        if self.add_user_in_process:
+            # The same CLI code without an interpreter start per account (tests make hundreds).
+            from cis_bot.cli import main
+
+            status = main(["homeserver", *args])
+            if status != 0:
+                raise RuntimeError(f"cis homeserver add-user {localpart} exited {status}")
+            return
+        command = self._cis(*args)
         result = subprocess.run(
             command, capture_output=True, text=True, timeout=60, check=False, cwd=self.workdir
         )

@@ -26,7 +26,7 @@ from cis_bot.homeserver.handlers.sync import SyncHandler
 from cis_bot.homeserver.http.client import HttpClient
 from cis_bot.homeserver.http.server import HttpServer
 from cis_bot.homeserver.ids import check_new_localpart
-from cis_bot.homeserver.rest import account, appservice, media, rooms, sync
+from cis_bot.homeserver.rest import account, appservice, media, misc, rooms, sync
 from cis_bot.homeserver.rest.base import MAX_JSON_BODY, HttpFrontend, Router, error_response
 from cis_bot.homeserver.storage.store import Store, UserExistsError
 
@@ -97,7 +97,7 @@ class Homeserver:
 
 def build_router() -> Router:
     router = Router()
-    for module in (account, rooms, sync, media, appservice):
+    for module in (account, rooms, sync, media, appservice, misc):
         module.register_routes(router)
     return router
 

@@ -61,8 +61,10 @@ def start_or_fail(server: HomeserverUnderTest) -> HomeserverUnderTest:
     try:
         server.start()
     except HomeserverStartError as err:
-        pytest.fail(f"could not start the {server.kind} homeserver: {err}", pytrace=False)
-    return server
+        failure = str(err)
+    else:
+        return server
+    pytest.fail(f"could not start the {server.kind} homeserver: {failure}", pytrace=False)
 
 
 Factory = Callable[..., HomeserverUnderTest]

@@ -17,6 +17,7 @@ from cis_bot.homeserver.appservice.registration import load_registrations
 from cis_bot.homeserver.errors import TOO_LARGE, MatrixError
 from cis_bot.homeserver.handlers.auth import AuthHandler, hash_password
 from cis_bot.homeserver.handlers.ephemeral import ReceiptHandler, TypingHandler
+from cis_bot.homeserver.handlers.notifications import NotificationCounts
 from cis_bot.homeserver.handlers.notifier import Notifier
 from cis_bot.homeserver.handlers.pagination import PaginationHandler
 from cis_bot.homeserver.handlers.pushrules import PushRulesHandler
@@ -75,9 +76,11 @@ class Homeserver:
             appservices=self.appservices,
         )
         self.serializer = Serializer(self.store)
+        self.counts = NotificationCounts(self.store, self.rooms)
+        self.rooms.event_listeners.append(self.counts.on_event)
         self.typing = TypingHandler(self.rooms, self.notifier)
-        self.receipts = ReceiptHandler(self.store, self.rooms, self.notifier)
-        self.push_rules = PushRulesHandler(self.store, self.notifier)
+        self.receipts = ReceiptHandler(self.store, self.rooms, self.notifier, self.counts)
+        self.push_rules = PushRulesHandler(self.store, self.notifier, self.counts)
         self.pagination = PaginationHandler(self.store, self.rooms, self.serializer)
         self.sync = SyncHandler(
             store=self.store,
@@ -87,6 +90,7 @@ class Homeserver:
             typing=self.typing,
             receipts=self.receipts,
             push_rules=self.push_rules,
+            counts=self.counts,
         )
         self.pushers: dict[str, AppservicePusher] = {}
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from cis_bot.homeserver.errors import bad_request, forbidden
 
 if TYPE_CHECKING:
+    from cis_bot.homeserver.handlers.notifications import NotificationCounts
     from cis_bot.homeserver.handlers.notifier import Notifier
     from cis_bot.homeserver.handlers.rooms import RoomHandler
     from cis_bot.homeserver.storage.store import Store
@@ -68,10 +69,17 @@ class TypingHandler:
 
 
 class ReceiptHandler:
-    def __init__(self, store: Store, rooms: RoomHandler, notifier: Notifier) -> None:
+    def __init__(
+        self,
+        store: Store,
+        rooms: RoomHandler,
+        notifier: Notifier,
+        counts: NotificationCounts,
+    ) -> None:
         self.store = store
         self.rooms = rooms
         self.notifier = notifier
+        self.counts = counts
 
     def set_receipt(
         self, room_id: str, user_id: str, receipt_type: str, event_id: str, thread_id: Any
@@ -88,6 +96,7 @@ class ReceiptHandler:
         if thread_id:
             data["thread_id"] = thread_id
         self.store.set_receipt(room_id, receipt_type, user_id, thread_id or "", event_id, data)
+        self.counts.on_read(user_id, room_id)
         self.notifier.notify_users(room.joined)
 
     def receipt_event(

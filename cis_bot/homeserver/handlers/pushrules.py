@@ -14,6 +14,7 @@ from cis_bot.homeserver.errors import MatrixError, bad_request, not_found
 from cis_bot.homeserver.pushrules_defaults import DEFAULT_RULES
 
 if TYPE_CHECKING:
+    from cis_bot.homeserver.handlers.notifications import NotificationCounts
     from cis_bot.homeserver.handlers.notifier import Notifier
     from cis_bot.homeserver.storage.store import Store
 
@@ -33,9 +34,10 @@ def _fill(value: Any, user_id: str, localpart: str) -> Any:
 
 
 class PushRulesHandler:
-    def __init__(self, store: Store, notifier: Notifier) -> None:
+    def __init__(self, store: Store, notifier: Notifier, counts: NotificationCounts) -> None:
         self.store = store
         self.notifier = notifier
+        self.counts = counts
 
     def rules_for(self, user_id: str) -> dict[str, Any]:
         localpart = user_id[1:].split(":", 1)[0]
@@ -81,6 +83,7 @@ class PushRulesHandler:
 
     def _changed(self, user_id: str) -> None:
         self.store.set_account_data(user_id, "", "m.push_rules", self.rules_for(user_id))
+        self.counts.on_rules_changed(user_id)
         self.notifier.notify_users([user_id])
 
     def set_attribute(self, user_id: str, kind: str, rule_id: str, attr: str, body: Any) -> None:

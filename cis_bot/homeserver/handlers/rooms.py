@@ -44,7 +44,7 @@ from cis_bot.homeserver.ids import (
 from cis_bot.homeserver.room_versions import RoomVersion
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from cis_bot.homeserver.appservice.registration import Appservice
     from cis_bot.homeserver.handlers.auth import Requester
@@ -194,6 +194,8 @@ class RoomHandler:
     ) -> None:
         self.store = store
         self.appservices = list(appservices)
+        # Called with (room, event) after each event is persisted (notification counts).
+        self.event_listeners: list[Callable[[RoomState, Event], None]] = []
         self.notifier = notifier
         self.server_name = server_name
         self._rooms: dict[str, RoomState] = {}
@@ -488,6 +490,8 @@ class RoomHandler:
         return ids
 
     def _notify(self, room: RoomState, event: Event) -> None:
+        for listener in self.event_listeners:
+            listener(room, event)
         users = set(room.joined)
         if event.type == ev.MEMBER and event.state_key is not None:
             users.add(event.state_key)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from cis_bot.homeserver.events import Event
     from cis_bot.homeserver.handlers.auth import Requester
     from cis_bot.homeserver.handlers.ephemeral import ReceiptHandler, TypingHandler
+    from cis_bot.homeserver.handlers.notifications import NotificationCounts
     from cis_bot.homeserver.handlers.notifier import Notifier
     from cis_bot.homeserver.handlers.pushrules import PushRulesHandler
     from cis_bot.homeserver.handlers.rooms import RoomHandler, RoomState
@@ -89,6 +90,7 @@ class SyncHandler:
         typing: TypingHandler,
         receipts: ReceiptHandler,
         push_rules: PushRulesHandler,
+        counts: NotificationCounts,
     ) -> None:
         self.store = store
         self.rooms = rooms
@@ -97,6 +99,7 @@ class SyncHandler:
         self.typing = typing
         self.receipts = receipts
         self.push_rules = push_rules
+        self.counts = counts
 
     async def sync(
         self,
@@ -526,7 +529,7 @@ class SyncHandler:
         return {"invite_state": {"events": stripped}}
 
     def _unread(self, room: RoomState, user_id: str) -> dict[str, int]:
-        return {"notification_count": 0, "highlight_count": 0}
+        return self.counts.counts(user_id, room)
 
     def _summary(self, room: RoomState, user_id: str, filters: FilterCollection) -> dict[str, Any]:
         if not filters.state.lazy_load_members:

@@ -710,6 +710,16 @@ class Store:
             )
         ]
 
+    def read_position(self, room_id: str, user_id: str) -> int | None:
+        """Stream position of the event the user's latest read receipt points at."""
+        row = self.conn.execute(
+            "SELECT MAX(e.stream_ordering) FROM receipts r JOIN events e"
+            " ON e.event_id = r.event_id WHERE r.room_id = ? AND r.user_id = ?"
+            " AND r.receipt_type IN ('m.read', 'm.read.private')",
+            (room_id, user_id),
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
     # --- media ----------------------------------------------------------------------------
 
     def add_media(

@@ -247,20 +247,34 @@ async def get_profile_field(request: RestRequest, user_id: str, field: str) -> R
 
 
 async def set_profile_field(request: RestRequest, user_id: str, field: str) -> Result:
+    """Synapse's ProfileFieldRestServlet.on_PUT + ProfileHandler.set_displayname/avatar_url."""
     hs = request.hs
+    try:
+        _, server = split_id(user_id, "@")
+    except ValueError:
+        raise bad_request("Invalid user id", INVALID_PARAM) from None
     requester = request.auth()
-    if requester.user_id != user_id:
-        raise forbidden("Cannot set another user's profile")
     if field not in ("displayname", "avatar_url"):
         raise bad_request(f"Unsupported profile field {field}", INVALID_PARAM)
     body = await request.json()
-    value = body.get(field)
-    if value is not None and not isinstance(value, str):
-        raise bad_request(f"'{field}' must be a string", "M_INVALID_PARAM")
-    if value is not None and len(value) > (256 if field == "displayname" else 1000):
-        raise bad_request(f"{field} is too long", "M_TOO_LARGE")
-    hs.store.set_profile_field(user_id, field, value)
-    hs.rooms.propagate_profile(requester, field, value)
+    if field not in body:
+        raise bad_request(f"Missing key '{field}'", MISSING_PARAM)
+    value = body[field]
+    if server != hs.server_name:
+        raise bad_request("User is not hosted on this homeserver")
+    if requester.user_id != user_id:
+        raise MatrixError(400, FORBIDDEN, f"Cannot set another user's {field}")
+    if not isinstance(value, str):
+        raise bad_request(f"'{field}' must be a string", INVALID_PARAM)
+    if field == "displayname" and len(value) > 256:
+        raise bad_request("Displayname is too long (max 256)")
+    if field == "avatar_url" and len(value) > 1000:
+        raise bad_request("Avatar URL is too long (max 1000)")
+    new_value: str | None = value.strip() if field == "displayname" else value
+    if value == "":
+        new_value = None
+    hs.store.set_profile_field(user_id, field, new_value)
+    hs.rooms.propagate_profile(requester, field, new_value)
     return 200, {}
 
 

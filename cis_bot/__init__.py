@@ -1,4 +1,4 @@
-"""cis_bot: run DAGs of AI agent sessions, with a Matrix room as the bus, the log and the control panel."""
+"""cis_bot: run DAGs of AI agent sessions, with a Matrix room as bus, log and control panel."""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from cis_bot.homeserver.handlers.pushrules import PushRulesHandler
 from cis_bot.homeserver.handlers.rooms import RoomHandler
 from cis_bot.homeserver.handlers.serialize import Serializer
 from cis_bot.homeserver.handlers.sync import SyncHandler
+from cis_bot.homeserver.handlers.visibility import Visibility
 from cis_bot.homeserver.http.client import HttpClient
 from cis_bot.homeserver.http.server import HttpServer
 from cis_bot.homeserver.ids import check_new_localpart
@@ -77,11 +78,14 @@ class Homeserver:
         )
         self.serializer = Serializer(self.store)
         self.counts = NotificationCounts(self.store, self.rooms)
-        self.rooms.event_listeners.append(self.counts.on_event)
+        self.visibility = Visibility(self.store)
+        self.rooms.event_listeners.extend((self.counts.on_event, self.visibility.on_event))
         self.typing = TypingHandler(self.rooms, self.notifier)
         self.receipts = ReceiptHandler(self.store, self.rooms, self.notifier, self.counts)
         self.push_rules = PushRulesHandler(self.store, self.notifier, self.counts)
-        self.pagination = PaginationHandler(self.store, self.rooms, self.serializer)
+        self.pagination = PaginationHandler(
+            self.store, self.rooms, self.serializer, self.visibility
+        )
         self.sync = SyncHandler(
             store=self.store,
             rooms=self.rooms,
@@ -91,6 +95,7 @@ class Homeserver:
             receipts=self.receipts,
             push_rules=self.push_rules,
             counts=self.counts,
+            visibility=self.visibility,
         )
         self.pushers: dict[str, AppservicePusher] = {}
 

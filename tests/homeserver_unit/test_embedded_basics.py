@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,49 +12,7 @@ import aiohttp
 import pytest
 
 from cis_bot.homeserver.server import EmbeddedHomeserver
-
-
-async def call(
-    http: aiohttp.ClientSession,
-    method: str,
-    url: str,
-    body: Any = None,
-    token: str | None = None,
-) -> tuple[int, Any]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with http.request(method, url, json=body, headers=headers) as response:
-        return response.status, await response.json()
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[EmbeddedHomeserver]:
-    hs = EmbeddedHomeserver(state_dir=tmp_path / "state")
-    await hs.start()
-    try:
-        yield hs
-    finally:
-        await hs.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-async def login(http: aiohttp.ClientSession, base: str, user: str, password: str) -> str:
-    status, body = await call(
-        http,
-        "POST",
-        f"{base}/_matrix/client/v3/login",
-        {
-            "type": "m.login.password",
-            "identifier": {"type": "m.id.user", "user": user},
-            "password": password,
-        },
-    )
-    assert status == 200, body
-    return str(body["access_token"])
+from tests.homeserver_unit.helpers import call, login
 
 
 async def test_public_api_and_first_slice(

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from cis_bot.homeserver.handlers.auth import Requester
     from cis_bot.homeserver.handlers.rooms import RoomHandler
     from cis_bot.homeserver.handlers.serialize import Serializer
+    from cis_bot.homeserver.handlers.visibility import Visibility
     from cis_bot.homeserver.storage.store import Store
 
 MAX_LIMIT = 1000
@@ -24,10 +25,13 @@ _SCAN = 200
 
 
 class PaginationHandler:
-    def __init__(self, store: Store, rooms: RoomHandler, serializer: Serializer) -> None:
+    def __init__(
+        self, store: Store, rooms: RoomHandler, serializer: Serializer, visibility: Visibility
+    ) -> None:
         self.store = store
         self.rooms = rooms
         self.serializer = serializer
+        self.visibility = visibility
 
     def messages(
         self,
@@ -40,7 +44,7 @@ class PaginationHandler:
         limit: int,
         event_filter: EventFilter,
     ) -> dict[str, Any]:
-        _, visible_upto = self.rooms.check_can_read(room_id, requester.user_id)
+        room, visible_upto = self.rooms.check_can_read(room_id, requester.user_id)
         limit = min(max(limit, 0), MAX_LIMIT)
         backwards = direction == "b"
         if from_token is not None:
@@ -68,9 +72,10 @@ class PaginationHandler:
                 )
             if not batch:
                 break
+            allowed = {e.event_id for e in self.visibility.filter(requester.user_id, room, batch)}
             for event in batch:
                 cursor = event.stream - 1 if backwards else event.stream
-                if event_filter.matches(
+                if event.event_id in allowed and event_filter.matches(
                     event_type=event.type,
                     sender=event.sender,
                     room_id=room_id,

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from cis_bot.homeserver.handlers.pushrules import PushRulesHandler
     from cis_bot.homeserver.handlers.rooms import RoomHandler, RoomState
     from cis_bot.homeserver.handlers.serialize import Serializer
+    from cis_bot.homeserver.handlers.visibility import Visibility
     from cis_bot.homeserver.storage.store import Store
 
 _SCAN_BATCH = 200
@@ -91,6 +92,7 @@ class SyncHandler:
         receipts: ReceiptHandler,
         push_rules: PushRulesHandler,
         counts: NotificationCounts,
+        visibility: Visibility,
     ) -> None:
         self.store = store
         self.rooms = rooms
@@ -100,6 +102,7 @@ class SyncHandler:
         self.receipts = receipts
         self.push_rules = push_rules
         self.counts = counts
+        self.visibility = visibility
 
     async def sync(
         self,
@@ -337,8 +340,9 @@ class SyncHandler:
             batch = self.store.room_events(
                 room.room_id, after=after, upto=cursor, limit=_SCAN_BATCH, backwards=True
             )
+            allowed = {e.event_id for e in self.visibility.filter(user_id, room, batch)}
             for event in batch:
-                if not f.matches(
+                if event.event_id not in allowed or not f.matches(
                     event_type=event.type,
                     sender=event.sender,
                     room_id=room.room_id,

@@ -94,11 +94,13 @@ async def event_context(request: RestRequest, room_id: str, event_id: str) -> Re
     hs = request.hs
     limit = request.integer("limit", 10)
     assert limit is not None
-    _, visible_upto = hs.rooms.check_can_read(room_id, requester.user_id)
+    room, visible_upto = hs.rooms.check_can_read(room_id, requester.user_id)
     event = hs.store.get_event(event_id)
     if event is None or event.room_id != room_id:
         raise not_found("Event not found.")
-    if visible_upto is not None and event.stream > visible_upto:
+    if (visible_upto is not None and event.stream > visible_upto) or not hs.visibility.filter(
+        requester.user_id, room, [event]
+    ):
         raise forbidden("You don't have permission to access that event.")
     before_limit = limit // 2
     after_limit = limit - before_limit
@@ -114,6 +116,8 @@ async def event_context(request: RestRequest, room_id: str, event_id: str) -> Re
         if after_limit
         else []
     )
+    before = hs.visibility.filter(requester.user_id, room, before)
+    after = hs.visibility.filter(requester.user_id, room, after)
     last = after[-1] if after else event
     state_ids = hs.store.state_ids_at(room_id, last.stream)
     state = hs.store.get_events(state_ids.values())

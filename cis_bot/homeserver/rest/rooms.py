@@ -218,7 +218,7 @@ async def get_event(request: RestRequest, room_id: str, event_id: str) -> Result
     requester = request.auth()
     hs = request.hs
     try:
-        _, visible_upto = hs.rooms.check_can_read(room_id, requester.user_id)
+        room, visible_upto = hs.rooms.check_can_read(room_id, requester.user_id)
     except MatrixError:
         raise MatrixError(404, NOT_FOUND, "Event not found.") from None
     event = hs.store.get_event(event_id)
@@ -226,6 +226,7 @@ async def get_event(request: RestRequest, room_id: str, event_id: str) -> Result
         event is None
         or event.room_id != room_id
         or (visible_upto is not None and event.stream > visible_upto)
+        or not hs.visibility.filter(requester.user_id, room, [event])
     ):
         raise MatrixError(404, NOT_FOUND, "Event not found.")
     [membership] = hs.serializer.memberships_at(requester.user_id, room_id, [event])

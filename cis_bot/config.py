@@ -6,7 +6,8 @@ Sections (every key optional; unknown keys are errors)::
     [dag.local]   max_workers = 4, default_agent = "claude"
     [dag.matrix]  room_prefix = "!dag-", home_server = "cis.local", broadcast_interval_ms = 500
     [dag.hybrid]  broadcast_status = true, broadcast_output = false, accept_remote_tasks = true
-    [agents.NAME] argv, prompt_via, env, blocked_patterns, quiet_secs, detect_tty_read, screen,
+    [agents.NAME] argv, prompt_via, prompt_escapes, env, blocked_patterns, idle_patterns,
+                  exit_input, pattern_lines, ready_pattern, quiet_secs, detect_tty_read, screen,
                   upstream_in_prompt, output
 
 A section is an attrs class whose fields are its keys: the reader below derives the keys, their
@@ -15,9 +16,9 @@ plus one field on its parent. Field metadata adds bounds (``{"min": 1}``, ``{"gt
 custom reader (``{"read": fn}``, as ``agents`` has); ``{"internal": True}`` marks a field that is
 not a key in the file.
 
-``[agents.NAME]`` for a built-in profile (shell, claude, aider, codex, opencode) overrides only
-the keys it gives; a new NAME must give ``argv``. ``Config.agents`` holds the built-ins merged
-with the file's profiles.
+``[agents.NAME]`` for a built-in profile (shell, claude, claude-interactive, aider, codex,
+opencode) overrides only the keys it gives; a new NAME must give ``argv``. ``Config.agents``
+holds the built-ins merged with the file's profiles.
 """
 
 from __future__ import annotations
@@ -210,6 +211,7 @@ def _check_pattern_lines(value: object) -> str | None:
 _PROFILE_CHECKS: Mapping[str, Callable[[object], str | None]] = {
     "argv": _check_argv,
     "blocked_patterns": _check_patterns,
+    "idle_patterns": _check_patterns,
     "ready_pattern": _check_pattern,
     "quiet_secs": _check_quiet,
     "pattern_lines": _check_pattern_lines,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import TYPE_CHECKING
 
 import pytest
@@ -18,7 +19,7 @@ from cis_bot.session.output import (
     strip_escapes,
 )
 from cis_bot.session.profile import AgentProfile, PromptVia
-from cis_bot.session.profiles import BUILTIN_PROFILES
+from cis_bot.session.profiles import BUILTIN_PROFILES, session_uuid
 from cis_bot.session.session import build_argv
 from cis_bot.testing.fake_agent import ScriptError, parse_script, parse_size, unescape
 
@@ -114,22 +115,45 @@ def test_extractor_registry() -> None:
 
 
 def test_builtin_profiles() -> None:
-    assert set(BUILTIN_PROFILES) == {"shell", "claude", "aider", "codex", "opencode"}
+    assert set(BUILTIN_PROFILES) == {
+        "shell",
+        "claude",
+        "claude-interactive",
+        "aider",
+        "codex",
+        "opencode",
+    }
     for name, profile in BUILTIN_PROFILES.items():
         assert profile.name == name
         assert profile.output in extractors()
-        assert build_argv(profile, "the prompt").count("the prompt") == 1
+        assert build_argv(profile, "the prompt", "s:t:1").count("the prompt") == 1
     shell = BUILTIN_PROFILES["shell"]
     assert shell.argv == ("/bin/sh", "-c", "{prompt}")
     assert not shell.upstream_in_prompt and not shell.screen
-    assert build_argv(BUILTIN_PROFILES["claude"], "hi") == [
+    # `--` ends the options: a prompt starting with "-" stays the prompt; one starting with "/"
+    # gets a space so Claude Code does not run it as a slash command.
+    assert build_argv(BUILTIN_PROFILES["claude"], "-hi") == [
         "claude",
         "-p",
-        "hi",
         "--output-format",
         "stream-json",
         "--verbose",
+        "--",
+        "-hi",
     ]
+    assert build_argv(BUILTIN_PROFILES["claude"], "/tmp/x is broken")[-1] == " /tmp/x is broken"
+    interactive = build_argv(BUILTIN_PROFILES["claude-interactive"], "hi", "run:task:1")
+    assert interactive == [
+        "claude",
+        "--permission-mode",
+        "default",
+        "--session-id",
+        session_uuid("run:task:1"),
+        "--",
+        "hi",
+    ]
+    assert session_uuid("run:task:1") == str(uuid.UUID(session_uuid("run:task:1")))
+    assert session_uuid("run:task:2") != session_uuid("run:task:1")
 
 
 def test_build_argv_substitutes_tokens_without_format() -> None:

@@ -4,7 +4,9 @@ Three rules, each configured per profile, evaluated by ``AgentSession`` once out
 
 1. ``blocked_patterns``: regexes over the last lines of what the terminal shows. For TUI agents
    (``screen = true``) the output is rendered through a terminal emulator (pyte) so the lines are
-   the screen a person would see; otherwise they are the plain-text tail.
+   the screen a person would see; otherwise they are the plain-text tail. ``idle_patterns`` are
+   read the same way: the agent's turn is over (the session then types the profile's
+   ``exit_input``, or reports the agent as blocked when it has none).
 2. ``quiet_secs``: no output for that long while the process is alive.
 3. ``detect_tty_read``: the kernel says the PTY's foreground process group waits in ``read()`` on
    this PTY (``/proc/PID/syscall``: syscall number, then the fd, which must point at our slave).
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 
 class BlockRule(StrEnum):
     PROMPT = "prompt"
+    #: The profile's idle_patterns matched and it has no exit_input.
+    IDLE = "idle"
     TTY_READ = "tty-read"
     QUIET = "quiet"
 
@@ -59,8 +63,21 @@ def quote(line: str, limit: int = 200) -> str:
     return '"' + line.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def prompt_blocked(line: str) -> Blocked:
-    return Blocked(BlockRule.PROMPT, f"prompt: {quote(tidy(line).strip())}")
+def shown_text(text: str) -> str:
+    """Matched screen text as one line: each line tidied, lines without a letter or digit (rules,
+    borders) left out, the rest joined with " | "."""
+    lines = (tidy(line).strip() for line in text.split("\n"))
+    return " | ".join(line for line in lines if any(c.isalnum() for c in line))
+
+
+def prompt_blocked(text: str) -> Blocked:
+    return Blocked(BlockRule.PROMPT, f"prompt: {quote(shown_text(text))}")
+
+
+def idle_blocked(text: str) -> Blocked:
+    return Blocked(
+        BlockRule.IDLE, f"idle: the agent finished its turn and waits: {quote(shown_text(text))}"
+    )
 
 
 def tty_read_blocked(last_line: str | None) -> Blocked:
@@ -85,11 +102,27 @@ def compile_patterns(patterns: Sequence[str]) -> tuple[re.Pattern[str], ...]:
 
 
 def find_prompt(patterns: Sequence[re.Pattern[str]], lines: Sequence[str]) -> str | None:
-    """The lowest (most recent) line that one of ``patterns`` matches."""
+    """What to quote of the lowest (most recent) line one of ``patterns`` matches; failing that,
+    of the last match of a pattern in the lines joined with newlines (a ``(?m)`` pattern can
+    describe a whole panel). The quote is the match's ``quote`` group when it has one, else the
+    matched line, or the matched text for a match across lines."""
     for line in reversed(lines):
-        if any(p.search(line) for p in patterns):
-            return line
+        for pattern in patterns:
+            found = pattern.search(line)
+            if found:
+                return _quoted(found, line)
+    text = "\n".join(lines)
+    for pattern in patterns:
+        matches = list(pattern.finditer(text))
+        if matches:
+            return _quoted(matches[-1], matches[-1].group(0))
     return None
+
+
+def _quoted(found: re.Match[str], default: str) -> str:
+    if "quote" in found.re.groupindex and found.group("quote") is not None:
+        return found.group("quote")
+    return default
 
 
 class TerminalView(Protocol):

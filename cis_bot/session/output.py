@@ -9,14 +9,17 @@ although the process exited 0.
 from __future__ import annotations
 
 import json
+import os
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
+from cis_bot.session.profiles import session_uuid
+
 if TYPE_CHECKING:
-    from collections.abc import Mapping
-    from pathlib import Path
+    from collections.abc import Iterator, Mapping, Sequence
 
 #: The text extractor keeps this much of the end of the output (UTF-8 bytes).
 TEXT_OUTPUT_LIMIT = 64 * 1024
@@ -87,6 +90,11 @@ class ExtractorInput:
     raw_tail: bytes
     complete: bool
     transcript_path: Path
+    session_id: str = ""
+    #: The agent's environment (where an agent keeps its own records: HOME, ...).
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    #: Screen profiles: the rendered screen when the agent's turn was seen to end (else at exit).
+    screen: Sequence[str] | None = None
 
 
 @attrs.frozen
@@ -165,9 +173,126 @@ def _claude_result(text: str) -> Extracted | None:
     return None
 
 
+def extract_claude_interactive(source: ExtractorInput) -> Extracted:
+    """Claude Code's TUI: the final reply of its turn, or the API error the turn ended on.
+
+    Read from the conversation record Claude Code keeps (``<config dir>/projects/*/<uuid>.jsonl``,
+    the UUID given with ``--session-id {session_uuid}``), which holds the reply exactly as the
+    model sent it; failing that, from the screen at the end of the turn (markdown rendered, and
+    only what fits on the screen).
+    """
+    record = claude_conversation_record(source.env, source.session_id)
+    if record is not None:
+        found = _claude_record_reply(record)
+        if found is not None:
+            return found
+    if source.screen:
+        found = claude_screen_reply(source.screen)
+        if found is not None:
+            return found
+    plain = extract_text(source).output
+    return Extracted(plain, "the agent's turn did not finish (no reply found)")
+
+
+def claude_config_dir(env: Mapping[str, str]) -> Path | None:
+    """Where Claude Code keeps its records in an agent with environment ``env``."""
+    if env.get("CLAUDE_CONFIG_DIR"):
+        return Path(env["CLAUDE_CONFIG_DIR"])
+    home = env.get("HOME") or os.environ.get("HOME")
+    return Path(home) / ".claude" if home else None
+
+
+def claude_conversation_record(env: Mapping[str, str], session_id: str) -> Path | None:
+    """The conversation record of the session's ``--session-id {session_uuid}``, if written."""
+    config_dir = claude_config_dir(env)
+    if config_dir is None or not session_id:
+        return None
+    found = sorted((config_dir / "projects").glob(f"*/{session_uuid(session_id)}.jsonl"))
+    return found[0] if found else None
+
+
+def _record_entries(path: Path) -> Iterator[dict[str, object]]:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a line being written as we read
+                if isinstance(entry, dict):
+                    yield entry
+    except OSError:
+        return
+
+
+def _claude_record_reply(path: Path) -> Extracted | None:
+    """The last assistant message of the main conversation: its text, or its API error."""
+    last_id: object = None
+    texts: list[str] = []
+    stop_reason: object = None
+    api_error = False
+    for entry in _record_entries(path):
+        if entry.get("type") != "assistant" or entry.get("isSidechain"):
+            continue
+        message = entry.get("message")
+        if not isinstance(message, dict):
+            continue
+        # A message streamed as several blocks is recorded as one entry per block.
+        if message.get("id") != last_id or last_id is None:
+            last_id, texts = message.get("id"), []
+        content = message.get("content")
+        for block in content if isinstance(content, list) else []:
+            if isinstance(block, dict) and block.get("type") == "text":
+                texts.append(str(block.get("text", "")))
+        stop_reason = message.get("stop_reason")
+        api_error = bool(entry.get("isApiErrorMessage"))
+    if last_id is None:
+        return None
+    text = last_bytes_of_text("\n\n".join(t for t in texts if t), TEXT_OUTPUT_LIMIT)
+    if api_error:
+        return Extracted(text, f"agent error: {text or 'API error'}")
+    if stop_reason == "tool_use":
+        return Extracted(text, "the agent's turn did not finish (it was waiting on a tool)")
+    return Extracted(text)
+
+
+# The end of a turn on Claude Code's screen: "✻ Worked for 7s · done 9:25 PM".
+_CLAUDE_TURN_DONE = re.compile(r"^\S \w+ for (?:\d+[hms] ?)+· done\b")
+_CLAUDE_API_ERROR = re.compile(r"^● (API Error: .*)")
+
+
+def claude_screen_reply(screen: Sequence[str]) -> Extracted | None:
+    """The reply above the last "done" line: the last "● " block (its continuation lines are
+    indented by two spaces); or the last "● API Error: ..." message, as an error."""
+    lines = [line.rstrip() for line in screen]
+    for end in range(len(lines) - 1, -1, -1):
+        line = lines[end]
+        error = _CLAUDE_API_ERROR.match(line)
+        if error:
+            parts = [error.group(1)]
+            parts += [n.strip() for n in _continuation(lines, end + 1)]
+            message = " ".join(parts)
+            return Extracted(message, f"agent error: {message}")
+        if _CLAUDE_TURN_DONE.match(line):
+            for start in range(end - 1, -1, -1):
+                if lines[start].startswith("● "):
+                    body = [lines[start][2:], *(n[2:] for n in _continuation(lines, start + 1))]
+                    return Extracted("\n".join(body).strip("\n"))
+            return None
+    return None
+
+
+def _continuation(lines: Sequence[str], start: int) -> Iterator[str]:
+    for line in lines[start:]:
+        if not (line.startswith("  ") or not line.strip()):
+            return
+        yield line
+
+
 _EXTRACTORS: dict[str, Extractor] = {
     "text": extract_text,
     "claude-stream-json": extract_claude_stream_json,
+    "claude-interactive": extract_claude_interactive,
 }
 
 

@@ -21,16 +21,30 @@ class PromptVia(StrEnum):
 @attrs.frozen
 class AgentProfile:
     name: str
-    #: argv template; ``{prompt}`` is replaced by the prompt when ``prompt_via = "argument"``.
+    #: argv template; ``{prompt}`` is replaced by the prompt when ``prompt_via = "argument"``,
+    #: ``{session_uuid}`` by a UUID derived from the session id (for ``claude --session-id``).
     argv: tuple[str, ...]
     prompt_via: PromptVia = PromptVia.ARGUMENT
     env: Mapping[str, str] = attrs.field(factory=dict)
-    #: Regexes searched in the last lines of the rendered screen; a match means blocked.
+    #: Regexes searched in the last lines of the rendered screen; a match means blocked. Each is
+    #: tried on every line (the lowest match wins), then on those lines joined with newlines, so
+    #: a ``(?m)`` pattern can describe a whole panel (a question, its options and a footer). A
+    #: named group ``quote`` picks what the blocked reason quotes (default: the matched lines).
     blocked_patterns: tuple[str, ...] = ()
+    #: Regexes, matched like ``blocked_patterns`` (which win), saying the agent finished its turn
+    #: and waits for the next message. The session then types ``exit_input``; without one, the
+    #: session is blocked ("idle") until someone sends input or kills it.
+    idle_patterns: tuple[str, ...] = ()
+    #: Typed once the agent is idle (``idle_patterns``), to make it exit; e.g. ``"/exit\r"``.
+    exit_input: str = ""
     #: How many of the last non-empty lines the patterns see (None: the last line of a plain
     #: CLI's output, the last 10 lines of a rendered screen, where options and a footer often
     #: sit below the question).
     pattern_lines: int | None = None
+    #: A prompt that starts with one of these strings gets a space in front, so the agent takes
+    #: it as text: Claude Code runs a leading "/" as a slash command ("/tmp/x is broken" would
+    #: be an unknown command).
+    prompt_escapes: tuple[str, ...] = ()
     #: ``prompt_via = "pty"``: a regex on those lines saying the agent is ready for the prompt.
     #: Without it, ready means the terminal is being read, or output has started and settled.
     ready_pattern: str | None = None

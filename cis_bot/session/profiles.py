@@ -6,6 +6,7 @@ the tools' own documentation; the comments say what has and has not been tried o
 
 from __future__ import annotations
 
+import uuid
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,25 @@ if TYPE_CHECKING:
 
 #: The prompt placeholder in argv templates (replaced token by token, never through str.format).
 PROMPT_TOKEN = "{prompt}"
+#: Replaced by :func:`session_uuid` of the session id.
+SESSION_UUID_TOKEN = "{session_uuid}"
+
+_SESSION_NAMESPACE = uuid.UUID("5d0b7c1e-2f4a-4c55-9b0e-6a1c3f8e9d21")
+
+
+def session_uuid(session_id: str) -> str:
+    """A UUID that stands for the session id (same id, same UUID): agents that name their
+    conversations by UUID (``claude --session-id``) keep their records where we can find them."""
+    return str(uuid.uuid5(_SESSION_NAMESPACE, session_id))
+
+
+def escaped_prompt(profile: AgentProfile, prompt: str) -> str:
+    """The prompt with a space in front when it starts with one of the profile's
+    ``prompt_escapes`` (so the agent reads it as text, not as a command)."""
+    if profile.prompt_escapes and prompt.startswith(tuple(profile.prompt_escapes)):
+        return " " + prompt
+    return prompt
+
 
 # Questions agents ask on a terminal, as they appear on screen. Kept deliberately specific: a
 # false positive blocks a healthy session, a false negative only delays detection until the
@@ -36,23 +56,106 @@ _SHELL = AgentProfile(
     screen=False,
 )
 
-# Claude Code print mode (`claude -p`): runs one turn, prints stream-json events, exits. Checked
-# here only in that it is the documented non-interactive invocation (issue 6 measured that it
-# needs no setup); a later issue tunes this on the real CLI against a fake API server and adds an
-# interactive profile that drives the TUI.
+# Claude Code (npm @anthropic-ai/claude-code). Both profiles were measured on 2.1.332 against
+# cis_bot.testing.fake_anthropic (tests/test_claude_profiles.py, tests/fixtures/claude/). The
+# variables turn off what an unattended run has no use for (update checks, telemetry, error
+# reports); with them the only requests are the Messages API calls. `--` ends the options, so a
+# prompt starting with "-" is not read as one; a prompt starting with "/" would run as a slash
+# command (or fail as an unknown one), so it gets a leading space.
+_CLAUDE_ENV = {
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    "DISABLE_TELEMETRY": "1",
+    "DISABLE_AUTOUPDATER": "1",
+}
+
+# Print mode (`claude -p`): one turn, stream-json events on stdout, exits 0 (1 on an API error).
+# The task's output is the final `result` event's text; its `is_error` (`subtype` says "success"
+# even for API errors) or a missing result fails the task. Print mode never asks: tools that need
+# permission are refused unless the permission mode allows them (the user's settings decide;
+# override argv to add e.g. "--permission-mode", "acceptEdits"). API errors are retried by the CLI
+# itself (CLAUDE_CODE_MAX_RETRIES, default 10 for 5xx, about three minutes).
 _CLAUDE = AgentProfile(
     name="claude",
-    argv=("claude", "-p", PROMPT_TOKEN, "--output-format", "stream-json", "--verbose"),
+    argv=("claude", "-p", "--output-format", "stream-json", "--verbose", "--", PROMPT_TOKEN),
     prompt_via=PromptVia.ARGUMENT,
-    env={
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        "DISABLE_TELEMETRY": "1",
-        "DISABLE_AUTOUPDATER": "1",
-    },
-    blocked_patterns=(r"Do you want to proceed\?", *_YES_NO_PATTERNS),
+    env=_CLAUDE_ENV,
     detect_tty_read=True,
     screen=False,
+    prompt_escapes=("/",),
     output="claude-stream-json",
+)
+
+# What Claude Code's TUI shows at the bottom of its screen (pyte, 120x40), matched on the last 24
+# non-blank lines joined with newlines. Rules are full-width "─" lines, the prompt box is a "❯"
+# line between two rules, and the footer under it says "esc to interrupt" while a turn runs.
+
+#: A tool waits for approval: "Do you want to proceed?" (Bash), "Do you want to create X?"
+#: (Write), "Do you want to make this edit to X?" (Edit), then numbered options starting "1. Yes"
+#: and the panel's "Esc to cancel" footer as the last line (so a reply that merely contains such
+#: a question does not match). The quote is the question and the line above it when that is the
+#: command or file content shown between "╌" rules. Sending `1` (or Enter) approves.
+CLAUDE_PERMISSION_PATTERN = (
+    r"(?m)^(?P<quote>(?: \S.*\n╌{20,}\n)? *Do you want to .+\?)\n(?: *\n)?\s*(?:❯\s*)?1\. Yes\b"
+    r"[\s\S]*^ *Esc to cancel\b.*\s*\Z"
+)
+
+#: Dialogs before the prompt, shown when HOME is not prepared for unattended use (see
+#: cis_bot/testing/claude_home.py); each waits for a key press.
+CLAUDE_SETUP_PATTERNS = (
+    # The work dir is not trusted (projects.<dir>.hasTrustDialogAccepted); default answer: exit.
+    r"(?m)^ *(?P<quote>Accessing workspace:\n.*)[\s\S]*Yes, I trust this folder\n"
+    r" *Enter to confirm\b.*\s*\Z",
+    # ANTHROPIC_API_KEY not approved in customApiKeyResponses; default answer: No.
+    r"(?m)^ *(?P<quote>Do you want to use this API key\?)[\s\S]*^ *Enter to confirm\b.*\s*\Z",
+    # --dangerously-skip-permissions without skipDangerousModePermissionPrompt.
+    r"(?m)^ *(?P<quote>WARNING: Claude Code running in Bypass Permissions mode)[\s\S]*"
+    r"^ *Enter to confirm\b.*\s*\Z",
+    # A settings defaultMode other than auto, without hasSeenAutoDefaultNudge.
+    r"(?m)^ *(?P<quote>Make auto mode your default permission mode\?)[\s\S]*"
+    r"No, keep manual mode\s*\Z",
+    # No hasCompletedOnboarding: the theme picker (bearer token) or a failed check of
+    # api.anthropic.com (API key).
+    r"(?P<quote>Choose the text style that looks best with your terminal)",
+    r"(?P<quote>Unable to connect to Anthropic services)",
+)
+
+#: The turn is over: the line Claude Code prints under a finished turn ("✻ Worked for 7s · done
+#: 9:25 PM") or the API error it ended on ("● API Error: ...", continued on lines indented by
+#: two), directly above the prompt box (a right-aligned status line such as "◐ medium · /effort"
+#: may sit between), and a footer that does not offer to interrupt.
+CLAUDE_TURN_OVER_PATTERN = (
+    r"(?m)^(?P<quote>\S \w+ for (?:\d+[hms] ?)+· done\b.*|● API Error: .*(?:\n  \S.*)*)\n"
+    r"(?: {20,}\S.*\n)?─{20,}\n❯.*\n─{20,}\n(?![\s\S]*\besc to interrupt\b)[\s\S]*\Z"
+)
+
+# Interactive mode: the TUI in the PTY, for tasks a person may need to approve. The prompt is an
+# argument (typed input over ~3 KB would be wrapped as pasted, untrusted content); manual
+# permission mode so tools ask ("Do you want to proceed?" -> blocked, quoting the question; `1`
+# or Enter approves); when the turn is over the session types /exit and Claude Code exits 0.
+# `--session-id` names the conversation so the task's output is the final reply as Claude Code
+# recorded it in ~/.claude/projects/*/<uuid>.jsonl (the screen is the fallback).
+_CLAUDE_INTERACTIVE = AgentProfile(
+    name="claude-interactive",
+    argv=(
+        "claude",
+        "--permission-mode",
+        "default",
+        "--session-id",
+        SESSION_UUID_TOKEN,
+        "--",
+        PROMPT_TOKEN,
+    ),
+    prompt_via=PromptVia.ARGUMENT,
+    env=_CLAUDE_ENV,
+    blocked_patterns=(CLAUDE_PERMISSION_PATTERN, *CLAUDE_SETUP_PATTERNS),
+    idle_patterns=(CLAUDE_TURN_OVER_PATTERN,),
+    exit_input="/exit\r",
+    pattern_lines=24,
+    # A TUI reads its terminal all the time: that says nothing about waiting for a person.
+    detect_tty_read=False,
+    screen=True,
+    prompt_escapes=("/",),
+    output="claude-interactive",
 )
 
 # aider scripting mode (aider.chat/docs/scripting.html): `--message` sends one instruction, applies
@@ -100,5 +203,5 @@ _OPENCODE = AgentProfile(
 )
 
 BUILTIN_PROFILES: Mapping[str, AgentProfile] = MappingProxyType(
-    {p.name: p for p in (_SHELL, _CLAUDE, _AIDER, _CODEX, _OPENCODE)}
+    {p.name: p for p in (_SHELL, _CLAUDE, _CLAUDE_INTERACTIVE, _AIDER, _CODEX, _OPENCODE)}
 )

@@ -36,6 +36,7 @@ from cis_bot.session.detect import (
     TtyReadProbe,
     compile_patterns,
     find_prompt,
+    idle_blocked,
     prompt_blocked,
     quiet_blocked,
     tty_read_blocked,
@@ -51,7 +52,12 @@ from cis_bot.session.events import (
 )
 from cis_bot.session.output import ExtractorInput, get_extractor, terminal_text
 from cis_bot.session.profile import AgentProfile, PromptVia
-from cis_bot.session.profiles import PROMPT_TOKEN
+from cis_bot.session.profiles import (
+    PROMPT_TOKEN,
+    SESSION_UUID_TOKEN,
+    escaped_prompt,
+    session_uuid,
+)
 from cis_bot.session.spawn import Pty, setsid_failure, spawn
 
 if TYPE_CHECKING:
@@ -81,6 +87,9 @@ class SessionSettings:
     output_interval: float = 0.5
     #: kill(): SIGTERM, then SIGKILL after this long.
     kill_grace_secs: float = 5.0
+    #: A profile's exit_input was typed: if the agent is still running after this long, it is
+    #: terminated (its turn is over, so the session still ends on what the agent produced).
+    exit_grace_secs: float = 15.0
     #: After the agent exits, how long to wait for the PTY to deliver the rest of its output
     #: (only a process that escaped with the terminal still open makes this wait).
     drain_secs: float = 2.0
@@ -99,21 +108,27 @@ class SessionSettings:
     reads_per_wakeup: int = 4
 
 
-def build_argv(profile: AgentProfile, prompt: str) -> list[str]:
-    """The profile's argv with ``{prompt}`` tokens replaced by the prompt (argument mode only).
+def build_argv(profile: AgentProfile, prompt: str, session_id: str = "") -> list[str]:
+    """The profile's argv with ``{prompt}`` tokens replaced by the prompt (argument mode only)
+    and ``{session_uuid}`` by the session's UUID.
 
     Plain token replacement, never ``str.format``: braces in a prompt are just text.
     """
     if not profile.argv:
         raise ValueError(f"agent profile {profile.name!r} has an empty argv")
+    argv = list(profile.argv)
+    if any(SESSION_UUID_TOKEN in arg for arg in argv):
+        uuid = session_uuid(session_id)
+        argv = [arg.replace(SESSION_UUID_TOKEN, uuid) for arg in argv]
     if profile.prompt_via is not PromptVia.ARGUMENT:
-        return list(profile.argv)
-    if not any(PROMPT_TOKEN in arg for arg in profile.argv):
+        return argv
+    if not any(PROMPT_TOKEN in arg for arg in argv):
         raise ValueError(
             f"agent profile {profile.name!r} passes the prompt as an argument "
             f"but its argv has no {PROMPT_TOKEN}"
         )
-    return [arg.replace(PROMPT_TOKEN, prompt) for arg in profile.argv]
+    prompt = escaped_prompt(profile, prompt)
+    return [arg.replace(PROMPT_TOKEN, prompt) for arg in argv]
 
 
 def resolve_executable(command: str, env: Mapping[str, str], cwd: Path) -> str:
@@ -210,6 +225,13 @@ class AgentSession:
         self._view: TerminalView | None = None
         self._probe: TtyReadProbe | None = None
         self._patterns: tuple[re.Pattern[str], ...] = ()
+        self._idle_patterns: tuple[re.Pattern[str], ...] = ()
+        #: The profile's exit_input has been typed (the agent's turn is over).
+        self._exit_sent = False
+        self._exit_overdue = False
+        #: The screen when the turn was seen to end, for the output extractor.
+        self._turn_screen: list[str] | None = None
+        self._exit_timer: asyncio.TimerHandle | None = None
         self._ready_pattern: re.Pattern[str] | None = None
         self._blocked: Blocked | None = None
         self._pattern_lines = profile.pattern_lines or (10 if profile.screen else 1)
@@ -345,9 +367,10 @@ class AgentSession:
         """Spawn the agent. Failures end the session as failed (with SessionCompleted)."""
         try:
             self._patterns = compile_patterns(self.profile.blocked_patterns)
+            self._idle_patterns = compile_patterns(self.profile.idle_patterns)
             if self.profile.ready_pattern:
                 self._ready_pattern = compile_patterns([self.profile.ready_pattern])[0]
-            argv = build_argv(self.profile, self.prompt)
+            argv = build_argv(self.profile, self.prompt, self.session_id)
             if not self.work_dir.is_dir():
                 raise FileNotFoundError(f"work_dir {self.work_dir} is not a directory")
             argv[0] = resolve_executable(argv[0], self.env, self.work_dir)
@@ -580,7 +603,7 @@ class AgentSession:
 
     def _evaluate(self) -> None:
         """Output has settled (or a re-check is due): is the agent waiting for a person?"""
-        if self._finished or self._exited:
+        if self._finished or self._exited or self._exit_sent:
             return
         view = self._view
         lines = view.last_lines(self._pattern_lines) if view is not None else []
@@ -595,6 +618,13 @@ class AgentSession:
             line = find_prompt(self._patterns, lines)
             if line is not None:
                 blocked = prompt_blocked(line)
+        if blocked is None and self._idle_patterns and self._output_since_input:
+            idle = find_prompt(self._idle_patterns, lines)
+            if idle is not None:
+                if self.profile.exit_input:
+                    self._send_exit_input(idle)
+                    return
+                blocked = idle_blocked(idle)
         if blocked is None and self._probe is not None and self._probe.reading_pid():
             blocked = tty_read_blocked(lines[-1] if lines else None)
         if blocked is not None:
@@ -602,6 +632,34 @@ class AgentSession:
         elif self._blocked is not None and self._blocked.rule is not BlockRule.QUIET:
             self._set_running("no longer waiting")
         self._schedule_next_poll()
+
+    def _send_exit_input(self, shown: str) -> None:
+        """The agent's turn is over: type the profile's exit input, once, and see that it exits."""
+        self._exit_sent = True
+        if isinstance(self._view, ScreenView):
+            self._turn_screen = self._view.display()
+        log.info("session.turn_over", session_id=self.session_id, shown=shown[-200:])
+        if self.state is SessionState.BLOCKED:
+            self._set_running("turn over")
+        self._write(self.profile.exit_input.encode("utf-8"))
+        self._exit_timer = self._loop.call_later(
+            self.settings.exit_grace_secs, self._on_exit_overdue
+        )
+
+    def _on_exit_overdue(self) -> None:
+        self._exit_timer = None
+        if self._finished or self._exited:
+            return
+        log.warning(
+            "session.exit_overdue",
+            session_id=self.session_id,
+            grace_secs=self.settings.exit_grace_secs,
+            hint="the agent did not exit after its exit input; terminating it",
+        )
+        self._exit_overdue = True
+        self._signal_session(signal.SIGTERM)
+        self._signal_session(signal.SIGCONT)
+        self._kill_timer = self._loop.call_later(self.settings.kill_grace_secs, self._escalate_kill)
 
     def _schedule_next_poll(self) -> None:
         if self._probe is None and not self._prompt_pending:
@@ -620,7 +678,7 @@ class AgentSession:
 
     def _type_prompt(self) -> None:
         self._prompt_pending = False
-        text = self.prompt.encode("utf-8")
+        text = escaped_prompt(self.profile, self.prompt).encode("utf-8")
         if self._bracketed_paste:
             text = b"\x1b[200~" + text + b"\x1b[201~"
         log.debug("session.prompt_typed", session_id=self.session_id, bytes=len(text))
@@ -642,7 +700,7 @@ class AgentSession:
     def _on_quiet_timer(self) -> None:
         self._quiet_timer = None
         quiet = self.profile.quiet_secs
-        if quiet is None or self._finished or self._exited:
+        if quiet is None or self._finished or self._exited or self._exit_sent:
             return
         due = self._last_activity + quiet
         if self._loop.time() < due:
@@ -741,6 +799,7 @@ class AgentSession:
             self._drain_timer,
             self._exit_poll_timer,
             self._output_timer,
+            self._exit_timer,
         ):
             if timer is not None:
                 timer.cancel()
@@ -786,6 +845,9 @@ class AgentSession:
             why = setsid_failure(exit_code, bytes(self._tail[:512]))
             if why is not None:
                 return SessionState.FAILED, exit_code, self._cannot_execute(why)
+        if self._exit_overdue:
+            # Its turn was over and its output is there: the work is done, only the exit hung.
+            return SessionState.COMPLETED, exit_code, None
         if exit_code < 0:
             return SessionState.FAILED, exit_code, f"killed by {signal.Signals(-exit_code).name}"
         if exit_code != 0:
@@ -841,6 +903,9 @@ class AgentSession:
                     raw_tail=bytes(self._tail),
                     complete=not self._tail_truncated,
                     transcript_path=self.transcript_path,
+                    session_id=self.session_id,
+                    env=self.env,
+                    screen=self._turn_screen or self.screen_lines(),
                 )
             )
         except Exception as e:

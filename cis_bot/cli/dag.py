@@ -58,6 +58,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     execute.add_argument("--max-workers", type=_positive_int, metavar="N")
     execute.add_argument("--state-dir", type=Path, metavar="D", help="where runs keep their files")
     execute.add_argument("--json", action="store_true", help="print only a JSON report on stdout")
+    execute.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="agent tasks talk to a local fake model that echoes their prompts (no tokens "
+        "spent); shell tasks run as usual",
+    )
     execute.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
     execute.set_defaults(handler=_execute, parser=execute)
 
@@ -131,6 +137,8 @@ def _execute(args: argparse.Namespace) -> int:
         parser.error(f"--{mode} needs --room R")
     if mode is ExecutionMode.FEDERATION:
         raise UserError("--federation is not implemented yet; use --matrix, --hybrid or --local")
+    if args.dry_run and mode is ExecutionMode.MATRIX:
+        raise UserError("--dry-run runs the tasks on this machine: use it with --local or --hybrid")
     request = RunRequest(
         spec=spec,
         config=config,
@@ -140,7 +148,7 @@ def _execute(args: argparse.Namespace) -> int:
         work_dir=Path.cwd(),
         room=args.room,
     )
-    report = asyncio.run(_run(request, as_json=args.json))
+    report = asyncio.run(_run(request, as_json=args.json, dry_run=args.dry_run))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -148,11 +156,27 @@ def _execute(args: argparse.Namespace) -> int:
     return 0 if report["status"] == "completed" else 1
 
 
-async def _run(request: RunRequest, *, as_json: bool) -> dict[str, Any]:
+async def _run(request: RunRequest, *, as_json: bool, dry_run: bool = False) -> dict[str, Any]:
     from cis_bot.execute import execute
 
     async def run(observers: list[RunObserver], on_started: OnStarted) -> dict[str, Any]:
-        return await execute(request, observers=observers, on_started=on_started)
+        if not dry_run:
+            return await execute(request, observers=observers, on_started=on_started)
+        import attrs
+
+        from cis_bot.dryrun import describe
+        from cis_bot.dryrun import dry_run as fake_model
+
+        async with fake_model(
+            request.config, request.spec, state_dir=request.state_dir, work_dir=request.work_dir
+        ) as dry:
+            report = await execute(
+                attrs.evolve(request, config=dry.config),
+                observers=observers,
+                on_started=on_started,
+            )
+            print(describe(dry), file=sys.stderr)
+            return report
 
     return await _with_progress(run, as_json=as_json)
 

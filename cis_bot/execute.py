@@ -27,6 +27,8 @@ import structlog
 import yaml
 
 from cis_bot.config import Config, ExecutionMode
+from cis_bot.control.server import ControlPlane, RunHandle
+from cis_bot.control.service import start_control
 from cis_bot.dag.engine import (
     Fact,
     Outcome,
@@ -258,7 +260,11 @@ async def drive_run(
     work_dir: Path,
     observers: Sequence[RunObserver] = (),
     on_started: Callable[[RunDriver, SessionManager], None] | None = None,
+    control: ControlPlane | None = None,
+    kind: str = "execute",
 ) -> dict[str, Any]:
+    """Drive the run to its end. Its sessions and the run itself are served on ``control``
+    (this process's control API; without one, the run serves its own as ``kind``)."""
     node = connection.node
     matrix = config.dag.matrix
     paths = RunPaths(state_dir / "runs" / plan.run_id)
@@ -266,6 +272,10 @@ async def drive_run(
     manager = SessionManager()
     worker: Worker | None = None
     started = time.monotonic()
+    owned_control = control is None
+    if control is None:
+        control = await start_control(node, state_dir, kind=kind)
+    unregister: list[Callable[[], None]] = []
     outbox = node.outbox(plan.room_id)
     try:
         runs_here = plan.mode is not ExecutionMode.MATRIX
@@ -310,6 +320,12 @@ async def drive_run(
                 no_worker_timeout=matrix.no_worker_timeout_secs,
             )
             await executor.start_listening()
+        unregister.append(
+            control.add_run(
+                RunHandle(plan.run_id, plan.room_id, plan.spec.name, str(plan.mode), driver)
+            )
+        )
+        unregister.append(control.add_sessions(manager, _room_of_session(plan, worker)))
         for fact in plan.prelude:
             driver.submit(fact)
         _pick_up_open_attempts(engine, driver, executor, plan)
@@ -339,6 +355,23 @@ async def drive_run(
     finally:
         await outbox.close()
         await manager.close()
+        for remove in unregister:
+            remove()
+        if owned_control:
+            await control.close()
+
+
+def _room_of_session(plan: RunPlan, worker: Worker | None) -> Callable[[str], str | None]:
+    """The room a session on the run's manager belongs to: the run's own, or for a session
+    the worker claimed from another run, that run's."""
+    prefix = f"{plan.run_id}:"
+
+    def room_of(session_id: str) -> str | None:
+        if session_id.startswith(prefix):
+            return plan.room_id
+        return worker.room_of(session_id) if worker else None
+
+    return room_of
 
 
 def _pick_up_open_attempts(
@@ -496,6 +529,7 @@ async def resume(
             work_dir=work_dir,
             observers=observers,
             on_started=on_started,
+            kind="resume",
         )
     finally:
         await connection.close()
@@ -512,6 +546,8 @@ async def serve_node(
     worker = make_worker(node, manager, config, state_dir=state_dir, work_dir=work_dir)
     worker.start()
     resumed: list[asyncio.Task[dict[str, Any]]] = []
+    control = await start_control(node, state_dir, kind="node")
+    control.add_sessions(manager, worker.room_of)
     try:
         if coordinator:
             for room_id, run in await read_runs(node, await rooms_of(node, None)):
@@ -526,6 +562,7 @@ async def serve_node(
                                 config=config,
                                 state_dir=state_dir,
                                 work_dir=work_dir,
+                                control=control,
                             )
                         )
                     )
@@ -536,6 +573,7 @@ async def serve_node(
         with contextlib.suppress(Exception):
             await manager.close()
         await worker.stop()
+        await control.close()
         await connection.close()
 
 

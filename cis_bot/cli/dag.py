@@ -85,6 +85,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     resume.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
     resume.set_defaults(handler=_resume)
 
+    from cis_bot.cli import session
+
+    session.register(commands)
+
 
 def _room_reader_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(

@@ -1,6 +1,7 @@
 """The ``cis.dag.*`` event catalogue: typed payloads, validated both ways.
 
-Every content carries ``"v": 1``, ``run_id`` (except the node heartbeat) and ``timestamp`` (ms).
+Every content carries ``"v": 1``, ``run_id`` (except the node heartbeat and the control
+requests and replies, which belong to no run's log) and ``timestamp`` (ms).
 ``decode(event_type, content)`` turns a room event's content into its payload class or raises
 :class:`InvalidEvent` naming the type and the key; handlers log and drop those, never crash.
 ``payload.content()`` is what goes on the wire. Sizes are bounded so no event nears Matrix's
@@ -479,6 +480,106 @@ class RunCancelled(RunPayload):
         return cls(**cls.fields_of(t), by=t.opt_string("by", nonempty=True))
 
 
+# --- session control through the room (``cis_bot/control/room.py``) ----------------------------
+
+#: What a control request may ask for.
+CONTROL_ACTIONS = ("input", "kill", "logs", "cancel", "approve")
+#: Bounds on what a control request carries and a reply returns.
+CONTROL_TEXT_CHARS = 16_000
+CONTROL_LOG_CHARS = 32_000
+
+
+@attrs.frozen(kw_only=True)
+class ControlRequest(Payload):
+    """A person (through ``cis dag input/kill/logs/cancel/approve``) asks node ``node`` to act
+    on one of its sessions, or on a run it coordinates. Not part of any run's log."""
+
+    TYPE = "cis.dag.control.request"
+
+    request_id: str
+    action: str
+    #: Node id that should act: the session's node, or the run's coordinator.
+    node: str
+    run_id: str | None = None
+    session_id: str | None = None
+    task_id: str | None = None
+    #: input: what to type; newline: then press Enter.
+    text: str | None = None
+    newline: bool | None = None
+    #: logs: how many lines of the end of the transcript.
+    tail: int | None = None
+    #: The requester gives up then (ms); a node ignores a request it gets later (a backlog the
+    #: homeserver delivers after an outage must not replay old orders).
+    expires: int
+
+    @classmethod
+    def from_table(cls, t: Table) -> ControlRequest:
+        action = _required_string(t, "action")
+        if action not in CONTROL_ACTIONS:
+            t.fail(f"unknown action {action!r} (one of {', '.join(CONTROL_ACTIONS)})", "action")
+        text = t.opt_string("text")
+        if text is not None and len(text) > CONTROL_TEXT_CHARS:
+            t.fail(f"longer than {CONTROL_TEXT_CHARS} characters", "text")
+        request = cls(
+            **cls.fields_of(t),
+            request_id=_required_string(t, "request_id"),
+            action=action,
+            node=_required_string(t, "node"),
+            run_id=t.opt_string("run_id", nonempty=True),
+            session_id=t.opt_string("session_id", nonempty=True),
+            task_id=t.opt_string("task_id", nonempty=True),
+            text=text,
+            newline=t.opt_boolean("newline"),
+            tail=t.opt_integer("tail", minimum=0),
+            expires=_required_int(t, "expires", minimum=0),
+        )
+        if action in ("input", "kill", "logs") and request.session_id is None:
+            t.fail(f"action {action!r} needs a session_id", "session_id")
+        if action in ("cancel", "approve") and request.run_id is None:
+            t.fail(f"action {action!r} needs a run_id", "run_id")
+        if action == "approve" and request.task_id is None:
+            t.fail("action 'approve' needs a task_id", "task_id")
+        return request
+
+
+@attrs.frozen(kw_only=True)
+class ControlReply(Payload):
+    """The acting node's answer to a ControlRequest."""
+
+    TYPE = "cis.dag.control.reply"
+
+    request_id: str
+    node: str
+    ok: bool
+    error: str | None = None
+    #: The session's state after the action (input, kill, logs).
+    state: str | None = None
+    exit_code: int | None = None
+    #: logs: the end of the raw transcript.
+    text: str | None = None
+
+    @classmethod
+    def from_table(cls, t: Table) -> ControlReply:
+        ok = t.opt_boolean("ok")
+        if ok is None:
+            t.fail("missing required key", "ok")
+        exit_code = t.data.get("exit_code")
+        if exit_code is not None and (
+            isinstance(exit_code, bool) or not isinstance(exit_code, int)
+        ):
+            t.fail("expected an integer or null", "exit_code")
+        return cls(
+            **cls.fields_of(t),
+            request_id=_required_string(t, "request_id"),
+            node=_required_string(t, "node"),
+            ok=ok,
+            error=t.opt_string("error"),
+            state=t.opt_string("state"),
+            exit_code=exit_code,
+            text=t.opt_string("text"),
+        )
+
+
 CATALOGUE: Mapping[str, type[Payload]] = {
     cls.TYPE: cls
     for cls in (
@@ -501,6 +602,8 @@ CATALOGUE: Mapping[str, type[Payload]] = {
         ApprovalRequested,
         TaskApproved,
         RunCancelled,
+        ControlRequest,
+        ControlReply,
     )
 }
 

@@ -89,6 +89,11 @@ class Worker:
     def load(self) -> int:
         return len(self._running)
 
+    def room_of(self, session_id: str) -> str | None:
+        """The room of the assignment a running session came from."""
+        running = self._running.get(session_id)
+        return running.room_id if running else None
+
     def start(self) -> None:
         self.node.add_listener(self.on_event)
         self._spawn(self._forward_sessions())

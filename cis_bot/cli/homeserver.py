@@ -15,6 +15,13 @@ from cis_bot.errors import UserError
 
 DEFAULT_STATE_DIR = Path(".cis") / "homeserver"
 
+if sys.argv[1:2] == ["homeserver"]:
+    # This process is `cis homeserver`: structlog imports rich when it can (for pretty
+    # tracebacks), which costs start-up time and memory the server does not use. The `cis`
+    # entry point configures structlog before any handler runs, so this has to happen here,
+    # while the parser is built; other commands are unaffected.
+    sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
@@ -43,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=[],
         metavar="REG.yaml",
         help="an appservice registration file (repeatable)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", help="debug, info, warning or error (default info)"
     )
     parser.set_defaults(handler=run)
     commands = parser.add_subparsers(dest="homeserver_command", metavar="COMMAND")
@@ -81,29 +91,7 @@ def _port(value: str) -> int:
     return port
 
 
-def _configure_logging() -> None:
-    # structlog imports rich when it can (for pretty tracebacks); the server needs neither the
-    # import time nor the memory, so make that optional import fail in this process.
-    sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
-    import logging
-
-    import structlog
-
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.processors.format_exc_info,
-            structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"]),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        cache_logger_on_first_use=True,
-    )
-
-
 def run(args: argparse.Namespace) -> int:
-    _configure_logging()
     import asyncio
 
     return asyncio.run(_serve(args))

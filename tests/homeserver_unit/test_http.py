@@ -124,3 +124,13 @@ async def test_client_reuses_connections_and_reports_failures(
     await server.stop()
     with pytest.raises(HttpClientError):
         await HttpClient().request("GET", f"http://127.0.0.1:{port}/", timeout=10)
+
+
+async def test_many_pipelined_requests_answered_in_order(
+    served: tuple[HttpServer, Echo, int],
+) -> None:
+    """More pipelined requests than the server queues before pausing its reads."""
+    _, _, port = served
+    raw = b"".join(f"GET /p/{n} HTTP/1.1\r\nHost: h\r\n\r\n".encode() for n in range(60))
+    answers = await exchange(port, raw, responses=60)
+    assert [json.loads(body)["target"] for _, body in answers] == [f"/p/{n}" for n in range(60)]

@@ -26,6 +26,7 @@ log = structlog.get_logger(__name__)
 
 MAX_HEADER_BYTES = 64 * 1024
 IDLE_TIMEOUT = 120.0
+MAX_PIPELINED = 16  # parsed requests waiting behind the running one before reading pauses
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
@@ -97,6 +98,7 @@ class HttpProtocol(asyncio.Protocol):
         self._head: tuple[str, str, str, dict[str, list[str]]] | None = None
         self._continue_sent = False
         self._idle: asyncio.TimerHandle | None = None
+        self._paused = False
 
     # --- asyncio callbacks ------------------------------------------------------------------
 
@@ -147,6 +149,9 @@ class HttpProtocol(asyncio.Protocol):
                 return
             self._head = None
             self.pending.append(Request(method, target, version, headers, body, self.peer))
+            if len(self.pending) >= MAX_PIPELINED and self.transport is not None:
+                self.transport.pause_reading()
+                self._paused = True
             self._next()
 
     def _take_body(self, headers: dict[str, list[str]]) -> bytes | None:
@@ -213,6 +218,9 @@ class HttpProtocol(asyncio.Protocol):
         if self.task is not None or not self.pending or self.closing:
             return
         request = self.pending.popleft()
+        if self._paused and len(self.pending) < MAX_PIPELINED // 2 and self.transport is not None:
+            self.transport.resume_reading()
+            self._paused = False
         self.task = asyncio.get_running_loop().create_task(self._run(request))
 
     async def _run(self, request: Request) -> None:

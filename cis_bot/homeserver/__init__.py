@@ -1,6 +1,12 @@
 """The embedded loopback Matrix homeserver (SQLite, one machine), shaped like Synapse:
 ``rest/`` (HTTP servlets), ``handlers/`` (logic), ``storage/`` (SQLite), ``appservice/``
-(registrations and the transaction pusher), wired by ``server.py``.
+(registrations and the transaction pusher), ``http/`` (a small HTTP/1.1 server and client),
+wired by ``server.py``. Import ``cis_bot.homeserver.server.EmbeddedHomeserver`` for the
+in-process API; ``cis homeserver`` runs it in the foreground.
 
-Import ``cis_bot.homeserver.server.EmbeddedHomeserver`` for the in-process API.
+Synapse 1.163 is the reference: where they differ, Synapse is right. Deliberately absent:
+federation (and event signatures), end-to-end encryption endpoints (keys, to-device), presence
+(always "offline", as Synapse with presence disabled), push gateways, sliding sync, threads and
+relations endpoints, room upgrades, open registration, 3PIDs, password changes, rate limiting,
+thumbnailing, and pushing ephemeral events to appservices.
 """

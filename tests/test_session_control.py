@@ -17,8 +17,6 @@ import pytest
 from tests.support.control import AGENT, REPO, Background, LocalRun, cis, cis_argv, cis_env, poll
 from tests.support.pty_screen import PtyScreen
 
-pytestmark = pytest.mark.slow
-
 CTRL_B_D = "\x02d"
 
 
@@ -27,6 +25,7 @@ def ask_dag(*steps: str) -> str:
     return f"[[tasks]]\nid = \"ask\"\ncommand = '''{AGENT} --script \"{script}\"'''\n"
 
 
+@pytest.mark.slow
 async def test_input_unblocks_and_logs_follow_ends_with_the_session(tmp_path: Path) -> None:
     run = LocalRun(tmp_path, ask_dag("print hello", "ask Continue?", "print after-yes"))
     try:
@@ -142,6 +141,7 @@ async def test_attach_types_into_the_agent_forwards_the_size_and_detaches(tmp_pa
     assert "got: Bob" in transcript and "got: Red" in transcript and "got: fin" in transcript
 
 
+@pytest.mark.slow
 async def test_two_attached_the_newest_writer_takes_over(tmp_path: Path) -> None:
     run = LocalRun(tmp_path, ask_dag("readline First? ", "readline Second? ", "print all-done"))
     screens: list[PtyScreen] = []
@@ -213,6 +213,7 @@ async def test_kill_ends_a_session_and_its_task_fails_without_retry(tmp_path: Pa
     assert "has ended" in again.stderr
 
 
+@pytest.mark.slow
 async def test_approve_a_confirmed_task_and_cancel_a_run(tmp_path: Path) -> None:
     dag = (
         '[[tasks]]\nid = "gate"\ncommand = "echo gated"\nlevel = { type = "confirmed" }\n'
@@ -273,6 +274,7 @@ async def test_approve_a_confirmed_task_and_cancel_a_run(tmp_path: Path) -> None
     assert f"no run {run_id!r}" in ended.stderr
 
 
+@pytest.mark.slow
 async def test_unknown_and_ambiguous_ids_list_the_candidates(tmp_path: Path) -> None:
     state = tmp_path / "state"
     quick = tmp_path / "quick.toml"
@@ -321,6 +323,7 @@ async def test_unknown_and_ambiguous_ids_list_the_candidates(tmp_path: Path) -> 
         live.stop()
 
 
+@pytest.mark.slow
 async def test_a_dead_or_stopped_process_is_reported_not_waited_for(tmp_path: Path) -> None:
     run = LocalRun(tmp_path, ask_dag("ask Continue?"))
     try:

@@ -272,6 +272,34 @@ class Context:
     def gone_entry(entry: ProcessEntry) -> str:
         return f"{entry.describe()} is gone (it stopped without cleaning up)"
 
+    async def check_node(self, room_id: str, node_id: str) -> None:
+        """Fail at once when the room says the node is down (its heartbeat has lapsed), rather
+        than wait out the timeout. A node that does not heartbeat (a coordinator) is asked."""
+        from mautrix.errors import MatrixError
+
+        from cis_bot.control.client import ControlError
+        from cis_bot.matrix import events as ev
+
+        node = await self.node()
+        try:
+            state = await node.room_state(room_id)
+        except MatrixError:
+            return
+        for raw in state:
+            if raw.get("type") != ev.NodeHeartbeat.TYPE or raw.get("state_key") != node_id:
+                continue
+            try:
+                beat = ev.decode(ev.NodeHeartbeat.TYPE, raw.get("content"))
+            except ev.InvalidEvent:
+                return
+            assert isinstance(beat, ev.NodeHeartbeat)
+            age = (ev.now_ms() - beat.timestamp) / 1000
+            if age > beat.ttl_ms / 1000:
+                raise ControlError(
+                    f"node {node_id} looks down: its last heartbeat was {age:.0f}s ago (a "
+                    f"running node renews it within {beat.ttl_ms / 1000:g}s)"
+                )
+
     async def requester(self) -> Any:
         from cis_bot.control.room import RoomRequester
 
@@ -280,6 +308,7 @@ class Context:
     async def remote_session_request(self, record: SessionRecord, **fields: Any) -> ev.ControlReply:
         if record.room_id is None or record.node is None:
             raise UserError(f"session {record.session_id}: its node is not known")
+        await self.check_node(record.room_id, record.node)
         requester = await self.requester()
         reply: ev.ControlReply = await requester.request(
             record.room_id,
@@ -342,7 +371,9 @@ def _sessions(args: argparse.Namespace) -> int:
         records = await context.records(disk=args.all, rooms=True)
         context.warn_about_processes(await context.local())
         if not args.all:
-            records = [r for r in records if not r.ended and r.source != "disk"]
+            records = [
+                r for r in records if not r.ended and r.source != "disk" and r.state != "unknown"
+            ]
         if args.run:
             run_id = resolve_run(args.run, {r.run_id for r in records})
             records = [r for r in records if r.run_id == run_id]
@@ -560,9 +591,10 @@ def _kill(args: argparse.Namespace) -> int:
             state = answer.get("state") if isinstance(answer, dict) else None
         else:
             context_timeout = context.timeout
+            assert record.room_id is not None and record.node is not None
+            await context.check_node(record.room_id, record.node)
             requester = await context.requester()
             requester.timeout = context_timeout + KILL_EXTRA_SECS
-            assert record.room_id is not None and record.node is not None
             reply = await requester.request(
                 record.room_id,
                 node=record.node,
@@ -643,6 +675,7 @@ async def _run_request(
             answer = await client.request("POST", client.run_path(target.run_id, action), body=body)
         return answer if isinstance(answer, dict) else {}
     assert target.room_id is not None and target.node is not None
+    await context.check_node(target.room_id, target.node)
     requester = await context.requester()
     fields = {"task_id": body["task"]} if "task" in body else {}
     await requester.request(

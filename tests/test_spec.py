@@ -238,7 +238,7 @@ def test_unknown_agent_profile_suggests_a_close_one() -> None:
     assert "unknown agent profile 'claud' (did you mean 'claude'?)" in str(err)
     err = error(one_task('id = "a"\nagent_runtime = "kimi"\nprompt = "p"'))
     assert err.key == "agent_runtime"
-    assert "known profiles: aider, claude, codex, opencode, shell" in str(err)
+    assert "known profiles: aider, claude, claude-interactive, codex, opencode, shell" in str(err)
 
 
 def test_unknown_default_agent_is_reported_on_the_prompt() -> None:

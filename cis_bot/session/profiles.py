@@ -159,10 +159,24 @@ _CLAUDE_INTERACTIVE = AgentProfile(
 )
 
 # aider scripting mode (aider.chat/docs/scripting.html): `--message` sends one instruction, applies
-# the edits and exits; `--yes-always` answers its confirmations. Not installed here: unverified.
+# the edits and exits; `--yes-always` answers its confirmations (in a directory without git that
+# includes "create a git repo?": it does). No update check or analytics from an unattended run.
+# Tried by hand with aider-chat 0.86.2 from PyPI in an AgentSession, offline against
+# cis_bot.testing.fake_anthropic (`--model anthropic/<name>`, ANTHROPIC_API_KEY and
+# ANTHROPIC_API_BASE in env): completed, exit 0, the reply in the transcript. Not in the test suite
+# (aider is a large install). The output is the transcript's text, aider's banner included.
 _AIDER = AgentProfile(
     name="aider",
-    argv=("aider", "--message", PROMPT_TOKEN, "--yes-always", "--no-pretty", "--no-stream"),
+    argv=(
+        "aider",
+        "--message",
+        PROMPT_TOKEN,
+        "--yes-always",
+        "--no-pretty",
+        "--no-stream",
+        "--no-check-update",
+        "--no-analytics",
+    ),
     prompt_via=PromptVia.ARGUMENT,
     blocked_patterns=_YES_NO_PATTERNS,
     detect_tty_read=True,
@@ -172,8 +186,11 @@ _AIDER = AgentProfile(
 # Codex non-interactive mode (`codex exec`, OpenAI's docs): progress on stderr, the final agent
 # message on stdout, exits when done. `--sandbox workspace-write` lets it edit the work dir (the
 # docs deprecate `--full-auto` in its favour); `--skip-git-repo-check` lets it run outside a git
-# repository. Not installed here: unverified. A known upstream bug (openai/codex#8744) made some
-# versions hang after answering, which the quiet-period rule would report as blocked.
+# repository. Tried by hand with @openai/codex 0.171.0 from npm in an AgentSession, offline
+# against a 40-line fake of OpenAI's Responses API (a `model_providers.<name>` with base_url and
+# wire_api = "responses", given with `-c`): completed, exit 0. In a PTY stdout and stderr merge,
+# so the output is the whole transcript's text. With its API unreachable it retries forever
+# ("Reconnecting... waiting for network"): give codex tasks a timeout_secs.
 _CODEX = AgentProfile(
     name="codex",
     argv=(

@@ -4,12 +4,15 @@ against real sessions."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
+import attrs
 import pytest
 
 from cis_bot.control import registry
@@ -236,3 +239,35 @@ async def test_the_api_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     with pytest.raises(ControlError, match="cannot be reached"):
         async with ProcessClient(entry, timeout=5) as client:
             await client.sessions(include_ended=False)
+
+
+async def test_a_writer_attaching_to_a_full_screen_program_asks_it_to_redraw(
+    tmp_path: Path,
+) -> None:
+    settings = SessionSettings(rows=24, cols=80)
+    manager = SessionManager(settings)
+    plane = ControlPlane(tmp_path, node_id="n1", kind="node")
+    await plane.start()
+    plane.add_sessions(manager, lambda sid: None)
+    tui = attrs.evolve(BUILTIN_PROFILES["shell"], name="tui", screen=True, detect_tty_read=False)
+    script = "trap 'echo redraw-$(stty size)' WINCH; echo ready; while :; do sleep 0.05; done"
+    try:
+        session = await manager.start(
+            SessionSpec("r1:tui:1", tui, script, tmp_path, tmp_path / "tui.log")
+        )
+        (entry,) = registry.discover(tmp_path).live
+        async with ProcessClient(entry, timeout=5) as client:
+            watcher = await client.attach("r1:tui:1", readonly=True, size=(50, 50))
+            writer = await client.attach("r1:tui:1", readonly=False, size=(24, 80))
+            seen = b""
+            async with asyncio.timeout(20):
+                while b"redraw-24 80" not in seen:
+                    message = await writer.receive()
+                    if message.type is aiohttp.WSMsgType.BINARY:
+                        seen += message.data
+            assert session.tail_bytes().count(b"redraw-") == 1  # the watcher asked nothing
+            await writer.close()
+            await watcher.close()
+    finally:
+        await manager.close()
+        await plane.close()

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import struct
 import time
@@ -558,9 +559,16 @@ class ControlPlane:
                         {"type": "readonly", "reason": "another terminal attached and took over"}
                     )
         clients.append(client)
-        if client.writer and rows and cols:
-            with contextlib.suppress(ValueError):
-                session.resize(rows, cols)
+        if client.writer:
+            if rows and cols:
+                with contextlib.suppress(ValueError):
+                    session.resize(rows, cols)
+            if session.profile.screen and session.pid:
+                # A full-screen program redraws on SIGWINCH; the replay alone may not show its
+                # screen whole. (tmux does the same on attach; a resize to the same size sends
+                # no signal.)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(session.pid, signal.SIGWINCH)
         log.info("control.attached", session_id=sid, writer=client.writer, attached=len(clients))
         await ws.send_json(
             {"type": "attached", "session_id": sid, "writer": client.writer, "node": self.node_id}

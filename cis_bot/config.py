@@ -45,6 +45,12 @@ T = TypeVar("T")
 CONFIG_ENV = "CIS_CONFIG"
 
 
+class Assignment(StrEnum):
+    #: The worker with the lowest load / capacity (its heartbeat, plus what we gave it since).
+    LEAST_LOADED = "least_loaded"
+    ROUND_ROBIN = "round_robin"
+
+
 class ExecutionMode(StrEnum):
     LOCAL = "local"
     MATRIX = "matrix"
@@ -74,6 +80,8 @@ class MatrixConfig:
     flush_timeout_secs: float = attrs.field(default=60.0, metadata={"gt": 0})
     #: Matrix mode: how long a task waits for a live worker that runs its agent, then fails.
     no_worker_timeout_secs: float = attrs.field(default=60.0, metadata={"gt": 0})
+    #: Matrix mode: how the coordinator picks among the live workers that run a task's agent.
+    assignment: Assignment = Assignment.LEAST_LOADED
 
 
 @attrs.frozen

@@ -318,6 +318,7 @@ async def drive_run(
                 room_id=plan.room_id,
                 run_id=plan.run_id,
                 no_worker_timeout=matrix.no_worker_timeout_secs,
+                policy=matrix.assignment,
             )
             await executor.start_listening()
         unregister.append(

@@ -15,12 +15,12 @@ import itertools
 import json
 import time
 from collections.abc import Mapping
-from enum import StrEnum
 from typing import Any
 
 import attrs
 import structlog
 
+from cis_bot.config import Assignment
 from cis_bot.dag.engine import Outcome, TaskDispatched, TaskFinished
 from cis_bot.dag.runner import RunDriver
 from cis_bot.dag.spec import TaskSpec, task_to_document
@@ -33,11 +33,6 @@ log = structlog.get_logger(__name__)
 
 #: Upstream outputs bigger than this (JSON bytes) travel as a media upload, not in the event.
 INLINE_UPSTREAM_BYTES = 24 * 1024
-
-
-class Assignment(StrEnum):
-    ROUND_ROBIN = "round_robin"
-    LEAST_LOADED = "least_loaded"
 
 
 @attrs.define

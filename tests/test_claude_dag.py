@@ -16,7 +16,7 @@ import tomli_w
 
 from cis_bot.session.profiles import BUILTIN_PROFILES
 from cis_bot.testing.claude_home import ClaudeHome, find_claude, prepare_claude_home
-from cis_bot.testing.fake_anthropic import FakeAnthropic, TextReply
+from cis_bot.testing.fake_anthropic import FakeAnthropic, TextReply, ToolUseReply
 
 REPO = Path(__file__).resolve().parent.parent
 DEADLINE = 120.0
@@ -213,3 +213,78 @@ def test_dry_run_refuses_matrix_mode(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "--dry-run runs the tasks on this machine" in proc.stderr
+
+
+@pytest.mark.slow
+async def test_interactive_task_blocks_on_permission_and_cis_dag_input_approves(
+    claude: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claude-interactive task in `cis dag execute --local`: blocked on the permission prompt
+    with a reason quoting it; `cis dag input` (another process) approves; the tool runs; the
+    task completes, and its output (the final reply) reaches the next task."""
+    from tests.support import control
+
+    final = "Created made.txt for you."
+    script = [
+        ToolUseReply(
+            "Bash",
+            {"command": "echo approved > made.txt", "description": "Create made.txt"},
+            text="I will create the file.",
+        ),
+        TextReply(final),
+    ]
+    dag = """
+        [[tasks]]
+        id = "make"
+        agent = "claude-interactive"
+        prompt = "Please create made.txt"
+
+        [[tasks]]
+        id = "check"
+        deps = ["make"]
+        command = 'cat "$CIS_UPSTREAM_DIR/make.txt"'
+        """
+    async with FakeAnthropic(script) as fake:
+        home = prepare_claude_home(tmp_path / "home", base_url=fake.url, work_dirs=[tmp_path])
+        interactive = BUILTIN_PROFILES["claude-interactive"]
+        config = tmp_path / "config.toml"
+        config.write_text(
+            tomli_w.dumps(
+                {
+                    "agents": {
+                        "claude-interactive": {
+                            "argv": [claude, *interactive.argv[1:]],
+                            "env": dict(home.env),
+                        }
+                    }
+                }
+            )
+        )
+        env = clean_env(CIS_CONFIG=str(config), PYTHONUNBUFFERED="1")
+        monkeypatch.setattr(control, "cis_env", lambda: env)
+        run = control.LocalRun(tmp_path, dag)
+        try:
+            await run.wait_for_run_id(timeout=DEADLINE)
+            session = await run.session("make", "blocked", timeout=DEADLINE)
+            assert session["blocked_reason"] == (
+                'prompt: "echo approved > made.txt | Do you want to proceed?"'
+            )
+            assert not (tmp_path / "made.txt").exists()
+            state = str(run.state)
+            typed = await control.cis(
+                "dag", "input", "make", "1", "--no-newline", "--state-dir", state
+            )
+            assert typed.returncode == 0, typed.stderr
+            code, report = await run.report(timeout=DEADLINE)
+        finally:
+            run.stop()
+    assert code == 0, (report, run.stderr)
+    assert {t: v["status"] for t, v in report["tasks"].items()} == {
+        "make": "completed",
+        "check": "completed",
+    }
+    assert (tmp_path / "made.txt").read_text() == "approved\n"
+    (result,) = fake.message_requests[1].tool_results
+    assert result["is_error"] is False
+    upstream = run.state / "runs" / report["run_id"] / "upstream" / "check" / "make.txt"
+    assert upstream.read_text() == final

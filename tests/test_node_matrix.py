@@ -74,16 +74,23 @@ async def start_cluster(
         accept_agents=list(accept_agents),
     )
     processes = [NodeProcess(w).start() for w in workers]
-    for w in workers:
-        await wait_for(lambda w=w: bot_exists(admin, w.user_id), what=f"{w.node_id} to register")
-    room = await run_room(admin, [p.user_id for p in plans])
+    try:
+        for w in workers:
+            await wait_for(
+                lambda w=w: bot_exists(admin, w.user_id), what=f"{w.node_id} to register"
+            )
+        room = await run_room(admin, [p.user_id for p in plans])
 
-    async def workers_ready() -> bool:
-        members = await joined_members(admin, room)
-        beats = await heartbeats(admin, room)
-        return all(w.user_id in members and w.node_id in beats for w in workers)
+        async def workers_ready() -> bool:
+            members = await joined_members(admin, room)
+            beats = await heartbeats(admin, room)
+            return all(w.user_id in members and w.node_id in beats for w in workers)
 
-    await wait_for(workers_ready, what="workers to join and heartbeat")
+        await wait_for(workers_ready, what="workers to join and heartbeat")
+    except BaseException:
+        for p in processes:
+            p.stop()
+        raise
     return admin, room, processes
 
 

@@ -126,8 +126,8 @@ async def test_coordinator_killed_mid_run_resumes_from_the_room_without_rerunnin
             for i in range(6)
         )
     )
+    proc = popen_cis(coord, "dag", "execute", "--matrix", "--room", room, str(dag), "--json")
     try:
-        proc = popen_cis(coord, "dag", "execute", "--matrix", "--room", room, str(dag), "--json")
         await wait_for(
             lambda: asyncio.sleep(0, len(ran(wa) + ran(wb)) >= 2), what="the first tasks"
         )
@@ -156,6 +156,8 @@ async def test_coordinator_killed_mid_run_resumes_from_the_room_without_rerunnin
         assert sorted(everything) == [f"t{i}" for i in range(6)], everything  # each ran once
         assert all(p.alive for p in processes)
     finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         for p in processes:
             p.stop()
 

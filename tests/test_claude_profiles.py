@@ -255,7 +255,9 @@ async def test_interactive_permission_prompt_blocks_input_approves_and_the_task_
     assert session is not None and session.state is SessionState.BLOCKED
     assert not (run.work_dir / "made.txt").exists()
 
-    await manager.send_input(run.session_id, "1")
+    # What `cis dag input ID 1` sends: the option, then Enter (which lands in the empty prompt
+    # box and does nothing); tests/test_claude_dag.py sends "1" alone.
+    await manager.send_input(run.session_id, "1\r")
     done = await run.done()
     assert (done.state, done.exit_code, done.error) == (SessionState.COMPLETED, 0, None)
     assert (run.work_dir / "made.txt").read_text() == "approved\n"

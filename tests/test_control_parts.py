@@ -221,6 +221,9 @@ async def test_the_api_refuses_what_it_cannot_do(tmp_path: Path) -> None:
                 await client.request(
                     "POST", client.session_path("r1:t:1", "input"), body={"text": big}
                 )
+            async with asyncio.timeout(20):  # typed ahead, the answer would share its line
+                while session.state != "blocked":
+                    await asyncio.sleep(0.05)
             await client.request("POST", client.session_path("r1:t:1", "input"), body={"text": "y"})
             completed = await session.wait()
             assert completed.state == "completed"

@@ -24,8 +24,10 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from cis_bot.config import Config
+    from cis_bot.control.client import ProcessClient
     from cis_bot.control.finder import LocalScan, SessionRecord
     from cis_bot.control.registry import Discovery, ProcessEntry
+    from cis_bot.control.room import RoomRequester
     from cis_bot.execute import Connection
     from cis_bot.matrix import events as ev
     from cis_bot.matrix.node import Node
@@ -300,16 +302,20 @@ class Context:
                     f"running node renews it within {beat.ttl_ms / 1000:g}s)"
                 )
 
-    async def requester(self) -> Any:
+    async def requester(self) -> RoomRequester:
         from cis_bot.control.room import RoomRequester
 
         return RoomRequester(await self.node(), timeout=self.timeout)
 
-    async def remote_session_request(self, record: SessionRecord, **fields: Any) -> ev.ControlReply:
+    async def remote_session_request(
+        self, record: SessionRecord, *, extra_secs: float = 0, **fields: Any
+    ) -> ev.ControlReply:
+        """Ask the session's node, through the room, to act on it."""
         if record.room_id is None or record.node is None:
             raise UserError(f"session {record.session_id}: its node is not known")
         await self.check_node(record.room_id, record.node)
         requester = await self.requester()
+        requester.timeout += extra_secs
         reply: ev.ControlReply = await requester.request(
             record.room_id,
             node=record.node,
@@ -321,7 +327,7 @@ class Context:
         return reply
 
 
-def _client(entry: ProcessEntry, timeout: float) -> Any:
+def _client(entry: ProcessEntry, timeout: float) -> ProcessClient:
     from cis_bot.control.client import ProcessClient
 
     return ProcessClient(entry, timeout=timeout)
@@ -590,18 +596,8 @@ def _kill(args: argparse.Namespace) -> int:
                 )
             state = answer.get("state") if isinstance(answer, dict) else None
         else:
-            context_timeout = context.timeout
-            assert record.room_id is not None and record.node is not None
-            await context.check_node(record.room_id, record.node)
-            requester = await context.requester()
-            requester.timeout = context_timeout + KILL_EXTRA_SECS
-            reply = await requester.request(
-                record.room_id,
-                node=record.node,
-                node_user=record.node_user,
-                action="kill",
-                run_id=record.run_id,
-                session_id=record.session_id,
+            reply = await context.remote_session_request(
+                record, action="kill", extra_secs=KILL_EXTRA_SECS
             )
             state = reply.state
         if args.json:

@@ -107,7 +107,7 @@ def control_dir(state_dir: Path) -> Path:
     return state_dir / CONTROL_DIR
 
 
-def _private_dir(path: Path) -> Path:
+def private_dir(path: Path) -> Path:
     """Create ``path`` (0700) or check that an existing one is ours and private."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     info = path.stat()
@@ -169,7 +169,7 @@ class Registration:
     removed on close."""
 
     def __init__(self, state_dir: Path, *, node_id: str, kind: str, socket: Path) -> None:
-        self.directory = _private_dir(control_dir(state_dir))
+        self.directory = private_dir(control_dir(state_dir))
         self.pid = os.getpid()
         self.file = self.directory / f"{self.pid}.json"
         self.entry = ProcessEntry(

@@ -22,11 +22,13 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import structlog
-from mautrix.api import Method, Path
+from mautrix.api import Method
+from mautrix.api import Path as ApiPath
 from mautrix.errors import MatrixError
 
 from cis_bot.control.client import ControlError
@@ -159,7 +161,7 @@ class RoomControl:
         return reply(state=str(session.state), text=text)
 
 
-def _transcript_end(path: Any, lines: int) -> str:
+def _transcript_end(path: Path, lines: int) -> str:
     try:
         end = path.stat().st_size
         start = max(tail_offset(path, lines, end), end - ev.CONTROL_LOG_CHARS)
@@ -236,7 +238,7 @@ class RoomRequester:
     async def _position(self, room_id: str) -> str:
         body = await self.node.intent.api.request(
             Method.GET,
-            Path.v3.rooms[room_id].messages,
+            ApiPath.v3.rooms[room_id].messages,
             query_params={"dir": "b", "limit": "1"},
         )
         return str(body["start"])
@@ -247,7 +249,7 @@ class RoomRequester:
         while True:
             body = await self.node.intent.api.request(
                 Method.GET,
-                Path.v3.rooms[room_id].messages,
+                ApiPath.v3.rooms[room_id].messages,
                 query_params={
                     "dir": "f",
                     "from": position,

@@ -232,7 +232,7 @@ class ControlPlane:
             self.state_dir, node_id=self.node_id, kind=self.kind, socket=socket_path
         )
         if socket_path.parent != self._registration.directory:
-            registry._private_dir(socket_path.parent)
+            registry.private_dir(socket_path.parent)
         with contextlib.suppress(FileNotFoundError):
             socket_path.unlink()  # left by a dead process with our pid
         app = web.Application(middlewares=[_same_user_only, _errors_as_json])
@@ -268,9 +268,8 @@ class ControlPlane:
         self._closed = True
         for close in self.on_close:
             await close()
-        for clients in self._attached.values():
-            for client in clients:
-                client.notify({"type": "error", "message": "the process is stopping"})
+        # Attached terminals normally saw their sessions end already (the manager closes
+        # first); any left are cut off, and say the connection was lost.
         for task in list(self._streams):
             task.cancel()
         if self._runner is not None:

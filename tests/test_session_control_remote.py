@@ -142,6 +142,16 @@ async def test_remote_input_logs_kill_approve_cancel_and_refusals(
         assert sessions["ask"]["node"] == "wa" and sessions["ask"]["source"] == "room"
         assert "Continue?" in sessions["ask"]["blocked_reason"]
 
+        # On the worker's own machine, `cis node` answers on its control socket.
+        on_worker = await cis(
+            "dag", "sessions", "--json", "--local", "--config", str(wa.config),
+            "--state-dir", str(wa.state_dir),
+        )  # fmt: skip
+        assert on_worker.returncode == 0, on_worker.stderr
+        held = {s["task_id"]: s for s in json.loads(on_worker.stdout)}
+        assert held["ask"]["source"] == "process" and held["ask"]["node"] == "wa"
+        assert held["ask"]["state"] == "blocked" and held["ask"]["pid"]
+
         typed = await cis("dag", "input", ask, "y", *as_cli(ops, room))
         assert typed.returncode == 0, typed.stderr
         assert f"{run_id}:ask:1: typed 1 characters and Enter (running)" in typed.stdout

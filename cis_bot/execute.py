@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
-import os
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +22,6 @@ from typing import Any
 
 import attrs
 import structlog
-import yaml
 
 from cis_bot.config import Config, ExecutionMode
 from cis_bot.control.server import ControlPlane, RunHandle
@@ -44,6 +41,7 @@ from cis_bot.dag.report import build_report
 from cis_bot.dag.runner import LocalExecutor, RunDriver, RunObserver, RunPaths
 from cis_bot.dag.spec import DagSpec, spec_to_document
 from cis_bot.errors import UserError
+from cis_bot.localhs import InUse, LocalHomeserverDir
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.broadcast import RunRecorder, SessionReporter
 from cis_bot.matrix.coordinator import RoomExecutor
@@ -53,9 +51,6 @@ from cis_bot.matrix.worker import Worker
 from cis_bot.session.manager import SessionManager
 
 log = structlog.get_logger(__name__)
-
-#: The local node's id and bot localpart on the embedded homeserver.
-LOCAL_NODE_ID = "local"
 
 
 def new_run_id() -> str:
@@ -91,65 +86,47 @@ class Connection:
             self.lock.close()
 
 
-def _lock_state(hs_dir: Path) -> Any:
-    """One process at a time owns an embedded homeserver's database."""
-    handle = (hs_dir / "lock").open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise UserError(
-            f"the local homeserver in {hs_dir} is in use by {holder}; wait for it to finish "
-            "or give another --state-dir"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"cis (pid {os.getpid()})")
-    handle.flush()
-    return handle
-
-
 def run_alias_prefix(config: Config) -> str:
     """Local run rooms are ``#<prefix><run_id>:<server>`` (from ``[dag.matrix] room_prefix``)."""
     return config.dag.matrix.room_prefix.lstrip("!#") or "dag-"
 
 
 async def connect_local(state_dir: Path, server_name: str, alias_prefix: str) -> Connection:
-    """The local node on the embedded homeserver kept in ``state_dir/homeserver``.
+    """The local node on the local homeserver in ``state_dir/homeserver``: the standalone
+    ``cis homeserver`` running there if there is one, else an embedded one started here.
 
-    The appservice listens first (the registration must name its port), then the homeserver
-    starts with that registration; tokens are fresh each time, as nothing else holds them.
+    The appservice listens first (the registration names its port), then the homeserver
+    starts with the registrations in its directory.
     """
     from cis_bot.homeserver.server import EmbeddedHomeserver
 
-    identity = NodeIdentity(
-        node_id=LOCAL_NODE_ID,
-        homeserver="",
-        server_name=server_name,
-        localpart=f"cis_{LOCAL_NODE_ID}",
-        as_token=secrets.token_urlsafe(32),
-        hs_token=secrets.token_urlsafe(32),
-    )
-    hs_dir = state_dir / "homeserver"
-    hs_dir.mkdir(parents=True, exist_ok=True)
-    lock = _lock_state(hs_dir)
+    directory = LocalHomeserverDir.of(state_dir)
+    identity = directory.local_identity(server_name, alias_prefix)
+    try:
+        lock = directory.lock("cis")
+    except InUse:
+        standalone = directory.running_endpoint()
+        if standalone is None:
+            raise
+        node = Node(identity)
+        await node.listen()  # the standalone homeserver knows this port from its start
+        await node.connect(standalone)
+        return Connection(node)
     node = Node(identity)
     try:
-        port = await node.listen()
+        try:
+            await node.listen()
+        except UserError:  # the port we used last time is taken now: take another one
+            node.identity = attrs.evolve(identity, listen_port=0)
+            node.identity = attrs.evolve(identity, listen_port=await node.listen())
+        directory.save_registration(node.identity, alias_prefix)
     except BaseException:
         lock.close()
         raise
-    registration = hs_dir / "local-node.yaml"
-    registration.write_text(
-        yaml.safe_dump(
-            identity.registration(url=f"http://127.0.0.1:{port}", room_alias_prefix=alias_prefix)
-        )
-    )
-    registration.chmod(0o600)
     homeserver = EmbeddedHomeserver(
-        state_dir=hs_dir, server_name=server_name, appservice_files=[registration]
+        state_dir=directory.path,
+        server_name=server_name,
+        appservice_files=directory.registrations(),
     )
     try:
         await homeserver.start()

@@ -1,0 +1,139 @@
+"""The local homeserver's directory, shared by local runs and by ``cis homeserver``.
+
+``<state_dir>/homeserver/`` holds:
+
+- the embedded homeserver's SQLite database and media (the local runs' rooms);
+- ``appservices/*.yaml``: the registrations it loads, among them ``local-node.yaml``, the local
+  node's (its tokens and appservice port persist, so a homeserver started earlier knows them);
+- ``lock``: held by the one process that runs the homeserver on this database;
+- ``endpoint.json``: where a standalone ``cis homeserver`` listens, so local runs use it instead
+  of starting their own (and a person's Matrix client sees their rooms live).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import socket
+from pathlib import Path
+from typing import IO, Any
+
+import attrs
+import yaml
+
+from cis_bot.errors import UserError
+from cis_bot.matrix.node import NodeIdentity
+
+LOCAL_NODE_ID = "local"
+
+
+class InUse(UserError):
+    """Another process runs the homeserver on this directory."""
+
+    def __init__(self, directory: Path, holder: str) -> None:
+        self.holder = holder
+        super().__init__(
+            f"the local homeserver in {directory} is in use by {holder}; wait for it to finish "
+            "or give another --state-dir"
+        )
+
+
+@attrs.frozen
+class LocalHomeserverDir:
+    path: Path
+
+    @classmethod
+    def of(cls, state_dir: Path) -> LocalHomeserverDir:
+        return cls(state_dir / "homeserver")
+
+    @property
+    def registration(self) -> Path:
+        return self.path / "appservices" / "local-node.yaml"
+
+    @property
+    def endpoint(self) -> Path:
+        return self.path / "endpoint.json"
+
+    def registrations(self) -> list[Path]:
+        return sorted((self.path / "appservices").glob("*.yaml"))
+
+    def local_identity(self, server_name: str, alias_prefix: str) -> NodeIdentity:
+        """The local node's identity, created (tokens, a free appservice port) the first time."""
+        try:
+            saved = yaml.safe_load(self.registration.read_text(encoding="utf-8"))
+            identity = NodeIdentity(
+                node_id=LOCAL_NODE_ID,
+                homeserver="",
+                server_name=server_name,
+                localpart=str(saved["sender_localpart"]),
+                as_token=str(saved["as_token"]),
+                hs_token=str(saved["hs_token"]),
+                listen_port=int(str(saved["url"]).rsplit(":", 1)[1]),
+            )
+        except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, IndexError):
+            identity = NodeIdentity(
+                node_id=LOCAL_NODE_ID,
+                homeserver="",
+                server_name=server_name,
+                localpart=f"cis_{LOCAL_NODE_ID}",
+                as_token=secrets.token_urlsafe(32),
+                hs_token=secrets.token_urlsafe(32),
+                listen_port=_free_port(),
+            )
+            self.save_registration(identity, alias_prefix)
+        return identity
+
+    def save_registration(self, identity: NodeIdentity, alias_prefix: str) -> None:
+        self.registration.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        url = f"http://127.0.0.1:{identity.listen_port}"
+        text = yaml.safe_dump(identity.registration(url=url, room_alias_prefix=alias_prefix))
+        tmp = self.registration.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.chmod(0o600)
+        tmp.replace(self.registration)
+
+    def lock(self, what: str) -> IO[str]:
+        """Hold the directory (released when the returned file is closed); InUse if taken."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = (self.path / "lock").open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise InUse(self.path, holder) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{what} (pid {os.getpid()})")
+        handle.flush()
+        return handle
+
+    def publish_endpoint(self, base_url: str) -> None:
+        self.endpoint.write_text(json.dumps({"base_url": base_url, "pid": os.getpid()}))
+
+    def withdraw_endpoint(self) -> None:
+        self.endpoint.unlink(missing_ok=True)
+
+    def running_endpoint(self) -> str | None:
+        """The base URL of a standalone ``cis homeserver`` on this directory, if one is alive."""
+        try:
+            data: Any = json.loads(self.endpoint.read_text())
+            pid, base_url = int(data["pid"]), str(data["base_url"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return base_url
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -257,12 +257,13 @@ async def drive_run(
     try:
         runs_here = plan.mode is not ExecutionMode.MATRIX
         reporter = None
-        if runs_here and config.dag.hybrid.broadcast_status:
+        if runs_here:
             reporter = SessionReporter(
                 outbox,
                 node_id=node.identity.node_id,
                 upload=_uploader(node),
                 interval_ms=matrix.broadcast_interval_ms,
+                broadcast_status=config.dag.hybrid.broadcast_status,
                 broadcast_output=config.dag.hybrid.broadcast_output,
             )
         recorder = RunRecorder(

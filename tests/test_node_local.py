@@ -128,3 +128,21 @@ def test_a_second_local_run_on_the_same_state_dir_is_refused_clearly(tmp_path: P
         first.send_signal(signal.SIGINT)
         first.communicate(timeout=30)
     assert first.returncode == 1  # cancelled
+
+
+def test_without_status_broadcasts_the_log_still_holds_every_result(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[dag.hybrid]\nbroadcast_status = false\n")
+    state = tmp_path / "state"
+    env = {**os.environ, "CIS_CONFIG": str(config)}
+    run = subprocess.run(
+        [sys.executable, "-m", "cis_bot", "dag", "execute", "--local", "--json"]
+        + [str(REPO / "examples" / "diamond.toml"), "--state-dir", str(state)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    events = asyncio.run(local_room_events(state, report["room_id"]))
+    types = [e["type"] for e in events]
+    assert "cis.dag.session.state" not in types and "cis.dag.session.created" not in types
+    assert types.count("cis.dag.session.completed") == len(report["tasks"])

@@ -41,7 +41,11 @@ class SessionReporter:
     """Session events -> ``cis.dag.session.*``, batched: a session's creation and state changes
     wait up to ``interval_ms`` and go out together; those of a session that ends within that
     time are never sent (its ``session.completed`` says all of it). Terminal states are told by
-    ``session.completed`` alone. Blocked, and output samples, flush the session's batch first."""
+    ``session.completed`` alone. Blocked, and output samples, flush the session's batch first.
+
+    ``session.completed`` is part of the run log and always sent; creations, state changes and
+    blocked notices only with ``broadcast_status``, output samples only with ``broadcast_output``.
+    """
 
     def __init__(
         self,
@@ -50,12 +54,14 @@ class SessionReporter:
         node_id: str,
         upload: Upload | None,
         interval_ms: int = 500,
+        broadcast_status: bool = True,
         broadcast_output: bool = False,
     ) -> None:
         self.outbox = outbox
         self.node_id = node_id
         self.upload = upload
         self.interval_s = interval_ms / 1000
+        self.broadcast_status = broadcast_status
         self.broadcast_output = broadcast_output
         self._pending: dict[str, list[ev.Payload]] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -64,6 +70,10 @@ class SessionReporter:
 
     def report(self, event: se.SessionEvent, run_id: str, task_id: str, attempt: int) -> None:
         sid = event.session_id
+        if not self.broadcast_status and not isinstance(
+            event, se.SessionCompleted | se.SessionOutputUpdated
+        ):
+            return
         match event:
             case se.SessionCreated(agent=agent):
                 self._batch(

@@ -258,6 +258,9 @@ async def test_a_writer_attaching_to_a_full_screen_program_asks_it_to_redraw(
         session = await manager.start(
             SessionSpec("r1:tui:1", tui, script, tmp_path, tmp_path / "tui.log")
         )
+        async with asyncio.timeout(20):  # the trap is set once it says so
+            while b"ready" not in session.tail_bytes():
+                await asyncio.sleep(0.05)
         (entry,) = registry.discover(tmp_path).live
         async with ProcessClient(entry, timeout=5) as client:
             watcher = await client.attach("r1:tui:1", readonly=True, size=(50, 50))

@@ -178,3 +178,11 @@ def test_fake_agent_script_parsing() -> None:
     with pytest.raises(ScriptError):
         parse_size("lots")
     assert unescape(r"a\tb\n\e[1m\\") == "a\tb\n\x1b[1m\\"
+
+
+def test_an_escape_cut_off_at_the_end_leaves_nothing_behind() -> None:
+    from cis_bot.session.output import strip_escapes
+
+    assert strip_escapes("done\x1b[3") == "done"
+    assert strip_escapes("done\x1b[38;5") == "done"
+    assert strip_escapes("a\x1b[31mred\x1b[0m") == "ared"

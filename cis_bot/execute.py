@@ -45,7 +45,8 @@ from cis_bot.localhs import InUse, LocalHomeserverDir
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.broadcast import RunRecorder, SessionReporter
 from cis_bot.matrix.coordinator import RoomExecutor
-from cis_bot.matrix.node import Node, NodeIdentity
+from cis_bot.matrix.identity import NodeIdentity
+from cis_bot.matrix.node import Node
 from cis_bot.matrix.runlog import RunLog, fold_runs, parse_room_event, spec_from_text
 from cis_bot.matrix.worker import Worker
 from cis_bot.session.manager import SessionManager
@@ -75,11 +76,14 @@ class Connection:
     node: Node
     homeserver: Any = None
     lock: Any = None
+    directory: LocalHomeserverDir | None = None
 
     async def close(self) -> None:
         # The homeserver first: its appservice pusher must not be left waiting on our
         # appservice endpoint once that is gone.
         if self.homeserver is not None:
+            if self.directory is not None:
+                self.directory.withdraw_endpoint()
             await self.homeserver.stop()
         await self.node.stop()
         if self.lock is not None:
@@ -91,12 +95,15 @@ def run_alias_prefix(config: Config) -> str:
     return config.dag.matrix.room_prefix.lstrip("!#") or "dag-"
 
 
-async def connect_local(state_dir: Path, server_name: str, alias_prefix: str) -> Connection:
-    """The local node on the local homeserver in ``state_dir/homeserver``: the standalone
-    ``cis homeserver`` running there if there is one, else an embedded one started here.
+async def connect_local(
+    state_dir: Path, server_name: str, alias_prefix: str, *, serve: bool = True
+) -> Connection:
+    """The local node on the local homeserver in ``state_dir/homeserver``.
 
-    The appservice listens first (the registration names its port), then the homeserver
-    starts with the registrations in its directory.
+    If a process already runs that homeserver, use it: a standalone ``cis homeserver`` for
+    anything, another run's only to read (``serve=False``), since it ends with that run. Else
+    start it here: the appservice listens first (the registration names its port), then the
+    homeserver starts with the registrations in its directory, and says where it answers.
     """
     from cis_bot.homeserver.server import EmbeddedHomeserver
 
@@ -105,38 +112,39 @@ async def connect_local(state_dir: Path, server_name: str, alias_prefix: str) ->
     try:
         lock = directory.lock("cis")
     except InUse:
-        standalone = directory.running_endpoint()
-        if standalone is None:
+        running = directory.running_endpoint()
+        if running is None or not (running[1] or not serve):
             raise
         node = Node(identity)
-        await node.listen()  # the standalone homeserver knows this port from its start
-        await node.connect(standalone)
+        if serve:
+            await node.listen()  # the standalone homeserver knows this port from its start
+        await node.connect(running[0])
         return Connection(node)
     node = Node(identity)
-    try:
-        try:
-            await node.listen()
-        except UserError:  # the port we used last time is taken now: take another one
-            node.identity = attrs.evolve(identity, listen_port=0)
-            node.identity = attrs.evolve(identity, listen_port=await node.listen())
-        directory.save_registration(node.identity, alias_prefix)
-    except BaseException:
-        lock.close()
-        raise
     homeserver = EmbeddedHomeserver(
         state_dir=directory.path,
         server_name=server_name,
         appservice_files=directory.registrations(),
     )
     try:
+        if serve:
+            try:
+                await node.listen()
+            except UserError:  # the port we used last time is taken now: take another one
+                node.identity = attrs.evolve(identity, listen_port=0)
+                node.identity = attrs.evolve(identity, listen_port=await node.listen())
+            directory.save_registration(node.identity, alias_prefix)
+            homeserver.appservice_files = tuple(directory.registrations())
         await homeserver.start()
+        directory.publish_endpoint(homeserver.base_url, standalone=False)
         await node.connect(homeserver.base_url)
     except BaseException:
         await homeserver.stop()
         await node.stop()
+        directory.withdraw_endpoint()
         lock.close()
         raise
-    return Connection(node, homeserver, lock)
+    return Connection(node, homeserver, lock, directory)
 
 
 async def connect_configured(config: Config, *, serve: bool = True) -> Connection:
@@ -198,12 +206,15 @@ async def execute(
         await connection.close()
 
 
-async def open_connection(config: Config, mode: ExecutionMode, state_dir: Path) -> Connection:
+async def open_connection(
+    config: Config, mode: ExecutionMode, state_dir: Path, *, serve: bool = True
+) -> Connection:
+    """A node to work with (``serve=False``: only to read rooms and post, no appservice)."""
     if mode is ExecutionMode.LOCAL:
         return await connect_local(
-            state_dir, config.dag.matrix.home_server, run_alias_prefix(config)
+            state_dir, config.dag.matrix.home_server, run_alias_prefix(config), serve=serve
         )
-    return await connect_configured(config)
+    return await connect_configured(config, serve=serve)
 
 
 async def announce(node: Node, plan: RunPlan, *, resumed_from: str | None = None) -> None:

@@ -24,7 +24,7 @@ import attrs
 import yaml
 
 from cis_bot.errors import UserError
-from cis_bot.matrix.node import NodeIdentity
+from cis_bot.matrix.identity import NodeIdentity
 
 LOCAL_NODE_ID = "local"
 
@@ -111,17 +111,21 @@ class LocalHomeserverDir:
         handle.flush()
         return handle
 
-    def publish_endpoint(self, base_url: str) -> None:
-        self.endpoint.write_text(json.dumps({"base_url": base_url, "pid": os.getpid()}))
+    def publish_endpoint(self, base_url: str, *, standalone: bool) -> None:
+        """Say where the homeserver on this directory answers: ``standalone`` for ``cis
+        homeserver`` (local runs may use it), else a run's own (for readers only)."""
+        data = {"base_url": base_url, "pid": os.getpid(), "standalone": standalone}
+        self.endpoint.write_text(json.dumps(data))
 
     def withdraw_endpoint(self) -> None:
         self.endpoint.unlink(missing_ok=True)
 
-    def running_endpoint(self) -> str | None:
-        """The base URL of a standalone ``cis homeserver`` on this directory, if one is alive."""
+    def running_endpoint(self) -> tuple[str, bool] | None:
+        """(base URL, standalone) of the live homeserver on this directory, if there is one."""
         try:
             data: Any = json.loads(self.endpoint.read_text())
             pid, base_url = int(data["pid"]), str(data["base_url"])
+            standalone = bool(data.get("standalone"))
         except (OSError, ValueError, KeyError, TypeError):
             return None
         try:
@@ -130,7 +134,16 @@ class LocalHomeserverDir:
             return None
         except PermissionError:
             pass
-        return base_url
+        return base_url, standalone
+
+
+def default_state_dir() -> Path:
+    """Where cis keeps runs and the local homeserver: ``$CIS_STATE_DIR``, else
+    ``$XDG_STATE_HOME/cis`` (``~/.local/state/cis``)."""
+    if env := os.environ.get("CIS_STATE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "cis"
 
 
 def _free_port() -> int:

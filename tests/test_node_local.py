@@ -146,3 +146,91 @@ def test_without_status_broadcasts_the_log_still_holds_every_result(tmp_path: Pa
     types = [e["type"] for e in events]
     assert "cis.dag.session.state" not in types and "cis.dag.session.created" not in types
     assert types.count("cis.dag.session.completed") == len(report["tasks"])
+
+
+def test_a_standalone_homeserver_hosts_local_runs_and_people_can_follow_them(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cis_bot", "homeserver", "--state-dir", str(state), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "CIS_CONFIG": os.devnull},
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert line.startswith("listening on "), (line, server.stderr)
+        base_url = line.split()[-1]
+        added = cis(
+            "homeserver", "add-user", "--state-dir", str(state), "alice", "--password", "pw"
+        )
+        assert added.returncode == 0, added.stderr
+
+        run = cis("dag", "execute", "--local", str(REPO / "examples" / "hello.toml"),
+                  "--state-dir", str(state), "--json")  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        report = json.loads(run.stdout)
+
+        async def follow() -> list[str]:
+            import aiohttp
+
+            async with aiohttp.ClientSession(base_url) as http:
+                login = await http.post(
+                    "/_matrix/client/v3/login",
+                    json={"type": "m.login.password", "user": "alice", "password": "pw"},
+                )
+                token = (await login.json())["access_token"]
+                headers = {"Authorization": f"Bearer {token}"}
+                alias = f"#dag-{report['run_id']}:cis.local"
+                joined = await http.post(
+                    f"/_matrix/client/v3/join/{alias.replace('#', '%23')}", headers=headers
+                )
+                room_id = (await joined.json())["room_id"]
+                assert room_id == report["room_id"]
+                messages = await http.get(
+                    f"/_matrix/client/v3/rooms/{room_id}/messages",
+                    params={"dir": "b", "limit": "100"},
+                    headers=headers,
+                )
+                return [e["type"] for e in (await messages.json())["chunk"]]
+
+        types = asyncio.run(follow())
+        assert "cis.dag.run.completed" in types and "cis.dag.task.assigned" in types
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+    assert server.returncode == 0
+
+
+def test_status_reads_a_local_run_while_it_runs(tmp_path: Path) -> None:
+    dag = tmp_path / "slow.toml"
+    dag.write_text(
+        '[[tasks]]\nid = "quick"\ncommand = "true"\n'
+        '[[tasks]]\nid = "wait"\ndeps = ["quick"]\ncommand = "touch started; sleep 30"\n'
+    )
+    state = tmp_path / "state"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "cis_bot", "dag", "execute", "--local", str(dag), "--json"]
+        + ["--state-dir", str(state)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "CIS_CONFIG": os.devnull},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "started").exists():
+            assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        status = cis("dag", "status", "--state-dir", str(state), "--json")
+        assert status.returncode == 0, status.stderr
+        summary = json.loads(status.stdout)
+        assert summary["status"] == "running"
+        assert summary["tasks"]["quick"]["status"] == "completed"
+        assert summary["tasks"]["wait"]["status"] in ("dispatched", "running")
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=30)

@@ -131,8 +131,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _execute(args: argparse.Namespace) -> int:
     from cis_bot.config import ExecutionMode
-    from cis_bot.dag.runner import default_state_dir
     from cis_bot.execute import RunRequest
+    from cis_bot.localhs import default_state_dir
 
     config, spec = _load(args.file, args.config)
     mode = ExecutionMode(args.mode or config.dag.execution_mode)
@@ -226,7 +226,7 @@ async def _with_progress(
 
 def _reader_mode(args: argparse.Namespace) -> tuple[Config, ExecutionMode, Path]:
     from cis_bot.config import ExecutionMode, load_config
-    from cis_bot.dag.runner import default_state_dir
+    from cis_bot.localhs import default_state_dir
 
     config = load_config(args.config)
     local = args.local or not config.node.homeserver
@@ -238,7 +238,7 @@ async def _read(args: argparse.Namespace) -> list[dict[str, Any]]:
     from cis_bot.execute import open_connection, read_runs, rooms_of, run_summary
 
     config, mode, state_dir = _reader_mode(args)
-    connection = await open_connection(config, mode, state_dir)
+    connection = await open_connection(config, mode, state_dir, serve=False)
     try:
         node = connection.node
         found = await read_runs(node, await rooms_of(node, args.room))

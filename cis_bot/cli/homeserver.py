@@ -1,6 +1,11 @@
 """``cis homeserver``: run the embedded loopback homeserver in the foreground, or add a local
 account to its database (``cis homeserver add-user``, safe while the server runs: SQLite WAL).
 
+``--state-dir`` is cis's state directory, as for every command: the homeserver lives in its
+``homeserver/`` (see ``cis_bot/localhs.py``), the one local runs use. While ``cis homeserver``
+runs there, local runs use it instead of starting their own, so a Matrix client pointed at it
+sees their rooms live (they are public: join ``#dag-<run_id>:<server>``).
+
 Nothing heavy is imported until a handler runs, and the server path avoids rich/mautrix so the
 first ``/versions`` answers within half a second of process start.
 """
@@ -12,8 +17,6 @@ import sys
 from pathlib import Path
 
 from cis_bot.errors import UserError
-
-DEFAULT_STATE_DIR = Path(".cis") / "homeserver"
 
 if sys.argv[1:2] == ["homeserver"]:
     # This process is `cis homeserver`: structlog imports rich when it can (for pretty
@@ -33,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--state-dir",
         type=Path,
-        default=DEFAULT_STATE_DIR,
-        help=f"where the database and media live (default: {DEFAULT_STATE_DIR})",
+        help="cis's state directory; the database and media live in its homeserver/ "
+        "(default: $XDG_STATE_HOME/cis, as for local runs)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument(
@@ -66,9 +69,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_user.add_argument(
         "--state-dir",
         type=Path,
-        default=DEFAULT_STATE_DIR,
         dest="user_state_dir",
-        help=f"the homeserver's state directory (default: {DEFAULT_STATE_DIR})",
+        help="cis's state directory, as for the server (default: $XDG_STATE_HOME/cis)",
     )
     add_user.add_argument(
         "--server-name",
@@ -102,37 +104,54 @@ async def _serve(args: argparse.Namespace) -> int:
     import signal
 
     from cis_bot.homeserver.server import EmbeddedHomeserver
+    from cis_bot.localhs import LocalHomeserverDir
 
-    server = EmbeddedHomeserver(
-        state_dir=args.state_dir,
-        server_name=args.server_name,
-        host=args.host,
-        port=args.port,
-        appservice_files=args.appservice,
-    )
+    directory = LocalHomeserverDir.of(_state_dir(args.state_dir))
+    lock = directory.lock("cis homeserver")
     try:
-        await server.start()
-    except OSError as exc:
-        # asyncio wraps a bind error as "error while attempting to bind on ...: <reason>"
-        reason = (exc.strerror or str(exc)).rsplit(": ", 1)[-1]
-        raise UserError(f"cannot listen on {args.host}:{args.port}: {reason}") from None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"listening on {server.base_url}", flush=True)
-    try:
-        await stop.wait()
+        # The local node's registration, so local runs can use this server (it reads
+        # registrations only now).
+        directory.local_identity(args.server_name, alias_prefix="dag-")
+        server = EmbeddedHomeserver(
+            state_dir=directory.path,
+            server_name=args.server_name,
+            host=args.host,
+            port=args.port,
+            appservice_files=[*args.appservice, *directory.registrations()],
+        )
+        try:
+            await server.start()
+        except OSError as exc:
+            # asyncio wraps a bind error as "error while attempting to bind on ...: <reason>"
+            reason = (exc.strerror or str(exc)).rsplit(": ", 1)[-1]
+            raise UserError(f"cannot listen on {args.host}:{args.port}: {reason}") from None
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        directory.publish_endpoint(server.base_url, standalone=True)
+        print(f"listening on {server.base_url}", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            directory.withdraw_endpoint()
+            await server.stop()
     finally:
-        await server.stop()
+        lock.close()
     return 0
+
+
+def _state_dir(given: Path | None) -> Path:
+    from cis_bot.localhs import default_state_dir
+
+    return given or default_state_dir()
 
 
 def run_add_user(args: argparse.Namespace) -> int:
     from cis_bot.homeserver.server import new_account, store_account
     from cis_bot.homeserver.storage.store import Store
 
-    state_dir: Path = args.user_state_dir
+    state_dir = _state_dir(args.user_state_dir) / "homeserver"
     state_dir.mkdir(parents=True, exist_ok=True)
     try:
         store = Store(state_dir / "homeserver.db")

@@ -42,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _node(args: argparse.Namespace) -> int:
     from cis_bot.config import load_config
-    from cis_bot.dag.runner import default_state_dir
     from cis_bot.execute import serve_node
+    from cis_bot.localhs import default_state_dir
 
     config = load_config(args.config)
     state_dir = args.state_dir or default_state_dir()
@@ -69,7 +69,7 @@ def _generate(args: argparse.Namespace) -> int:
     import yaml
 
     from cis_bot.config import load_config
-    from cis_bot.matrix.node import NodeIdentity
+    from cis_bot.matrix.identity import NodeIdentity
 
     config = load_config(args.config)
     if not config.node.id:

@@ -154,7 +154,7 @@ class Context:
     def __init__(self, args: argparse.Namespace) -> None:
         from cis_bot.config import load_config
         from cis_bot.control.registry import discover
-        from cis_bot.dag.runner import default_state_dir
+        from cis_bot.localhs import default_state_dir
 
         self.config: Config = load_config(args.config)
         self.state_dir: Path = args.state_dir or default_state_dir()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -291,9 +290,3 @@ class LocalExecutor:
                 if not self._live:
                     self._all_ended.set()
 
-
-def default_state_dir() -> Path:
-    if env := os.environ.get("CIS_STATE_DIR"):
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "cis"

@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 import yaml
 
-from cis_bot.matrix.node import NodeIdentity
+from cis_bot.matrix.identity import NodeIdentity
 from tests.support.client import MatrixClient
 from tests.support.process import free_port
 

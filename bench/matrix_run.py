@@ -43,9 +43,9 @@ from tests.support.nodes import (  # noqa: E402
 from tests.support.synapse import SynapseServer  # noqa: E402
 
 
-def dag_text(n: int) -> str:
+def dag_text(n: int, max_workers: int) -> str:
     tasks = "".join(f'[[dag.tasks]]\nid = "t{i}"\ncommand = "true"\n\n' for i in range(n))
-    return f'[dag]\nname = "bench"\nmax_workers = 16\n\n{tasks}'
+    return f'[dag]\nname = "bench"\nmax_workers = {max_workers}\n\n{tasks}'
 
 
 def timed_cis(*args: str, cwd: Path) -> tuple[float, dict[str, object]]:
@@ -59,10 +59,20 @@ def timed_cis(*args: str, cwd: Path) -> tuple[float, dict[str, object]]:
     return elapsed, json.loads(proc.stdout)
 
 
-async def bench(n: int, root: Path) -> dict[str, object]:
+async def bench(
+    n: int, root: Path, postgres: str | None = None, max_workers: int = 16
+) -> dict[str, object]:
     plans = plan_nodes(root, "cis.local", "coord", "wa", "wb")
     coord, *workers = plans
-    synapse = SynapseServer(workdir=root / "synapse", appservice_files=registration_files(plans))
+    extra: dict[str, object] = {}
+    if postgres:
+        extra["database"] = {"name": "psycopg2", "args": _dsn(postgres)}
+    synapse = SynapseServer(
+        workdir=root / "synapse",
+        appservice_files=registration_files(plans),
+        log_level="WARNING",
+        extra_config=extra,
+    )
     synapse.start()
     processes: list[NodeProcess] = []
     try:
@@ -96,7 +106,7 @@ async def bench(n: int, root: Path) -> dict[str, object]:
 
             await wait_for(ready, what="workers in the room")
             dag = root / "bench.toml"
-            dag.write_text(dag_text(n))
+            dag.write_text(dag_text(n, max_workers))
             local_s, local_report = timed_cis(
                 "dag", "execute", "--local", str(dag), "--state-dir", str(root / "local"), cwd=root
             )
@@ -139,22 +149,47 @@ async def bench(n: int, root: Path) -> dict[str, object]:
     }
 
 
+def _dsn(text: str) -> dict[str, object]:
+    """``user:password@host:port/database`` as psycopg2 arguments."""
+    credentials, _, location = text.rpartition("@")
+    user, _, password = credentials.partition(":")
+    address, _, database = location.partition("/")
+    host, _, port = address.partition(":")
+    return {
+        "user": user,
+        "password": password,
+        "host": host,
+        "port": int(port or 5432),
+        "database": database,
+        "cp_min": 5,
+        "cp_max": 10,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=100)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--max-workers", type=int, default=16, help="the DAG's max_workers (default 16)"
+    )
     parser.add_argument("--keep", type=Path, help="keep the nodes' files and logs here")
+    parser.add_argument(
+        "--postgres",
+        metavar="USER:PW@HOST:PORT/DB",
+        help="run Synapse on this PostgreSQL database (an empty one) instead of SQLite",
+    )
     args = parser.parse_args()
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-        result = asyncio.run(bench(args.tasks, args.keep))
+        result = asyncio.run(bench(args.tasks, args.keep, args.postgres, args.max_workers))
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            result = asyncio.run(bench(args.tasks, Path(tmp)))
+            result = asyncio.run(bench(args.tasks, Path(tmp), args.postgres, args.max_workers))
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{result['tasks']} tasks, 2 workers on Synapse:")
+    print(f"{result['tasks']} tasks, max_workers {args.max_workers}, 2 workers on Synapse:")
     print(
         f"  assignment-to-claim  p50 {result['claim_latency_ms_p50']} ms"
         f"  p95 {result['claim_latency_ms_p95']} ms"

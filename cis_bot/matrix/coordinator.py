@@ -90,7 +90,6 @@ class RoomExecutor:
         self._waiting: list[_Attempt] = []
         self._rr = itertools.count()
         self._changed = asyncio.Event()
-        self._seen_events: set[str] = set()
         #: (task, attempt) -> the transcript's mxc URI, as workers report them.
         self.transcripts: dict[tuple[str, int], str] = {}
         self._retry_task: asyncio.Task[None] | None = None
@@ -158,10 +157,13 @@ class RoomExecutor:
         candidates = self._candidates(attempt.task.agent)
         if not candidates:
             return False
+        # Rotate, so that round-robin takes turns and least-loaded shares out ties.
+        turn = next(self._rr) % len(candidates)
+        candidates = candidates[turn:] + candidates[:turn]
         if self.policy is Assignment.ROUND_ROBIN:
-            node_id, info = candidates[next(self._rr) % len(candidates)]
+            node_id, info = candidates[0]
         else:
-            node_id, info = min(candidates, key=lambda c: (c[1].load, c[0]))
+            node_id, info = min(candidates, key=lambda c: c[1].load)
         task, dispatch = attempt.task, attempt.dispatch
         sid = f"{self.run_id}:{task.id}:{dispatch.attempt}"
         upstream: dict[str, str] | None = dict(attempt.upstream)
@@ -222,11 +224,6 @@ class RoomExecutor:
     async def on_event(self, room_id: str, raw: Mapping[str, Any]) -> None:
         if room_id != self.room_id:
             return
-        event_id = raw.get("event_id")
-        if isinstance(event_id, str):
-            if event_id in self._seen_events:
-                return
-            self._seen_events.add(event_id)
         event = parse_room_event(raw)
         if event is None:
             return

@@ -12,6 +12,7 @@ while no node runs.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -106,6 +107,10 @@ class Node:
         self._intent: IntentAPI | None = None
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
+        # Events seen recently, by id: a homeserver may push one again (a transaction retried
+        # after its answer was lost).
+        self._seen: set[str] = set()
+        self._seen_order: collections.deque[str] = collections.deque()
 
     @property
     def user_id(self) -> str:
@@ -191,7 +196,7 @@ class Node:
         while True:
             event = await self._queue.get()
             room_id = event.get("room_id")
-            if not isinstance(room_id, str):
+            if not isinstance(room_id, str) or self._already_seen(event.get("event_id")):
                 continue
             if self._is_invite_for_me(event):
                 await self._on_invite(room_id, event)
@@ -201,6 +206,17 @@ class Node:
                     await listener(room_id, event)
                 except Exception:
                     log.exception("node.listener_failed", event_id=event.get("event_id"))
+
+    def _already_seen(self, event_id: object, keep: int = 20_000) -> bool:
+        if not isinstance(event_id, str):
+            return False
+        if event_id in self._seen:
+            return True
+        self._seen.add(event_id)
+        self._seen_order.append(event_id)
+        if len(self._seen_order) > keep:
+            self._seen.discard(self._seen_order.popleft())
+        return False
 
     def _is_invite_for_me(self, event: Mapping[str, Any]) -> bool:
         content = event.get("content")

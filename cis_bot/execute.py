@@ -489,15 +489,7 @@ async def resume(
                     f"run {run.run_id} is coordinated by node {created.coordinator!r}, not by "
                     f"this node ({node.identity.node_id!r})"
                 )
-            plan = RunPlan(
-                run.run_id,
-                room_id,
-                run.spec,
-                ExecutionMode(created.mode),
-                created.max_workers,
-                history=run.events,
-                assignees=run.assignees,
-            )
+            plan = _continuation(room_id, run)
         else:
             if replayed.status is RunStatus.COMPLETED:
                 raise UserError(f"run {run.run_id} completed: nothing to resume")
@@ -573,12 +565,18 @@ def _unfinished_plan(node: Node, room_id: str, run: RunLog) -> RunPlan | None:
         return None
     if RunEngine.replay(run.spec, run.events).finished:
         return None
+    return _continuation(room_id, run)
+
+
+def _continuation(room_id: str, run: RunLog) -> RunPlan:
+    """Driving ``run`` on from where its log ends (its coordinator stopped)."""
+    assert run.spec is not None and run.created is not None
     return RunPlan(
         run.run_id,
         room_id,
         run.spec,
-        ExecutionMode(created.mode),
-        created.max_workers,
+        ExecutionMode(run.created.mode),
+        run.created.max_workers,
         history=run.events,
         assignees=run.assignees,
     )

@@ -38,6 +38,25 @@ async def local_room_events(state_dir: Path, room_id: str) -> list[dict[str, Any
         await connection.close()
 
 
+def start_until_touched(dag: Path, state: Path, marker: Path) -> subprocess.Popen[bytes]:
+    """A local run in the background, returned once one of its tasks has touched ``marker``."""
+    run = subprocess.Popen(
+        [sys.executable, "-m", "cis_bot", "dag", "execute", "--local", str(dag), "--json"]
+        + ["--state-dir", str(state)],
+        cwd=marker.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "CIS_CONFIG": os.devnull},
+    )
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        if time.monotonic() > deadline or run.poll() is not None:
+            run.kill()
+            raise AssertionError(f"the run never got going: {run.communicate()}")
+        time.sleep(0.05)
+    return run
+
+
 def test_local_run_leaves_a_complete_log_that_status_reads_back(tmp_path: Path) -> None:
     dag = tmp_path / "dag.toml"
     dag.write_text(
@@ -106,19 +125,8 @@ def test_a_second_local_run_on_the_same_state_dir_is_refused_clearly(tmp_path: P
     dag = tmp_path / "slow.toml"
     dag.write_text('[[tasks]]\nid = "wait"\ncommand = "touch started; sleep 30"\n')
     state = tmp_path / "state"
-    first = subprocess.Popen(
-        [sys.executable, "-m", "cis_bot", "dag", "execute", "--local", str(dag), "--json"]
-        + ["--state-dir", str(state)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "CIS_CONFIG": os.devnull},
-    )
+    first = start_until_touched(dag, state, tmp_path / "started")
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "started").exists():
-            assert time.monotonic() < deadline and first.poll() is None, first.communicate()
-            time.sleep(0.05)
         second = cis("dag", "execute", "--local", str(REPO / "examples" / "hello.toml"),
                      "--state-dir", str(state))  # fmt: skip
         assert second.returncode == 2
@@ -212,19 +220,8 @@ def test_status_reads_a_local_run_while_it_runs(tmp_path: Path) -> None:
         '[[tasks]]\nid = "wait"\ndeps = ["quick"]\ncommand = "touch started; sleep 30"\n'
     )
     state = tmp_path / "state"
-    first = subprocess.Popen(
-        [sys.executable, "-m", "cis_bot", "dag", "execute", "--local", str(dag), "--json"]
-        + ["--state-dir", str(state)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "CIS_CONFIG": os.devnull},
-    )
+    first = start_until_touched(dag, state, tmp_path / "started")
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "started").exists():
-            assert time.monotonic() < deadline and first.poll() is None, first.communicate()
-            time.sleep(0.05)
         status = cis("dag", "status", "--state-dir", str(state), "--json")
         assert status.returncode == 0, status.stderr
         summary = json.loads(status.stdout)

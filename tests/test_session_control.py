@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.control import AGENT, REPO, Background, LocalRun, cis, cis_argv, cis_env, poll
+from tests.support.control import AGENT, REPO, Background, LocalRun, cis, cis_argv, cis_env
+from tests.support.nodes import wait_for
 from tests.support.pty_screen import PtyScreen
 
 CTRL_B_D = "\x02d"
@@ -53,7 +54,7 @@ async def test_input_unblocks_and_logs_follow_ends_with_the_session(tmp_path: Pa
         async def prompt_followed() -> bool:
             return "Continue? [y/N]" in follower.stdout
 
-        await poll(prompt_followed, what="the follower to show the prompt")
+        await wait_for(prompt_followed, what="the follower to show the prompt")
         assert follower.process.poll() is None
 
         typed = await cis("dag", "unblock", "ask", "y", "--state-dir", state)
@@ -229,7 +230,7 @@ async def test_approve_a_confirmed_task_and_cancel_a_run(tmp_path: Path) -> None
             runs = await run.runs()
             return bool(runs) and runs[0]["tasks"]["gate"] == "awaiting_approval"
 
-        await poll(awaiting, what="gate to await approval")
+        await wait_for(awaiting, what="gate to await approval")
         wrong = await cis("dag", "approve", run_id[:15], "plain", "--state-dir", state)
         assert wrong.returncode == 1
         assert "needs no approval" in wrong.stderr and "awaiting approval: gate" in wrong.stderr

@@ -37,6 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
 Handler = Callable[[argparse.Namespace], int]
 
 
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number at least ``minimum`` (else a usage error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cis_bot.cli import whole_number
 from cis_bot.errors import UserError
 
 if TYPE_CHECKING:
@@ -23,16 +24,6 @@ if TYPE_CHECKING:
     from cis_bot.session.manager import SessionManager
 
 _MODES = ("local", "matrix", "hybrid", "federation")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -55,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     execute.add_argument("--room", metavar="R", help="room id or alias (matrix, hybrid)")
     execute.add_argument("--workers", metavar="A,B,C", help="worker node ids (federation)")
     execute.add_argument("--config", type=Path, metavar="F", help="config.toml to read")
-    execute.add_argument("--max-workers", type=_positive_int, metavar="N")
+    execute.add_argument("--max-workers", type=whole_number(1), metavar="N")
     execute.add_argument("--state-dir", type=Path, metavar="D", help="where runs keep their files")
     execute.add_argument("--json", action="store_true", help="print only a JSON report on stdout")
     execute.add_argument(

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cis_bot.cli import whole_number
 from cis_bot.errors import UserError
 
 if TYPE_CHECKING:
@@ -51,16 +52,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the session commands to ``cis dag``."""
     sessions = commands.add_parser("sessions", help="the agent sessions of running DAGs")
@@ -71,7 +62,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
     logs = commands.add_parser("logs", help="a session's output (live, or its transcript)")
     logs.add_argument("id", metavar="ID", help="RUN:TASK[:ATTEMPT] (run id prefixes work)")
-    logs.add_argument("--tail", type=_count, metavar="N", help="only the last N lines")
+    logs.add_argument("--tail", type=whole_number(0), metavar="N", help="only the last N lines")
     logs.add_argument(
         "-f", "--follow", action="store_true", help="keep printing until the session ends"
     )

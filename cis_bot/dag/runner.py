@@ -289,4 +289,3 @@ class LocalExecutor:
                 self._live.discard(event.session_id)
                 if not self._live:
                     self._all_ended.set()
-

@@ -10,12 +10,12 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from cis_bot.control.client import ControlError, ProcessClient
 from cis_bot.control.registry import discover
+from tests.support.nodes import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 #: The fake agent, as a shell command.
@@ -133,7 +133,7 @@ class LocalRun(Background):
                 raise AssertionError(f"the run ended early:\n{self.stderr[-3000:]}")
             return None
 
-        self.run_id = await poll(found, timeout=timeout, what="the run to register")
+        self.run_id = await wait_for(found, timeout=timeout, what="the run to register")
         return self.run_id
 
     async def sessions(self) -> list[dict[str, Any]]:
@@ -155,7 +155,7 @@ class LocalRun(Background):
                 raise AssertionError(f"the run ended early:\n{self.stderr[-3000:]}")
             return None
 
-        return await poll(found, timeout=timeout, what=f"session {task} ({state})")
+        return await wait_for(found, timeout=timeout, what=f"session {task} ({state})")
 
     async def runs(self) -> list[dict[str, Any]]:
         for entry in discover(self.state, clean=False).live:
@@ -165,15 +165,3 @@ class LocalRun(Background):
                     runs: list[dict[str, Any]] = data["runs"]
                     return runs
         return []
-
-
-async def poll(check: Any, *, timeout: float = 30, what: str = "condition") -> Any:
-    """Wait (with a deadline) until the async ``check`` returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)

@@ -89,7 +89,10 @@ class RoomExecutor:
         self._attempts: dict[tuple[str, int], _Attempt] = {}
         self._waiting: list[_Attempt] = []
         self._rr = itertools.count()
-        self._changed = asyncio.Event()
+        # Woken by anything from the room: the assigner retries waiting tasks (a worker may
+        # have appeared), drain re-checks what is still out. Two events, as each clears its own.
+        self._retry_wake = asyncio.Event()
+        self._drain_wake = asyncio.Event()
         #: (task, attempt) -> the transcript's mxc URI, as workers report them.
         self.transcripts: dict[tuple[str, int], str] = {}
         self._retry_task: asyncio.Task[None] | None = None
@@ -126,7 +129,7 @@ class RoomExecutor:
         if record in self._waiting:
             self._waiting.remove(record)
             record.done = True
-        self._changed.set()
+        self._wake()
 
     async def drain(self) -> None:
         """Wait for the workers to report the end of every attempt (bounded: a dead worker
@@ -137,9 +140,9 @@ class RoomExecutor:
             if remaining <= 0:
                 log.warning("coordinator.drain_timeout", run_id=self.run_id)
                 break
-            self._changed.clear()
+            self._drain_wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+                await asyncio.wait_for(self._drain_wake.wait(), remaining)
         if self._retry_task:
             self._retry_task.cancel()
 
@@ -199,9 +202,9 @@ class RoomExecutor:
 
     async def _retry_waiting(self) -> None:
         while True:
-            self._changed.clear()
+            self._retry_wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), 1.0)
+                await asyncio.wait_for(self._retry_wake.wait(), 1.0)
             for attempt in list(self._waiting):
                 if await self._assign(attempt):
                     self._waiting.remove(attempt)
@@ -248,7 +251,11 @@ class RoomExecutor:
                 if record.worker in self.workers:
                     self.workers[record.worker].in_flight.discard(payload.session_id)
                 self.driver.submit(finished_fact(payload))
-        self._changed.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        self._retry_wake.set()
+        self._drain_wake.set()
 
     def _on_heartbeat(self, sender: str, beat: ev.NodeHeartbeat) -> None:
         known = self.workers.get(beat.node_id)

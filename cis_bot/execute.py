@@ -334,6 +334,7 @@ async def drive_run(
         paths.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         if worker:
             await worker.stop()
+            worker = None
         if not await outbox.flush(timeout=matrix.flush_timeout_secs):
             log.warning(
                 "room.events_undelivered",
@@ -345,6 +346,8 @@ async def drive_run(
     finally:
         await outbox.close()
         await manager.close()
+        if worker:  # the run failed: stop working for others too
+            await worker.stop()
         for remove in unregister:
             remove()
         if owned_control:

@@ -193,6 +193,18 @@ def test_wrong_usage_exits_2_with_a_usage_line(args: list[str]) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_without_a_mode_and_a_homeserver_the_default_runs_locally(tmp_path: Path) -> None:
+    proc = cis(
+        "dag", "execute", str(REPO / "examples" / "hello.toml"), "--json",
+        "--state-dir", str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["status"] == "completed"
+    hybrid = cis("dag", "execute", "--hybrid", str(REPO / "examples" / "hello.toml"))
+    assert hybrid.returncode == 2  # asked for explicitly, hybrid needs its room
+    assert "--room" in hybrid.stderr
+
+
 def test_matrix_mode_needs_a_room(tmp_path: Path) -> None:
     proc = cis("dag", "execute", "--matrix", str(REPO / "examples" / "hello.toml"))
     assert proc.returncode == 2

@@ -128,6 +128,15 @@ def _execute(args: argparse.Namespace) -> int:
     config, spec = _load(args.file, args.config)
     mode = ExecutionMode(args.mode or config.dag.execution_mode)
     parser: argparse.ArgumentParser = args.parser
+    if (
+        not args.mode
+        and mode is ExecutionMode.HYBRID
+        and not args.room
+        and not config.node.homeserver
+    ):
+        # The default mode with nothing to broadcast to: local execution with its room on the
+        # local homeserver is exactly that (hybrid is local execution plus a room).
+        mode = ExecutionMode.LOCAL
     if mode in (ExecutionMode.MATRIX, ExecutionMode.HYBRID) and not args.room:
         parser.error(f"--{mode} needs --room R")
     if mode is ExecutionMode.FEDERATION:

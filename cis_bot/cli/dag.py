@@ -38,15 +38,44 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     execute = commands.add_parser("execute", help="run a DAG")
     modes = execute.add_mutually_exclusive_group()
-    modes.add_argument("--local", dest="mode", action="store_const", const="local")
-    modes.add_argument("--matrix", dest="mode", action="store_const", const="matrix")
-    modes.add_argument("--hybrid", dest="mode", action="store_const", const="hybrid")
-    modes.add_argument("--federation", dest="mode", action="store_const", const="federation")
-    execute.add_argument("file", type=Path, metavar="FILE")
+    modes.add_argument(
+        "--local",
+        dest="mode",
+        action="store_const",
+        const="local",
+        help="run here; the run's room lives on the local homeserver (in --state-dir)",
+    )
+    modes.add_argument(
+        "--matrix",
+        dest="mode",
+        action="store_const",
+        const="matrix",
+        help="coordinate only: worker nodes in --room run the tasks",
+    )
+    modes.add_argument(
+        "--hybrid",
+        dest="mode",
+        action="store_const",
+        const="hybrid",
+        help="run here and broadcast to --room (the default mode, from the config)",
+    )
+    modes.add_argument(
+        "--federation",
+        dest="mode",
+        action="store_const",
+        const="federation",
+        help="not implemented yet",
+    )
+    execute.add_argument("file", type=Path, metavar="FILE", help="dag.toml or .json")
     execute.add_argument("--room", metavar="R", help="room id or alias (matrix, hybrid)")
     execute.add_argument("--workers", metavar="A,B,C", help="worker node ids (federation)")
     execute.add_argument("--config", type=Path, metavar="F", help="config.toml to read")
-    execute.add_argument("--max-workers", type=whole_number(1), metavar="N")
+    execute.add_argument(
+        "--max-workers",
+        type=whole_number(1),
+        metavar="N",
+        help="tasks at once (default: the DAG's max_workers, else the config's)",
+    )
     execute.add_argument("--state-dir", type=Path, metavar="D", help="where runs keep their files")
     execute.add_argument("--json", action="store_true", help="print only a JSON report on stdout")
     execute.add_argument(

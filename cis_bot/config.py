@@ -30,7 +30,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 
@@ -38,8 +38,6 @@ from cis_bot.errors import InputError
 from cis_bot.session.profile import AgentProfile, PromptVia
 from cis_bot.session.profiles import BUILTIN_PROFILES, PROMPT_TOKEN
 from cis_bot.validation import Table, format_for, parse_document, read_text, suggestion
-
-T = TypeVar("T")
 
 #: Environment variable naming the config file; overrides the default location.
 CONFIG_ENV = "CIS_CONFIG"

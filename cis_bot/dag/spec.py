@@ -147,9 +147,6 @@ class DagSpec:
     def task(self, task_id: str) -> TaskSpec:
         return self._by_id[task_id]
 
-    def dependents(self, task_id: str) -> tuple[str, ...]:
-        return tuple(t.id for t in self.tasks if task_id in t.deps)
-
 
 # -- loading ----------------------------------------------------------------------------------
 

@@ -35,10 +35,6 @@ def random_string(length: int, alphabet: str = string.ascii_letters) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(length))
 
 
-def is_valid_localpart(localpart: str) -> bool:
-    return bool(localpart) and all(ch in _LOCALPART_CHARS for ch in localpart)
-
-
 def check_new_localpart(localpart: str, server_name: str) -> str:
     """Validate a localpart for a new account the way Synapse's check_username does."""
     if not all(ch in _LOCALPART_CHARS for ch in localpart):

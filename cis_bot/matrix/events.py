@@ -54,8 +54,6 @@ P = TypeVar("P", bound="Payload")
 @attrs.frozen(kw_only=True)
 class Payload(abc.ABC):
     TYPE: ClassVar[str] = ""
-    #: State events are keyed; message events are not.
-    STATE: ClassVar[bool] = False
 
     timestamp: int = attrs.field(factory=now_ms)
 
@@ -68,6 +66,7 @@ class Payload(abc.ABC):
 
     @property
     def state_key(self) -> str | None:
+        """The key of a state event; None for message events."""
         return None
 
     @classmethod
@@ -333,7 +332,6 @@ class RunCompleted(RunPayload):
 @attrs.frozen(kw_only=True)
 class NodeHeartbeat(Payload):
     TYPE = "cis.node.heartbeat"
-    STATE = True
 
     node_id: str
     #: Agent profiles this node will run.

@@ -71,7 +71,6 @@ class AppservicePusher:
         self.retry_max = retry_max
         self.request_timeout = request_timeout
         self._task: asyncio.Task[None] | None = None
-        self.delivered_txns = 0
 
     def start(self) -> None:
         if self.store.appservice_state(self.service.id) is None:
@@ -160,7 +159,6 @@ class AppservicePusher:
             ok = await self._put(txn_id, body)
             if ok:
                 self.store.complete_appservice_txn(self.service.id, txn_id)
-                self.delivered_txns += 1
                 return
             delay = min(self.retry_initial * (2**attempt), self.retry_max)
             attempt += 1

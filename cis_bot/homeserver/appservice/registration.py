@@ -15,8 +15,6 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from pathlib import Path
 
-NAMESPACE_KINDS = ("users", "aliases", "rooms")
-
 
 @attrs.frozen
 class Namespace:

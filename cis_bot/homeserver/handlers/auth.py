@@ -23,12 +23,11 @@ from cis_bot.homeserver.errors import (
     FORBIDDEN,
     USER_IN_USE,
     MatrixError,
-    bad_request,
     forbidden,
     missing_token,
     unknown_token,
 )
-from cis_bot.homeserver.ids import check_new_localpart, random_string, split_id
+from cis_bot.homeserver.ids import random_string
 from cis_bot.homeserver.storage.store import UserExistsError
 
 if TYPE_CHECKING:
@@ -162,12 +161,6 @@ class AuthHandler:
 
     # --- accounts -------------------------------------------------------------------------
 
-    def exclusive_owner(self, user_id: str) -> Appservice | None:
-        for service in self.appservices:
-            if service.is_exclusive_user(user_id):
-                return service
-        return None
-
     def register_appservice_user(self, service: Appservice, localpart: str) -> str:
         """Synapse's appservice_register: no localpart syntax check (bridges need odd ids), the
         id must be in the appservice's namespace and not exclusive to another appservice."""
@@ -190,14 +183,6 @@ class AuthHandler:
             )
         except UserExistsError:
             raise MatrixError(400, USER_IN_USE, "User ID already taken.") from None
-        return user_id
-
-    def check_username_available(self, localpart: str) -> str:
-        user_id = check_new_localpart(localpart, self.server_name)
-        if self.exclusive_owner(user_id) is not None:
-            raise MatrixError(400, EXCLUSIVE, "This user ID is reserved by an application service.")
-        if self.store.get_user_case_insensitive(user_id):
-            raise MatrixError(400, USER_IN_USE, "User ID already taken.")
         return user_id
 
     def new_session(
@@ -237,12 +222,3 @@ class AuthHandler:
         if row.deactivated:
             raise MatrixError(403, "M_USER_DEACTIVATED", "This account has been deactivated")
         return row.user_id
-
-    def check_local_user_id(self, user_id: str) -> str:
-        try:
-            _, server = split_id(user_id, "@")
-        except ValueError:
-            raise bad_request(f"Invalid user id: {user_id}", "M_INVALID_PARAM") from None
-        if server != self.server_name:
-            raise bad_request(f"Not a local user: {user_id}", "M_INVALID_PARAM")
-        return user_id

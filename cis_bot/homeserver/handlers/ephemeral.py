@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from cis_bot.homeserver.handlers.rooms import RoomHandler
     from cis_bot.homeserver.storage.store import Store
 
-RECEIPT_TYPES = ("m.read", "m.read.private", "m.fully_read")
 MAX_TYPING_TIMEOUT_MS = 120_000
 
 

@@ -322,8 +322,3 @@ def check_power_levels(
 
 def can_redact_others(sender: str, state: StateMap, version: RoomVersion) -> bool:
     return user_power_level(sender, state, version) >= named_level(state, "redact", 50)
-
-
-def check_content_json(content: Any) -> None:
-    if not isinstance(content, dict):
-        raise MatrixError(400, BAD_JSON, "Content must be a JSON object.")

@@ -225,12 +225,6 @@ class RoomHandler:
         self._rooms[room_id] = room
         return room
 
-    def require(self, room_id: str) -> RoomState:
-        room = self.get(room_id)
-        if room is None:
-            raise forbidden("Unknown room")
-        return room
-
     def joined_rooms(self, user_id: str) -> list[str]:
         return [
             row.room_id

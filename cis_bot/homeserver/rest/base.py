@@ -21,7 +21,6 @@ from cis_bot.homeserver.errors import (
     UNRECOGNIZED,
     MatrixError,
     bad_request,
-    forbidden,
 )
 from cis_bot.homeserver.http.server import Request, Response, parse_query
 
@@ -33,7 +32,6 @@ log = structlog.get_logger(__name__)
 
 CLIENT_PREFIX = r"^/_matrix/client/(?:api/v1|r0|v3|unstable)"
 CLIENT_V3_ONLY = r"^/_matrix/client/(?:r0|v3|unstable)"
-CLIENT_V1 = r"^/_matrix/client/v1"
 MAX_JSON_BODY = 1024 * 1024
 
 CORS_HEADERS = {
@@ -240,10 +238,3 @@ class HttpFrontend:
             return result
         status, body = result
         return json_response(status, body)
-
-
-def require_own_user(request: RestRequest, user_id: str, what: str) -> str:
-    requester = request.auth()
-    if requester.user_id != user_id:
-        raise forbidden(f"Cannot {what} for other users.")
-    return requester.user_id

@@ -215,12 +215,6 @@ class Store:
         except sqlite3.IntegrityError:
             raise UserExistsError(user_id) from None
 
-    def set_password_hash(self, user_id: str, password_hash: str) -> None:
-        with self.transaction() as conn:
-            conn.execute(
-                "UPDATE users SET password_hash = ? WHERE user_id = ?", (password_hash, user_id)
-            )
-
     def set_profile_field(self, user_id: str, field: str, value: str | None) -> None:
         if field not in ("displayname", "avatar_url"):
             raise ValueError(field)
@@ -258,10 +252,6 @@ class Store:
             "SELECT user_id, device_id FROM access_tokens WHERE token = ?", (token,)
         ).fetchone()
         return None if row is None else (row[0], row[1])
-
-    def delete_access_token(self, token: str) -> None:
-        with self.transaction() as conn:
-            conn.execute("DELETE FROM access_tokens WHERE token = ?", (token,))
 
     def delete_device(self, user_id: str, device_id: str) -> list[str]:
         with self.transaction() as conn:
@@ -502,14 +492,6 @@ class Store:
     def room_ids(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT room_id FROM rooms")]
 
-    def max_stream_per_room(self) -> dict[str, int]:
-        return {
-            r[0]: int(r[1])
-            for r in self.conn.execute(
-                "SELECT room_id, MAX(stream_ordering) FROM events GROUP BY room_id"
-            )
-        }
-
     def events_in_stream_range(self, after: int, upto: int, limit: int) -> list[Event]:
         rows = self.conn.execute(
             f"SELECT {_EVENT_COLUMNS} FROM events WHERE stream_ordering > ? AND"
@@ -547,15 +529,6 @@ class Store:
                 (user_id,),
             )
         ]
-
-    def room_members(self, room_id: str) -> dict[str, str]:
-        """user_id -> membership for everyone with a member event in the room."""
-        return {
-            r[0]: r[1]
-            for r in self.conn.execute(
-                "SELECT user_id, membership FROM current_membership WHERE room_id = ?", (room_id,)
-            )
-        }
 
     def membership_changes(self, user_id: str, after: int, upto: int) -> list[MembershipRow]:
         return [
@@ -652,10 +625,6 @@ class Store:
                 (user_id, room_id, data_type, json.dumps(content), stream),
             )
         return stream
-
-    def delete_account_data(self, user_id: str, room_id: str, data_type: str) -> int:
-        """Deleting is setting to ``{}`` (the spec's semantics for DELETE/empty content)."""
-        return self.set_account_data(user_id, room_id, data_type, {})
 
     def get_account_data(self, user_id: str, room_id: str, data_type: str) -> dict[str, Any] | None:
         row = self.conn.execute(

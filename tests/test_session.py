@@ -348,7 +348,11 @@ async def test_kill_takes_the_whole_process_group_even_if_it_ignores_sigterm(
             await asyncio.sleep(0.01)
 
 
-async def test_kill_with_timeout_state(manager: SessionManager, spawner: Spawner) -> None:
+async def test_kill_with_timeout_state(tmp_path: Path) -> None:
+    # A grace period far longer than TERM needs, so a loaded machine cannot make KILL necessary
+    # (it costs nothing when TERM works, as it should here).
+    manager = SessionManager(attrs.evolve(FAST, kill_grace_secs=10.0))
+    spawner = Spawner(manager, tmp_path)
     sid, _ = await spawner.start("sleep 1000")
     done = await manager.kill(sid, state=SessionState.TIMEOUT, reason="ran past 1s")
     assert done.state is SessionState.TIMEOUT
@@ -356,6 +360,7 @@ async def test_kill_with_timeout_state(manager: SessionManager, spawner: Spawner
     assert done.exit_code == -signal.SIGTERM  # sleep honours TERM: no need for the KILL
     # Killing again returns how it ended.
     assert await manager.kill(sid) == done
+    await manager.close()
 
 
 async def test_operations_on_unknown_or_ended_sessions_are_clear_errors(

@@ -34,7 +34,8 @@ from cis_bot.homeserver.http.server import HttpServer
 from cis_bot.homeserver.ids import check_new_localpart
 from cis_bot.homeserver.rest import account, appservice, media, misc, rooms, sync
 from cis_bot.homeserver.rest.base import MAX_JSON_BODY, HttpFrontend, Router, error_response
-from cis_bot.homeserver.storage.store import Store, UserExistsError
+from cis_bot.homeserver.storage.registration import UserExistsError
+from cis_bot.homeserver.storage.store import Store
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

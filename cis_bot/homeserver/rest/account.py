@@ -17,6 +17,7 @@ from cis_bot.homeserver.errors import (
 )
 from cis_bot.homeserver.filtering import cap_timeline_limit, validate_filter
 from cis_bot.homeserver.ids import split_id
+from cis_bot.homeserver.rest.base import INT64_MAX
 
 if TYPE_CHECKING:
     from cis_bot.homeserver.rest.base import RestRequest, Router
@@ -346,6 +347,8 @@ async def get_filter(request: RestRequest, user_id: str, filter_id: str) -> Resu
         number = int(filter_id)
     except ValueError:
         raise bad_request("Invalid filter_id") from None
+    if not 0 <= number <= INT64_MAX:
+        raise bad_request("Invalid filter_id")
     found = request.hs.store.get_filter(user_id, number)
     if found is None:
         raise not_found("No such filter")

@@ -17,11 +17,13 @@ from cis_bot.homeserver.errors import (
 from cis_bot.homeserver.filtering import EventFilter, validate_filter
 from cis_bot.homeserver.handlers.sync import is_pagination_token, parse_pagination_token
 from cis_bot.homeserver.ids import parse_user_id
+from cis_bot.homeserver.rest.base import parse_json
 
 if TYPE_CHECKING:
     from cis_bot.homeserver.rest.base import RestRequest, Router
 
 Result = tuple[int, Any]
+MAX_TYPING_TIMEOUT = 120_000  # Synapse: "stop people from setting silly typing timeouts"
 
 
 async def _txn(request: RestRequest, txn_id: str | None, compute: Any) -> Result:
@@ -180,19 +182,12 @@ async def messages(request: RestRequest, room_id: str) -> Result:
     requester = request.auth()
     hs = request.hs
     direction = request.string("dir", "b", allowed=("b", "f"))
-    try:
-        limit = int(request.query.get("limit") or 10)
-    except ValueError:
-        raise bad_request("Query parameter limit must be an integer", INVALID_PARAM) from None
+    limit = request.integer("limit", 10)
+    assert limit is not None
     raw_filter = request.string("filter")
     event_filter = EventFilter()
     if raw_filter:
-        import json
-
-        try:
-            parsed = json.loads(raw_filter)
-        except ValueError:
-            raise bad_request("Invalid filter JSON", "M_NOT_JSON") from None
+        parsed = parse_json(raw_filter)
         if not isinstance(parsed, dict):
             raise bad_request("Invalid filter JSON", "M_NOT_JSON")
         validate_filter({"room": {"timeline": parsed}})
@@ -293,6 +288,7 @@ async def typing(request: RestRequest, room_id: str, user_id: str) -> Result:
     timeout = body.get("timeout", 30000)
     if not isinstance(timeout, int) or isinstance(timeout, bool):
         timeout = 30000
+    timeout = min(timeout, MAX_TYPING_TIMEOUT)
     request.hs.typing.set_typing(room_id, user_id, bool(body["typing"]), timeout)
     return 200, {}
 

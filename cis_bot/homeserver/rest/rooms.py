@@ -16,10 +16,11 @@ from cis_bot.homeserver.errors import (
 )
 from cis_bot.homeserver.filtering import EventFilter, validate_filter
 from cis_bot.homeserver.handlers.sync import is_pagination_token, parse_pagination_token
-from cis_bot.homeserver.ids import parse_user_id
+from cis_bot.homeserver.ids import CANONICALJSON_MAX_INT, parse_user_id
 from cis_bot.homeserver.rest.base import parse_json
 
 if TYPE_CHECKING:
+    from cis_bot.homeserver.handlers.auth import Requester
     from cis_bot.homeserver.rest.base import RestRequest, Router
 
 Result = tuple[int, Any]
@@ -42,6 +43,16 @@ async def _txn(request: RestRequest, txn_id: str | None, compute: Any) -> Result
     return status, body
 
 
+def _appservice_ts(request: RestRequest, requester: Requester) -> int | None:
+    """``?ts=``: an appservice may set origin_server_ts (a canonical JSON integer)."""
+    if requester.appservice is None:
+        return None
+    ts = request.integer("ts")
+    if ts is not None and ts > CANONICALJSON_MAX_INT:
+        raise bad_request("Query parameter 'ts' is out of range.", INVALID_PARAM)
+    return ts
+
+
 async def create_room(request: RestRequest, txn_id: str | None = None) -> Result:
     requester = request.auth()
     body = await request.json()
@@ -58,7 +69,7 @@ async def send_event(
 ) -> Result:
     requester = request.auth()
     content = await request.json()
-    ts = request.integer("ts") if requester.appservice is not None else None
+    ts = _appservice_ts(request, requester)
     event = request.hs.events.send(requester, room_id, event_type, content, txn_id=txn_id, ts=ts)
     return 200, {"event_id": event.event_id}
 
@@ -108,7 +119,7 @@ async def put_state_event(
             requester, room_id, state_key, membership, content=content
         )
     else:
-        ts = request.integer("ts") if requester.appservice is not None else None
+        ts = _appservice_ts(request, requester)
         event = hs.events.send(requester, room_id, event_type, content, state_key=state_key, ts=ts)
     return 200, {"event_id": event.event_id}
 

@@ -15,6 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cis_bot.homeserver.config import HomeserverConfig
+from cis_bot.homeserver.ratelimiting import LoginRatelimits, RatelimitSettings
 from cis_bot.homeserver.server import EmbeddedHomeserver
 
 # Lone surrogates survive json.dumps as "\\ud800" escapes; UTF-8 cannot encode them.
@@ -131,7 +133,12 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Any:
     loop = asyncio.new_event_loop()
 
     async def setup() -> Rig:
-        hs = EmbeddedHomeserver(state_dir=tmp_path_factory.mktemp("fuzz") / "state")
+        # Logins opened wide: the fuzz posts to /login far faster than rc_login allows.
+        wide = RatelimitSettings(per_second=1e6, burst_count=10**6)
+        hs = EmbeddedHomeserver(
+            state_dir=tmp_path_factory.mktemp("fuzz") / "state",
+            config=HomeserverConfig(rc_login=LoginRatelimits(wide, wide, wide)),
+        )
         await hs.start()
         http = aiohttp.ClientSession()
         _, password = await hs.add_user("fuzzer")

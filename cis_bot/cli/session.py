@@ -24,15 +24,15 @@ from cis_bot.errors import UserError
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from cis_bot.app.connect import Connection
     from cis_bot.config import Config
     from cis_bot.control.client import ProcessClient
     from cis_bot.control.finder import LocalScan, SessionRecord
     from cis_bot.control.registry import Discovery, ProcessEntry
     from cis_bot.control.room import RoomRequester
-    from cis_bot.execute import Connection
     from cis_bot.matrix import events as ev
     from cis_bot.matrix.node import Node
-    from cis_bot.matrix.runlog import RunLog
+    from cis_bot.matrix.runs import RoomRun
 
 #: Waiting for a process or a node to answer.
 DEFAULT_TIMEOUT = 10.0
@@ -143,9 +143,8 @@ class Context:
     """What one command knows: this machine's processes, and (lazily) the rooms."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from cis_bot.config import load_config
+        from cis_bot.config import default_state_dir, load_config
         from cis_bot.control.registry import discover
-        from cis_bot.localhs import default_state_dir
 
         self.config: Config = load_config(args.config)
         self.state_dir: Path = args.state_dir or default_state_dir()
@@ -158,7 +157,7 @@ class Context:
         self.discovery: Discovery = discover(self.state_dir)
         self._scan: LocalScan | None = None
         self._connection: Connection | None = None
-        self._runs: list[tuple[str, RunLog]] | None = None
+        self._runs: list[RoomRun] | None = None
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -183,18 +182,18 @@ class Context:
         return self._scan
 
     async def node(self) -> Node:
-        from cis_bot.execute import connect_configured
+        from cis_bot.app.connect import connect_configured
 
         if self._connection is None:
             self._connection = await connect_configured(self.config, serve=False)
         return self._connection.node
 
-    async def room_runs(self) -> list[tuple[str, RunLog]]:
-        from cis_bot.execute import read_runs, rooms_of
+    async def room_runs(self) -> list[RoomRun]:
+        from cis_bot.matrix.runs import joined_rooms, read_runs
 
         if self._runs is None:
             node = await self.node()
-            self._runs = await read_runs(node, await rooms_of(node, self.room))
+            self._runs = await read_runs(node, await joined_rooms(node, self.room))
         return self._runs
 
     async def records(self, *, disk: bool, rooms: bool) -> list[SessionRecord]:
@@ -203,8 +202,8 @@ class Context:
 
         found = {r.session_id: r for r in (await self.local()).records}
         if rooms and self.remote:
-            for room_id, run in await self.room_runs():
-                for record in scan_room(room_id, run):
+            for run in await self.room_runs():
+                for record in scan_room(run.room_id, run.log):
                     found.setdefault(record.session_id, record)
         if disk:
             for record in scan_disk(self.state_dir):
@@ -623,7 +622,6 @@ class _RunTarget:
 async def _find_run(context: Context, text: str) -> _RunTarget:
     from cis_bot.control.client import ControlError
     from cis_bot.control.finder import UnknownRun, resolve_run
-    from cis_bot.dag.engine import RunEngine
 
     local = {run.run_id: entry for entry in context.discovery.live for run in entry.runs}
     try:
@@ -638,19 +636,18 @@ async def _find_run(context: Context, text: str) -> _RunTarget:
         raise unknown
     found = await context.room_runs()
     try:
-        run_id = resolve_run(text, [run.run_id for _, run in found])
+        run_id = resolve_run(text, [run.run_id for run in found])
     except UnknownRun:
         raise UserError(f"{unknown} (and none in the rooms either)") from None
-    room_id, run = next((room, run) for room, run in found if run.run_id == run_id)
-    assert run.spec is not None and run.created is not None
-    engine = RunEngine.replay(run.spec, run.events, max_workers=run.created.max_workers)
+    run = next(run for run in found if run.run_id == run_id)
+    engine = run.replay()
     if engine.finished:
         raise ControlError(f"run {run_id} has already ended ({engine.status})")
     return _RunTarget(
         run_id,
-        room_id=room_id,
+        room_id=run.room_id,
         node=run.created.coordinator,
-        node_user=run.coordinator_user,
+        node_user=run.log.coordinator_user,
     )
 
 

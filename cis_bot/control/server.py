@@ -45,9 +45,9 @@ from aiohttp import WSMsgType, web
 
 from cis_bot.control import registry
 from cis_bot.dag.engine import RunCancelled, TaskApproved, TaskStatus
-from cis_bot.dag.runner import RunDriver
 from cis_bot.dag.spec import LevelKind
 from cis_bot.errors import UserError
+from cis_bot.run.driver import RunDriver
 from cis_bot.session.manager import SessionManager
 from cis_bot.session.session import AgentSession, SessionError
 

@@ -22,12 +22,12 @@ import structlog
 
 from cis_bot.config import Assignment
 from cis_bot.dag.engine import Outcome, TaskDispatched, TaskFinished
-from cis_bot.dag.runner import RunDriver
 from cis_bot.dag.spec import TaskSpec, task_to_document
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.node import Node, outgoing
 from cis_bot.matrix.outbox import Outbox
 from cis_bot.matrix.runlog import finished_fact, parse_room_event, started_fact
+from cis_bot.run.driver import RunDriver
 
 log = structlog.get_logger(__name__)
 

@@ -21,7 +21,6 @@ import attrs
 import structlog
 from mautrix.errors import MatrixRequestError
 
-from cis_bot.dag.runner import RunPaths, attempt_session
 from cis_bot.dag.spec import TaskSpec, parse_task_document
 from cis_bot.errors import InputError
 from cis_bot.matrix import events as ev
@@ -29,6 +28,7 @@ from cis_bot.matrix.broadcast import SessionReporter
 from cis_bot.matrix.node import Node, outgoing
 from cis_bot.matrix.outbox import Outbox
 from cis_bot.matrix.runlog import RoomEvent, parse_room_event
+from cis_bot.run.attempt import RunPaths, attempt_session
 from cis_bot.session.events import SessionCompleted, SessionState
 from cis_bot.session.manager import SessionManager
 from cis_bot.session.profile import AgentProfile
@@ -185,7 +185,7 @@ class Worker:
         except (MatrixRequestError, OSError, ValueError) as exc:
             upstream = {}
             log.warning("assignment.upstream_missing", session_id=sid, error=str(exc))
-        paths = RunPaths(self.state_dir / "runs" / a.run_id)
+        paths = RunPaths.of(self.state_dir, a.run_id)
         spec = attempt_session(
             task,
             a.attempt,

@@ -46,6 +46,11 @@ def match_run(text: str, run_ids: Iterable[str]) -> str:
     return matches[0]
 
 
+def task_key(run_id: str, task_id: str) -> str:
+    """``run:task``: what every attempt of a task shares (its events are ordered by it)."""
+    return f"{run_id}:{task_id}"
+
+
 @attrs.frozen
 class SessionId:
     """One attempt of one task of one run, as a session: ``run:task:attempt``."""
@@ -59,8 +64,7 @@ class SessionId:
 
     @property
     def task_key(self) -> str:
-        """``run:task``: every attempt of the task."""
-        return f"{self.run_id}:{self.task_id}"
+        return task_key(self.run_id, self.task_id)
 
     @classmethod
     def parse(cls, text: str) -> SessionId:

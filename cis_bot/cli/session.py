@@ -285,8 +285,9 @@ class Context:
             except ev.InvalidEvent:
                 return
             assert isinstance(beat, ev.NodeHeartbeat)
-            age = (ev.now_ms() - beat.timestamp) / 1000
-            if age > beat.ttl_ms / 1000:
+            now = ev.now_ms()
+            if not beat.alive_at(now):
+                age = (now - beat.timestamp) / 1000
                 raise ControlError(
                     f"node {node_id} looks down: its last heartbeat was {age:.0f}s ago (a "
                     f"running node renews it within {beat.ttl_ms / 1000:g}s)"

@@ -23,6 +23,7 @@ import structlog
 from cis_bot.config import Assignment
 from cis_bot.dag.engine import Outcome, TaskDispatched, TaskFinished
 from cis_bot.dag.spec import TaskSpec, task_to_document
+from cis_bot.ids import SessionId
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.node import Node, outgoing
 from cis_bot.matrix.outbox import Outbox
@@ -38,13 +39,10 @@ INLINE_UPSTREAM_BYTES = 24 * 1024
 @attrs.define
 class WorkerInfo:
     user_id: str
+    #: Its newest heartbeat.
     beat: ev.NodeHeartbeat
-    seen_at: float
     #: Attempts we assigned it that have not completed.
     in_flight: set[str] = attrs.Factory(set)
-
-    def alive(self, now: float) -> bool:
-        return now - self.seen_at < self.beat.ttl_ms / 1000
 
     @property
     def load(self) -> float:
@@ -149,11 +147,11 @@ class RoomExecutor:
     # --- assignment ------------------------------------------------------------------------------
 
     def _candidates(self, agent: str) -> list[tuple[str, WorkerInfo]]:
-        now = time.time()
+        now = ev.now_ms()
         return [
             (node_id, info)
             for node_id, info in self.workers.items()
-            if info.alive(now) and agent in info.beat.agents
+            if info.beat.alive_at(now) and agent in info.beat.agents
         ]
 
     async def _assign(self, attempt: _Attempt) -> bool:
@@ -168,7 +166,7 @@ class RoomExecutor:
         else:
             node_id, info = min(candidates, key=lambda c: c[1].load)
         task, dispatch = attempt.task, attempt.dispatch
-        sid = f"{self.run_id}:{task.id}:{dispatch.attempt}"
+        sid = str(SessionId(self.run_id, task.id, dispatch.attempt))
         upstream: dict[str, str] | None = dict(attempt.upstream)
         upstream_mxc = None
         if len(json.dumps(upstream).encode()) > INLINE_UPSTREAM_BYTES:
@@ -262,8 +260,7 @@ class RoomExecutor:
         if known is not None and known.user_id != sender:
             log.warning("heartbeat.impostor", node=beat.node_id, sender=sender, owner=known.user_id)
             return
-        seen_at = beat.timestamp / 1000
         if known is None:
-            self.workers[beat.node_id] = WorkerInfo(sender, beat, seen_at)
-        else:
-            known.beat, known.seen_at = beat, max(known.seen_at, seen_at)
+            self.workers[beat.node_id] = WorkerInfo(sender, beat)
+        elif beat.timestamp >= known.beat.timestamp:
+            known.beat = beat

@@ -346,6 +346,14 @@ class NodeHeartbeat(Payload):
     def state_key(self) -> str:
         return self.node_id
 
+    @property
+    def expires_at(self) -> int:
+        """When (ms) the node is presumed gone unless it beats again."""
+        return self.timestamp + self.ttl_ms
+
+    def alive_at(self, now_ms: int) -> bool:
+        return now_ms < self.expires_at
+
     @classmethod
     def from_table(cls, t: Table) -> NodeHeartbeat:
         return cls(

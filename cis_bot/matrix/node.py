@@ -42,6 +42,7 @@ from mautrix.types import (
 )
 
 from cis_bot.errors import UserError
+from cis_bot.ids import SessionId, task_key
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.identity import NodeIdentity
 from cis_bot.matrix.outbox import Outbox, Outgoing
@@ -358,7 +359,8 @@ def outgoing(payload: ev.Payload, *, droppable: bool = False) -> Outgoing:
     if isinstance(payload, ev.NodeHeartbeat):
         key = f"heartbeat:{payload.node_id}"
     elif isinstance(payload, ev.RunPayload) and isinstance(task_id := content.get("task_id"), str):
-        key = f"{payload.run_id}:{task_id}"
+        key = task_key(payload.run_id, task_id)
     elif isinstance(payload, ev.SessionPayload):
-        key = payload.session_id.rsplit(":", 1)[0]
+        sid = SessionId.parse_or_none(payload.session_id)
+        key = sid.task_key if sid else payload.session_id
     return Outgoing(event_type, content, state_key=payload.state_key, droppable=droppable, key=key)

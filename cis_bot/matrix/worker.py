@@ -23,6 +23,7 @@ from mautrix.errors import MatrixRequestError
 
 from cis_bot.dag.spec import TaskSpec, parse_task_document
 from cis_bot.errors import InputError
+from cis_bot.ids import SessionId
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.broadcast import SessionReporter
 from cis_bot.matrix.node import Node, outgoing
@@ -160,7 +161,7 @@ class Worker:
             )
             return
         self._seen.add(key)
-        sid = f"{a.run_id}:{a.task_id}:{a.attempt}"
+        sid = str(SessionId(a.run_id, a.task_id, a.attempt))
         outbox = self.outbox(room_id)
         task = self._accept(a)
         if isinstance(task, str):
@@ -222,7 +223,9 @@ class Worker:
         return {}
 
     async def _on_stop(self, event: RoomEvent, payload: ev.TaskCancelled | ev.TaskTimedOut) -> None:
-        sid = f"{payload.run_id}:{payload.task_id}:{payload.attempt}"
+        if payload.attempt is None:
+            return
+        sid = str(SessionId(payload.run_id, payload.task_id, payload.attempt))
         running = self._running.get(sid)
         if running is None or running.assigner != event.sender:
             return

@@ -133,13 +133,13 @@ def test_ids_resolve_by_run_prefix_and_latest_attempt() -> None:
 
 
 def test_control_events_round_trip_and_reject_what_cannot_be_obeyed() -> None:
-    request = ev.ControlRequest(
+    request = ev.ControlRequestContent(
         request_id="r1", action="input", node="wa", session_id="run:t:1", text="y",
         newline=True, expires=1,
     )  # fmt: skip
     event_type, content = ev.encode(request)
     assert ev.decode(event_type, content) == request
-    reply = ev.ControlReply(request_id="r1", node="wa", ok=False, error="no")
+    reply = ev.ControlReplyContent(request_id="r1", node="wa", ok=False, error="no")
     assert ev.decode(*ev.encode(reply)) == reply
     base = {"v": 1, "request_id": "r", "node": "wa", "expires": 5}
     for content, problem in (
@@ -151,9 +151,9 @@ def test_control_events_round_trip_and_reject_what_cannot_be_obeyed() -> None:
         ({**base, "action": "input", "session_id": "s", "text": "x" * 20_000}, "longer"),
     ):
         with pytest.raises(ev.InvalidEvent, match=problem):
-            ev.decode(ev.ControlRequest.TYPE, content)
+            ev.decode(ev.ControlRequestContent.TYPE, content)
     with pytest.raises(ev.InvalidEvent, match="ok"):
-        ev.decode(ev.ControlReply.TYPE, {"v": 1, "request_id": "r", "node": "n"})
+        ev.decode(ev.ControlReplyContent.TYPE, {"v": 1, "request_id": "r", "node": "n"})
 
 
 # --- discovery ----------------------------------------------------------------------------------

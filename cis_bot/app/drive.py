@@ -78,7 +78,7 @@ class RunPlan:
 async def announce(node: Node, plan: RunPlan, *, resumed_from: str | None = None) -> None:
     """Post the run's ``cis.dag.run.created`` (the spec in media when too big for an event)."""
     text = json.dumps(spec_to_document(plan.spec))
-    created = ev.RunCreated(
+    created = ev.RunCreatedContent(
         run_id=plan.run_id,
         dag_name=plan.spec.name,
         spec=text,

@@ -278,13 +278,13 @@ class Context:
         except MatrixError:
             return
         for raw in state:
-            if raw.get("type") != ev.NodeHeartbeat.TYPE or raw.get("state_key") != node_id:
+            if raw.get("type") != ev.NodeHeartbeatContent.TYPE or raw.get("state_key") != node_id:
                 continue
             try:
-                beat = ev.decode(ev.NodeHeartbeat.TYPE, raw.get("content"))
+                beat = ev.decode(ev.NodeHeartbeatContent.TYPE, raw.get("content"))
             except ev.InvalidEvent:
                 return
-            assert isinstance(beat, ev.NodeHeartbeat)
+            assert isinstance(beat, ev.NodeHeartbeatContent)
             now = ev.now_ms()
             if not beat.alive_at(now):
                 age = (now - beat.timestamp) / 1000
@@ -300,14 +300,14 @@ class Context:
 
     async def remote_session_request(
         self, record: SessionRecord, *, extra_secs: float = 0, **fields: Any
-    ) -> ev.ControlReply:
+    ) -> ev.ControlReplyContent:
         """Ask the session's node, through the room, to act on it."""
         if record.room_id is None or record.node is None:
             raise UserError(f"session {record.session_id}: its node is not known")
         await self.check_node(record.room_id, record.node)
         requester = await self.requester()
         requester.timeout += extra_secs
-        reply: ev.ControlReply = await requester.request(
+        reply: ev.ControlReplyContent = await requester.request(
             record.room_id,
             node=record.node,
             node_user=record.node_user,

@@ -201,8 +201,8 @@ def scan_room(room_id: str, run: RunLog, *, now: float | None = None) -> list[Se
     records: dict[str, SessionRecord] = {}
     started: dict[str, float] = {}
     for event in run.sessions:
-        p = event.payload
-        if not isinstance(p, ev.SessionPayload | ev.TaskClaimed):
+        p = event.content
+        if not isinstance(p, ev.SessionContent | ev.TaskClaimedContent):
             continue
         record = records.get(p.session_id)
         if record is None:
@@ -219,22 +219,22 @@ def scan_room(room_id: str, run: RunLog, *, now: float | None = None) -> list[Se
             )
             started[p.session_id] = p.timestamp / 1000
         match p:
-            case ev.TaskClaimed():
+            case ev.TaskClaimedContent():
                 record.node = p.claimed_by
                 record.task_id, record.attempt = p.task_id, p.attempt
-            case ev.SessionCreated():
+            case ev.SessionCreatedContent():
                 record.node, record.agent = p.node, p.agent
                 record.task_id, record.attempt = p.task_id, p.attempt
-            case ev.SessionStateChanged():
+            case ev.SessionStateContent():
                 record.state = p.new_state
                 if p.new_state != "blocked":
                     record.blocked_reason = None
-            case ev.SessionBlocked():
+            case ev.SessionBlockedContent():
                 record.state, record.blocked_reason = "blocked", p.reason
                 record.last_line = _last_nonempty(p.output_preview) or record.last_line
-            case ev.SessionOutput():
+            case ev.SessionOutputContent():
                 record.last_line = _last_nonempty(p.tail) or record.last_line
-            case ev.SessionCompleted():
+            case ev.SessionCompletedContent():
                 record.state, record.exit_code = p.status, p.exit_code
                 record.task_id, record.attempt = p.task_id, p.attempt
                 record.transcript = p.transcript

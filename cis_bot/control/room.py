@@ -65,12 +65,12 @@ class RoomControl:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def on_event(self, room_id: str, raw: Mapping[str, Any]) -> None:
-        if self._closed or raw.get("type") != ev.ControlRequest.TYPE:
+        if self._closed or raw.get("type") != ev.ControlRequestContent.TYPE:
             return
         event = parse_room_event(raw)
-        if event is None or not isinstance(event.payload, ev.ControlRequest):
+        if event is None or not isinstance(event.content, ev.ControlRequestContent):
             return
-        request = event.payload
+        request = event.content
         if request.node != self.node.identity.node_id or request.request_id in self._seen:
             return
         self._seen[request.request_id] = None
@@ -85,11 +85,11 @@ class RoomControl:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _handle(self, room_id: str, sender: str, request: ev.ControlRequest) -> None:
+    async def _handle(self, room_id: str, sender: str, request: ev.ControlRequestContent) -> None:
         node_id = self.node.identity.node_id
         if not await self.node.authorised(room_id, sender):
             log.warning("control.refused", sender=sender, action=request.action, room_id=room_id)
-            reply = ev.ControlReply(
+            reply = ev.ControlReplyContent(
                 request_id=request.request_id,
                 node=node_id,
                 ok=False,
@@ -100,12 +100,12 @@ class RoomControl:
             try:
                 reply = await self._act(room_id, sender, request)
             except OperationError as exc:
-                reply = ev.ControlReply(
+                reply = ev.ControlReplyContent(
                     request_id=request.request_id, node=node_id, ok=False, error=str(exc)
                 )
             except Exception as exc:  # never let one request take the handler down
                 log.exception("control.request_failed", request_id=request.request_id)
-                reply = ev.ControlReply(
+                reply = ev.ControlReplyContent(
                     request_id=request.request_id, node=node_id, ok=False, error=str(exc)
                 )
         try:
@@ -113,14 +113,16 @@ class RoomControl:
         except Exception as exc:
             log.warning("control.reply_failed", request_id=request.request_id, error=str(exc))
 
-    async def _act(self, room_id: str, sender: str, r: ev.ControlRequest) -> ev.ControlReply:
+    async def _act(
+        self, room_id: str, sender: str, r: ev.ControlRequestContent
+    ) -> ev.ControlReplyContent:
         plane = self.plane
         node_id = self.node.identity.node_id
 
         def reply(
             state: str | None = None, exit_code: int | None = None, text: str | None = None
-        ) -> ev.ControlReply:
-            return ev.ControlReply(
+        ) -> ev.ControlReplyContent:
+            return ev.ControlReplyContent(
                 request_id=r.request_id,
                 node=node_id,
                 ok=True,
@@ -187,11 +189,11 @@ class RoomRequester:
 
     async def request(
         self, room_id: str, *, node: str, node_user: str | None, **fields: Any
-    ) -> ev.ControlReply:
+    ) -> ev.ControlReplyContent:
         """Ask ``node`` (whose replies must come from ``node_user``) to act; its reply, or a
         ControlError when it refuses or stays silent."""
         deadline = time.monotonic() + self.timeout
-        request = ev.ControlRequest(
+        request = ev.ControlRequestContent(
             request_id=secrets.token_hex(8),
             node=node,
             expires=ev.now_ms() + int(self.timeout * 1000),
@@ -224,16 +226,16 @@ class RoomRequester:
 
     def _match(
         self, raw: Mapping[str, Any], request_id: str, node_user: str | None
-    ) -> ev.ControlReply | None:
+    ) -> ev.ControlReplyContent | None:
         event = parse_room_event(raw)
-        if event is None or not isinstance(event.payload, ev.ControlReply):
+        if event is None or not isinstance(event.content, ev.ControlReplyContent):
             return None
-        if event.payload.request_id != request_id:
+        if event.content.request_id != request_id:
             return None
         if node_user is not None and event.sender != node_user:
             log.warning("control.reply_forged", sender=event.sender, expected=node_user)
             return None
-        return event.payload
+        return event.content
 
     async def _position(self, room_id: str) -> str:
         body = await self.node.intent.api.request(
@@ -254,7 +256,7 @@ class RoomRequester:
                     "dir": "f",
                     "from": position,
                     "limit": "100",
-                    "filter": json.dumps({"types": [ev.ControlReply.TYPE]}),
+                    "filter": json.dumps({"types": [ev.ControlReplyContent.TYPE]}),
                 },
             )
             chunk = [e for e in body.get("chunk") or [] if isinstance(e, dict)]

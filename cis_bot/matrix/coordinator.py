@@ -40,7 +40,7 @@ INLINE_UPSTREAM_BYTES = 24 * 1024
 class WorkerInfo:
     user_id: str
     #: Its newest heartbeat.
-    beat: ev.NodeHeartbeat
+    beat: ev.NodeHeartbeatContent
     #: Attempts we assigned it that have not completed.
     in_flight: set[str] = attrs.Factory(set)
 
@@ -99,7 +99,7 @@ class RoomExecutor:
         """Learn the workers present from the room's state, then follow the room live."""
         self.node.add_listener(self.on_event)
         for raw in await self.node.room_state(self.room_id):
-            if raw.get("type") == ev.NodeHeartbeat.TYPE:
+            if raw.get("type") == ev.NodeHeartbeatContent.TYPE:
                 await self.on_event(self.room_id, raw)
         self._retry_task = asyncio.create_task(self._retry_waiting())
 
@@ -179,7 +179,7 @@ class RoomExecutor:
         info.in_flight.add(sid)
         self.outbox.post(
             outgoing(
-                ev.TaskAssigned(
+                ev.TaskAssignedContent(
                     run_id=self.run_id,
                     task_id=task.id,
                     attempt=dispatch.attempt,
@@ -228,10 +228,10 @@ class RoomExecutor:
         event = parse_room_event(raw)
         if event is None:
             return
-        payload = event.payload
-        if isinstance(payload, ev.NodeHeartbeat):
+        payload = event.content
+        if isinstance(payload, ev.NodeHeartbeatContent):
             self._on_heartbeat(event.sender, payload)
-        elif isinstance(payload, ev.TaskClaimed | ev.SessionCompleted):
+        elif isinstance(payload, ev.TaskClaimedContent | ev.SessionCompletedContent):
             if payload.run_id != self.run_id:
                 return
             record = self._attempts.get((payload.task_id, payload.attempt))
@@ -240,7 +240,7 @@ class RoomExecutor:
                     "event.unauthorised", type=payload.TYPE, sender=event.sender, run=self.run_id
                 )
                 return
-            if isinstance(payload, ev.TaskClaimed):
+            if isinstance(payload, ev.TaskClaimedContent):
                 self.driver.submit(started_fact(payload))
             else:
                 record.done = True
@@ -255,7 +255,7 @@ class RoomExecutor:
         self._retry_wake.set()
         self._drain_wake.set()
 
-    def _on_heartbeat(self, sender: str, beat: ev.NodeHeartbeat) -> None:
+    def _on_heartbeat(self, sender: str, beat: ev.NodeHeartbeatContent) -> None:
         known = self.workers.get(beat.node_id)
         if known is not None and known.user_id != sender:
             log.warning("heartbeat.impostor", node=beat.node_id, sender=sender, owner=known.user_id)

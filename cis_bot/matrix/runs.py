@@ -31,7 +31,7 @@ class RoomRun:
     room_id: str
     log: RunLog
     spec: DagSpec
-    created: ev.RunCreated
+    created: ev.RunCreatedContent
 
     @property
     def run_id(self) -> str:
@@ -44,9 +44,9 @@ class RoomRun:
     def transcripts(self) -> dict[tuple[str, int], str]:
         """(task, attempt) -> the transcript's mxc URI, as the workers reported them."""
         return {
-            (e.payload.task_id, e.payload.attempt): e.payload.transcript
+            (e.content.task_id, e.content.attempt): e.content.transcript
             for e in self.log.sessions
-            if isinstance(e.payload, ev.SessionCompleted) and e.payload.transcript
+            if isinstance(e.content, ev.SessionCompletedContent) and e.content.transcript
         }
 
     def summary(self) -> dict[str, Any]:

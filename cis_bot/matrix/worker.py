@@ -142,16 +142,19 @@ class Worker:
         event = parse_room_event(raw)
         if event is None:
             return
-        payload = event.payload
-        if isinstance(payload, ev.TaskAssigned) and payload.assigned_to == self.node_id:
+        payload = event.content
+        if isinstance(payload, ev.TaskAssignedContent) and payload.assigned_to == self.node_id:
             sent = raw.get("origin_server_ts")
             if isinstance(sent, int):
                 log.debug("assignment.received", lag_ms=int(time.time() * 1000) - sent)
             await self._on_assigned(room_id, event, payload)
-        elif isinstance(payload, ev.TaskCancelled | ev.TaskTimedOut) and payload.attempt:
+        elif (
+            isinstance(payload, ev.TaskCancelledContent | ev.TaskTimedOutContent)
+            and payload.attempt
+        ):
             await self._on_stop(event, payload)
 
-    async def _on_assigned(self, room_id: str, event: RoomEvent, a: ev.TaskAssigned) -> None:
+    async def _on_assigned(self, room_id: str, event: RoomEvent, a: ev.TaskAssignedContent) -> None:
         key = (a.run_id, a.task_id, a.attempt)
         if a.assigned_user != self.node.user_id or key in self._seen:
             return
@@ -170,7 +173,7 @@ class Worker:
             return
         outbox.post(
             outgoing(
-                ev.TaskClaimed(
+                ev.TaskClaimedContent(
                     run_id=a.run_id,
                     task_id=a.task_id,
                     attempt=a.attempt,
@@ -199,7 +202,7 @@ class Worker:
         log.info("assignment.claimed", session_id=sid, agent=task.agent)
         await self.manager.start(spec)
 
-    def _accept(self, a: ev.TaskAssigned) -> TaskSpec | str:
+    def _accept(self, a: ev.TaskAssignedContent) -> TaskSpec | str:
         """The task to run, or why this node will not run it."""
         if a.agent not in self.accepted or a.agent not in self.profiles:
             accepted = ", ".join(sorted(self.accepted & set(self.profiles))) or "none"
@@ -212,7 +215,7 @@ class Worker:
             return "the task document does not match the assignment"
         return task
 
-    async def _upstream(self, a: ev.TaskAssigned) -> dict[str, str]:
+    async def _upstream(self, a: ev.TaskAssignedContent) -> dict[str, str]:
         if a.upstream is not None:
             return dict(a.upstream)
         if a.upstream_mxc:
@@ -222,7 +225,9 @@ class Worker:
             raise ValueError("upstream media is not a JSON object of strings")
         return {}
 
-    async def _on_stop(self, event: RoomEvent, payload: ev.TaskCancelled | ev.TaskTimedOut) -> None:
+    async def _on_stop(
+        self, event: RoomEvent, payload: ev.TaskCancelledContent | ev.TaskTimedOutContent
+    ) -> None:
         if payload.attempt is None:
             return
         sid = str(SessionId(payload.run_id, payload.task_id, payload.attempt))
@@ -230,7 +235,9 @@ class Worker:
         if running is None or running.assigner != event.sender:
             return
         state = (
-            SessionState.TIMEOUT if isinstance(payload, ev.TaskTimedOut) else SessionState.KILLED
+            SessionState.TIMEOUT
+            if isinstance(payload, ev.TaskTimedOutContent)
+            else SessionState.KILLED
         )
         # Killing waits out the grace period: do it aside, the room's events keep flowing.
         self._spawn(self.manager.kill(sid, state=state, reason=payload.reason))
@@ -258,7 +265,7 @@ class Worker:
             except Exception as exc:
                 log.warning("heartbeat.failed", error=str(exc))
                 rooms = []
-            beat = ev.NodeHeartbeat(
+            beat = ev.NodeHeartbeatContent(
                 node_id=self.node_id,
                 agents=tuple(sorted(self.accepted & set(self.profiles))),
                 max_workers=self.max_workers,
@@ -282,8 +289,8 @@ class Worker:
                     break
 
 
-def _refused(a: ev.TaskAssigned, sid: str, reason: str) -> ev.SessionCompleted:
-    return ev.SessionCompleted(
+def _refused(a: ev.TaskAssignedContent, sid: str, reason: str) -> ev.SessionCompletedContent:
+    return ev.SessionCompletedContent(
         run_id=a.run_id,
         session_id=sid,
         task_id=a.task_id,

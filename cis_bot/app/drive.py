@@ -21,7 +21,7 @@ import attrs
 import structlog
 
 from cis_bot.config import Config, ExecutionMode
-from cis_bot.control.server import ControlPlane, RunHandle
+from cis_bot.control.operations import ControlPlane, RunHandle
 from cis_bot.control.service import start_control
 from cis_bot.dag.engine import Fact, Outcome, RunEngine, RunEvent, TaskDispatched, TaskFinished
 from cis_bot.dag.report import build_report

@@ -70,7 +70,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     execute.add_argument("file", type=Path, metavar="FILE", help="dag.toml or .json")
     execute.add_argument("--room", metavar="R", help="room id or alias (matrix, hybrid)")
-    execute.add_argument("--workers", metavar="A,B,C", help="worker node ids (federation)")
+    execute.add_argument(
+        "--workers",
+        metavar="A,B,C",
+        help="worker node ids (reserved for --federation, not implemented yet)",
+    )
     execute.add_argument("--config", type=Path, metavar="F", help="config.toml to read")
     execute.add_argument(
         "--max-workers",
@@ -155,9 +159,12 @@ def _execute(args: argparse.Namespace) -> int:
     from cis_bot.app.execute import RunRequest
     from cis_bot.config import ExecutionMode, default_state_dir
 
+    parser: argparse.ArgumentParser = args.parser
+    if args.workers:
+        # Reserved: the federation mode will spread tasks over these workers.
+        parser.error("--workers goes with --federation, which is not implemented yet")
     config, spec = _load(args.file, args.config)
     mode = ExecutionMode(args.mode or config.dag.execution_mode)
-    parser: argparse.ArgumentParser = args.parser
     if (
         not args.mode
         and mode is ExecutionMode.HYBRID

@@ -16,12 +16,16 @@ from cis_bot.errors import InputError
 from cis_bot.homeserver.appservice.registration import load_registrations
 from cis_bot.homeserver.errors import TOO_LARGE, MatrixError
 from cis_bot.homeserver.handlers.auth import AuthHandler, hash_password
+from cis_bot.homeserver.handlers.directory import DirectoryHandler
 from cis_bot.homeserver.handlers.ephemeral import ReceiptHandler, TypingHandler
+from cis_bot.homeserver.handlers.message import EventCreationHandler
 from cis_bot.homeserver.handlers.notifications import NotificationCounts
 from cis_bot.homeserver.handlers.notifier import Notifier
 from cis_bot.homeserver.handlers.pagination import PaginationHandler
 from cis_bot.homeserver.handlers.pushrules import PushRulesHandler
-from cis_bot.homeserver.handlers.rooms import RoomHandler
+from cis_bot.homeserver.handlers.room import RoomCreationHandler
+from cis_bot.homeserver.handlers.room_member import RoomMemberHandler
+from cis_bot.homeserver.handlers.room_state import RoomStateHandler
 from cis_bot.homeserver.handlers.serialize import Serializer
 from cis_bot.homeserver.handlers.sync import SyncHandler
 from cis_bot.homeserver.handlers.visibility import Visibility
@@ -70,16 +74,29 @@ class Homeserver:
             raise InputError(str(err)) from None
         self.notifier = Notifier()
         self.auth = AuthHandler(self.store, server_name, self.appservices)
-        self.rooms = RoomHandler(
+        self.rooms = RoomStateHandler(self.store)
+        self.events = EventCreationHandler(
+            store=self.store, rooms=self.rooms, notifier=self.notifier
+        )
+        self.members = RoomMemberHandler(store=self.store, rooms=self.rooms, events=self.events)
+        self.directory = DirectoryHandler(
             store=self.store,
-            notifier=self.notifier,
+            rooms=self.rooms,
             server_name=server_name,
             appservices=self.appservices,
+        )
+        self.room_creation = RoomCreationHandler(
+            store=self.store,
+            rooms=self.rooms,
+            events=self.events,
+            members=self.members,
+            directory=self.directory,
+            server_name=server_name,
         )
         self.serializer = Serializer(self.store)
         self.counts = NotificationCounts(self.store, self.rooms)
         self.visibility = Visibility(self.store)
-        self.rooms.event_listeners.extend((self.counts.on_event, self.visibility.on_event))
+        self.events.event_listeners.extend((self.counts.on_event, self.visibility.on_event))
         self.typing = TypingHandler(self.rooms, self.notifier)
         self.receipts = ReceiptHandler(self.store, self.rooms, self.notifier, self.counts)
         self.push_rules = PushRulesHandler(self.store, self.notifier, self.counts)

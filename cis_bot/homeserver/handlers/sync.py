@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from cis_bot.homeserver.handlers.notifications import NotificationCounts
     from cis_bot.homeserver.handlers.notifier import Notifier
     from cis_bot.homeserver.handlers.pushrules import PushRulesHandler
-    from cis_bot.homeserver.handlers.rooms import RoomHandler, RoomState
+    from cis_bot.homeserver.handlers.room_state import RoomState, RoomStateHandler
     from cis_bot.homeserver.handlers.serialize import Serializer
     from cis_bot.homeserver.handlers.visibility import Visibility
     from cis_bot.homeserver.storage.store import Store
@@ -85,7 +85,7 @@ class SyncHandler:
         self,
         *,
         store: Store,
-        rooms: RoomHandler,
+        rooms: RoomStateHandler,
         notifier: Notifier,
         serializer: Serializer,
         typing: TypingHandler,

@@ -274,7 +274,7 @@ async def set_profile_field(request: RestRequest, user_id: str, field: str) -> R
     if value == "":
         new_value = None
     hs.store.set_profile_field(user_id, field, new_value)
-    hs.rooms.propagate_profile(requester, field, new_value)
+    hs.members.propagate_profile(requester, field, new_value)
     return 200, {}
 
 

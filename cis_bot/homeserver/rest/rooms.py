@@ -45,7 +45,7 @@ async def create_room(request: RestRequest, txn_id: str | None = None) -> Result
     body = await request.json()
 
     async def compute() -> Result:
-        room_id = request.hs.rooms.create_room(requester, body)
+        room_id = request.hs.room_creation.create_room(requester, body)
         return 200, {"room_id": room_id}
 
     return await _txn(request, txn_id, compute)
@@ -57,7 +57,7 @@ async def send_event(
     requester = request.auth()
     content = await request.json()
     ts = request.integer("ts") if requester.appservice is not None else None
-    event = request.hs.rooms.send(requester, room_id, event_type, content, txn_id=txn_id, ts=ts)
+    event = request.hs.events.send(requester, room_id, event_type, content, txn_id=txn_id, ts=ts)
     return 200, {"event_id": event.event_id}
 
 
@@ -66,7 +66,7 @@ async def redact(
 ) -> Result:
     requester = request.auth()
     content = await request.json()
-    event = request.hs.rooms.send(
+    event = request.hs.events.send(
         requester, room_id, ev.REDACTION, content, txn_id=txn_id, redacts=event_id
     )
     return 200, {"event_id": event.event_id}
@@ -102,12 +102,12 @@ async def put_state_event(
         membership = content.get("membership")
         if not isinstance(membership, str):
             raise bad_request("Invalid membership (must be a string)")
-        event = hs.rooms.update_membership(
+        event = hs.members.update_membership(
             requester, room_id, state_key, membership, content=content
         )
     else:
         ts = request.integer("ts") if requester.appservice is not None else None
-        event = hs.rooms.send(requester, room_id, event_type, content, state_key=state_key, ts=ts)
+        event = hs.events.send(requester, room_id, event_type, content, state_key=state_key, ts=ts)
     return 200, {"event_id": event.event_id}
 
 
@@ -251,7 +251,7 @@ async def membership_action(
         content = {"reason": body["reason"]}
 
     async def compute() -> Result:
-        request.hs.rooms.update_membership(
+        request.hs.members.update_membership(
             requester, room_id, target, action, content=content, txn_id=txn_id
         )
         return 200, ({"room_id": room_id} if action == "join" else {})
@@ -265,11 +265,11 @@ async def join_by_alias(
     requester = request.auth()
     body = await request.json(allow_empty=True)
     hs = request.hs
-    room_id = hs.rooms.resolve_room(room_identifier)
+    room_id = hs.directory.resolve_room(room_identifier)
     content = {k: v for k, v in body.items() if k not in ("third_party_signed",)}
 
     async def compute() -> Result:
-        hs.rooms.update_membership(requester, room_id, requester.user_id, "join", content=content)
+        hs.members.update_membership(requester, room_id, requester.user_id, "join", content=content)
         return 200, {"room_id": room_id}
 
     return await _txn(request, txn_id, compute)
@@ -352,7 +352,7 @@ async def room_aliases(request: RestRequest, room_id: str) -> Result:
 
 async def get_alias(request: RestRequest, alias: str) -> Result:
     hs = request.hs
-    hs.rooms.check_alias_syntax(alias)
+    hs.directory.check_alias_syntax(alias)
     mapping = hs.store.get_alias(alias)
     if mapping is None:
         raise MatrixError(404, NOT_FOUND, f"Room alias {alias} not found")
@@ -361,7 +361,7 @@ async def get_alias(request: RestRequest, alias: str) -> Result:
 
 async def put_alias(request: RestRequest, alias: str) -> Result:
     hs = request.hs
-    hs.rooms.check_alias_syntax(alias)
+    hs.directory.check_alias_syntax(alias)
     body = await request.json()
     room_id = body.get("room_id")
     if not isinstance(room_id, str):
@@ -369,14 +369,16 @@ async def put_alias(request: RestRequest, alias: str) -> Result:
     if hs.store.get_room(room_id) is None:
         raise bad_request("Room does not exist")
     requester = request.auth()
-    hs.rooms.create_alias(requester, alias, room_id, is_admin=hs.auth.is_admin(requester.user_id))
+    hs.directory.create_alias(
+        requester, alias, room_id, is_admin=hs.auth.is_admin(requester.user_id)
+    )
     return 200, {}
 
 
 async def delete_alias(request: RestRequest, alias: str) -> Result:
     requester = request.auth()
     hs = request.hs
-    hs.rooms.delete_alias(requester, alias, hs.auth.is_admin(requester.user_id))
+    hs.directory.delete_alias(requester, alias, hs.auth.is_admin(requester.user_id))
     return 200, {}
 
 

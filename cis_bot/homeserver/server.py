@@ -16,24 +16,44 @@ from cis_bot.errors import InputError
 from cis_bot.homeserver.appservice.registration import load_registrations
 from cis_bot.homeserver.errors import TOO_LARGE, MatrixError
 from cis_bot.homeserver.handlers.auth import AuthHandler, hash_password
+from cis_bot.homeserver.handlers.devicemessage import DeviceMessageHandler
+from cis_bot.homeserver.handlers.devices import DeviceHandler
 from cis_bot.homeserver.handlers.directory import DirectoryHandler
+from cis_bot.homeserver.handlers.e2e_keys import E2EKeysHandler
+from cis_bot.homeserver.handlers.e2e_room_keys import RoomKeyBackupHandler
 from cis_bot.homeserver.handlers.ephemeral import ReceiptHandler, TypingHandler
 from cis_bot.homeserver.handlers.message import EventCreationHandler
 from cis_bot.homeserver.handlers.notifications import NotificationCounts
 from cis_bot.homeserver.handlers.notifier import Notifier
 from cis_bot.homeserver.handlers.pagination import PaginationHandler
+from cis_bot.homeserver.handlers.presence import PresenceHandler
 from cis_bot.homeserver.handlers.pushrules import PushRulesHandler
 from cis_bot.homeserver.handlers.room import RoomCreationHandler
 from cis_bot.homeserver.handlers.room_member import RoomMemberHandler
 from cis_bot.homeserver.handlers.room_state import RoomStateHandler
 from cis_bot.homeserver.handlers.serialize import Serializer
 from cis_bot.homeserver.handlers.sync import SyncHandler
+from cis_bot.homeserver.handlers.ui_auth import UserInteractiveAuth
 from cis_bot.homeserver.handlers.visibility import Visibility
 from cis_bot.homeserver.http.client import HttpClient
 from cis_bot.homeserver.http.server import HttpServer
 from cis_bot.homeserver.ids import check_new_localpart
-from cis_bot.homeserver.rest import account, appservice, media, misc, rooms, sync
+from cis_bot.homeserver.rest import (
+    account,
+    appservice,
+    devices,
+    keys,
+    media,
+    misc,
+    room_keys,
+    rooms,
+    sync,
+)
 from cis_bot.homeserver.rest.base import MAX_JSON_BODY, HttpFrontend, Router, error_response
+from cis_bot.homeserver.storage.device_inbox import DeviceInboxStore
+from cis_bot.homeserver.storage.e2e_keys import E2EKeyStore
+from cis_bot.homeserver.storage.e2e_room_keys import RoomKeyBackupStore
+from cis_bot.homeserver.storage.presence import PresenceStore
 from cis_bot.homeserver.storage.store import Store, UserExistsError
 
 if TYPE_CHECKING:
@@ -59,6 +79,7 @@ class Homeserver:
         server_name: str,
         appservices: Sequence[Appservice],
         max_upload_size: int = DEFAULT_MAX_UPLOAD,
+        presence: bool = True,
     ) -> None:
         self.server_name = server_name
         self.state_dir = state_dir
@@ -103,6 +124,32 @@ class Homeserver:
         self.pagination = PaginationHandler(
             self.store, self.rooms, self.serializer, self.visibility
         )
+        self.ui_auth = UserInteractiveAuth(self.auth)
+        self.devices = DeviceHandler(
+            store=self.store,
+            keys=E2EKeyStore(self.store),
+            inbox=DeviceInboxStore(self.store),
+            auth=self.auth,
+            rooms=self.rooms,
+            notifier=self.notifier,
+        )
+        self.auth.device_listeners.append(self.devices.device_created)
+        self.e2e_keys = E2EKeysHandler(
+            keys=self.devices.keys, devices=self.devices, server_name=server_name
+        )
+        self.device_messages = DeviceMessageHandler(
+            store=self.store,
+            inbox=self.devices.inbox,
+            notifier=self.notifier,
+            server_name=server_name,
+        )
+        self.room_key_backups = RoomKeyBackupHandler(RoomKeyBackupStore(self.store))
+        self.presence = PresenceHandler(
+            store=PresenceStore(self.store),
+            devices=self.devices,
+            notifier=self.notifier,
+            enabled=presence,
+        )
         self.sync = SyncHandler(
             store=self.store,
             rooms=self.rooms,
@@ -113,17 +160,22 @@ class Homeserver:
             push_rules=self.push_rules,
             counts=self.counts,
             visibility=self.visibility,
+            devices=self.devices,
+            device_messages=self.device_messages,
+            e2e_keys=self.e2e_keys,
+            presence=self.presence,
         )
         self.pushers: dict[str, AppservicePusher] = {}
 
     def close(self) -> None:
         self.typing.close()
+        self.presence.close()
         self.store.close()
 
 
 def build_router() -> Router:
     router = Router()
-    for module in (account, rooms, sync, media, appservice, misc):
+    for module in (account, devices, keys, room_keys, rooms, sync, media, appservice, misc):
         module.register_routes(router)
     return router
 
@@ -161,6 +213,7 @@ class EmbeddedHomeserver:
         retry_initial: float = 1.0,
         retry_max: float = 60.0,
         max_upload_size: int = DEFAULT_MAX_UPLOAD,
+        presence: bool = True,
     ) -> None:
         self.state_dir = state_dir
         self.server_name = server_name
@@ -170,6 +223,7 @@ class EmbeddedHomeserver:
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.max_upload_size = max_upload_size
+        self.presence = presence
         self.hs: Homeserver | None = None
         self._http: HttpServer | None = None
         self._client: HttpClient | None = None
@@ -195,6 +249,7 @@ class EmbeddedHomeserver:
             server_name=self.server_name,
             appservices=appservices,
             max_upload_size=self.max_upload_size,
+            presence=self.presence,
         )
         self.hs = hs
         try:

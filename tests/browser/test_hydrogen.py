@@ -26,6 +26,7 @@ from tests.browser.conftest import Browser
 from tests.browser.hydrogen import Hydrogen
 from tests.browser.webapp import StaticSite
 from tests.support.client import MatrixClient, unique
+from tests.support.embedded import EmbeddedServer
 from tests.support.fixtures import start_or_fail
 from tests.support.nodes import cis_command, cis_env, plan_nodes, wait_for, write_configs
 from tests.support.process import HomeserverUnderTest
@@ -142,6 +143,42 @@ async def watch_run_in_hydrogen(
         )
 
     await wait_for(arrived, timeout=30, what="the composer's message in the room")
+
+
+async def test_hydrogen_watches_a_local_run_on_cis_homeserver(
+    browser: Browser,
+    hydrogen_site: StaticSite,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    runs: list[RunProcess],
+) -> None:
+    server = EmbeddedServer(workdir=tmp_path / "hs", add_user_in_process=False)
+    start_or_fail(server)
+    try:
+        # Accounts through `cis homeserver add-user`, as the README tells a person.
+        await server.create_user("watcher")
+        reader_id, reader_token = await server.create_user("reader")
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        run = RunProcess(run_dir, "--local", "--state-dir", str(server.state_dir))
+        runs.append(run)
+
+        run_id = await wait_for(
+            lambda: running_run("--local", "--state-dir", str(server.state_dir)),
+            timeout=30,
+            what="the run in `cis dag list`",
+        )
+        alias = f"#dag-{run_id}:{server.server_name}"
+        reader = MatrixClient(http, server.base_url, user_id=reader_id, token=reader_token)
+        room_id = await reader.join(alias)
+
+        page = await browser.new_page()
+        hydrogen = Hydrogen(page, hydrogen_site.url)
+        await watch_run_in_hydrogen(
+            hydrogen, server, reader, alias, room_id, run, run_id, "watcher"
+        )
+    finally:
+        server.stop()
 
 
 async def test_hydrogen_watches_a_hybrid_run_on_synapse(

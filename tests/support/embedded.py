@@ -22,6 +22,7 @@ class EmbeddedServer(HomeserverUnderTest):
         port: int | None = None,
         python: str = sys.executable,
         add_user_in_process: bool = True,
+        presence: bool = False,
     ) -> None:
         super().__init__(
             workdir=workdir, server_name=server_name, appservice_files=appservice_files, port=port
@@ -29,6 +30,8 @@ class EmbeddedServer(HomeserverUnderTest):
         self.python = python
         self.state_dir = workdir / "state"
         self.add_user_in_process = add_user_in_process
+        # Off by default, like the test Synapse's config, so that the two answer alike.
+        self.presence = presence
 
     def _cis(self, *args: str) -> list[str]:
         return [self.python, "-m", "cis_bot", "homeserver", *args]
@@ -46,6 +49,8 @@ class EmbeddedServer(HomeserverUnderTest):
         )
         for path in self.appservice_files:
             command += ["--appservice", str(path)]
+        if not self.presence:
+            command.append("--no-presence")
         return command
 
     def _register(self, localpart: str, password: str, admin: bool) -> None:

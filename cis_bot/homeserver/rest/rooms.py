@@ -17,27 +17,12 @@ from cis_bot.homeserver.errors import (
 from cis_bot.homeserver.filtering import EventFilter, validate_filter
 from cis_bot.homeserver.handlers.sync import is_pagination_token, parse_pagination_token
 from cis_bot.homeserver.ids import parse_user_id
+from cis_bot.homeserver.rest.transactions import idempotent as _txn
 
 if TYPE_CHECKING:
     from cis_bot.homeserver.rest.base import RestRequest, Router
 
 Result = tuple[int, Any]
-
-
-async def _txn(request: RestRequest, txn_id: str | None, compute: Any) -> Result:
-    """Idempotent PUT for non-event responses (createRoom, join, ...): same path + same
-    session -> same answer."""
-    if txn_id is None:
-        result: Result = await compute()
-        return result
-    requester = request.auth()
-    scope = requester.txn_scope
-    stored = request.hs.store.get_request_txn(scope, request.path)
-    if stored is not None:
-        return stored
-    status, body = await compute()
-    request.hs.store.put_request_txn(scope, request.path, status, body)
-    return status, body
 
 
 async def create_room(request: RestRequest, txn_id: str | None = None) -> Result:

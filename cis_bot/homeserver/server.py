@@ -45,16 +45,14 @@ from cis_bot.homeserver.rest import (
     keys,
     media,
     misc,
+    notifications,
     room_keys,
     rooms,
     sync,
 )
 from cis_bot.homeserver.rest.base import MAX_JSON_BODY, HttpFrontend, Router, error_response
-from cis_bot.homeserver.storage.device_inbox import DeviceInboxStore
-from cis_bot.homeserver.storage.e2e_keys import E2EKeyStore
-from cis_bot.homeserver.storage.e2e_room_keys import RoomKeyBackupStore
-from cis_bot.homeserver.storage.presence import PresenceStore
-from cis_bot.homeserver.storage.store import Store, UserExistsError
+from cis_bot.homeserver.storage.registration import UserExistsError
+from cis_bot.homeserver.storage.store import Store
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -127,25 +125,22 @@ class Homeserver:
         self.ui_auth = UserInteractiveAuth(self.auth)
         self.devices = DeviceHandler(
             store=self.store,
-            keys=E2EKeyStore(self.store),
-            inbox=DeviceInboxStore(self.store),
             auth=self.auth,
             rooms=self.rooms,
             notifier=self.notifier,
         )
         self.auth.device_listeners.append(self.devices.device_created)
         self.e2e_keys = E2EKeysHandler(
-            keys=self.devices.keys, devices=self.devices, server_name=server_name
+            store=self.store, devices=self.devices, server_name=server_name
         )
         self.device_messages = DeviceMessageHandler(
             store=self.store,
-            inbox=self.devices.inbox,
             notifier=self.notifier,
             server_name=server_name,
         )
-        self.room_key_backups = RoomKeyBackupHandler(RoomKeyBackupStore(self.store))
+        self.room_key_backups = RoomKeyBackupHandler(self.store)
         self.presence = PresenceHandler(
-            store=PresenceStore(self.store),
+            store=self.store,
             devices=self.devices,
             notifier=self.notifier,
             enabled=presence,
@@ -175,7 +170,18 @@ class Homeserver:
 
 def build_router() -> Router:
     router = Router()
-    for module in (account, devices, keys, room_keys, rooms, sync, media, appservice, misc):
+    for module in (
+        account,
+        devices,
+        keys,
+        room_keys,
+        rooms,
+        sync,
+        media,
+        appservice,
+        misc,
+        notifications,
+    ):
         module.register_routes(router)
     return router
 

@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -120,6 +121,7 @@ async def watch_run_in_hydrogen(
     run: RunProcess,
     run_id: str,
     watcher: str,
+    screenshot: Path,
 ) -> None:
     await hydrogen.login(server.base_url, watcher, server.password(watcher))
     await hydrogen.join_room(room_alias)
@@ -143,6 +145,10 @@ async def watch_run_in_hydrogen(
         )
 
     await wait_for(arrived, timeout=30, what="the composer's message in the room")
+    await hydrogen.page.screenshot(path=str(screenshot))
+    # The README's picture is this one: CIS_README_SCREENSHOT=docs/hydrogen-run.png retakes it.
+    if readme_copy := os.environ.get("CIS_README_SCREENSHOT"):
+        shutil.copyfile(screenshot, readme_copy)
 
 
 async def test_hydrogen_watches_a_local_run_on_cis_homeserver(
@@ -175,7 +181,15 @@ async def test_hydrogen_watches_a_local_run_on_cis_homeserver(
         page = await browser.new_page()
         hydrogen = Hydrogen(page, hydrogen_site.url)
         await watch_run_in_hydrogen(
-            hydrogen, server, reader, alias, room_id, run, run_id, "watcher"
+            hydrogen,
+            server,
+            reader,
+            alias,
+            room_id,
+            run,
+            run_id,
+            "watcher",
+            tmp_path / "hydrogen-run.png",
         )
     finally:
         server.stop()
@@ -234,6 +248,7 @@ async def test_hydrogen_watches_a_hybrid_run_on_synapse(
             run,
             run_id,
             "watcher",
+            tmp_path / "hydrogen-run.png",
         )
     finally:
         server.stop()

@@ -15,7 +15,6 @@ from cis_bot.homeserver.ids import split_id
 if TYPE_CHECKING:
     from cis_bot.homeserver.handlers.auth import Requester
     from cis_bot.homeserver.handlers.notifier import Notifier
-    from cis_bot.homeserver.storage.device_inbox import DeviceInboxStore
     from cis_bot.homeserver.storage.store import Store
 
 log = structlog.get_logger(__name__)
@@ -24,11 +23,8 @@ MAX_MESSAGE_SIZE = 65536  # Synapse's MAX_TO_DEVICE_CONTENT_SIZE (its soft EDU l
 
 
 class DeviceMessageHandler:
-    def __init__(
-        self, *, store: Store, inbox: DeviceInboxStore, notifier: Notifier, server_name: str
-    ) -> None:
+    def __init__(self, *, store: Store, notifier: Notifier, server_name: str) -> None:
         self.store = store
-        self.inbox = inbox
         self.notifier = notifier
         self.server_name = server_name
 
@@ -62,7 +58,7 @@ class DeviceMessageHandler:
                 targets = known if device_id == "*" else [device_id]
                 queued += [(user_id, target, message) for target in targets]
         if queued:
-            self.inbox.add(queued)
+            self.store.add_to_device_messages(queued)
             self.notifier.notify_users({user_id for user_id, _, _ in queued})
 
     def for_sync(
@@ -73,5 +69,5 @@ class DeviceMessageHandler:
         if device_id is None:
             return []
         if since is not None:
-            self.inbox.delete_upto(user_id, device_id, since)
-        return self.inbox.pending(user_id, device_id, upto)
+            self.store.delete_to_device_messages(user_id, device_id, since)
+        return self.store.get_to_device_messages(user_id, device_id, upto)

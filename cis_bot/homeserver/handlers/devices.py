@@ -11,8 +11,6 @@ if TYPE_CHECKING:
     from cis_bot.homeserver.handlers.auth import AuthHandler
     from cis_bot.homeserver.handlers.notifier import Notifier
     from cis_bot.homeserver.handlers.room_state import RoomStateHandler
-    from cis_bot.homeserver.storage.device_inbox import DeviceInboxStore
-    from cis_bot.homeserver.storage.e2e_keys import E2EKeyStore
     from cis_bot.homeserver.storage.store import Store
 
 
@@ -33,15 +31,11 @@ class DeviceHandler:
         self,
         *,
         store: Store,
-        keys: E2EKeyStore,
-        inbox: DeviceInboxStore,
         auth: AuthHandler,
         rooms: RoomStateHandler,
         notifier: Notifier,
     ) -> None:
         self.store = store
-        self.keys = keys
-        self.inbox = inbox
         self.auth = auth
         self.rooms = rooms
         self.notifier = notifier
@@ -70,8 +64,8 @@ class DeviceHandler:
         tokens: list[str] = []
         for device_id in device_ids:
             tokens += self.store.delete_device(user_id, device_id)
-            self.keys.delete_device(user_id, device_id)
-            self.inbox.delete_device(user_id, device_id)
+            self.store.delete_e2e_keys_by_device(user_id, device_id)
+            self.store.delete_device_inbox(user_id, device_id)
         self.auth.forget_tokens(tokens)
         if device_ids:
             self.notify_device_update(user_id)
@@ -92,7 +86,7 @@ class DeviceHandler:
 
     def notify_device_update(self, user_id: str, *, audience: str | None = None) -> None:
         """``user_id``'s devices or keys changed; ``audience``: tell only that user."""
-        self.keys.add_device_list_change(user_id, audience=audience)
+        self.store.add_device_list_change(user_id, audience=audience)
         self.notifier.notify_users(
             [audience] if audience is not None else self.shared_users(user_id)
         )
@@ -102,7 +96,7 @@ class DeviceHandler:
         upto] (key uploads, new or deleted devices; not membership changes)."""
         if after >= upto:
             return []
-        changes = self.keys.device_list_changes(after, upto)
+        changes = self.store.device_list_changes(after, upto)
         if not changes:
             return []
         shared = self.shared_users(user_id)

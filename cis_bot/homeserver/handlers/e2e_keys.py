@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from cis_bot.homeserver.handlers.auth import Requester
     from cis_bot.homeserver.handlers.devices import DeviceHandler
-    from cis_bot.homeserver.storage.e2e_keys import E2EKeyStore
+    from cis_bot.homeserver.storage.store import Store
 
 MAX_ONE_TIME_KEYS_PER_ALGORITHM_PER_DEVICE = 500
 INVALID_SIGNATURE = "M_INVALID_SIGNATURE"
@@ -121,8 +121,8 @@ def _failure(error: MatrixError) -> dict[str, Any]:
 
 
 class E2EKeysHandler:
-    def __init__(self, *, keys: E2EKeyStore, devices: DeviceHandler, server_name: str) -> None:
-        self.keys = keys
+    def __init__(self, *, store: Store, devices: DeviceHandler, server_name: str) -> None:
+        self.keys = store
         self.devices = devices
         self.server_name = server_name
 
@@ -163,7 +163,7 @@ class E2EKeysHandler:
 
     def _add_one_time_keys(self, user_id: str, device_id: str, keys: dict[str, Any]) -> None:
         listed = [(*full_id.split(":"), key) for full_id, key in keys.items()]
-        existing = self.keys.one_time_keys(user_id, device_id, [(a, k) for a, k, _ in listed])
+        existing = self.keys.get_one_time_keys(user_id, device_id, [(a, k) for a, k, _ in listed])
         new = []
         for algorithm, key_id, key in listed:
             stored = existing.get((algorithm, key_id))
@@ -204,7 +204,7 @@ class E2EKeysHandler:
         pairs: list[tuple[str, str | None]] = []
         for user_id in users:
             pairs += [(user_id, d) for d in wanted[user_id]] or [(user_id, None)]
-        found = self.keys.device_keys(pairs)
+        found = self.keys.get_device_keys(pairs)
         device_keys: dict[str, Any] = {}
         for user_id in users:
             devices = device_keys.setdefault(user_id, {})
@@ -227,7 +227,7 @@ class E2EKeysHandler:
     ) -> dict[str, Any]:
         """The device's keys, with the signatures its owner's self-signing key added later
         and its display name in ``unsigned``."""
-        extra = self.keys.signatures_on(user_id, user_id, device_id)
+        extra = self.keys.get_cross_signing_signatures(user_id, user_id, device_id)
         if extra:
             signatures = dict(keys.get("signatures", {}))
             signatures[user_id] = {**signatures.get(user_id, {}), **extra}
@@ -239,7 +239,7 @@ class E2EKeysHandler:
     ) -> dict[str, Any] | None:
         """A cross-signing key with the signatures uploaded for it (by its owner, and by
         ``from_user_id``: a user sees their own signatures of others' keys)."""
-        key = self.keys.cross_signing_keys(user_id).get(key_type)
+        key = self.keys.get_cross_signing_keys(user_id).get(key_type)
         if key is None:
             return None
         try:
@@ -249,7 +249,7 @@ class E2EKeysHandler:
         for signer in dict.fromkeys((user_id, from_user_id)):
             if signer is None:
                 continue
-            extra = self.keys.signatures_on(signer, user_id, public)
+            extra = self.keys.get_cross_signing_signatures(signer, user_id, public)
             if extra:
                 signatures = dict(key.get("signatures", {}))
                 signatures[signer] = {**signatures.get(signer, {}), **extra}
@@ -305,19 +305,19 @@ class E2EKeysHandler:
     # --- cross-signing --------------------------------------------------------------------
 
     def has_cross_signing(self, user_id: str) -> bool:
-        return "master" in self.keys.cross_signing_keys(user_id)
+        return "master" in self.keys.get_cross_signing_keys(user_id)
 
     def changes_keys(self, user_id: str, body: dict[str, Any]) -> bool:
         """Whether the upload would insert or replace any key (Synapse's has_different_keys:
         re-uploading the stored keys needs no authentication)."""
-        stored = self.keys.cross_signing_keys(user_id)
+        stored = self.keys.get_cross_signing_keys(user_id)
         return any(
             field in body and canonical_json(body[field]) != canonical_json(stored.get(kind))
             for field, kind in CROSS_SIGNING_TYPES.items()
         )
 
     def upload_signing_keys(self, user_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        stored = self.keys.cross_signing_keys(user_id)
+        stored = self.keys.get_cross_signing_keys(user_id)
         master = body.get("master_key") if "master_key" in body else stored.get("master")
         if "master_key" in body:
             self._check_cross_signing_key(master, user_id, "master")
@@ -361,7 +361,7 @@ class E2EKeysHandler:
         stored: list[tuple[str, str, str, str]] = []
         own_signed = self._own_signatures(user_id, own, stored, failures)
         others_signed = self._other_signatures(user_id, others, stored, failures)
-        self.keys.add_signatures(user_id, stored)
+        self.keys.add_cross_signing_signatures(user_id, stored)
         if own_signed:
             self.devices.notify_device_update(user_id)
         for target in others_signed:
@@ -385,7 +385,7 @@ class E2EKeysHandler:
             self_signing_id, _ = self._verify_key(user_id, "self_signing")
             master = self.cross_signing_key(user_id, "master")
             _, master_public = self._verify_key(user_id, "master")
-            devices = self.keys.device_keys([(user_id, None)]).get(user_id)
+            devices = self.keys.get_device_keys([(user_id, None)]).get(user_id)
             if not devices:
                 raise not_found("No device keys found")
         except MatrixError as error:
@@ -483,7 +483,7 @@ class E2EKeysHandler:
         return targets
 
     def _verify_key(self, user_id: str, kind: str) -> tuple[str, str]:
-        key = self.keys.cross_signing_keys(user_id).get(kind)
+        key = self.keys.get_cross_signing_keys(user_id).get(kind)
         if key is None:
             raise not_found(f"No {kind} key found for {user_id}")
         try:

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 from cis_bot.homeserver.errors import INVALID_PARAM, MatrixError, bad_request, not_found
 
 if TYPE_CHECKING:
-    from cis_bot.homeserver.storage.e2e_room_keys import BackupVersion, RoomKeyBackupStore
+    from cis_bot.homeserver.storage.e2e_room_keys import BackupVersion
+    from cis_bot.homeserver.storage.store import Store
 
 WRONG_VERSION = "M_WRONG_ROOM_KEYS_VERSION"
 KEY_FIELDS = ("first_message_index", "forwarded_count", "is_verified", "session_data")
@@ -24,11 +25,11 @@ def _better(current: dict[str, Any], new: dict[str, Any]) -> bool:
 
 
 class RoomKeyBackupHandler:
-    def __init__(self, store: RoomKeyBackupStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
 
     def _version(self, user_id: str, version: str | None, message: str) -> BackupVersion:
-        found = self.store.version(user_id, version)
+        found = self.store.get_backup_version(user_id, version)
         if found is None:
             raise not_found(message)
         return found
@@ -40,12 +41,12 @@ class RoomKeyBackupHandler:
             "auth_data": found.auth_data,
             "version": str(found.version),
             "etag": str(found.etag),
-            "count": self.store.count(user_id, found.version),
+            "count": self.store.count_backup_keys(user_id, found.version),
         }
 
     def create_version(self, user_id: str, body: dict[str, Any]) -> str:
         algorithm, auth_data = self._check_info(body)
-        return str(self.store.create_version(user_id, algorithm, auth_data))
+        return str(self.store.create_backup_version(user_id, algorithm, auth_data))
 
     def update_version(self, user_id: str, version: str, body: dict[str, Any]) -> None:
         if "version" in body and body["version"] != version:
@@ -54,11 +55,11 @@ class RoomKeyBackupHandler:
         found = self._version(user_id, version, "Unknown backup version")
         if found.algorithm != algorithm:
             raise bad_request("Algorithm does not match", INVALID_PARAM)
-        self.store.update_version(user_id, found.version, auth_data=auth_data)
+        self.store.update_backup_version(user_id, found.version, auth_data=auth_data)
 
     def delete_version(self, user_id: str, version: str | None) -> None:
         found = self._version(user_id, version, "Unknown backup version")
-        self.store.delete_version(user_id, found.version)
+        self.store.delete_backup_version(user_id, found.version)
 
     @staticmethod
     def _check_info(body: dict[str, Any]) -> tuple[str, Any]:
@@ -73,7 +74,7 @@ class RoomKeyBackupHandler:
         self, user_id: str, version: str, room_id: str | None, session_id: str | None
     ) -> dict[str, Any]:
         found = self._version(user_id, version, "Unknown backup version")
-        keys = self.store.keys(user_id, found.version, room_id, session_id)
+        keys = self.store.get_backup_keys(user_id, found.version, room_id, session_id)
         if session_id is not None:
             assert room_id is not None
             key = keys.get(room_id, {}).get(session_id)
@@ -85,11 +86,11 @@ class RoomKeyBackupHandler:
         return {"rooms": {r: {"sessions": s} for r, s in keys.items()}}
 
     def upload_keys(self, user_id: str, version: str, rooms: Any) -> dict[str, Any]:
-        current = self.store.version(user_id, None)
+        current = self.store.get_backup_version(user_id, None)
         if current is None:
             raise not_found(f"Version '{version}' not found")
         if str(current.version) != version:
-            asked = self.store.version(user_id, version)
+            asked = self.store.get_backup_version(user_id, version)
             if asked is None:
                 raise not_found(f"Version '{version}' not found")
             # Synapse 1.163 names the version asked for as "current_version"; so do we.
@@ -98,7 +99,7 @@ class RoomKeyBackupHandler:
             )
         if not isinstance(rooms, dict):
             raise bad_request("rooms must be an object", INVALID_PARAM)
-        existing = self.store.keys(user_id, current.version, None, None)
+        existing = self.store.get_backup_keys(user_id, current.version, None, None)
         changed: list[tuple[str, str, dict[str, Any]]] = []
         for room_id, room in rooms.items():
             sessions = room.get("sessions") if isinstance(room, dict) else None
@@ -111,10 +112,10 @@ class RoomKeyBackupHandler:
                     changed.append((room_id, session_id, key))
         etag = current.etag
         if changed:
-            self.store.put_keys(user_id, current.version, changed)
+            self.store.put_backup_keys(user_id, current.version, changed)
             etag += 1
-            self.store.update_version(user_id, current.version, etag=etag)
-        return {"etag": str(etag), "count": self.store.count(user_id, current.version)}
+            self.store.update_backup_version(user_id, current.version, etag=etag)
+        return {"etag": str(etag), "count": self.store.count_backup_keys(user_id, current.version)}
 
     @staticmethod
     def _check_key(room_id: str, session_id: str, key: Any) -> None:
@@ -133,7 +134,7 @@ class RoomKeyBackupHandler:
         self, user_id: str, version: str, room_id: str | None, session_id: str | None
     ) -> dict[str, Any]:
         found = self._version(user_id, version, "Unknown backup version")
-        self.store.delete_keys(user_id, found.version, room_id, session_id)
+        self.store.delete_backup_keys(user_id, found.version, room_id, session_id)
         etag = found.etag + 1
-        self.store.update_version(user_id, found.version, etag=etag)
-        return {"etag": str(etag), "count": self.store.count(user_id, found.version)}
+        self.store.update_backup_version(user_id, found.version, etag=etag)
+        return {"etag": str(etag), "count": self.store.count_backup_keys(user_id, found.version)}

@@ -21,7 +21,8 @@ from cis_bot.homeserver.errors import bad_request, forbidden
 if TYPE_CHECKING:
     from cis_bot.homeserver.handlers.devices import DeviceHandler
     from cis_bot.homeserver.handlers.notifier import Notifier
-    from cis_bot.homeserver.storage.presence import PresenceRow, PresenceStore
+    from cis_bot.homeserver.storage.presence import PresenceRow
+    from cis_bot.homeserver.storage.store import Store
 
 ONLINE = "online"
 UNAVAILABLE = "unavailable"
@@ -61,7 +62,7 @@ class PresenceHandler:
     def __init__(
         self,
         *,
-        store: PresenceStore,
+        store: Store,
         devices: DeviceHandler,
         notifier: Notifier,
         enabled: bool = True,
@@ -86,7 +87,7 @@ class PresenceHandler:
             self._timer = None
 
     def current(self, user_id: str) -> Presence:
-        row = self.store.get(user_id)
+        row = self.store.get_presence(user_id)
         return Presence() if row is None else _from_row(row)
 
     # --- what clients do ------------------------------------------------------------------
@@ -164,7 +165,7 @@ class PresenceHandler:
         now = now_ms()
         found: dict[str, Presence] = {}
         for other in sorted(self.devices.shared_users(user_id)):
-            row = self.store.get(other)
+            row = self.store.get_presence(other)
             if row is None or row.stream > upto:
                 continue
             if since is None:
@@ -180,7 +181,7 @@ class PresenceHandler:
     # --- timeouts -------------------------------------------------------------------------
 
     def _change(self, user_id: str, presence: Presence) -> None:
-        self.store.put(
+        self.store.set_presence(
             user_id,
             presence.state,
             presence.status_msg,
@@ -197,7 +198,7 @@ class PresenceHandler:
     def _check_timeouts(self) -> None:
         self._timer = None
         now = now_ms()
-        for row in self.store.not_offline():
+        for row in self.store.get_presence_not_offline():
             user_id = row.user_id
             presence = _from_row(row)
             if user_id in self._syncing:

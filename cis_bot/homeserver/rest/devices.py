@@ -39,11 +39,10 @@ async def put_device(request: RestRequest, device_id: str) -> Result:
 async def delete_device(request: RestRequest, device_id: str) -> Result:
     requester = request.auth()
     body = await request.json(allow_empty=True)
-    known = {row[0] for row in request.hs.store.get_devices(requester.user_id)}
-    if device_id not in known:
-        raise not_found("No device found")
+    # As in Synapse: the password first, then a device that is gone already is no error.
     await request.hs.ui_auth.validate_user(requester, request.method, request.path, body)
-    request.hs.devices.delete_devices(requester.user_id, [device_id])
+    known = {row[0] for row in request.hs.store.get_devices(requester.user_id)}
+    request.hs.devices.delete_devices(requester.user_id, [device_id] if device_id in known else [])
     return 200, {}
 
 

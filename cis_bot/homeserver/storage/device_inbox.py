@@ -6,29 +6,27 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from cis_bot.homeserver.storage.database import StoreBase
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from cis_bot.homeserver.storage.store import Store
 
-
-class DeviceInboxStore:
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.conn = store.conn
-
-    def add(self, messages: Iterable[tuple[str, str, dict[str, Any]]]) -> int:
+class DeviceInboxStore(StoreBase):
+    def add_to_device_messages(self, messages: Iterable[tuple[str, str, dict[str, Any]]]) -> int:
         """Queue (user_id, device_id, message) items; the last stream position used."""
-        rows = [(self.store.next_stream(), u, d, json.dumps(m)) for u, d, m in messages]
-        with self.store.transaction() as conn:
+        rows = [(self.next_stream(), u, d, json.dumps(m)) for u, d, m in messages]
+        with self.transaction() as conn:
             conn.executemany(
                 "INSERT INTO device_inbox (stream_id, user_id, device_id, message_json)"
                 " VALUES (?, ?, ?, ?)",
                 rows,
             )
-        return rows[-1][0] if rows else self.store.current_stream
+        return rows[-1][0] if rows else self.current_stream
 
-    def pending(self, user_id: str, device_id: str, upto: int) -> list[dict[str, Any]]:
+    def get_to_device_messages(
+        self, user_id: str, device_id: str, upto: int
+    ) -> list[dict[str, Any]]:
         """Every undelivered message of the device at or before ``upto``, oldest first (all of
         them: the next sync's token deletes what this one handed out)."""
         return [
@@ -40,7 +38,7 @@ class DeviceInboxStore:
             )
         ]
 
-    def has_pending(self, user_id: str, device_id: str, after: int, upto: int) -> bool:
+    def has_to_device_messages(self, user_id: str, device_id: str, after: int, upto: int) -> bool:
         row = self.conn.execute(
             "SELECT 1 FROM device_inbox WHERE user_id = ? AND device_id = ? AND stream_id > ?"
             " AND stream_id <= ? LIMIT 1",
@@ -48,21 +46,21 @@ class DeviceInboxStore:
         ).fetchone()
         return row is not None
 
-    def delete_upto(self, user_id: str, device_id: str, upto: int) -> None:
+    def delete_to_device_messages(self, user_id: str, device_id: str, upto: int) -> None:
         """The device has them (it synced past ``upto``)."""
-        if not self.has_pending(user_id, device_id, 0, upto):
+        if not self.has_to_device_messages(user_id, device_id, 0, upto):
             return  # the common case, and no write
-        with self.store.transaction() as conn:
+        with self.transaction() as conn:
             conn.execute(
                 "DELETE FROM device_inbox WHERE user_id = ? AND device_id = ? AND stream_id <= ?",
                 (user_id, device_id, upto),
             )
-            self.store.keep_stream_floor(conn)
+            self.keep_stream_floor(conn)
 
-    def delete_device(self, user_id: str, device_id: str) -> None:
-        with self.store.transaction() as conn:
+    def delete_device_inbox(self, user_id: str, device_id: str) -> None:
+        with self.transaction() as conn:
             conn.execute(
                 "DELETE FROM device_inbox WHERE user_id = ? AND device_id = ?",
                 (user_id, device_id),
             )
-            self.store.keep_stream_floor(conn)
+            self.keep_stream_floor(conn)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from cis_bot.homeserver.storage.database import StoreBase
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
-
-    from cis_bot.homeserver.storage.store import Store
 
 SIGNED_CURVE25519 = "signed_curve25519"
 
@@ -22,11 +22,7 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 
 
-class E2EKeyStore:
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.conn = store.conn
-
+class EndToEndKeyStore(StoreBase):
     # --- device keys ----------------------------------------------------------------------
 
     def set_device_keys(self, user_id: str, device_id: str, keys: dict[str, Any]) -> bool:
@@ -38,7 +34,7 @@ class E2EKeyStore:
         ).fetchone()
         if row is not None and row[0] == new:
             return False
-        with self.store.transaction() as conn:
+        with self.transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO e2e_device_keys (user_id, device_id, key_json)"
                 " VALUES (?, ?, ?)",
@@ -46,7 +42,7 @@ class E2EKeyStore:
             )
         return True
 
-    def device_keys(
+    def get_device_keys(
         self, query: Iterable[tuple[str, str | None]]
     ) -> dict[str, dict[str, tuple[dict[str, Any], str | None]]]:
         """user_id -> device_id -> (keys, device display name) of existing devices with keys;
@@ -66,9 +62,9 @@ class E2EKeyStore:
                 found.setdefault(user_id, {})[device] = (json.loads(raw), name)
         return found
 
-    def delete_device(self, user_id: str, device_id: str) -> None:
+    def delete_e2e_keys_by_device(self, user_id: str, device_id: str) -> None:
         """Forget everything a device uploaded (it was deleted)."""
-        with self.store.transaction() as conn:
+        with self.transaction() as conn:
             for table in ("e2e_device_keys", "e2e_one_time_keys", "e2e_fallback_keys"):
                 conn.execute(
                     f"DELETE FROM {table} WHERE user_id = ? AND device_id = ?",
@@ -77,7 +73,7 @@ class E2EKeyStore:
 
     # --- one-time and fallback keys -------------------------------------------------------
 
-    def one_time_keys(
+    def get_one_time_keys(
         self, user_id: str, device_id: str, wanted: Iterable[tuple[str, str]]
     ) -> dict[tuple[str, str], str]:
         """(algorithm, key_id) -> stored JSON of the wanted keys that exist."""
@@ -96,7 +92,7 @@ class E2EKeyStore:
         self, user_id: str, device_id: str, keys: Iterable[tuple[str, str, str]]
     ) -> None:
         """Insert (algorithm, key_id, JSON) keys."""
-        with self.store.transaction() as conn:
+        with self.transaction() as conn:
             conn.executemany(
                 "INSERT OR IGNORE INTO e2e_one_time_keys (user_id, device_id, algorithm, key_id,"
                 " key_json) VALUES (?, ?, ?, ?, ?)",
@@ -118,7 +114,7 @@ class E2EKeyStore:
         self, user_id: str, device_id: str, algorithm: str, count: int
     ) -> list[tuple[str, dict[str, Any]]]:
         """Take up to ``count`` keys, oldest first: ("algorithm:key_id", key)."""
-        with self.store.transaction() as conn:
+        with self.transaction() as conn:
             rows = conn.execute(
                 "SELECT added, key_id, key_json FROM e2e_one_time_keys WHERE user_id = ?"
                 " AND device_id = ? AND algorithm = ? ORDER BY added LIMIT ?",
@@ -130,7 +126,7 @@ class E2EKeyStore:
         return [(f"{algorithm}:{key_id}", json.loads(raw)) for _, key_id, raw in rows]
 
     def set_fallback_keys(self, user_id: str, device_id: str, keys: dict[str, Any]) -> None:
-        with self.store.transaction() as conn:
+        with self.transaction() as conn:
             for full_id, key in keys.items():
                 algorithm, key_id = full_id.split(":", 1)
                 new = canonical_json(key)
@@ -159,7 +155,7 @@ class E2EKeyStore:
             return None
         key_id, raw, used = row
         if mark_used and not used:
-            with self.store.transaction() as conn:
+            with self.transaction() as conn:
                 conn.execute(
                     "UPDATE e2e_fallback_keys SET used = 1 WHERE user_id = ? AND device_id = ?"
                     " AND algorithm = ?",
@@ -180,14 +176,14 @@ class E2EKeyStore:
     # --- cross-signing --------------------------------------------------------------------
 
     def set_cross_signing_key(self, user_id: str, key_type: str, key: dict[str, Any]) -> None:
-        with self.store.transaction() as conn:
+        with self.transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO e2e_cross_signing_keys (user_id, key_type, key_json)"
                 " VALUES (?, ?, ?)",
                 (user_id, key_type, canonical_json(key)),
             )
 
-    def cross_signing_keys(self, user_id: str) -> dict[str, dict[str, Any]]:
+    def get_cross_signing_keys(self, user_id: str) -> dict[str, dict[str, Any]]:
         """key_type -> key as uploaded (without signatures uploaded later)."""
         return {
             key_type: json.loads(raw)
@@ -197,16 +193,18 @@ class E2EKeyStore:
             )
         }
 
-    def add_signatures(self, signer: str, items: Iterable[tuple[str, str, str, str]]) -> None:
+    def add_cross_signing_signatures(
+        self, signer: str, items: Iterable[tuple[str, str, str, str]]
+    ) -> None:
         """Store (key_id, target_user_id, target_device_id, signature) made by ``signer``."""
-        with self.store.transaction() as conn:
+        with self.transaction() as conn:
             conn.executemany(
                 "INSERT OR REPLACE INTO e2e_cross_signing_signatures (user_id, key_id,"
                 " target_user_id, target_device_id, signature) VALUES (?, ?, ?, ?, ?)",
                 [(signer, *item) for item in items],
             )
 
-    def signatures_on(
+    def get_cross_signing_signatures(
         self, signer: str, target_user_id: str, target_device_id: str
     ) -> dict[str, str]:
         """key_id -> signature of what ``signer`` signed of the target."""
@@ -222,8 +220,8 @@ class E2EKeyStore:
     # --- the device-list stream -----------------------------------------------------------
 
     def add_device_list_change(self, user_id: str, *, audience: str | None = None) -> int:
-        stream = self.store.next_stream()
-        with self.store.transaction() as conn:
+        stream = self.next_stream()
+        with self.transaction() as conn:
             conn.execute(
                 "INSERT INTO device_list_changes (stream_id, user_id, audience) VALUES (?, ?, ?)",
                 (stream, user_id, audience),

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from cis_bot.homeserver.storage.database import StoreBase
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
-
-    from cis_bot.homeserver.storage.store import Store
 
 
 @attrs.frozen
@@ -22,12 +22,8 @@ class BackupVersion:
     etag: int
 
 
-class RoomKeyBackupStore:
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.conn = store.conn
-
-    def version(self, user_id: str, version: str | None = None) -> BackupVersion | None:
+class EndToEndRoomKeyStore(StoreBase):
+    def get_backup_version(self, user_id: str, version: str | None = None) -> BackupVersion | None:
         """The given live version, or the newest when ``version`` is None."""
         if version is None:
             row = self.conn.execute(
@@ -49,8 +45,8 @@ class RoomKeyBackupStore:
             return None
         return BackupVersion(int(row[0]), str(row[1]), json.loads(row[2]), int(row[3]))
 
-    def create_version(self, user_id: str, algorithm: str, auth_data: Any) -> int:
-        with self.store.transaction() as conn:
+    def create_backup_version(self, user_id: str, algorithm: str, auth_data: Any) -> int:
+        with self.transaction() as conn:
             row = conn.execute(
                 "SELECT MAX(version) FROM e2e_room_keys_versions WHERE user_id = ?", (user_id,)
             ).fetchone()
@@ -62,10 +58,10 @@ class RoomKeyBackupStore:
             )
         return number
 
-    def update_version(
+    def update_backup_version(
         self, user_id: str, version: int, *, auth_data: Any = None, etag: int | None = None
     ) -> None:
-        with self.store.transaction() as conn:
+        with self.transaction() as conn:
             if auth_data is not None:
                 conn.execute(
                     "UPDATE e2e_room_keys_versions SET auth_data = ? WHERE user_id = ?"
@@ -78,8 +74,8 @@ class RoomKeyBackupStore:
                     (etag, user_id, version),
                 )
 
-    def delete_version(self, user_id: str, version: int) -> None:
-        with self.store.transaction() as conn:
+    def delete_backup_version(self, user_id: str, version: int) -> None:
+        with self.transaction() as conn:
             conn.execute(
                 "UPDATE e2e_room_keys_versions SET deleted = 1 WHERE user_id = ? AND version = ?",
                 (user_id, version),
@@ -88,7 +84,7 @@ class RoomKeyBackupStore:
                 "DELETE FROM e2e_room_keys WHERE user_id = ? AND version = ?", (user_id, version)
             )
 
-    def keys(
+    def get_backup_keys(
         self, user_id: str, version: int, room_id: str | None, session_id: str | None
     ) -> dict[str, dict[str, dict[str, Any]]]:
         """room_id -> session_id -> key data."""
@@ -113,10 +109,10 @@ class RoomKeyBackupStore:
             }
         return found
 
-    def put_keys(
+    def put_backup_keys(
         self, user_id: str, version: int, keys: Iterable[tuple[str, str, dict[str, Any]]]
     ) -> None:
-        with self.store.transaction() as conn:
+        with self.transaction() as conn:
             conn.executemany(
                 "INSERT OR REPLACE INTO e2e_room_keys (user_id, version, room_id, session_id,"
                 " first_message_index, forwarded_count, is_verified, session_data)"
@@ -136,7 +132,7 @@ class RoomKeyBackupStore:
                 ],
             )
 
-    def delete_keys(
+    def delete_backup_keys(
         self, user_id: str, version: int, room_id: str | None, session_id: str | None
     ) -> None:
         sql = "DELETE FROM e2e_room_keys WHERE user_id = ? AND version = ?"
@@ -147,10 +143,10 @@ class RoomKeyBackupStore:
             if session_id is not None:
                 sql += " AND session_id = ?"
                 args.append(session_id)
-        with self.store.transaction() as conn:
+        with self.transaction() as conn:
             conn.execute(sql, args)
 
-    def count(self, user_id: str, version: int) -> int:
+    def count_backup_keys(self, user_id: str, version: int) -> int:
         row = self.conn.execute(
             "SELECT COUNT(*) FROM e2e_room_keys WHERE user_id = ? AND version = ?",
             (user_id, version),

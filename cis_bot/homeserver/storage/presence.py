@@ -3,12 +3,11 @@ position of its last change."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
-if TYPE_CHECKING:
-    from cis_bot.homeserver.storage.store import Store
+from cis_bot.homeserver.storage.database import StoreBase
 
 
 @attrs.frozen
@@ -28,12 +27,8 @@ def _row(row: tuple[Any, ...]) -> PresenceRow:
     )
 
 
-class PresenceStore:
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.conn = store.conn
-
-    def get(self, user_id: str) -> PresenceRow | None:
+class PresenceStore(StoreBase):
+    def get_presence(self, user_id: str) -> PresenceRow | None:
         row = self.conn.execute(
             "SELECT user_id, state, status_msg, last_active_ts, currently_active, stream_id"
             " FROM presence WHERE user_id = ?",
@@ -41,7 +36,7 @@ class PresenceStore:
         ).fetchone()
         return None if row is None else _row(row)
 
-    def put(
+    def set_presence(
         self,
         user_id: str,
         state: str,
@@ -49,8 +44,8 @@ class PresenceStore:
         last_active_ts: int,
         currently_active: bool,
     ) -> PresenceRow:
-        stream = self.store.next_stream()
-        with self.store.transaction() as conn:
+        stream = self.next_stream()
+        with self.transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO presence (user_id, state, status_msg, last_active_ts,"
                 " currently_active, stream_id) VALUES (?, ?, ?, ?, ?, ?)",
@@ -58,7 +53,7 @@ class PresenceStore:
             )
         return PresenceRow(user_id, state, status_msg, last_active_ts, currently_active, stream)
 
-    def not_offline(self) -> list[PresenceRow]:
+    def get_presence_not_offline(self) -> list[PresenceRow]:
         """Everyone online or unavailable (their timeouts run again after a restart)."""
         return [
             _row(row)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
+
 from tests.homeserver.conftest import Pair
 from tests.support.client import CS, MatrixClient
 from tests.support.fixtures import Users
+from tests.support.process import HomeserverUnderTest
 from tests.support.shape import assert_same_shape
 
 KEYS = f"{CS}/keys"
@@ -229,3 +232,27 @@ async def test_key_shapes_match(pair: Pair) -> None:
             "changes": await bob.ok("GET", f"{KEYS}/changes", params={"from": since}),
         }
     assert_same_shape(answers["synapse"], answers["embedded"])
+
+
+async def test_other_servers_users_are_failures(
+    embedded: HomeserverUnderTest, http: aiohttp.ClientSession
+) -> None:
+    """No federation here: another server's users are reported as that server's failure (what
+    Synapse says of a server it cannot reach), and the local answer still comes."""
+    alice = await Users(embedded, http).new("alice")
+    assert alice.user_id is not None
+    remote = "@someone:elsewhere.example"
+    found = await alice.ok(
+        "POST", f"{KEYS}/query", {"device_keys": {remote: [], alice.user_id: []}}
+    )
+    assert found["failures"] == {
+        "elsewhere.example": {"status": 503, "message": "Not ready for retry"}
+    }
+    assert found["device_keys"] == {alice.user_id: {}}
+    claimed = await alice.ok(
+        "POST", f"{KEYS}/claim", {"one_time_keys": {remote: {"DEV": "signed_curve25519"}}}
+    )
+    assert claimed == {
+        "one_time_keys": {},
+        "failures": {"elsewhere.example": found["failures"]["elsewhere.example"]},
+    }

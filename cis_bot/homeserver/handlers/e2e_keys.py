@@ -3,7 +3,7 @@ keys, cross-signing keys and signatures, stored as uploaded and handed to other 
 
 The server takes part in no cryptography: it does not verify signatures (Synapse does, with
 ed25519); it checks the shapes Synapse checks and that a signed copy matches the stored key.
-Every user is local (no federation), so a query never has failures.
+There is no federation: other servers' users come back as failures, as unreachable servers do.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from cis_bot.homeserver.ids import split_id
 from cis_bot.homeserver.storage.e2e_keys import canonical_json
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from cis_bot.homeserver.handlers.auth import Requester
     from cis_bot.homeserver.handlers.devices import DeviceHandler
@@ -197,10 +197,8 @@ class E2EKeysHandler:
             for ids in wanted.values()
         ):
             raise bad_request("'device_keys' values must be a list of strings", BAD_JSON)
-        users = [u for u in wanted if self._valid_user_id(u)]
-        for user_id in users:
-            if not user_id.endswith(f":{self.server_name}"):
-                raise bad_request("Not a user here")  # no federation: every user is local
+        valid = [u for u in wanted if self._valid_user_id(u)]
+        users = [u for u in valid if self._is_local(u)]
         pairs: list[tuple[str, str | None]] = []
         for user_id in users:
             pairs += [(user_id, d) for d in wanted[user_id]] or [(user_id, None)]
@@ -210,9 +208,24 @@ class E2EKeysHandler:
             devices = device_keys.setdefault(user_id, {})
             for device_id, (keys, name) in found.get(user_id, {}).items():
                 devices[device_id] = self._device_with_signatures(user_id, device_id, keys, name)
-        result: dict[str, Any] = {"device_keys": device_keys, "failures": {}}
+        result: dict[str, Any] = {
+            "device_keys": device_keys,
+            "failures": self._remote_failures(u for u in valid if not self._is_local(u)),
+        }
         result.update(self._cross_signing_keys(users, requester.user_id))
         return result
+
+    def _is_local(self, user_id: str) -> bool:
+        return user_id.endswith(f":{self.server_name}")
+
+    @staticmethod
+    def _remote_failures(user_ids: Iterable[str]) -> dict[str, Any]:
+        """Other servers' users: this one does not federate, so their servers are unreachable
+        (what Synapse reports for a server it cannot reach)."""
+        return {
+            user_id.split(":", 1)[1]: {"status": 503, "message": "Not ready for retry"}
+            for user_id in user_ids
+        }
 
     @staticmethod
     def _valid_user_id(user_id: str) -> bool:
@@ -284,11 +297,15 @@ class E2EKeysHandler:
         if not isinstance(wanted, dict):
             raise bad_request("'one_time_keys' must be a JSON object", BAD_JSON)
         claimed: dict[str, dict[str, dict[str, Any]]] = {}
+        remote: list[str] = []
         for user_id, devices in wanted.items():
             if not isinstance(devices, dict):
                 raise bad_request("'one_time_keys' values must be JSON objects", BAD_JSON)
             if not self._valid_user_id(user_id):
                 raise bad_request(f"Invalid user id: {user_id}", INVALID_PARAM)
+            if not self._is_local(user_id):
+                remote.append(user_id)
+                continue
             for device_id, algorithm in devices.items():
                 if not isinstance(algorithm, str):
                     raise bad_request("an algorithm must be a string", BAD_JSON)
@@ -300,7 +317,7 @@ class E2EKeysHandler:
                     keys = [fallback] if fallback is not None else []
                 for key_id, key in keys:
                     claimed.setdefault(user_id, {}).setdefault(device_id, {})[key_id] = key
-        return {"one_time_keys": claimed, "failures": {}}
+        return {"one_time_keys": claimed, "failures": self._remote_failures(remote)}
 
     # --- cross-signing --------------------------------------------------------------------
 

@@ -216,10 +216,7 @@ class SyncHandler:
         device_lists: dict[str, list[str]] = {}
         if since is not None:
             newly_shared, gone = self._device_list_changes(user_id, since.stream, now.stream)
-            changed = list(newly_shared)
-            for other in self.devices.changed_since(user_id, since.stream, now.stream):
-                if other not in changed:
-                    changed.append(other)
+            changed = self._with_device_changes(user_id, newly_shared, since.stream, now.stream)
             if changed:
                 device_lists["changed"] = changed
             if gone:
@@ -275,11 +272,19 @@ class SyncHandler:
     def device_list_updates(self, user_id: str, since: int) -> tuple[list[str], list[str]]:
         """``/keys/changes``: (changed, left) from ``since`` until now."""
         upto = self.store.current_stream
-        changed, left = self._device_list_changes(user_id, since, upto)
-        for other in self.devices.changed_since(user_id, since, upto):
+        newly_shared, left = self._device_list_changes(user_id, since, upto)
+        return self._with_device_changes(user_id, newly_shared, since, upto), left
+
+    def _with_device_changes(
+        self, user_id: str, newly_shared: list[str], after: int, upto: int
+    ) -> list[str]:
+        """The users to fetch keys of again: the newly shared ones, and those whose devices or
+        keys changed in (after, upto]."""
+        changed = list(newly_shared)
+        for other in self.devices.changed_since(user_id, after, upto):
             if other not in changed:
                 changed.append(other)
-        return changed, left
+        return changed
 
     def _device_list_changes(
         self, user_id: str, after: int, upto: int

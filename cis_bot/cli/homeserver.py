@@ -55,12 +55,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="an appservice registration file (repeatable)",
     )
     parser.add_argument(
-        "--no-presence",
-        dest="presence",
-        action="store_false",
-        help="do not track presence: everyone shows offline (as Synapse's presence.enabled: false)",
-    )
-    parser.add_argument(
         "--log-level", default="info", help="debug, info, warning or error (default info)"
     )
     parser.set_defaults(handler=run)
@@ -124,7 +118,6 @@ async def _serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             appservice_files=[*args.appservice, *directory.registrations()],
-            presence=args.presence,
         )
         try:
             await server.start()

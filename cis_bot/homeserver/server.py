@@ -14,6 +14,7 @@ import structlog
 
 from cis_bot.errors import InputError
 from cis_bot.homeserver.appservice.registration import load_registrations
+from cis_bot.homeserver.config import CONFIG_NAME, HomeserverConfig
 from cis_bot.homeserver.errors import TOO_LARGE, MatrixError
 from cis_bot.homeserver.handlers.auth import AuthHandler, hash_password
 from cis_bot.homeserver.handlers.devicemessage import DeviceMessageHandler
@@ -38,6 +39,7 @@ from cis_bot.homeserver.handlers.visibility import Visibility
 from cis_bot.homeserver.http.client import HttpClient
 from cis_bot.homeserver.http.server import HttpServer
 from cis_bot.homeserver.ids import check_new_localpart
+from cis_bot.homeserver.ratelimiting import LoginRatelimiter
 from cis_bot.homeserver.rest import (
     account,
     appservice,
@@ -76,10 +78,12 @@ class Homeserver:
         state_dir: Path,
         server_name: str,
         appservices: Sequence[Appservice],
+        config: HomeserverConfig,
         max_upload_size: int = DEFAULT_MAX_UPLOAD,
-        presence: bool = True,
     ) -> None:
         self.server_name = server_name
+        self.config = config
+        self.login_ratelimiter = LoginRatelimiter(config.rc_login)
         self.state_dir = state_dir
         self.media_dir = state_dir / "media"
         self.max_upload_size = max_upload_size
@@ -143,7 +147,7 @@ class Homeserver:
             store=self.store,
             devices=self.devices,
             notifier=self.notifier,
-            enabled=presence,
+            enabled=config.presence_enabled,
         )
         self.sync = SyncHandler(
             store=self.store,
@@ -219,9 +223,12 @@ class EmbeddedHomeserver:
         retry_initial: float = 1.0,
         retry_max: float = 60.0,
         max_upload_size: int = DEFAULT_MAX_UPLOAD,
-        presence: bool = True,
+        config: HomeserverConfig | None = None,
     ) -> None:
+        """``config``: the settings; by default those of ``homeserver.toml`` in
+        ``state_dir``."""
         self.state_dir = state_dir
+        self.config = config
         self.server_name = server_name
         self.host = host
         self.port = port
@@ -229,7 +236,6 @@ class EmbeddedHomeserver:
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.max_upload_size = max_upload_size
-        self.presence = presence
         self.hs: Homeserver | None = None
         self._http: HttpServer | None = None
         self._client: HttpClient | None = None
@@ -249,13 +255,14 @@ class EmbeddedHomeserver:
         if self._http is not None:
             raise RuntimeError("the homeserver is already started")
         appservices = load_registrations(self.appservice_files, self.server_name)
+        config = self.config or HomeserverConfig.load(self.state_dir / CONFIG_NAME)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         hs = Homeserver(
             state_dir=self.state_dir,
             server_name=self.server_name,
             appservices=appservices,
+            config=config,
             max_upload_size=self.max_upload_size,
-            presence=self.presence,
         )
         self.hs = hs
         try:

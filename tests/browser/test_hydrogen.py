@@ -158,7 +158,11 @@ async def test_hydrogen_watches_a_local_run_on_cis_homeserver(
     tmp_path: Path,
     runs: list[RunProcess],
 ) -> None:
-    server = EmbeddedServer(workdir=tmp_path / "hs", add_user_in_process=False)
+    server = EmbeddedServer(
+        workdir=tmp_path / "hs",
+        add_user_in_process=False,
+        extra_config={"presence": {"enabled": True}},  # as `cis homeserver` has it by default
+    )
     start_or_fail(server)
     try:
         # Accounts through `cis homeserver add-user`, as the README tells a person.

@@ -12,16 +12,12 @@ import pytest
 
 from tests.support.client import CS, MatrixClient, q, unique
 from tests.support.fixtures import Factory, make_homeserver, start_or_fail
-from tests.support.process import HomeserverUnderTest
 from tests.support.shape import assert_same_shape
 
 pytestmark = pytest.mark.slow
 
 
-def presence_server(kind: str, factory: Factory) -> HomeserverUnderTest:
-    if kind == "embedded":
-        return factory(presence=True)
-    return factory(extra_config={"presence": {"enabled": True}})
+PRESENCE_ON = {"presence": {"enabled": True}}  # the same setting for both servers
 
 
 def presence_of(body: Any, user_id: str) -> list[dict[str, Any]]:
@@ -30,10 +26,8 @@ def presence_of(body: Any, user_id: str) -> list[dict[str, Any]]:
     ]
 
 
-async def test_presence(
-    homeserver_kind: str, homeserver_factory: Factory, http: aiohttp.ClientSession
-) -> None:
-    server = presence_server(homeserver_kind, homeserver_factory)
+async def test_presence(homeserver_factory: Factory, http: aiohttp.ClientSession) -> None:
+    server = homeserver_factory(extra_config=PRESENCE_ON)
     clients = []
     for prefix in ("alice", "bob", "carol"):
         user_id, token = await server.create_user(unique(prefix))
@@ -67,10 +61,8 @@ async def test_presence(
 
 async def test_presence_shapes_match(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     servers = {
-        "synapse": make_homeserver(
-            "synapse", tmp_path / "synapse", extra_config={"presence": {"enabled": True}}
-        ),
-        "embedded": make_homeserver("embedded", tmp_path / "embedded", presence=True),
+        kind: make_homeserver(kind, tmp_path / kind, extra_config=PRESENCE_ON)
+        for kind in ("synapse", "embedded")
     }
     try:
         answers = {}

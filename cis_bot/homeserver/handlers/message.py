@@ -36,7 +36,7 @@ from cis_bot.homeserver.ids import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from cis_bot.homeserver.handlers.auth import Requester
     from cis_bot.homeserver.handlers.notifier import Notifier
@@ -202,8 +202,38 @@ class EventCreationHandler:
         redacts: str | None = None,
         skip_auth: bool = False,
     ) -> Event:
-        """Build, authorise (unless ``skip_auth``: room creation's initial state) and persist
-        one event in ``room``; raises MatrixError for anything the rules refuse."""
+        """Build, authorise and persist one event in ``room``; raises MatrixError for anything
+        the rules refuse."""
+        event = self.build(
+            room,
+            sender=sender,
+            event_type=event_type,
+            content=content,
+            state_key=state_key,
+            txn_id=txn_id,
+            txn_scope=txn_scope,
+            ts=ts,
+            redacts=redacts,
+            skip_auth=skip_auth,
+        )
+        return self.persist(room, event)
+
+    def build(
+        self,
+        room: RoomState,
+        *,
+        sender: str,
+        event_type: str,
+        content: dict[str, Any],
+        state_key: str | None = None,
+        txn_id: str | None = None,
+        txn_scope: str | None = None,
+        ts: int | None = None,
+        redacts: str | None = None,
+        skip_auth: bool = False,
+    ) -> Event:
+        """Validate, authorise (unless ``skip_auth``: room creation's initial state) and build
+        one event against ``room``'s current state, storing nothing."""
         pdu = self._build(
             room,
             sender=sender,
@@ -214,13 +244,12 @@ class EventCreationHandler:
             redacts=redacts,
             skip_auth=skip_auth,
         )
-        event = Event(
+        return Event(
             event_id=reference_event_id(prune_pdu(pdu, room.version)),
             pdu=pdu,
             txn_id=txn_id,
             txn_scope=txn_scope,
         )
-        return self.persist(room, event)
 
     def _build(
         self,
@@ -274,17 +303,27 @@ class EventCreationHandler:
 
     def persist(self, room: RoomState, event: Event) -> Event:
         """Store an already-built event, apply it to the room's state and wake its readers."""
+        self._place(room, event)
+        self.store.persist_event(event, update_state=True)
+        room.apply(event)
+        if event.type == ev.REDACTION and event.redacts is not None:
+            self.store.mark_redacted(event.redacts, event.event_id)
+        self.announce(room, [event])
+        return event
+
+    def append_to_new_room(self, room: RoomState, event: Event) -> None:
+        """Room creation: add a built event to a room that exists only in memory until its
+        creation commits (the room's events are stored together, then announced)."""
+        self._place(room, event)
+        room.apply(event)
+
+    def _place(self, room: RoomState, event: Event) -> None:
+        """The event's position in the stream and the state event it replaces."""
         state_key = event.state_key
         if state_key is not None:
             replaced = room.state.get((event.type, state_key))
             event.prev_state = replaced.event_id if replaced is not None else None
         event.stream = self.store.next_stream()
-        self.store.persist_event(event, update_state=True)
-        room.apply(event)
-        if event.type == ev.REDACTION and event.redacts is not None:
-            self.store.mark_redacted(event.redacts, event.event_id)
-        self._notify(room, event)
-        return event
 
     @staticmethod
     def _auth_event_ids(
@@ -310,11 +349,14 @@ class EventCreationHandler:
                 ids.append(found.event_id)
         return ids
 
-    def _notify(self, room: RoomState, event: Event) -> None:
-        for listener in self.event_listeners:
-            listener(room, event)
+    def announce(self, room: RoomState, events: Sequence[Event]) -> None:
+        """Events just stored: tell the listeners, wake the room's members and the targets of
+        membership changes."""
         users = set(room.joined)
-        if event.type == ev.MEMBER and event.state_key is not None:
-            users.add(event.state_key)
+        for event in events:
+            for listener in self.event_listeners:
+                listener(room, event)
+            if event.type == ev.MEMBER and event.state_key is not None:
+                users.add(event.state_key)
         self.notifier.notify_users(users)
         self.notifier.notify_stream()

@@ -1,7 +1,11 @@
 """Room creation (Synapse's RoomCreationHandler): ``/createRoom``'s body is validated into a
-``RoomCreationConfig``, then the room is made in Synapse's order: the create event (which fixes
-the room id), the alias, the creator's join, power levels, the preset's state, the initial
+``RoomCreationConfig``, then the room's events are built in Synapse's order: the create event
+(which fixes the room id), the creator's join, power levels, the preset's state, the initial
 state, name and topic, and the invites.
+
+Unlike Synapse, creation is atomic: the events are built and authorised against the room held
+in memory, then the room, its alias and its events are stored in one transaction. A request
+that fails half-way (an event too large, an invite the rules refuse) leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ from cis_bot.homeserver import room_versions
 from cis_bot.homeserver.errors import (
     BAD_JSON,
     ROOM_IN_USE,
+    TOO_LARGE,
     UNSUPPORTED_ROOM_VERSION,
     MatrixError,
     bad_request,
 )
 from cis_bot.homeserver.events import Event, prune_pdu
+from cis_bot.homeserver.handlers.message import MAX_PDU_SIZE
 from cis_bot.homeserver.handlers.room_state import RoomState
 from cis_bot.homeserver.ids import (
+    canonical_json,
     check_canonical_json_values,
     content_hash,
     is_valid_user_id,
@@ -142,11 +149,18 @@ class RoomCreationHandler:
     def create_room(self, requester: Requester, config: dict[str, Any]) -> str:
         user_id = requester.user_id
         spec = self.parse_config(requester, config)
-        room = self._create_room_and_event(user_id, spec)
-        if spec.alias is not None:
-            self.store.create_alias(spec.alias, room.room_id, user_id)
-        self._send_events_for_new_room(room, user_id, spec)
-        self._invite(room, user_id, spec)
+        room, events = self._create_event(user_id, spec)
+        events += self._events_for_new_room(room, user_id, spec)
+        events += self._invites(room, user_id, spec)
+        with self.store.transaction():
+            self.store.create_room(room.room_id, spec.version.identifier, user_id, spec.public)
+            if spec.alias is not None and not self.store.create_alias(
+                spec.alias, room.room_id, user_id
+            ):
+                raise MatrixError(400, ROOM_IN_USE, "Room alias already taken")
+            self.store.persist_events(events, update_state=True)
+        self.rooms.add(room)
+        self.events.announce(room, events)
         log.info("room.created", room_id=room.room_id, creator=user_id, preset=spec.preset_name)
         return room.room_id
 
@@ -236,9 +250,11 @@ class RoomCreationHandler:
 
     # --- making the room ------------------------------------------------------------------
 
-    def _create_room_and_event(self, creator: str, spec: RoomCreationConfig) -> RoomState:
-        """Store the room and its create event (Synapse's _generate_and_create_room_id and,
-        for v12, _generate_create_event_for_room_id: the room id is the create event's
+    def _create_event(
+        self, creator: str, spec: RoomCreationConfig
+    ) -> tuple[RoomState, list[Event]]:
+        """The room, in memory, with its create event (Synapse's _generate_and_create_room_id
+        and, for v12, _generate_create_event_for_room_id: the room id is the create event's
         hash)."""
         version = spec.version
         create_content = spec.create_content
@@ -257,12 +273,13 @@ class RoomCreationHandler:
             if not version.room_id_from_create:
                 pdu["room_id"] = new_room_id(self.server_name)
             pdu["hashes"] = {"sha256": content_hash(pdu)}
+            if len(canonical_json(pdu)) > MAX_PDU_SIZE:
+                raise MatrixError(413, TOO_LARGE, "event too large")
             event_id = reference_event_id(prune_pdu(pdu, version))
             room_id = pdu.get("room_id") or "!" + event_id[1:]
             if self.store.get_room(room_id) is None:
                 break
             time.sleep(0.001)  # same create content in the same millisecond: take the next one
-        self.store.create_room(room_id, version.identifier, creator, spec.public)
         room = RoomState(
             room_id=room_id,
             version=version,
@@ -271,17 +288,19 @@ class RoomCreationHandler:
             depth=0,
             last_stream=0,
         )
-        self.rooms.add(room)
-        self.events.persist(room, Event(event_id=event_id, pdu=pdu))
-        return room
+        event = Event(event_id=event_id, pdu=pdu)
+        self.events.append_to_new_room(room, event)
+        return room, [event]
 
-    def _send_events_for_new_room(
+    def _events_for_new_room(
         self, room: RoomState, creator: str, spec: RoomCreationConfig
-    ) -> None:
-        """The creator's join, then the initial state, authorised as the room's creation."""
+    ) -> list[Event]:
+        """The creator's join, then the initial state, authorised as the room's creation
+        (Synapse's _send_events_for_new_room)."""
+        events: list[Event] = []
 
-        def send(etype: str, content: dict[str, Any], state_key: str = "") -> Event:
-            return self.events.create(
+        def send(etype: str, content: dict[str, Any], state_key: str = "") -> None:
+            event = self.events.build(
                 room,
                 sender=creator,
                 event_type=etype,
@@ -289,6 +308,8 @@ class RoomCreationHandler:
                 state_key=state_key,
                 skip_auth=True,
             )
+            self.events.append_to_new_room(room, event)
+            events.append(event)
 
         initial_state = dict(spec.initial_state)
         preset = spec.preset
@@ -312,19 +333,24 @@ class RoomCreationHandler:
         if spec.topic is not None:
             topic = spec.topic
             send(ev.TOPIC, {"topic": topic, "m.topic": {"m.text": [{"body": topic}]}})
+        return events
 
-    def _invite(self, room: RoomState, creator: str, spec: RoomCreationConfig) -> None:
+    def _invites(self, room: RoomState, creator: str, spec: RoomCreationConfig) -> list[Event]:
         extra: dict[str, Any] = {}
         if spec.is_direct:
             extra["is_direct"] = spec.is_direct
+        events = []
         for invitee in spec.invite_list:
-            self.events.create(
+            event = self.events.build(
                 room,
                 sender=creator,
                 event_type=ev.MEMBER,
                 content=self.members.member_content("invite", invitee, extra),
                 state_key=invitee,
             )
+            self.events.append_to_new_room(room, event)
+            events.append(event)
+        return events
 
 
 def _room_version(config: dict[str, Any]) -> RoomVersion:
@@ -386,6 +412,8 @@ def _create_content(
     (before v11) and, in v12 trusted private chats, the invitees as additional creators."""
     if version.creator_power and preset_name == "trusted_private_chat" and invite_list:
         existing = creation_content.get("additional_creators", [])
+        if not isinstance(existing, list) or not all(isinstance(c, str) for c in existing):
+            raise bad_request("additional_creators must be an array of user ids")
         creation_content = {
             **creation_content,
             "additional_creators": sorted(set(existing) | set(invite_list)),

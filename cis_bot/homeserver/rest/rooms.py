@@ -16,13 +16,26 @@ from cis_bot.homeserver.errors import (
 )
 from cis_bot.homeserver.filtering import EventFilter, validate_filter
 from cis_bot.homeserver.handlers.sync import is_pagination_token, parse_pagination_token
-from cis_bot.homeserver.ids import parse_user_id
+from cis_bot.homeserver.ids import CANONICALJSON_MAX_INT, parse_user_id
+from cis_bot.homeserver.rest.base import parse_json
 from cis_bot.homeserver.rest.transactions import idempotent as _txn
 
 if TYPE_CHECKING:
+    from cis_bot.homeserver.handlers.auth import Requester
     from cis_bot.homeserver.rest.base import RestRequest, Router
 
 Result = tuple[int, Any]
+MAX_TYPING_TIMEOUT = 120_000  # Synapse: "stop people from setting silly typing timeouts"
+
+
+def _appservice_ts(request: RestRequest, requester: Requester) -> int | None:
+    """``?ts=``: an appservice may set origin_server_ts (a canonical JSON integer)."""
+    if requester.appservice is None:
+        return None
+    ts = request.integer("ts")
+    if ts is not None and ts > CANONICALJSON_MAX_INT:
+        raise bad_request("Query parameter 'ts' is out of range.", INVALID_PARAM)
+    return ts
 
 
 async def create_room(request: RestRequest, txn_id: str | None = None) -> Result:
@@ -41,7 +54,7 @@ async def send_event(
 ) -> Result:
     requester = request.auth()
     content = await request.json()
-    ts = request.integer("ts") if requester.appservice is not None else None
+    ts = _appservice_ts(request, requester)
     event = request.hs.events.send(requester, room_id, event_type, content, txn_id=txn_id, ts=ts)
     return 200, {"event_id": event.event_id}
 
@@ -91,7 +104,7 @@ async def put_state_event(
             requester, room_id, state_key, membership, content=content
         )
     else:
-        ts = request.integer("ts") if requester.appservice is not None else None
+        ts = _appservice_ts(request, requester)
         event = hs.events.send(requester, room_id, event_type, content, state_key=state_key, ts=ts)
     return 200, {"event_id": event.event_id}
 
@@ -165,19 +178,12 @@ async def messages(request: RestRequest, room_id: str) -> Result:
     requester = request.auth()
     hs = request.hs
     direction = request.string("dir", "b", allowed=("b", "f"))
-    try:
-        limit = int(request.query.get("limit") or 10)
-    except ValueError:
-        raise bad_request("Query parameter limit must be an integer", INVALID_PARAM) from None
+    limit = request.integer("limit", 10)
+    assert limit is not None
     raw_filter = request.string("filter")
     event_filter = EventFilter()
     if raw_filter:
-        import json
-
-        try:
-            parsed = json.loads(raw_filter)
-        except ValueError:
-            raise bad_request("Invalid filter JSON", "M_NOT_JSON") from None
+        parsed = parse_json(raw_filter)
         if not isinstance(parsed, dict):
             raise bad_request("Invalid filter JSON", "M_NOT_JSON")
         validate_filter({"room": {"timeline": parsed}})
@@ -278,6 +284,7 @@ async def typing(request: RestRequest, room_id: str, user_id: str) -> Result:
     timeout = body.get("timeout", 30000)
     if not isinstance(timeout, int) or isinstance(timeout, bool):
         timeout = 30000
+    timeout = min(timeout, MAX_TYPING_TIMEOUT)
     request.hs.typing.set_typing(room_id, user_id, bool(body["typing"]), timeout)
     return 200, {}
 

@@ -16,6 +16,7 @@ from importlib import resources
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
 SCHEMA_VERSION = 1
@@ -47,20 +48,42 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 class Transaction:
-    """``with Transaction(conn):`` BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error)."""
+    """``with store.transaction() as conn:`` BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error).
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
+    A ``with`` inside another joins the outer transaction, so writes of several stores can
+    commit or fail as one (room creation: the room, its alias and its events). What must
+    happen only once the data is durable (filling caches) goes to ``call_after``, run after
+    the outermost COMMIT (Synapse's ``txn.call_after``)."""
+
+    def __init__(self, store: StoreBase) -> None:
+        self.store = store
+        self.depth = 0
+        self._after_commit: list[Callable[[], None]] = []
+
+    def call_after(self, callback: Callable[[], None]) -> None:
+        self._after_commit.append(callback)
 
     def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
+        if self.depth == 0:
+            self.store.conn.execute("BEGIN IMMEDIATE")
+        self.depth += 1
+        return self.store.conn
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.conn.execute("COMMIT")
-        else:
-            self.conn.execute("ROLLBACK")
+        self.depth -= 1
+        if self.depth:
+            return
+        self.store._transaction = None
+        if exc_type is not None:
+            self.store.conn.execute("ROLLBACK")
+            return
+        try:
+            self.store.conn.execute("COMMIT")
+        except sqlite3.Error:
+            self.store.conn.execute("ROLLBACK")  # COMMIT can fail (disk full), leaving it open
+            raise
+        for callback in self._after_commit:
+            callback()
 
 
 class StoreBase:
@@ -72,9 +95,13 @@ class StoreBase:
         self.path = path
         self.conn = connect(path)
         self._stream = self._load_max_stream()
+        self._transaction: Transaction | None = None
 
     def transaction(self) -> Transaction:
-        return Transaction(self.conn)
+        """The open transaction, or a new one."""
+        if self._transaction is None:
+            self._transaction = Transaction(self)
+        return self._transaction
 
     def _load_max_stream(self) -> int:
         best = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -42,46 +43,60 @@ class EventsStore(StoreBase):
     def persist_event(self, event: Event, *, update_state: bool) -> None:
         """Write one event, and (for accepted state events) the current state it changes.
         ``event.stream`` must already be assigned."""
+        self.persist_events([event], update_state=update_state)
+
+    def persist_events(self, events: Sequence[Event], *, update_state: bool) -> None:
+        """Write events in one transaction (or the caller's), cached once it commits."""
+        transaction = self.transaction()
+        with transaction as conn:
+            for event in events:
+                self._insert_event(conn, event, update_state=update_state)
+            transaction.call_after(lambda: self._cache_events(events))
+
+    @staticmethod
+    def _insert_event(conn: sqlite3.Connection, event: Event, *, update_state: bool) -> None:
         pdu = event.pdu
         state_key = event.state_key
-        with self.transaction() as conn:
+        conn.execute(
+            "INSERT INTO events (stream_ordering, event_id, room_id, type, state_key, sender,"
+            " depth, origin_server_ts, json, txn_id, txn_scope, prev_state)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                event.stream,
+                event.event_id,
+                event.room_id,
+                event.type,
+                state_key,
+                event.sender,
+                event.depth,
+                event.origin_server_ts,
+                json.dumps(pdu, ensure_ascii=False, separators=(",", ":")),
+                event.txn_id,
+                event.txn_scope,
+                event.prev_state,
+            ),
+        )
+        if update_state and state_key is not None:
             conn.execute(
-                "INSERT INTO events (stream_ordering, event_id, room_id, type, state_key, sender,"
-                " depth, origin_server_ts, json, txn_id, txn_scope, prev_state)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    event.stream,
-                    event.event_id,
-                    event.room_id,
-                    event.type,
-                    state_key,
-                    event.sender,
-                    event.depth,
-                    event.origin_server_ts,
-                    json.dumps(pdu, ensure_ascii=False, separators=(",", ":")),
-                    event.txn_id,
-                    event.txn_scope,
-                    event.prev_state,
-                ),
+                "INSERT OR REPLACE INTO current_state (room_id, type, state_key, event_id)"
+                " VALUES (?, ?, ?, ?)",
+                (event.room_id, event.type, state_key, event.event_id),
             )
-            if update_state and state_key is not None:
+            if event.type == MEMBER and event.membership is not None:
                 conn.execute(
-                    "INSERT OR REPLACE INTO current_state (room_id, type, state_key, event_id)"
-                    " VALUES (?, ?, ?, ?)",
-                    (event.room_id, event.type, state_key, event.event_id),
+                    "INSERT INTO membership_history (stream_ordering, room_id, user_id,"
+                    " membership, event_id) VALUES (?, ?, ?, ?, ?)",
+                    (event.stream, event.room_id, state_key, event.membership, event.event_id),
                 )
-                if event.type == MEMBER and event.membership is not None:
-                    conn.execute(
-                        "INSERT INTO membership_history (stream_ordering, room_id, user_id,"
-                        " membership, event_id) VALUES (?, ?, ?, ?, ?)",
-                        (event.stream, event.room_id, state_key, event.membership, event.event_id),
-                    )
-                    conn.execute(
-                        "INSERT OR REPLACE INTO current_membership (user_id, room_id, membership,"
-                        " event_id, stream_ordering) VALUES (?, ?, ?, ?, ?)",
-                        (state_key, event.room_id, event.membership, event.event_id, event.stream),
-                    )
-        self._cache_event(event)
+                conn.execute(
+                    "INSERT OR REPLACE INTO current_membership (user_id, room_id, membership,"
+                    " event_id, stream_ordering) VALUES (?, ?, ?, ?, ?)",
+                    (state_key, event.room_id, event.membership, event.event_id, event.stream),
+                )
+
+    def _cache_events(self, events: Sequence[Event]) -> None:
+        for event in events:
+            self._cache_event(event)
 
     def _cache_event(self, event: Event) -> None:
         self._events[event.event_id] = event
@@ -169,11 +184,15 @@ class EventsStore(StoreBase):
         return None if row is None else self.get_event(row[0])
 
     def mark_redacted(self, event_id: str, redaction_id: str) -> None:
-        with self.transaction() as conn:
+        transaction = self.transaction()
+        with transaction as conn:
             conn.execute(
                 "UPDATE events SET redacted_by = ? WHERE event_id = ? AND redacted_by IS NULL",
                 (redaction_id, event_id),
             )
+            transaction.call_after(lambda: self._mark_cached_redacted(event_id, redaction_id))
+
+    def _mark_cached_redacted(self, event_id: str, redaction_id: str) -> None:
         cached = self._events.get(event_id)
         if cached is not None and cached.redacted_by is None:
             cached.redacted_by = redaction_id

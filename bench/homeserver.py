@@ -101,10 +101,24 @@ async def workload(
                 )
                 sent_at[event_id] = started
 
+        def all_seen() -> bool:
+            return sends_done.is_set() and set(sent_at) <= seen_in_sync
+
         async def watch_sync() -> None:
             since = position
-            while not (sends_done.is_set() and set(sent_at) <= seen_in_sync):
-                body = await watcher.sync(since=since, timeout="5000", filter=timeline_filter)
+            while not all_seen():
+                poll = asyncio.ensure_future(
+                    watcher.sync(since=since, timeout="5000", filter=timeline_filter)
+                )
+                done = asyncio.ensure_future(sends_done.wait())
+                # The last events may reach /sync before their sends return: then the sends
+                # finishing, not a long poll with nothing left to come, ends the watch.
+                await asyncio.wait({poll, done}, return_when=asyncio.FIRST_COMPLETED)
+                done.cancel()
+                if not poll.done() and all_seen():
+                    poll.cancel()
+                    return
+                body = await poll
                 since = body["next_batch"]
                 room = body.get("rooms", {}).get("join", {}).get(room_id, {})
                 seen_in_sync.update(

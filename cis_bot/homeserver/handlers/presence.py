@@ -80,6 +80,10 @@ class PresenceHandler:
         self._syncing: dict[str, int] = {}  # user -> syncs in progress
         self._last_sync: dict[str, int] = {}  # user -> ms of their last sync's end
         self._timer: asyncio.TimerHandle | None = None
+        # Every /sync reads presence: the rows read so far, and the newest change's position,
+        # so that a sync with nothing new to say costs no query.
+        self._rows: dict[str, PresenceRow | None] = {}
+        self._last_change: int | None = None
 
     def close(self) -> None:
         if self._timer is not None:
@@ -87,8 +91,18 @@ class PresenceHandler:
             self._timer = None
 
     def current(self, user_id: str) -> Presence:
-        row = self.store.get_presence(user_id)
+        row = self._row(user_id)
         return Presence() if row is None else _from_row(row)
+
+    def _row(self, user_id: str) -> PresenceRow | None:
+        if user_id not in self._rows:
+            self._rows[user_id] = self.store.get_presence(user_id)
+        return self._rows[user_id]
+
+    def _newest_change(self) -> int:
+        if self._last_change is None:
+            self._last_change = self.store.presence_newest_stream()
+        return self._last_change
 
     # --- what clients do ------------------------------------------------------------------
 
@@ -162,10 +176,12 @@ class PresenceHandler:
         share a room with."""
         if not self.enabled:
             return []
+        if since is not None and since >= self._newest_change() and not newly_seen:
+            return []  # no one's presence changed since: the common case
         now = now_ms()
         found: dict[str, Presence] = {}
         for other in sorted(self.devices.shared_users(user_id)):
-            row = self.store.get_presence(other)
+            row = self._row(other)
             if row is None or row.stream > upto:
                 continue
             if since is None:
@@ -181,13 +197,15 @@ class PresenceHandler:
     # --- timeouts -------------------------------------------------------------------------
 
     def _change(self, user_id: str, presence: Presence) -> None:
-        self.store.set_presence(
+        row = self.store.set_presence(
             user_id,
             presence.state,
             presence.status_msg,
             presence.last_active_ts,
             presence.currently_active,
         )
+        self._rows[user_id] = row
+        self._last_change = row.stream
         self.notifier.notify_users(self.devices.shared_users(user_id))
 
     def _schedule(self) -> None:

@@ -62,3 +62,7 @@ class PresenceStore(StoreBase):
                 " FROM presence WHERE state != 'offline'"
             )
         ]
+
+    def presence_newest_stream(self) -> int:
+        row = self.conn.execute("SELECT MAX(stream_id) FROM presence").fetchone()
+        return 0 if row is None or row[0] is None else int(row[0])

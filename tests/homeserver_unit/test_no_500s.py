@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from cis_bot.homeserver.config import HomeserverConfig
 from cis_bot.homeserver.ratelimiting import LoginRatelimits, RatelimitSettings
 from cis_bot.homeserver.server import EmbeddedHomeserver
+from tests.support.appservice import prefixed_registration
 
 # Lone surrogates survive json.dumps as "\\ud800" escapes; UTF-8 cannot encode them.
 texts = st.text(
@@ -363,3 +365,29 @@ def test_failed_create_room_leaves_nothing_behind(rig: Any) -> None:
             built.status("POST", "/_matrix/client/v3/createRoom", {"room_alias_name": alias})
         )
         assert status == 200
+
+
+async def test_appservice_timestamps_stay_canonical(tmp_path: Path) -> None:
+    """An appservice may set origin_server_ts with ?ts=, but only to a canonical JSON integer
+    (it goes into the PDU); larger values fit SQLite and must still be refused."""
+    registration = prefixed_registration("ts", None, "cis.local", "ts_")
+    hs = EmbeddedHomeserver(
+        state_dir=tmp_path / "state",
+        appservice_files=[registration.write(tmp_path / "appservices")],
+    )
+    await hs.start()
+    headers = {"Authorization": f"Bearer {registration.as_token}"}
+    try:
+        async with aiohttp.ClientSession(base_url=hs.base_url, headers=headers) as http:
+            async with http.post("/_matrix/client/v3/createRoom", json={}) as response:
+                room_id = (await response.json())["room_id"]
+            send = f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/send/m.room.message"
+            body = {"msgtype": "m.text", "body": "x"}
+            for n, (ts, status) in enumerate(((2**53 - 1, 200), (2**53, 400), (2**63, 400))):
+                async with http.put(f"{send}/t{n}", params={"ts": str(ts)}, json=body) as response:
+                    answer = await response.json()
+                    assert response.status == status, answer
+                    if status == 400:
+                        assert answer["errcode"] == "M_INVALID_PARAM"
+    finally:
+        await hs.stop()

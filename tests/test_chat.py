@@ -13,9 +13,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from cis_bot.control.registry import discover
 from tests.support.chat import Person, body, html, notice_of, path, replies_to
 from tests.support.client import MatrixClient
 from tests.support.control import AGENT, Background
+from tests.support.embedded import EmbeddedServer
+from tests.support.fixtures import start_or_fail
 from tests.support.nodes import (
     NodePlan,
     NodeProcess,
@@ -419,3 +422,52 @@ async def test_a_node_and_a_run_process_in_one_room_answer_each_command_once(
         node.stop()
         if run is not None:
             run.stop()
+
+
+async def test_a_local_run_answers_in_its_own_room(
+    http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    server = EmbeddedServer(workdir=tmp_path / "hs")
+    start_or_fail(server)
+    run: Background | None = None
+    try:
+        alice = await person(http, server, "alice")
+        config = tmp_path / "config.toml"
+        config.write_text(f"[node]\nallowed_users = [{json.dumps(alice.user_id)}]\n")
+        dag = tmp_path / "dag.toml"
+        dag.write_text(
+            f"[[tasks]]\nid = \"ask\"\ncommand = '''{AGENT} --script "
+            "\"ask Continue?; print after-yes\"'''\n"
+        )
+        run = Background(
+            tmp_path, "run", "dag", "execute", "--local", str(dag), "--json",
+            "--config", str(config), "--state-dir", str(server.state_dir),
+        )  # fmt: skip
+
+        pid = run.process.pid
+
+        async def registered() -> str | None:
+            for entry in discover(server.state_dir, clean=False).live:
+                if entry.pid == pid and entry.runs:
+                    return entry.runs[0].run_id
+            return None
+
+        run_id = await wait_for(registered, what="the run to start")
+        room = await alice.client.join(f"#dag-{run_id}:cis.local")
+        blocked = await alice.wait(notice_of("blocked", run_id=run_id), what="the notice")
+        # The room was made for the run: its process answers everything there...
+        helped = await alice.ask(room, "!cis help")
+        assert helped["sender"] == "@cis_local:cis.local"
+        refused = await alice.ask(room, "!cis run other")
+        assert "this process does not start runs" in body(refused) and run_id in body(refused)
+        # ... but it is no direct chat: without the prefix, nothing is a command.
+        plain = await alice.say(room, "status")
+        await alice.none_within(replies_to(plain), 1.0)
+        answer = await alice.reply(room, blocked, "y")
+        assert "Typed 1 character" in body(await alice.wait(replies_to(answer), what="typed"))
+        assert await run.wait(60) == 0, run.stderr
+        assert json.loads(run.stdout)["status"] == "completed"
+    finally:
+        if run is not None:
+            run.stop()
+        server.stop()

@@ -187,7 +187,7 @@ class RunNotices:
 
     def _blocked_text(self, sid: str, reason: str, preview: str) -> Text:
         prefix = self.settings.prefix
-        parts = [para("⛔ ", code(sid), " waits for an answer: ", reason.strip() or "blocked")]
+        parts = [para("⛔ ", code(sid), " is blocked: ", reason.strip() or "it waits for input")]
         lines = [line for line in preview.rstrip().split("\n")][-12:]
         if any(line.strip() for line in lines):
             parts.append(code_block("\n".join(lines)))

@@ -65,6 +65,10 @@ def run_id_in(event: dict[str, Any]) -> str:
     return found.group(1)
 
 
+async def _has(who: Person, room: str, command: str, text: str) -> bool:
+    return text in body(await who.ask(room, command))
+
+
 def command_of(answer: dict[str, Any]) -> str:
     """The command an answer answers."""
     return str(answer["content"]["m.relates_to"]["m.in_reply_to"]["event_id"])
@@ -185,8 +189,7 @@ async def test_people_drive_a_run_from_the_room(
             what="the status table at completed",
         )
         assert table["sender"] == coord.user_id
-        nodes = await bob.ask(room, "!cis nodes")
-        assert "coord" in body(nodes) and "up" in body(nodes)
+        await wait_for(lambda: _has(bob, room, "!cis nodes", "🟢 up"), what="the node's beat")
 
         # A command in a thread is answered in the thread.
         threaded = await bob.say(
@@ -235,6 +238,20 @@ async def test_people_drive_a_run_from_the_room(
         assert "cancelled" in body(end) and "sleepy (failed)" in body(end)
         again = await alice.ask(room, f"!cis cancel {slow_id}")
         assert "has already ended (cancelled)" in body(again)
+        resumed = await alice.ask(room, f"!cis resume {slow_id[:15]}")
+        assert f"Resumed run {slow_id} as run" in body(resumed)
+        new_id = run_id_in({"content": {"body": body(resumed).split(" as ", 1)[1]}})
+        assert new_id != slow_id
+        await wait_for(
+            lambda: _has(alice, room, f"!cis sessions {new_id}", "sleepy"),
+            what="the resumed run's sessions",
+        )
+        assert "cancelled" in body(await alice.ask(room, f"!cis cancel {new_id}"))
+        await alice.wait(
+            lambda e: replies_to(command_of(resumed))(e) and "❌" in body(e),
+            timeout=60,
+            what="the resumed run's end",
+        )
         unknown = await alice.ask(room, "!cis status 1999")
         assert "no run '1999'" in body(unknown) and run_id in body(unknown)
         assert "chat.refused" in node.log_text()
@@ -292,11 +309,26 @@ async def test_direct_chats_sent_files_floods_and_odd_messages(
         )
         assert "completed" in body(done)
         # A file without raw commands runs for carol.
-        agent_dag = b'[[tasks]]\nid = "hi"\nagent = "fake"\nprompt = "print hi from fake"\n'
+        agent_dag = b'[[tasks]]\nid = "hi"\nagent = "fake"\nprompt = "flood 6K; print hi"\n'
         sent = await carol.send_file(room, "hi.toml", agent_dag, caption="!cis run")
+        hi_run = run_id_in(await carol.wait(replies_to(sent), what="the agent run's start"))
         await carol.wait(
             lambda e: replies_to(sent)(e) and "🏁" in body(e), timeout=60, what="the agent run"
         )
+        # A log longer than asked for: its end in the answer, the whole of it as a file.
+        asked = await carol.say(room, f"!cis logs {hi_run}:hi 5")
+        shown = await carol.wait(replies_to(asked), what="the log's end")
+        total = int(re.search(r"the last 5 of (\d+) lines", body(shown)).group(1))  # type: ignore[union-attr]
+        assert total > 50 and "hi\n```" in body(shown) and "0000000001 " not in body(shown)
+        attached = await carol.wait(
+            lambda e: replies_to(asked)(e) and e["content"]["msgtype"] == "m.file", what="file"
+        )
+        assert attached["content"]["filename"] == f"{hi_run}_hi_1.log"
+        server, media = attached["content"]["url"][len("mxc://") :].split("/")
+        whole = await carol.client.request(
+            "GET", f"/_matrix/client/v1/media/download/{server}/{media}"
+        )
+        assert whole.status == 200 and whole.raw.decode().count("\n") == total
         bad = await carol.send_file(room, "bad.toml", b"[[tasks]]\nid = 3\n", caption="!cis run")
         problem = body(await carol.wait(replies_to(bad), what="the bad file's answer"))
         assert "bad.toml" in problem and "id" in problem
@@ -471,3 +503,69 @@ async def test_a_local_run_answers_in_its_own_room(
         if run is not None:
             run.stop()
         server.stop()
+
+
+async def test_in_matrix_mode_sessions_on_workers_are_answered_through_the_room(
+    homeserver_factory: Any, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    coord, worker = plan_nodes(tmp_path, "cis.local", "coord", "wa")
+    hs = homeserver_factory(appservice_files=registration_files([coord, worker]))
+    alice = await person(http, hs, "alice")
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "remote.toml").write_text(
+        f"[[tasks]]\nid = \"ask\"\ncommand = '''{AGENT} --script "
+        "\"print remote-hello; ask Continue?; print after-yes; sleep 60\"'''\n"
+    )
+    matrix = '\n[dag]\nexecution_mode = "matrix"\n'
+    write_configs([coord], hs.base_url, allowed_users=[alice.user_id], extra=chat_config(dags))
+    coord.config.write_text(matrix + coord.config.read_text())
+    # The worker obeys the coordinator (its assignments and its control requests).
+    write_configs(
+        [worker], hs.base_url, allowed_users=[alice.user_id, coord.user_id], accept_agents=["shell"]
+    )
+    node, wa = start_node(coord), NodeProcess(worker).start()
+    try:
+        room = await alice.client.create_room(
+            name="matrix",
+            invite=[coord.user_id, worker.user_id],
+            power_level_content_override={"events": {"cis.node.heartbeat": 0}},
+        )
+        await bot_in(room, alice, coord.user_id, worker.user_id)
+
+        async def worker_beats() -> bool:
+            return "`wa`" in body(await alice.ask(room, "!cis nodes"))
+
+        await wait_for(worker_beats, what="the worker's heartbeat")
+        started = await alice.ask(room, "!cis run remote")
+        assert "matrix mode" in body(started)
+        run_id = run_id_in(started)
+        # The worker's blocked session: the coordinator hears of it and posts the notice.
+        blocked = await alice.wait(notice_of("blocked", session_id=f"{run_id}:ask:1"), what="it")
+        assert blocked["sender"] == coord.user_id
+        sessions = await alice.ask(room, f"!cis sessions {run_id}")
+        assert "wa" in body(sessions) and "blocked" in body(sessions)
+        answer = await alice.reply(room, blocked, "y")
+        typed = await alice.wait(replies_to(answer), timeout=30, what="the answer, via the room")
+        assert f"Typed 1 character and Enter into `{run_id}:ask:1`" in body(typed)
+
+        async def said_yes() -> bool:
+            return "after-yes" in body(await alice.ask(room, f"!cis logs {run_id}:ask"))
+
+        await wait_for(said_yes, timeout=30, what="the live log from the worker")
+        killed = await alice.ask(room, f"!cis kill {run_id}:ask")
+        assert f"`{run_id}:ask:1`: killed" in body(killed)
+        end = await alice.wait(
+            lambda e: replies_to(command_of(started))(e) and "❌" in body(e),
+            timeout=60,
+            what="the run's end",
+        )
+        assert "ask (failed)" in body(end)
+        # Its transcript, from the worker's upload.
+        logs = await alice.ask(room, f"!cis logs {run_id}:ask")
+        assert "(killed)" in body(logs) and "remote-hello" in body(logs)
+    finally:
+        await alice.stop()
+        node.stop()
+        wa.stop()
+    assert "Traceback" not in node.log_text() + wa.log_text()

@@ -171,6 +171,8 @@ class ChatService:
             return
         if message.edits is not None:
             log.info("chat.edit_ignored", room_id=room_id, sender=message.sender)
+            if self._limited(message):
+                return
             await self._reply(
                 message,
                 Text.of(

@@ -1,11 +1,17 @@
 """The federation fixture's promises (tests/support/federation.py), which federation-mode tests
 lean on: two real Synapses on loopback federate over TLS with self-signed certificates, a user
 of one joins a room of the other, messages flow both ways, and each server's appservice gets
-the other server's events pushed."""
+the other server's events pushed; and one of them inside a network namespace can be cut off and
+catches up when the link comes back."""
 
 from __future__ import annotations
 
+import asyncio
+import ssl
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,8 +27,10 @@ from tests.support.appservice import (
 )
 from tests.support.client import MatrixClient, has_event
 from tests.support.federation import FederatingSynapse, SynapseFederation
+from tests.support.netns import NetworkNamespace
 
 MakeFederation = Callable[..., SynapseFederation]
+MakeNetns = Callable[[], NetworkNamespace]
 
 
 def appservice_for(
@@ -98,3 +106,81 @@ async def test_two_synapses_federate(
     finally:
         receiver_a.stop()
         receiver_b.stop()
+
+
+def reachable(url: str, timeout: float = 1.0) -> bool:
+    """Whether GET url answers at all (any status), certificate unchecked."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+_REACHABLE_INSIDE = """
+import ssl, sys, urllib.request
+context = ssl.create_default_context()
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+try:
+    urllib.request.urlopen(sys.argv[1], timeout=1, context=context)
+except OSError as err:
+    print("unreachable", err)
+else:
+    print("reachable")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.synapse
+async def test_a_homeserver_in_a_namespace_is_partitioned_and_catches_up(
+    synapse_federation: MakeFederation, netns: MakeNetns, http: aiohttp.ClientSession
+) -> None:
+    """Homeserver B runs inside a network namespace, A on that namespace's host side: they
+    federate across the veth pair; a cut separates them (each one's federation listener out of
+    the other's reach) while A's own clients carry on; after restore, what A sent during the cut
+    reaches B and B's messages reach A again."""
+    ns = netns()
+    federation = synapse_federation(hosts=[ns.host_address, None], namespaces=[None, ns])
+    a, b = federation[0], federation[1]
+    assert a.server_name.startswith(f"{ns.host_address}:")
+    assert b.server_name.startswith(f"{ns.address}:")
+    await federation.astart()
+    alice_id, alice_token = await a.create_user("alice")
+    bob_id, bob_token = await b.create_user("bob")
+    alice = MatrixClient(http, a.base_url, user_id=alice_id, token=alice_token)
+    bob = MatrixClient(http, b.base_url, user_id=bob_id, token=bob_token)
+    room_id = await alice.create_room(name="across the veth")
+    await alice.invite(room_id, bob_id)
+    await bob.join(room_id)
+    before = await alice.send_text(room_id, "before the cut")
+    await bob.sync_until(has_event(before, room_id), timeout=30)
+
+    with ns.partitioned():
+        during = await alice.send_text(room_id, "during the cut")
+        key_path = "/_matrix/key/v2/server"
+        assert not await asyncio.to_thread(reachable, b.federation_url + key_path)
+        inside = await asyncio.to_thread(
+            ns.run,
+            [sys.executable, "-c", _REACHABLE_INSIDE, a.federation_url + key_path],
+            capture_output=True,
+            text=True,
+        )
+        assert inside.stdout.startswith("unreachable"), inside
+        assert await asyncio.to_thread(reachable, a.federation_url + key_path)
+        restored_at = time.monotonic()
+
+    await bob.sync_until(has_event(during, room_id), timeout=30)
+    catch_up = time.monotonic() - restored_at
+    from_b = await bob.send_text(room_id, "after the cut")
+    await alice.sync_until(has_event(from_b, room_id), timeout=30)
+    b_to_a = time.monotonic() - restored_at - catch_up
+    print(
+        f"\nstart-up {federation.startup_seconds:.2f}s; A's message of the cut reached B "
+        f"{catch_up:.3f}s after restore; then B->A {b_to_a:.3f}s"
+    )

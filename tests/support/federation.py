@@ -9,9 +9,10 @@ certificate the fixture makes (with Synapse's own ``cryptography``); the peers s
 signing keys directly (``trusted_key_servers: []``). The client API stays plain HTTP on its own
 port, as in ``SynapseServer``.
 
-Federation is made quick for tests: its rate limiter opened wide, and an unreachable peer is
-retried after ``retry_interval`` rather than Synapse's 10 minutes, so a peer that comes back
-(restart, healed partition) gets its backlog within seconds.
+Federation is made quick for tests: its rate limiter opened wide, an unreachable peer retried
+after ``retry_interval`` (2 s) rather than Synapse's 10 minutes, and one attempt of a request
+bounded by ``client_timeout`` (10 s, not 60 s), so a peer that comes back (restart, healed
+partition) gets its backlog within about ``client_timeout + retry_interval``, usually sooner.
 
 Server names hold a port, so user ids look like ``@alice:127.0.0.1:41234``; a test learns them
 from ``server.server_name`` / ``server.user_id(localpart)`` after ``SynapseFederation(...)`` and
@@ -32,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.support.netns import NetworkNamespace
 from tests.support.process import START_TIMEOUT, HomeserverStartError, free_port
 from tests.support.synapse import SynapseServer
 
@@ -99,6 +101,7 @@ class FederatingSynapse(SynapseServer):
         port: int | None = None,
         federation_port: int | None = None,
         retry_interval: str = "2s",
+        client_timeout: str = "10s",
         log_level: str = "INFO",
         extra_config: dict[str, Any] | None = None,
         command_prefix: tuple[str, ...] = (),
@@ -115,6 +118,7 @@ class FederatingSynapse(SynapseServer):
             command_prefix=command_prefix,
         )
         self.retry_interval = retry_interval
+        self.client_timeout = client_timeout
         self.tls_certificate = workdir / "federation.crt"
         self.tls_key = workdir / "federation.key"
 
@@ -175,6 +179,10 @@ class FederatingSynapse(SynapseServer):
             "trusted_key_servers": [],
             "rc_federation": FEDERATION_RATE_LIMIT,
             "federation": {
+                # One attempt of an outgoing request; transactions are retried (delays capped
+                # at retry_interval) until the peer answers, so a healed partition delivers the
+                # backlog within about client_timeout + retry_interval.
+                "client_timeout": self.client_timeout,
                 "destination_min_retry_interval": self.retry_interval,
                 "destination_max_retry_interval": self.retry_interval,
                 "max_short_retry_delay": "1s",
@@ -211,9 +219,16 @@ class SynapseFederation:
     """Several ``FederatingSynapse``s that federate with each other, started together.
 
     Construct it (names and ports are fixed then), write appservice registrations that name the
-    servers (``federation[0].server_name``), give them to ``servers[i].appservice_files``, then
-    ``start()``. ``hosts`` places server i on ``hosts[i]`` (default all on ``127.0.0.1``);
-    ``command_prefixes[i]`` runs it through a prefix (a network namespace's ``exec_prefix``).
+    servers (``federation[0].server_name``), give them to ``federation[i].appservice_files``,
+    then ``start()``. Servers are named hs-a, hs-b, ... in ``root``.
+
+    Placement: by default every server binds ``127.0.0.1``. ``namespaces[i]`` (a
+    ``NetworkNamespace``, or None) runs server i inside that namespace, on its ``address``, so
+    cutting the namespace partitions that homeserver (and whatever else runs in there) from the
+    rest. The servers outside must then be reachable from inside: ``hosts[i]`` binds server i
+    to a namespace's ``host_address`` (any namespace's: each routes to the whole host).
+    ``options`` go to every ``FederatingSynapse`` (``retry_interval``, ``client_timeout``,
+    ``extra_config``, ...).
     """
 
     def __init__(
@@ -221,25 +236,38 @@ class SynapseFederation:
         root: Path,
         count: int = 2,
         *,
-        hosts: Sequence[str] | None = None,
-        ports: Sequence[tuple[int, int]] | None = None,
-        command_prefixes: Sequence[tuple[str, ...]] | None = None,
+        hosts: Sequence[str | None] | None = None,
+        namespaces: Sequence[NetworkNamespace | None] | None = None,
         **options: Any,
     ) -> None:
-        hosts = hosts or ["127.0.0.1"] * count
-        if len(hosts) != count:
-            raise ValueError(f"{count} servers but {len(hosts)} hosts")
-        self.servers = [
-            FederatingSynapse(
-                workdir=root / f"hs-{chr(ord('a') + index)}",
-                host=hosts[index],
-                port=ports[index][0] if ports else None,
-                federation_port=ports[index][1] if ports else None,
-                command_prefix=command_prefixes[index] if command_prefixes else (),
-                **options,
-            )
-            for index in range(count)
-        ]
+        hosts = list(hosts or [None] * count)
+        namespaces = list(namespaces or [None] * count)
+        if len(hosts) != count or len(namespaces) != count:
+            raise ValueError(f"{count} servers: give {count} hosts and namespaces (None: default)")
+        self.servers = []
+        for index, (host, namespace) in enumerate(zip(hosts, namespaces, strict=True)):
+            workdir = root / f"hs-{chr(ord('a') + index)}"
+            if namespace is None:
+                host = host or "127.0.0.1"
+                if host.startswith("127.") and any(namespaces):
+                    raise ValueError(
+                        f"server {index} on {host} cannot be reached from a namespace: "
+                        "bind it to a namespace's host_address (hosts=[...])"
+                    )
+                server = FederatingSynapse(workdir=workdir, host=host, **options)
+            else:
+                if host not in (None, namespace.address):
+                    raise ValueError(f"server {index} is in {namespace.name}: it binds there")
+                port, federation_port = namespace.free_ports(2)
+                server = FederatingSynapse(
+                    workdir=workdir,
+                    host=namespace.address,
+                    port=port,
+                    federation_port=federation_port,
+                    command_prefix=namespace.exec_prefix,
+                    **options,
+                )
+            self.servers.append(server)
         self.startup_seconds: float | None = None
 
     def __getitem__(self, index: int) -> FederatingSynapse:

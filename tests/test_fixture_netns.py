@@ -5,6 +5,7 @@ nothing is left behind, not even by an owner that was killed."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import http.server
@@ -18,11 +19,20 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from tests.support.client import unique
+from tests.support.client import MatrixClient, unique
 from tests.support.fixtures import Factory
 from tests.support.netns import LOCK_DIR, CutMode, NetworkNamespace, reap_stale
+from tests.support.nodes import (
+    NodeProcess,
+    plan_nodes,
+    room_events,
+    run_room,
+    wait_for,
+    write_configs,
+)
 from tests.support.probe import Probe
 from tests.support.process import http_json
 
@@ -271,3 +281,65 @@ def test_a_client_in_a_namespace_loses_and_regains_its_homeserver(
         )
     finally:
         probe.stop()
+
+
+async def heartbeat_times(admin: MatrixClient, room_id: str, user_id: str) -> list[int]:
+    """origin_server_ts of every heartbeat ``user_id`` posted in the room, oldest first."""
+    return [
+        int(event["origin_server_ts"])
+        for event in await room_events(admin, room_id)
+        if event.get("type") == "cis.node.heartbeat" and event.get("sender") == user_id
+    ]
+
+
+@pytest.mark.slow
+async def test_a_cis_node_in_a_namespace_is_cut_off_and_comes_back(
+    netns: MakeNetns, homeserver_factory: Factory, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """What issue 14's partition tests start from: a real ``cis node`` inside a namespace,
+    registered on a homeserver on the host side (whose pushes reach its appservice through the
+    pair), joins a run room and heartbeats; cut off, no heartbeat of it lands; restored, its
+    heartbeats resume."""
+    ns = netns()
+    (plan,) = plan_nodes(tmp_path, "cis.local", "wn", namespace=ns)
+    assert plan.identity.listen_host == ns.address
+    server = homeserver_factory(host=ns.host_address, appservice_files=(plan.registration,))
+    admin_id, token = await server.create_user(unique("admin"), admin=True)
+    admin = MatrixClient(http, server.base_url, user_id=admin_id, token=token)
+    heartbeat = 0.25
+    write_configs([plan], server.base_url, allowed_users=[admin_id], heartbeat_secs=heartbeat)
+    node = NodeProcess(plan, namespace=ns).start()
+    try:
+        room_id = await run_room(admin, [plan.user_id])  # the invite is pushed into the namespace
+
+        async def beating() -> bool:
+            return len(await heartbeat_times(admin, room_id, plan.user_id)) >= 3
+
+        await wait_for(beating, what="the node inside to join and heartbeat three times")
+        with ns.partitioned():
+            cut_ms = time.time() * 1000
+            # The partition's length is the scenario (ten heartbeat periods), not a wait for
+            # something to happen.
+            await asyncio.sleep(10 * heartbeat)
+            restored_ms = time.time() * 1000
+        assert node.alive
+
+        async def beat_since_restore() -> bool:
+            times = await heartbeat_times(admin, room_id, plan.user_id)
+            return bool(times) and times[-1] >= restored_ms
+
+        await wait_for(beat_since_restore, what="a heartbeat after restore")
+        back = time.time() * 1000 - restored_ms
+        times = await heartbeat_times(admin, room_id, plan.user_id)
+        # A request already at the server when the cut came may still land just after it.
+        during = [t for t in times if cut_ms + 1000 <= t < restored_ms]
+        assert not during, f"heartbeats landed during the cut: {during}"
+        before = [t for t in times if t < cut_ms]
+        assert len(before) >= 3
+        print(
+            f"\n{server.kind}: {len(before)} heartbeats before the cut, none during its "
+            f"{(restored_ms - cut_ms) / 1000:.2f}s; the first after restore landed "
+            f"{back / 1000:.3f}s after it (observed by polling the room)"
+        )
+    finally:
+        node.stop()

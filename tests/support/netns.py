@@ -1,6 +1,7 @@
 """A network namespace joined to the host by a veth pair, whose link a test can cut and restore.
 
-Slot N (1..254) owns ``10.200.N.0/30``: the host side of the pair (``host_device``) holds
+Slot N (1..254) owns ``10.200.N.0/30`` (a slot whose range the host already routes is
+skipped): the host side of the pair (``host_device``) holds
 ``10.200.N.1`` (``host_address``), the namespace side ``10.200.N.2`` (``address``). Inside, the
 loopback is up and the default route goes through the host side, so a process in the namespace
 reaches every address of the host: a homeserver bound to ``host_address`` (of this namespace or
@@ -111,20 +112,29 @@ class NetworkNamespace:
         LOCK_DIR.mkdir(parents=True, exist_ok=True)
         # A random start spreads parallel claimants over the slots instead of racing for slot 1.
         start = random.randrange(len(SLOTS))
+        busy = shadowing = 0
         for offset in range(len(SLOTS)):
             slot = SLOTS[(start + offset) % len(SLOTS)]
             lock_fd = _try_lock(slot)
             if lock_fd is None:
+                busy += 1
                 continue
             namespace = cls(slot, lock_fd)
             try:
                 _remove_slot(slot)  # what a dead owner of this slot left, if anything
+                if _routed_elsewhere(namespace.address):
+                    shadowing += 1  # the host has a network there already
+                    namespace.delete()
+                    continue
                 namespace._build()
             except BaseException:
                 namespace.delete()
                 raise
             return namespace
-        raise NetnsError(f"all {len(SLOTS)} namespace slots are in use (locks in {LOCK_DIR})")
+        raise NetnsError(
+            f"no free namespace slot in 10.200.0.0/16: {busy} in use by live test processes "
+            f"(locks in {LOCK_DIR}), {shadowing} overlap networks this host routes"
+        )
 
     def _build(self) -> None:
         _ip("netns", "add", self.name)
@@ -221,7 +231,8 @@ class NetworkNamespace:
         self.cut_mode = mode
 
     def restore(self) -> None:
-        """Heal the cut; connections made from now on work (ones that timed out stay dead)."""
+        """Heal the cut: new connections work at once; an open TCP connection whose ends have
+        not given up carries on with its next retransmission (after a "drop" cut)."""
         if self.cut_mode == "drop":
             for netns, device in ((None, self.host_device), (self.name, self.device)):
                 _run([*_tc(netns), "qdisc", "del", "dev", device, "root"])
@@ -264,6 +275,13 @@ def _try_lock(slot: int) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def _routed_elsewhere(address: str) -> bool:
+    """Whether the host routes ``address`` other than by its default route (a network of its
+    own there, which the slot's pair would shadow)."""
+    routes = _ip("-o", "route", "show", "to", "match", address).stdout.splitlines()
+    return any(not route.startswith("default") for route in routes)
 
 
 def _slot_paths(slot: int) -> tuple[Path, Path, Path]:

@@ -114,7 +114,8 @@ def test_namespace_is_built_and_removed(netns: MakeNetns) -> None:
     assert ns.host_device not in inside and "eth0" not in inside
 
     sleeper = ns.popen(["sleep", "600"])
-    assert sleeper.pid in ns.pids()
+    # ``ip netns exec`` enters the namespace a moment after the fork.
+    wait_until(lambda: sleeper.pid in ns.pids(), 10, "the process to be inside")
     ns.delete()
     assert sleeper.poll() is not None
     assert not ns.exists and not Path(f"/sys/class/net/{ns.host_device}").exists()
@@ -191,11 +192,13 @@ def test_namespaces_are_independent(netns: MakeNetns) -> None:
 
 
 _CRASHING_OWNER = """
-import os, sys
+import sys, time
 from tests.support.netns import NetworkNamespace
 ns = NetworkNamespace.create()
 ns.cut()
 sleeper = ns.popen(["sleep", "600"])
+while sleeper.pid not in ns.pids():  # ip netns exec enters a moment after the fork
+    time.sleep(0.01)
 print(ns.slot, sleeper.pid, flush=True)
 sys.stdin.read()
 """

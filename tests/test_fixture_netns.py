@@ -99,9 +99,18 @@ def namespace_http_server(ns: NetworkNamespace, tmp_path: Path) -> str:
     return url
 
 
+def present(ns: NetworkNamespace) -> set[str]:
+    """Which of the namespace's parts exist on the host."""
+    parts = {
+        "namespace": ns.exists,
+        "host device": Path(f"/sys/class/net/{ns.host_device}").exists(),
+    }
+    return {part for part, exists in parts.items() if exists}
+
+
 def test_namespace_is_built_and_removed(netns: MakeNetns) -> None:
     ns = netns()
-    assert ns.exists and Path(f"/sys/class/net/{ns.host_device}").exists()
+    assert present(ns) == {"namespace", "host device"}
     host_side = subprocess.run(
         ["ip", "-o", "addr", "show", "dev", ns.host_device], capture_output=True, text=True
     ).stdout
@@ -118,7 +127,7 @@ def test_namespace_is_built_and_removed(netns: MakeNetns) -> None:
     wait_until(lambda: sleeper.pid in ns.pids(), 10, "the process to be inside")
     ns.delete()
     assert sleeper.poll() is not None
-    assert not ns.exists and not Path(f"/sys/class/net/{ns.host_device}").exists()
+    assert present(ns) == set()
     # The slot is free again.
     fd = os.open(LOCK_DIR / f"{ns.slot}.lock", os.O_RDWR)
     try:

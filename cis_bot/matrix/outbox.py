@@ -81,7 +81,7 @@ class Outbox:
         send: Sender,
         *,
         limit: int = 2000,
-        concurrency: int = 8,
+        concurrency: int = 32,
         retry_initial_secs: float = 0.2,
         retry_max_secs: float = 5.0,
     ) -> None:

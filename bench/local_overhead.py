@@ -25,7 +25,9 @@ import asyncio, sys
 from pathlib import Path
 from cis_bot.config import load_config
 from cis_bot.dag.engine import RunEngine
-from cis_bot.dag.runner import LocalExecutor, RunDriver, RunPaths
+from cis_bot.run.attempt import RunPaths
+from cis_bot.run.driver import RunDriver
+from cis_bot.run.local import LocalExecutor
 from cis_bot.dag.spec import load_dag
 from cis_bot.session.manager import SessionManager
 

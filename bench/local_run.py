@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 # What `cis dag execute --local` imports before it runs anything.
-IMPORTS = "import cis_bot.cli.progress, cis_bot.config, cis_bot.dag.runner, cis_bot.dag.spec"
+IMPORTS = "import cis_bot.cli.progress, cis_bot.config, cis_bot.run.local, cis_bot.dag.spec"
 
 
 def fan_dag(n: int) -> str:

@@ -334,6 +334,15 @@ def default_config_path() -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def default_state_dir() -> Path:
+    """Where cis keeps runs, control sockets and the local homeserver: ``$CIS_STATE_DIR``, else
+    ``$XDG_STATE_HOME/cis`` (``~/.local/state/cis``)."""
+    if env := os.environ.get("CIS_STATE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "cis"
+
+
 def load_config(path: Path | None = None) -> Config:
     """Read a config file; ``None`` means ``$CIS_CONFIG``, else ``$XDG_CONFIG_HOME/cis/config.toml``
     (``~/.config/cis/config.toml``) if it exists, else the defaults. Raises InputError."""

@@ -19,7 +19,6 @@ import pytest
 from cis_bot.testing.claude_home import (
     FAKE_CREDENTIAL,
     ClaudeHome,
-    find_claude,
     prepare_claude_home,
 )
 from cis_bot.testing.claude_screens import (
@@ -36,6 +35,7 @@ from cis_bot.testing.fake_anthropic import (
     overloaded,
     server_error,
 )
+from tests.support.claude import require_claude
 from tests.support.pty_screen import PtyScreen
 
 #: Generous: other suites run at the same time on two cores.
@@ -44,10 +44,7 @@ DEADLINE = 90.0
 
 @pytest.fixture(scope="module")
 def claude() -> str:
-    path = find_claude()
-    if path is None:
-        pytest.skip("the claude CLI is not installed: run `npm ci` in the repository root")
-    return path
+    return require_claude()
 
 
 @pytest.fixture

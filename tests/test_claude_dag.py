@@ -15,8 +15,9 @@ import pytest
 import tomli_w
 
 from cis_bot.session.profiles import BUILTIN_PROFILES
-from cis_bot.testing.claude_home import ClaudeHome, find_claude, prepare_claude_home
+from cis_bot.testing.claude_home import ClaudeHome, prepare_claude_home
 from cis_bot.testing.fake_anthropic import FakeAnthropic, TextReply, ToolUseReply
+from tests.support.claude import require_claude
 
 REPO = Path(__file__).resolve().parent.parent
 DEADLINE = 120.0
@@ -24,10 +25,7 @@ DEADLINE = 120.0
 
 @pytest.fixture(scope="module")
 def claude() -> str:
-    path = find_claude()
-    if path is None:
-        pytest.skip("the claude CLI is not installed: run `npm ci` in the repository root")
-    return path
+    return require_claude()
 
 
 async def cis(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str, str]:

@@ -10,11 +10,11 @@ import pytest
 from cis_bot.testing.claude_home import (
     FAKE_CREDENTIAL,
     OFFLINE_ENV,
-    find_claude,
     prepare_claude_home,
 )
 from cis_bot.testing.claude_screens import ScreenState, read_screen
 from cis_bot.testing.fake_anthropic import FakeAnthropic
+from tests.support.claude import require_claude
 from tests.support.pty_screen import PtyScreen
 
 URL = "http://127.0.0.1:9"
@@ -99,9 +99,7 @@ def test_rejects_a_broken_config_and_a_negative_retry_count(tmp_path: Path) -> N
 
 async def test_api_key_home_starts_at_the_prompt(tmp_path: Path) -> None:
     """The pre-approved key really skips "Do you want to use this API key?"."""
-    claude = find_claude()
-    if claude is None:
-        pytest.skip("the claude CLI is not installed: run `npm ci` in the repository root")
+    claude = require_claude()
     work = tmp_path / "work"
     work.mkdir()
     async with FakeAnthropic() as fake:

@@ -27,7 +27,7 @@ from cis_bot.session.manager import SessionManager, SessionSpec
 from cis_bot.session.output import claude_conversation_record
 from cis_bot.session.profiles import BUILTIN_PROFILES
 from cis_bot.session.session import SessionSettings
-from cis_bot.testing.claude_home import ClaudeHome, find_claude, prepare_claude_home
+from cis_bot.testing.claude_home import ClaudeHome, prepare_claude_home
 from cis_bot.testing.fake_anthropic import (
     CutStream,
     FakeAnthropic,
@@ -36,6 +36,7 @@ from cis_bot.testing.fake_anthropic import (
     overloaded,
     server_error,
 )
+from tests.support.claude import require_claude
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -53,10 +54,7 @@ SETTINGS = SessionSettings(
 
 @pytest.fixture(scope="module")
 def claude() -> str:
-    path = find_claude()
-    if path is None:
-        pytest.skip("the claude CLI is not installed: run `npm ci` in the repository root")
-    return path
+    return require_claude()
 
 
 @pytest.fixture(autouse=True)

@@ -182,6 +182,7 @@ def test_validate_reports_ok_and_errors(tmp_path: Path) -> None:
         ["dag", "execute", "--local", "--bogus", "x.toml"],
         ["dag", "execute", "--max-workers", "0", "--local", "x.toml"],
         ["dag", "execute", "--local", "--matrix", "x.toml"],
+        ["dag", "execute", "--local", "--workers", "a,b", "x.toml"],
         ["dag"],
         ["frobnicate"],
     ],

@@ -16,11 +16,14 @@ import attrs
 import pytest
 
 from cis_bot.control import registry
-from cis_bot.control.client import ControlError, ProcessClient
-from cis_bot.control.finder import SessionRecord, resolve_run, resolve_session
-from cis_bot.control.server import ControlPlane, ControlSettings, replay_of, tail_offset
-from cis_bot.control.terminal import DetachKeys, TextStream
+from cis_bot.control.api import replay_of
+from cis_bot.control.client.finder import SessionRecord, resolve_session
+from cis_bot.control.client.process import ControlError, ProcessClient
+from cis_bot.control.client.terminal import DetachKeys, TextStream
+from cis_bot.control.operations import ControlSettings, tail_offset
+from cis_bot.control.service import serve_control
 from cis_bot.errors import UserError
+from cis_bot.ids import match_run
 from cis_bot.matrix import events as ev
 from cis_bot.session.manager import SessionManager, SessionSpec
 from cis_bot.session.profiles import BUILTIN_PROFILES
@@ -124,22 +127,22 @@ def test_ids_resolve_by_run_prefix_and_latest_attempt() -> None:
     for bad in ("", "a::b", "a:b:c:d", "run:task:first"):
         with pytest.raises(UserError):
             resolve_session(bad, RECORDS)
-    assert resolve_run("2026112", ["2026112", "20261127-1"]) == "2026112"
+    assert match_run("2026112", ["2026112", "20261127-1"]) == "2026112"
     with pytest.raises(UserError, match="ambiguous"):
-        resolve_run("2026", ["20261127-1", "20261127-2"])
+        match_run("2026", ["20261127-1", "20261127-2"])
 
 
 # --- events -------------------------------------------------------------------------------------
 
 
 def test_control_events_round_trip_and_reject_what_cannot_be_obeyed() -> None:
-    request = ev.ControlRequest(
+    request = ev.ControlRequestContent(
         request_id="r1", action="input", node="wa", session_id="run:t:1", text="y",
         newline=True, expires=1,
     )  # fmt: skip
     event_type, content = ev.encode(request)
     assert ev.decode(event_type, content) == request
-    reply = ev.ControlReply(request_id="r1", node="wa", ok=False, error="no")
+    reply = ev.ControlReplyContent(request_id="r1", node="wa", ok=False, error="no")
     assert ev.decode(*ev.encode(reply)) == reply
     base = {"v": 1, "request_id": "r", "node": "wa", "expires": 5}
     for content, problem in (
@@ -151,9 +154,9 @@ def test_control_events_round_trip_and_reject_what_cannot_be_obeyed() -> None:
         ({**base, "action": "input", "session_id": "s", "text": "x" * 20_000}, "longer"),
     ):
         with pytest.raises(ev.InvalidEvent, match=problem):
-            ev.decode(ev.ControlRequest.TYPE, content)
+            ev.decode(ev.ControlRequestContent.TYPE, content)
     with pytest.raises(ev.InvalidEvent, match="ok"):
-        ev.decode(ev.ControlReply.TYPE, {"v": 1, "request_id": "r", "node": "n"})
+        ev.decode(ev.ControlReplyContent.TYPE, {"v": 1, "request_id": "r", "node": "n"})
 
 
 # --- discovery ----------------------------------------------------------------------------------
@@ -194,8 +197,7 @@ def test_a_deep_state_dir_gets_its_socket_elsewhere(tmp_path: Path) -> None:
 
 async def test_the_api_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     manager = SessionManager(SessionSettings(settle_secs=0.05, kill_grace_secs=1))
-    plane = ControlPlane(tmp_path, node_id="n1", kind="node", settings=ControlSettings())
-    await plane.start()
+    plane = await serve_control(tmp_path, node_id="n1", kind="node", settings=ControlSettings())
     plane.add_sessions(manager, lambda sid: None)
     try:
         spec = SessionSpec(
@@ -249,8 +251,7 @@ async def test_a_writer_attaching_to_a_full_screen_program_asks_it_to_redraw(
 ) -> None:
     settings = SessionSettings(rows=24, cols=80)
     manager = SessionManager(settings)
-    plane = ControlPlane(tmp_path, node_id="n1", kind="node")
-    await plane.start()
+    plane = await serve_control(tmp_path, node_id="n1", kind="node")
     plane.add_sessions(manager, lambda sid: None)
     tui = attrs.evolve(BUILTIN_PROFILES["shell"], name="tui", screen=True, detect_tty_read=False)
     script = "trap 'echo redraw-$(stty size)' WINCH; echo ready; while :; do sleep 0.05; done"

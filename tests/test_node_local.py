@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cis_bot.app.connect import open_connection
 from cis_bot.config import Config, ExecutionMode
-from cis_bot.execute import open_connection
 from cis_bot.matrix import events as ev
 
 REPO = Path(__file__).resolve().parent.parent

@@ -123,7 +123,7 @@ async def test_matrix_mode_spreads_tasks_over_two_workers_and_collects_results(
         await admin.invite(room, stranger_id)
         mallory = MatrixClient(http, hs.base_url, user_id=stranger_id, token=stranger_token)
         await mallory.join(room)
-        forged = ev.TaskAssigned(
+        forged = ev.TaskAssignedContent(
             run_id="forged-run",
             task_id="evil",
             attempt=1,
@@ -136,7 +136,7 @@ async def test_matrix_mode_spreads_tasks_over_two_workers_and_collects_results(
         )
         await mallory.send(room, forged.content(), event_type=forged.TYPE)
         for garbage in ({"v": 1, "run_id": 5}, {"nonsense": True}, {"v": 1, "task": "{"}):
-            await admin.send(room, garbage, event_type=ev.TaskAssigned.TYPE)
+            await admin.send(room, garbage, event_type=ev.TaskAssignedContent.TYPE)
 
         dag = fan_dag(tmp_path / "dag.toml")
         proc = await run_cis(
@@ -163,20 +163,22 @@ async def test_matrix_mode_spreads_tasks_over_two_workers_and_collects_results(
                 payloads.append((e["sender"], ev.decode(e["type"], e["content"])))
             except ev.InvalidEvent:
                 assert e["sender"] == admin.user_id  # only our deliberate garbage is invalid
-        run = [p for _, p in payloads if isinstance(p, ev.RunPayload)]
+        run = [p for _, p in payloads if isinstance(p, ev.RunContent)]
         run_id = report["run_id"]
-        assigned = [p for p in run if isinstance(p, ev.TaskAssigned) and p.run_id == run_id]
+        assigned = [p for p in run if isinstance(p, ev.TaskAssignedContent) and p.run_id == run_id]
         assert {p.assigned_to for p in assigned} == {"wa", "wb"}
-        claimed = [p for p in run if isinstance(p, ev.TaskClaimed) and p.run_id == run_id]
-        completed = [p for p in run if isinstance(p, ev.SessionCompleted) and p.run_id == run_id]
+        claimed = [p for p in run if isinstance(p, ev.TaskClaimedContent) and p.run_id == run_id]
+        completed = [
+            p for p in run if isinstance(p, ev.SessionCompletedContent) and p.run_id == run_id
+        ]
         assert len(assigned) == len(claimed) == len(completed) == TASKS + 1
         assert all(c.transcript and c.transcript.startswith("mxc://") for c in completed)
         gather = next(c for c in completed if c.task_id == "gather")
         assert gather.output.strip().endswith(str(TASKS))
         assert not [
-            p for p in run if p.run_id == "forged-run" and not isinstance(p, ev.TaskAssigned)
+            p for p in run if p.run_id == "forged-run" and not isinstance(p, ev.TaskAssignedContent)
         ]
-        ends = [p for p in run if isinstance(p, ev.RunCompleted) and p.run_id == run_id]
+        ends = [p for p in run if isinstance(p, ev.RunCompletedContent) and p.run_id == run_id]
         assert [e.status for e in ends] == ["completed"]
 
         # The log alone tells the story: status from the room, with the run's node gone.
@@ -212,7 +214,7 @@ async def test_a_worker_refuses_a_raw_command_unless_its_owner_allowed_the_shell
         assert "no live worker in the room runs agent 'shell'" in report["tasks"]["raw"]["reason"]
 
         # An allowed user assigns it anyway, straight to the worker: it refuses, and says why.
-        order = ev.TaskAssigned(
+        order = ev.TaskAssignedContent(
             run_id="manual",
             task_id="raw",
             attempt=1,
@@ -225,11 +227,14 @@ async def test_a_worker_refuses_a_raw_command_unless_its_owner_allowed_the_shell
         )
         await admin.send(room, order.content(), event_type=order.TYPE)
 
-        async def refusal() -> ev.SessionCompleted | None:
+        async def refusal() -> ev.SessionCompletedContent | None:
             for e in await room_events(admin, room):
-                if e["type"] == ev.SessionCompleted.TYPE and e["content"].get("run_id") == "manual":
+                if (
+                    e["type"] == ev.SessionCompletedContent.TYPE
+                    and e["content"].get("run_id") == "manual"
+                ):
                     payload = ev.decode(e["type"], e["content"])
-                    assert isinstance(payload, ev.SessionCompleted)
+                    assert isinstance(payload, ev.SessionCompletedContent)
                     return payload
             return None
 

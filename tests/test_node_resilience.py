@@ -47,9 +47,9 @@ def popen_cis(plan: NodePlan, *args: str) -> subprocess.Popen[str]:
     )
 
 
-def decoded(events: list[dict[str, Any]], run_id: str) -> list[ev.Payload]:
+def decoded(events: list[dict[str, Any]], run_id: str) -> list[ev.EventContent]:
     payloads = [ev.decode(e["type"], e["content"]) for e in events if e["type"].startswith("cis.")]
-    return [p for p in payloads if isinstance(p, ev.RunPayload) and p.run_id == run_id]
+    return [p for p in payloads if isinstance(p, ev.RunContent) and p.run_id == run_id]
 
 
 async def test_hybrid_run_completes_through_a_homeserver_outage_and_the_room_catches_up(
@@ -102,11 +102,11 @@ command = "echo three; touch third.done"
         states = [
             p.new_state
             for p in run
-            if isinstance(p, ev.SessionStateChanged) and p.session_id.endswith(f":{task}:1")
+            if isinstance(p, ev.SessionStateContent) and p.session_id.endswith(f":{task}:1")
         ]
         assert states == expected, (task, states)
-        assert any(isinstance(p, ev.SessionCompleted) and p.task_id == task for p in run)
-    assert [p.status for p in run if isinstance(p, ev.RunCompleted)] == ["completed"]
+        assert any(isinstance(p, ev.SessionCompletedContent) and p.task_id == task for p in run)
+    assert [p.status for p in run if isinstance(p, ev.RunCompletedContent)] == ["completed"]
 
 
 async def test_coordinator_killed_mid_run_resumes_from_the_room_without_rerunning_work(

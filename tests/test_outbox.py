@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+from collections.abc import Callable
 
 import pytest
 from mautrix.errors import MatrixConnectionError, MatrixUnknownRequestError
@@ -22,10 +24,19 @@ class Recorder:
         self.fail: dict[str, list[BaseException]] = {}
         self.max_in_flight = 0
         self._in_flight = 0
+        self._progress = asyncio.Event()
+
+    async def until(self, condition: Callable[[], bool], timeout: float = 2.0) -> None:
+        """Wait until ``condition`` holds, re-checked at every send that starts or ends."""
+        async with asyncio.timeout(timeout):
+            while not condition():
+                self._progress.clear()
+                await self._progress.wait()
 
     async def send(self, item: Outgoing) -> str:
         name = item.content["n"]
         self.started.append(name)
+        self._progress.set()
         self.txns.setdefault(name, []).append(item.txn_id)
         self._in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self._in_flight)
@@ -33,11 +44,12 @@ class Recorder:
             if name in self.gates:
                 await self.gates[name].wait()
             else:
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # a send is a round trip: others run meanwhile
             if self.fail.get(name):
                 raise self.fail[name].pop(0)
         finally:
             self._in_flight -= 1
+            self._progress.set()
         self.done.append(name)
         return f"$ev-{name}"
 
@@ -53,8 +65,8 @@ async def test_same_key_in_order_other_keys_overlap() -> None:
     box.start()
     for post in (item("a1", "a"), item("a2", "a"), item("b1", "b"), item("b2", "b")):
         box.post(post)
-    await asyncio.sleep(0.01)
-    assert r.started == ["a1", "b1", "b2"]  # a2 waits behind a1; b goes on
+    await r.until(lambda: "b2" in r.done)  # b goes on while a1 is held up
+    assert r.started == ["a1", "b1", "b2"]  # a2 waits behind a1
     r.gates["a1"].set()
     assert await box.flush(timeout=2)
     assert r.done.index("a1") < r.done.index("a2")
@@ -69,7 +81,7 @@ async def test_a_barrier_waits_for_everything_before_and_holds_everything_after(
     box.post(item("x", "a"))
     box.post(item("end", None))
     box.post(item("later", "b"))
-    await asyncio.sleep(0.01)
+    await r.until(lambda: "x" in r.started)
     assert r.started == ["x"]
     r.gates["x"].set()
     assert await box.flush(timeout=2)
@@ -123,7 +135,7 @@ async def test_when_full_output_samples_go_first_and_state_never() -> None:
     box = Outbox(r.send, limit=3, concurrency=1)
     box.start()
     box.post(item("head"))
-    await asyncio.sleep(0.01)
+    await r.until(lambda: "head" in r.started)  # in flight: not the queue's to drop
     box.post(item("sample1", droppable=True))
     box.post(item("state1"))
     box.post(item("state2"))  # full: the oldest sample makes room
@@ -221,8 +233,12 @@ async def test_sends_in_the_same_order_as_walking_the_whole_queue(seed: int) -> 
     keys = [f"k{i}" for i in range(rng.choice([1, 3, 20]))]
 
     async def settle() -> None:
-        for _ in range(20):
-            await asyncio.sleep(0)
+        """Until the outbox has started what the model did (or it never will: the asserts
+        after this say how they differ)."""
+        with contextlib.suppress(TimeoutError):
+            await r.until(
+                lambda: r.started == model.started and box.pending == len(model.queue), 1.0
+            )
 
     for n in range(300):
         if rng.random() < 0.55:

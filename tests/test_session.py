@@ -29,6 +29,7 @@ from cis_bot.session.profile import AgentProfile, PromptVia
 from cis_bot.session.profiles import BUILTIN_PROFILES
 from cis_bot.session.session import SessionError, SessionSettings
 from cis_bot.session.spawn import SETSID, setsid_failure
+from tests.support.claude import require_claude
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -665,19 +666,16 @@ async def test_screen_rendering_of_a_flood_does_not_stall_the_loop(tmp_path: Pat
     assert max(lags) < 0.25, f"loop stalled {max(lags):.3f}s"
 
 
-CLAUDE_BIN = Path(__file__).resolve().parent.parent / "node_modules" / ".bin"
-
-
-@pytest.mark.skipif(not (CLAUDE_BIN / "claude").exists(), reason="npm test tools not installed")
 async def test_real_claude_print_mode_api_error_fails_the_task(
     spawner: Spawner, tmp_path: Path
 ) -> None:
     # The real CLI, offline: its API is a closed loopback port. Exit status alone would not
     # say it failed; the claude-stream-json extractor reads the result event.
+    claude_bin = Path(require_claude()).parent
     home = tmp_path / "home"
     home.mkdir()
     env = {
-        "PATH": f"{CLAUDE_BIN}:{os.environ.get('PATH', os.defpath)}",
+        "PATH": f"{claude_bin}:{os.environ.get('PATH', os.defpath)}",
         "HOME": str(home),
         "ANTHROPIC_BASE_URL": "http://127.0.0.1:9",
         "ANTHROPIC_API_KEY": "sk-test",

@@ -34,7 +34,7 @@ from tests.support.nodes import (
 pytestmark = pytest.mark.slow
 
 
-async def payloads(admin: MatrixClient, room: str) -> list[tuple[str, ev.Payload]]:
+async def payloads(admin: MatrixClient, room: str) -> list[tuple[str, ev.EventContent]]:
     found = []
     for e in await room_events(admin, room):
         if e["type"].startswith("cis."):
@@ -45,20 +45,22 @@ async def payloads(admin: MatrixClient, room: str) -> list[tuple[str, ev.Payload
 
 async def wait_payload(
     admin: MatrixClient, room: str, test: Any, *, what: str, timeout: float = 60
-) -> tuple[str, ev.Payload]:
-    async def found() -> tuple[str, ev.Payload] | None:
+) -> tuple[str, ev.EventContent]:
+    async def found() -> tuple[str, ev.EventContent] | None:
         return next(((s, p) for s, p in await payloads(admin, room) if test(s, p)), None)
 
-    result: tuple[str, ev.Payload] = await wait_for(found, timeout=timeout, what=what)
+    result: tuple[str, ev.EventContent] = await wait_for(found, timeout=timeout, what=what)
     return result
 
 
-def of_task(task: str, kind: type[ev.Payload]) -> Any:
+def of_task(task: str, kind: type[ev.EventContent]) -> Any:
     return lambda _, p: isinstance(p, kind) and getattr(p, "task_id", None) == task
 
 
 def blocked(task: str) -> Any:
-    return lambda _, p: isinstance(p, ev.SessionBlocked) and p.session_id.split(":")[1] == task
+    return lambda _, p: (
+        isinstance(p, ev.SessionBlockedContent) and p.session_id.split(":")[1] == task
+    )
 
 
 def as_cli(plan: NodePlan, room: str) -> tuple[str, ...]:
@@ -102,7 +104,7 @@ async def test_remote_input_logs_kill_approve_cancel_and_refusals(
         )  # fmt: skip
         processes.append(run)
         _, first = await wait_payload(admin, room, blocked("ask"), what="ask to block")
-        assert isinstance(first, ev.SessionBlocked)
+        assert isinstance(first, ev.SessionBlockedContent)
         run_id = first.run_id
         ask = f"{run_id[:15]}:ask"
 
@@ -115,7 +117,7 @@ async def test_remote_input_logs_kill_approve_cancel_and_refusals(
         await admin.invite(room, stranger_id)
         mallory = MatrixClient(http, hs.base_url, user_id=stranger_id, token=stranger_token)
         await mallory.join(room)
-        forged = ev.ControlRequest(
+        forged = ev.ControlRequestContent(
             request_id=uuid.uuid4().hex, action="kill", node="wa", run_id=run_id,
             session_id=f"{run_id}:ask:1", expires=ev.now_ms() + 60_000,
         )  # fmt: skip
@@ -123,13 +125,15 @@ async def test_remote_input_logs_kill_approve_cancel_and_refusals(
         sender, answer = await wait_payload(
             admin,
             room,
-            lambda _, p: isinstance(p, ev.ControlReply) and p.request_id == forged.request_id,
+            lambda _, p: (
+                isinstance(p, ev.ControlReplyContent) and p.request_id == forged.request_id
+            ),
             what="the refusal",
         )
-        assert sender == wa.user_id and isinstance(answer, ev.ControlReply)
+        assert sender == wa.user_id and isinstance(answer, ev.ControlReplyContent)
         assert not answer.ok and answer.error and "may not control" in answer.error
         # An expired order (a backlog delivered late) is ignored, even from a trusted user.
-        stale = ev.ControlRequest(
+        stale = ev.ControlRequestContent(
             request_id=uuid.uuid4().hex, action="kill", node="wa", run_id=run_id,
             session_id=f"{run_id}:ask:1", expires=ev.now_ms() - 1000,
         )  # fmt: skip
@@ -170,21 +174,24 @@ async def test_remote_input_logs_kill_approve_cancel_and_refusals(
         approved = await cis("dag", "approve", run_id[:15], "gate", *as_cli(ops, room))
         assert approved.returncode == 0, approved.stderr
         sender, approval = await wait_payload(
-            admin, room, of_task("gate", ev.TaskApproved), what="the approval in the log"
+            admin, room, of_task("gate", ev.TaskApprovedContent), what="the approval in the log"
         )
         assert sender == coord.user_id
-        assert isinstance(approval, ev.TaskApproved) and approval.by == ops.user_id
+        assert isinstance(approval, ev.TaskApprovedContent) and approval.by == ops.user_id
         await wait_payload(
-            admin, room, of_task("gate", ev.SessionCompleted), what="the approved task to run"
+            admin,
+            room,
+            of_task("gate", ev.SessionCompletedContent),
+            what="the approved task to run",
         )
 
         killed = await cis("dag", "kill", ask, *as_cli(ops, room))
         assert killed.returncode == 0, killed.stderr
         assert killed.stdout.strip() == f"{run_id}:ask:1: killed"
         _, done = await wait_payload(
-            admin, room, of_task("ask", ev.SessionCompleted), what="the killed session's end"
+            admin, room, of_task("ask", ev.SessionCompletedContent), what="the killed session's end"
         )
-        assert isinstance(done, ev.SessionCompleted) and done.status == "killed"
+        assert isinstance(done, ev.SessionCompletedContent) and done.status == "killed"
         assert done.transcript and done.transcript.startswith("mxc://")
         transcript = await cis("dag", "logs", ask, *as_cli(ops, room))
         assert transcript.returncode == 0
@@ -203,13 +210,15 @@ async def test_remote_input_logs_kill_approve_cancel_and_refusals(
             "slow": "cancelled",
         }
         events = await payloads(admin, room)
-        (cancel,) = [p for s, p in events if isinstance(p, ev.RunCancelled) and s == coord.user_id]
-        assert isinstance(cancel, ev.RunCancelled) and cancel.by == ops.user_id
-        assert not any(isinstance(p, ev.RunPayload) and s == ops.user_id for s, p in events)
+        (cancel,) = [
+            p for s, p in events if isinstance(p, ev.RunCancelledContent) and s == coord.user_id
+        ]
+        assert isinstance(cancel, ev.RunCancelledContent) and cancel.by == ops.user_id
+        assert not any(isinstance(p, ev.RunContent) and s == ops.user_id for s, p in events)
         replies = [
             p
             for s, p in events
-            if isinstance(p, ev.ControlReply) and p.request_id == stale.request_id
+            if isinstance(p, ev.ControlReplyContent) and p.request_id == stale.request_id
         ]
         assert replies == []
 
@@ -223,10 +232,10 @@ async def test_remote_input_logs_kill_approve_cancel_and_refusals(
         _, claim = await wait_payload(
             admin,
             room,
-            lambda _, p: isinstance(p, ev.TaskClaimed) and p.run_id != run_id,
+            lambda _, p: isinstance(p, ev.TaskClaimedContent) and p.run_id != run_id,
             what="the second run's claim",
         )
-        assert isinstance(claim, ev.TaskClaimed)
+        assert isinstance(claim, ev.TaskClaimedContent)
         os.killpg(second.pid, signal.SIGKILL)
         started = time.monotonic()
         silent = await cis("dag", "cancel", claim.run_id, "--timeout", "3", *as_cli(ops, room))

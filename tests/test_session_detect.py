@@ -283,7 +283,10 @@ async def test_completion_after_block_comes_exactly_once(
     await recorder.wait_for(SessionBlocked)
     done = await manager.kill(sid, reason="nobody answered")
     assert done.state is SessionState.KILLED
-    await asyncio.sleep(0)  # let the recorder take what was published
+    # Once the manager is closed nothing more is published; the recorder has read it all
+    # when its subscription ends.
+    await manager.close()
+    await recorder.close()
     completed = [e for e in recorder.events if isinstance(e, SessionCompleted)]
     assert completed == [done]
 

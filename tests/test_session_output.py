@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from cis_bot.session.launch import build_argv
 from cis_bot.session.output import (
     TEXT_OUTPUT_LIMIT,
     Extracted,
@@ -20,7 +21,6 @@ from cis_bot.session.output import (
 )
 from cis_bot.session.profile import AgentProfile, PromptVia
 from cis_bot.session.profiles import BUILTIN_PROFILES, session_uuid
-from cis_bot.session.session import build_argv
 from cis_bot.testing.fake_agent import ScriptError, parse_script, parse_size, unescape
 
 if TYPE_CHECKING:

@@ -17,10 +17,12 @@ from cis_bot.cli import whole_number
 from cis_bot.errors import UserError
 
 if TYPE_CHECKING:
+    from cis_bot.app.drive import OnStarted
+    from cis_bot.app.execute import RunRequest
     from cis_bot.config import Config, ExecutionMode
-    from cis_bot.dag.runner import RunDriver, RunObserver
     from cis_bot.dag.spec import DagSpec
-    from cis_bot.execute import RunRequest
+    from cis_bot.matrix.runs import RoomRun
+    from cis_bot.run.driver import RunDriver, RunObserver
     from cis_bot.session.manager import SessionManager
 
 _MODES = ("local", "matrix", "hybrid", "federation")
@@ -68,7 +70,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     execute.add_argument("file", type=Path, metavar="FILE", help="dag.toml or .json")
     execute.add_argument("--room", metavar="R", help="room id or alias (matrix, hybrid)")
-    execute.add_argument("--workers", metavar="A,B,C", help="worker node ids (federation)")
+    execute.add_argument(
+        "--workers",
+        metavar="A,B,C",
+        help="worker node ids (reserved for --federation, not implemented yet)",
+    )
     execute.add_argument("--config", type=Path, metavar="F", help="config.toml to read")
     execute.add_argument(
         "--max-workers",
@@ -150,13 +156,15 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _execute(args: argparse.Namespace) -> int:
-    from cis_bot.config import ExecutionMode
-    from cis_bot.execute import RunRequest
-    from cis_bot.localhs import default_state_dir
+    from cis_bot.app.execute import RunRequest
+    from cis_bot.config import ExecutionMode, default_state_dir
 
+    parser: argparse.ArgumentParser = args.parser
+    if args.workers:
+        # Reserved: the federation mode will spread tasks over these workers.
+        parser.error("--workers goes with --federation, which is not implemented yet")
     config, spec = _load(args.file, args.config)
     mode = ExecutionMode(args.mode or config.dag.execution_mode)
-    parser: argparse.ArgumentParser = args.parser
     if (
         not args.mode
         and mode is ExecutionMode.HYBRID
@@ -190,15 +198,15 @@ def _execute(args: argparse.Namespace) -> int:
 
 
 async def _run(request: RunRequest, *, as_json: bool, dry_run: bool = False) -> dict[str, Any]:
-    from cis_bot.execute import execute
+    from cis_bot.app.execute import execute
 
     async def run(observers: list[RunObserver], on_started: OnStarted) -> dict[str, Any]:
         if not dry_run:
             return await execute(request, observers=observers, on_started=on_started)
         import attrs
 
-        from cis_bot.dryrun import describe
-        from cis_bot.dryrun import dry_run as fake_model
+        from cis_bot.app.dryrun import describe
+        from cis_bot.app.dryrun import dry_run as fake_model
 
         async with fake_model(
             request.config, request.spec, state_dir=request.state_dir, work_dir=request.work_dir
@@ -212,9 +220,6 @@ async def _run(request: RunRequest, *, as_json: bool, dry_run: bool = False) -> 
             return report
 
     return await _with_progress(run, as_json=as_json)
-
-
-OnStarted = Callable[["RunDriver", "SessionManager"], None]
 
 
 async def _with_progress(
@@ -254,8 +259,7 @@ async def _with_progress(
 
 
 def _reader_mode(args: argparse.Namespace) -> tuple[Config, ExecutionMode, Path]:
-    from cis_bot.config import ExecutionMode, load_config
-    from cis_bot.localhs import default_state_dir
+    from cis_bot.config import ExecutionMode, default_state_dir, load_config
 
     config = load_config(args.config)
     local = args.local or not config.node.homeserver
@@ -263,34 +267,23 @@ def _reader_mode(args: argparse.Namespace) -> tuple[Config, ExecutionMode, Path]
     return config, mode, args.state_dir or default_state_dir()
 
 
-async def _read(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from cis_bot.execute import open_connection, read_runs, rooms_of, run_summary
+async def _read(args: argparse.Namespace) -> list[RoomRun]:
+    from cis_bot.app.connect import open_connection
+    from cis_bot.matrix.runs import joined_rooms, read_runs
 
     config, mode, state_dir = _reader_mode(args)
     connection = await open_connection(config, mode, state_dir, serve=False)
     try:
         node = connection.node
-        found = await read_runs(node, await rooms_of(node, args.room))
-        return [run_summary(room_id, run) for room_id, run in found]
+        return await read_runs(node, await joined_rooms(node, args.room))
     finally:
         await connection.close()
 
 
 def _status(args: argparse.Namespace) -> int:
-    summaries = asyncio.run(_read(args))
-    if not summaries:
-        raise UserError("no runs found")
-    if args.run is None:
-        summary = max(summaries, key=lambda s: s["created_at"])
-    else:
-        matches = [s for s in summaries if s["run_id"] == args.run] or [
-            s for s in summaries if s["run_id"].startswith(args.run)
-        ]
-        if not matches:
-            raise UserError(f"no run {args.run!r}")
-        if len(matches) > 1:
-            raise UserError(f"{args.run!r} is ambiguous: {', '.join(m['run_id'] for m in matches)}")
-        summary = matches[0]
+    from cis_bot.matrix.runs import pick_run
+
+    summary = pick_run(asyncio.run(_read(args)), args.run).summary()
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -303,7 +296,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    summaries = sorted(asyncio.run(_read(args)), key=lambda s: s["created_at"])
+    summaries = sorted((run.summary() for run in asyncio.run(_read(args))), key=_created_at)
     if args.json:
         keys = ("run_id", "dag", "status", "mode", "created_at", "room_id", "resumed_from")
         print(json.dumps([{k: s[k] for k in keys} for s in summaries], indent=2))
@@ -317,6 +310,11 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _created_at(summary: dict[str, Any]) -> int:
+    created: int = summary["created_at"]
+    return created
+
+
 def _resume(args: argparse.Namespace) -> int:
     report = asyncio.run(_resume_run(args))
     if args.json:
@@ -327,7 +325,7 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 async def _resume_run(args: argparse.Namespace) -> dict[str, Any]:
-    from cis_bot.execute import resume
+    from cis_bot.app.resume import resume
 
     config, mode, state_dir = _reader_mode(args)
 

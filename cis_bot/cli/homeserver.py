@@ -2,7 +2,7 @@
 account to its database (``cis homeserver add-user``, safe while the server runs: SQLite WAL).
 
 ``--state-dir`` is cis's state directory, as for every command: the homeserver lives in its
-``homeserver/`` (see ``cis_bot/localhs.py``), the one local runs use. While ``cis homeserver``
+``homeserver/`` (see ``cis_bot/app/localhs.py``), the one local runs use. While ``cis homeserver``
 runs there, local runs use it instead of starting their own, so a Matrix client pointed at it
 sees their rooms live (they are public: join ``#dag-<run_id>:<server>``).
 
@@ -103,8 +103,8 @@ async def _serve(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
+    from cis_bot.app.localhs import LocalHomeserverDir
     from cis_bot.homeserver.server import EmbeddedHomeserver
-    from cis_bot.localhs import LocalHomeserverDir
 
     directory = LocalHomeserverDir.of(_state_dir(args.state_dir))
     lock = directory.lock("cis homeserver")
@@ -142,7 +142,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _state_dir(given: Path | None) -> Path:
-    from cis_bot.localhs import default_state_dir
+    from cis_bot.config import default_state_dir
 
     return given or default_state_dir()
 

@@ -41,9 +41,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _node(args: argparse.Namespace) -> int:
-    from cis_bot.config import load_config
-    from cis_bot.execute import serve_node
-    from cis_bot.localhs import default_state_dir
+    from cis_bot.app.serve import serve_node
+    from cis_bot.config import default_state_dir, load_config
 
     config = load_config(args.config)
     state_dir = args.state_dir or default_state_dir()

@@ -24,20 +24,10 @@ from cis_bot.errors import UserError
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from cis_bot.config import Config
-    from cis_bot.control.client import ProcessClient
-    from cis_bot.control.finder import LocalScan, SessionRecord
-    from cis_bot.control.registry import Discovery, ProcessEntry
-    from cis_bot.control.room import RoomRequester
-    from cis_bot.execute import Connection
-    from cis_bot.matrix import events as ev
-    from cis_bot.matrix.node import Node
-    from cis_bot.matrix.runlog import RunLog
+    from cis_bot.control.client.lookup import Lookup
 
 #: Waiting for a process or a node to answer.
 DEFAULT_TIMEOUT = 10.0
-#: A kill answers once the session has ended: the agent's grace period on top.
-KILL_EXTRA_SECS = 10.0
 #: Text logs show a partial line (a prompt) once the output has paused this long.
 PARTIAL_LINE_SECS = 0.3
 
@@ -136,202 +126,25 @@ def _options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# --- finding things ----------------------------------------------------------------------------
-
-
-class Context:
-    """What one command knows: this machine's processes, and (lazily) the rooms."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        from cis_bot.config import load_config
-        from cis_bot.control.registry import discover
-        from cis_bot.localhs import default_state_dir
-
-        self.config: Config = load_config(args.config)
-        self.state_dir: Path = args.state_dir or default_state_dir()
-        self.timeout: float = args.timeout
-        configured = bool(self.config.node.homeserver)
-        if args.room and not configured:
-            raise UserError("--room needs a config whose [node] section names a homeserver")
-        self.remote = configured and not args.local
-        self.room: str | None = args.room
-        self.discovery: Discovery = discover(self.state_dir)
-        self._scan: LocalScan | None = None
-        self._connection: Connection | None = None
-        self._runs: list[tuple[str, RunLog]] | None = None
-
-    async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
-
-    def warn_about_processes(self, scan: LocalScan) -> None:
-        for entry in self.discovery.dead:
-            print(
-                f"cis: warning: {entry.describe()} is gone (it stopped without cleaning up)",
-                file=sys.stderr,
-            )
-        for _, error in scan.silent:
-            print(f"cis: warning: {error}", file=sys.stderr)
-
-    async def local(self) -> LocalScan:
-        from cis_bot.control.finder import scan_processes
-
-        if self._scan is None:
-            self._scan = await scan_processes(
-                self.discovery.live, include_ended=True, timeout=self.timeout
-            )
-        return self._scan
-
-    async def node(self) -> Node:
-        from cis_bot.execute import connect_configured
-
-        if self._connection is None:
-            self._connection = await connect_configured(self.config, serve=False)
-        return self._connection.node
-
-    async def room_runs(self) -> list[tuple[str, RunLog]]:
-        from cis_bot.execute import read_runs, rooms_of
-
-        if self._runs is None:
-            node = await self.node()
-            self._runs = await read_runs(node, await rooms_of(node, self.room))
-        return self._runs
-
-    async def records(self, *, disk: bool, rooms: bool) -> list[SessionRecord]:
-        """Every session known: processes first, then rooms, then transcripts left on disk."""
-        from cis_bot.control.finder import scan_disk, scan_room
-
-        found = {r.session_id: r for r in (await self.local()).records}
-        if rooms and self.remote:
-            for room_id, run in await self.room_runs():
-                for record in scan_room(room_id, run):
-                    found.setdefault(record.session_id, record)
-        if disk:
-            for record in scan_disk(self.state_dir):
-                known = found.get(record.session_id)
-                if known is None:
-                    found[record.session_id] = record
-                elif known.source == "room" and known.ended:
-                    known.transcript = record.transcript  # the local copy beats a download
-                    known.source = "disk"
-        return list(found.values())
-
-    def gone(self, run_id: str) -> str | None:
-        """Why a run's sessions cannot be reached: its process died."""
-        for entry in self.discovery.dead:
-            if any(r.run_id == run_id for r in entry.runs):
-                return f"{entry.describe()} is gone (it stopped without cleaning up)"
-        return None
-
-    async def find_session(self, text: str, *, live: bool) -> SessionRecord:
-        from cis_bot.control.client import ControlError
-        from cis_bot.control.finder import SessionId, UnknownSession, resolve_session
-
-        scan = await self.local()
-        try:
-            record = resolve_session(text, scan.records)
-        except UnknownSession:
-            try:
-                record = resolve_session(text, await self.records(disk=True, rooms=True))
-            except UnknownSession as exc:
-                wanted = SessionId.parse(text)
-                for entry in self.discovery.dead:
-                    if any(wanted.matches_run(r.run_id) for r in entry.runs):
-                        raise ControlError(f"{exc}; {self.gone_entry(entry)}") from None
-                if scan.silent:
-                    silent = "; ".join(error for _, error in scan.silent)
-                    raise ControlError(f"{exc}; and {silent}") from None
-                raise
-        if record.source != "process":
-            for entry, error in scan.silent:
-                if any(r.run_id == record.run_id for r in entry.runs):
-                    raise ControlError(f"session {record.session_id}: {error}")
-        if live:
-            if record.source != "process" and (why := self.gone(record.run_id)):
-                raise ControlError(f"session {record.session_id}: {why}")
-            if record.source == "disk" and not record.ended:
-                raise ControlError(
-                    f"session {record.session_id} is held by no process here (only its "
-                    f"transcript is left); `cis dag logs {record.session_id}` shows its output"
-                )
-            if record.ended:
-                raise ControlError(
-                    f"session {record.session_id} has ended ({record.state}); "
-                    f"`cis dag logs {record.session_id}` shows its output"
-                )
-        return record
-
-    @staticmethod
-    def gone_entry(entry: ProcessEntry) -> str:
-        return f"{entry.describe()} is gone (it stopped without cleaning up)"
-
-    async def check_node(self, room_id: str, node_id: str) -> None:
-        """Fail at once when the room says the node is down (its heartbeat has lapsed), rather
-        than wait out the timeout. A node that does not heartbeat (a coordinator) is asked."""
-        from mautrix.errors import MatrixError
-
-        from cis_bot.control.client import ControlError
-        from cis_bot.matrix import events as ev
-
-        node = await self.node()
-        try:
-            state = await node.room_state(room_id)
-        except MatrixError:
-            return
-        for raw in state:
-            if raw.get("type") != ev.NodeHeartbeat.TYPE or raw.get("state_key") != node_id:
-                continue
-            try:
-                beat = ev.decode(ev.NodeHeartbeat.TYPE, raw.get("content"))
-            except ev.InvalidEvent:
-                return
-            assert isinstance(beat, ev.NodeHeartbeat)
-            age = (ev.now_ms() - beat.timestamp) / 1000
-            if age > beat.ttl_ms / 1000:
-                raise ControlError(
-                    f"node {node_id} looks down: its last heartbeat was {age:.0f}s ago (a "
-                    f"running node renews it within {beat.ttl_ms / 1000:g}s)"
-                )
-
-    async def requester(self) -> RoomRequester:
-        from cis_bot.control.room import RoomRequester
-
-        return RoomRequester(await self.node(), timeout=self.timeout)
-
-    async def remote_session_request(
-        self, record: SessionRecord, *, extra_secs: float = 0, **fields: Any
-    ) -> ev.ControlReply:
-        """Ask the session's node, through the room, to act on it."""
-        if record.room_id is None or record.node is None:
-            raise UserError(f"session {record.session_id}: its node is not known")
-        await self.check_node(record.room_id, record.node)
-        requester = await self.requester()
-        requester.timeout += extra_secs
-        reply: ev.ControlReply = await requester.request(
-            record.room_id,
-            node=record.node,
-            node_user=record.node_user,
-            run_id=record.run_id,
-            session_id=record.session_id,
-            **fields,
-        )
-        return reply
-
-
-def _client(entry: ProcessEntry, timeout: float) -> ProcessClient:
-    from cis_bot.control.client import ProcessClient
-
-    return ProcessClient(entry, timeout=timeout)
-
-
 def _run(args: argparse.Namespace, body: Any) -> int:
+    """Run ``body`` with the lookup for the command's options."""
+
     async def main() -> int:
-        context = Context(args)
+        from cis_bot.config import default_state_dir, load_config
+        from cis_bot.control.client.lookup import Lookup
+
+        lookup = Lookup(
+            load_config(args.config),
+            args.state_dir or default_state_dir(),
+            timeout=args.timeout,
+            local_only=args.local,
+            room=args.room,
+        )
         try:
-            result: int = await body(context)
+            result: int = await body(lookup)
             return result
         finally:
-            await context.close()
+            await lookup.close()
 
     return asyncio.run(main())
 
@@ -345,6 +158,10 @@ def _user() -> str:
 
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2))
+
+
+def _warn(message: str) -> None:
+    print(f"cis: warning: {message}", file=sys.stderr)
 
 
 # --- sessions ----------------------------------------------------------------------------------
@@ -362,17 +179,18 @@ def _elapsed(seconds: float | None) -> str:
 
 
 def _sessions(args: argparse.Namespace) -> int:
-    async def body(context: Context) -> int:
-        from cis_bot.control.finder import resolve_run
+    async def body(lookup: Lookup) -> int:
+        from cis_bot.ids import match_run
 
-        records = await context.records(disk=args.all, rooms=True)
-        context.warn_about_processes(await context.local())
+        records = await lookup.records(disk=args.all, rooms=True)
+        for warning in lookup.warnings(await lookup.local()):
+            _warn(warning)
         if not args.all:
             records = [
                 r for r in records if not r.ended and r.source != "disk" and r.state != "unknown"
             ]
         if args.run:
-            run_id = resolve_run(args.run, {r.run_id for r in records})
+            run_id = match_run(args.run, {r.run_id for r in records})
             records = [r for r in records if r.run_id == run_id]
         records.sort(key=lambda r: (r.run_id, r.task_id, r.attempt or 0))
         if args.json:
@@ -425,32 +243,12 @@ def _logs(args: argparse.Namespace) -> int:
     if args.json and args.follow:
         raise UserError("--json and --follow do not go together")
 
-    async def body(context: Context) -> int:
-        record = await context.find_session(args.id, live=False)
-        out = sys.stdout.buffer
-        if record.source == "process" and record.process is not None:
-            async with _client(record.process, context.timeout) as client:
-                stream = client.logs(record.session_id, tail=args.tail, follow=args.follow)
-                if args.follow:
-                    await _follow(stream, raw=args.raw)
-                    return 0
-                data = b"".join([chunk async for chunk in stream])
-        elif record.source == "disk" and record.transcript:
-            data = await asyncio.to_thread(Path(record.transcript).read_bytes)
-        elif record.ended:
-            if not record.transcript:
-                raise UserError(f"session {record.session_id} left no transcript in its room")
-            node = await context.node()
-            data = await node.download(record.transcript)
-        else:
-            if args.follow:
-                raise UserError(
-                    f"session {record.session_id} runs on node {record.node}: following its "
-                    "output works on that node's machine; from here, logs without --follow "
-                    "shows its latest output"
-                )
-            reply = await context.remote_session_request(record, action="logs", tail=args.tail)
-            data = (reply.text or "").encode("utf-8")
+    async def body(lookup: Lookup) -> int:
+        record = await lookup.find_session(args.id, live=False)
+        if args.follow and record.source == "process" and record.process is not None:
+            await _follow(lookup.follow(record, tail=args.tail), raw=args.raw)
+            return 0
+        data = await lookup.transcript(record, tail=args.tail, follow=args.follow)
         shown = _last_lines(data, args.tail, raw=args.raw)
         if args.json:
             _print_json(
@@ -461,8 +259,8 @@ def _logs(args: argparse.Namespace) -> int:
                 }
             )
         else:
-            out.write(shown)
-            out.flush()
+            sys.stdout.buffer.write(shown)
+            sys.stdout.buffer.flush()
         return 0
 
     return _run(args, body)
@@ -470,7 +268,7 @@ def _logs(args: argparse.Namespace) -> int:
 
 async def _follow(stream: AsyncIterator[bytes], *, raw: bool) -> None:
     """Print the stream as it comes; as text, a partial line once the output pauses."""
-    from cis_bot.control.terminal import TextStream
+    from cis_bot.control.client.terminal import TextStream
 
     out = sys.stdout.buffer
     queue: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -515,16 +313,16 @@ async def _follow(stream: AsyncIterator[bytes], *, raw: bool) -> None:
 
 
 def _attach(args: argparse.Namespace) -> int:
-    async def body(context: Context) -> int:
-        from cis_bot.control.terminal import run_attached, terminal_size
+    async def body(lookup: Lookup) -> int:
+        from cis_bot.control.client.terminal import run_attached, terminal_size
 
-        record = await context.find_session(args.id, live=True)
+        record = await lookup.find_session(args.id, live=True)
         if record.source != "process" or record.process is None:
             raise UserError(
                 f"session {record.session_id} runs on node {record.node}: attach works on "
                 "that node's machine; from here: logs, input, kill"
             )
-        async with _client(record.process, context.timeout) as client:
+        async with lookup.client(record.process) as client:
             size = None if args.readonly else terminal_size(sys.stdout.fileno())
             ws = await client.attach(record.session_id, readonly=args.readonly, size=size)
             result = await run_attached(ws, readonly=args.readonly)
@@ -549,21 +347,9 @@ def _attach(args: argparse.Namespace) -> int:
 def _input(args: argparse.Namespace) -> int:
     newline = not args.no_newline
 
-    async def body(context: Context) -> int:
-        record = await context.find_session(args.id, live=True)
-        if record.source == "process" and record.process is not None:
-            async with _client(record.process, context.timeout) as client:
-                answer = await client.request(
-                    "POST",
-                    client.session_path(record.session_id, "input"),
-                    body={"text": args.text, "newline": newline},
-                )
-            state = answer.get("state") if isinstance(answer, dict) else None
-        else:
-            reply = await context.remote_session_request(
-                record, action="input", text=args.text, newline=newline
-            )
-            state = reply.state
+    async def body(lookup: Lookup) -> int:
+        record = await lookup.find_session(args.id, live=True)
+        state = await lookup.send_input(record, args.text, newline=newline)
         if args.json:
             _print_json({"session_id": record.session_id, "sent": True, "state": state})
         else:
@@ -575,22 +361,9 @@ def _input(args: argparse.Namespace) -> int:
 
 
 def _kill(args: argparse.Namespace) -> int:
-    async def body(context: Context) -> int:
-        record = await context.find_session(args.id, live=True)
-        if record.source == "process" and record.process is not None:
-            async with _client(record.process, context.timeout) as client:
-                answer = await client.request(
-                    "POST",
-                    client.session_path(record.session_id, "kill"),
-                    body={"by": _user()},
-                    timeout=context.timeout + KILL_EXTRA_SECS,
-                )
-            state = answer.get("state") if isinstance(answer, dict) else None
-        else:
-            reply = await context.remote_session_request(
-                record, action="kill", extra_secs=KILL_EXTRA_SECS
-            )
-            state = reply.state
+    async def body(lookup: Lookup) -> int:
+        record = await lookup.find_session(args.id, live=True)
+        state = await lookup.kill(record, by=_user())
         if args.json:
             _print_json({"session_id": record.session_id, "state": state})
         else:
@@ -603,83 +376,10 @@ def _kill(args: argparse.Namespace) -> int:
 # --- runs: cancel / approve --------------------------------------------------------------------
 
 
-class _RunTarget:
-    def __init__(
-        self,
-        run_id: str,
-        *,
-        process: ProcessEntry | None = None,
-        room_id: str | None = None,
-        node: str | None = None,
-        node_user: str | None = None,
-    ) -> None:
-        self.run_id = run_id
-        self.process = process
-        self.room_id = room_id
-        self.node = node
-        self.node_user = node_user
-
-
-async def _find_run(context: Context, text: str) -> _RunTarget:
-    from cis_bot.control.client import ControlError
-    from cis_bot.control.finder import UnknownRun, resolve_run
-    from cis_bot.dag.engine import RunEngine
-
-    local = {run.run_id: entry for entry in context.discovery.live for run in entry.runs}
-    try:
-        run_id = resolve_run(text, local)
-        return _RunTarget(run_id, process=local[run_id])
-    except UnknownRun as exc:
-        unknown = exc
-    for entry in context.discovery.dead:
-        if any(r.run_id.startswith(text) for r in entry.runs):
-            raise ControlError(f"run {text!r}: {context.gone_entry(entry)}")
-    if not context.remote:
-        raise unknown
-    found = await context.room_runs()
-    try:
-        run_id = resolve_run(text, [run.run_id for _, run in found])
-    except UnknownRun:
-        raise UserError(f"{unknown} (and none in the rooms either)") from None
-    room_id, run = next((room, run) for room, run in found if run.run_id == run_id)
-    assert run.spec is not None and run.created is not None
-    engine = RunEngine.replay(run.spec, run.events, max_workers=run.created.max_workers)
-    if engine.finished:
-        raise ControlError(f"run {run_id} has already ended ({engine.status})")
-    return _RunTarget(
-        run_id,
-        room_id=room_id,
-        node=run.created.coordinator,
-        node_user=run.coordinator_user,
-    )
-
-
-async def _run_request(
-    context: Context, target: _RunTarget, action: str, body: dict[str, Any]
-) -> dict[str, Any]:
-    if target.process is not None:
-        async with _client(target.process, context.timeout) as client:
-            answer = await client.request("POST", client.run_path(target.run_id, action), body=body)
-        return answer if isinstance(answer, dict) else {}
-    assert target.room_id is not None and target.node is not None
-    await context.check_node(target.room_id, target.node)
-    requester = await context.requester()
-    fields = {"task_id": body["task"]} if "task" in body else {}
-    await requester.request(
-        target.room_id,
-        node=target.node,
-        node_user=target.node_user,
-        action=action,
-        run_id=target.run_id,
-        **fields,
-    )
-    return {"run_id": target.run_id, "via": target.room_id}
-
-
 def _cancel(args: argparse.Namespace) -> int:
-    async def body(context: Context) -> int:
-        target = await _find_run(context, args.run)
-        answer = await _run_request(context, target, "cancel", {"by": _user()})
+    async def body(lookup: Lookup) -> int:
+        target = await lookup.find_run(args.run)
+        answer = await lookup.run_request(target, "cancel", {"by": _user()})
         if args.json:
             _print_json({"run_id": target.run_id, "cancelled": True, **answer})
         else:
@@ -690,8 +390,8 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 def _approve(args: argparse.Namespace) -> int:
-    async def body(context: Context) -> int:
-        target = await _find_run(context, args.run)
+    async def body(lookup: Lookup) -> int:
+        target = await lookup.find_run(args.run)
         if target.process is None and args.as_user:
             print(
                 "cis: note: --as applies to this machine's runs only; through the room you "
@@ -699,7 +399,7 @@ def _approve(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         by = args.as_user or _user()
-        answer = await _run_request(context, target, "approve", {"task": args.task, "by": by})
+        answer = await lookup.run_request(target, "approve", {"task": args.task, "by": by})
         if args.json:
             _print_json({"run_id": target.run_id, "task_id": args.task, "approved": True, **answer})
         else:

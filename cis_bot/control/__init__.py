@@ -1,8 +1,10 @@
 """Session control from the terminal, across processes and machines.
 
-``registry``: where each process's control API is found (the state directory).
-``server``: the control API one process serves (its sessions, the runs it drives).
-``room``: the same operations through a run's room, for sessions on other nodes.
-``client`` / ``finder`` / ``terminal``: the CLI's side (``cis dag sessions``, ``logs``,
-``attach``, ``input``, ``kill``, ``cancel``, ``approve``).
+The side that acts (in every process that holds sessions or drives runs):
+``operations``: the ControlPlane, what the process holds and what may be done to it (input,
+kill, logs, cancel, approve); ``api``: the plane over HTTP/WebSocket on the process's unix
+socket; ``room``: the same operations for requests posted in a run's room; ``service``: starting
+all of it. ``registry``: where each process's API is found (both sides read it).
+
+The side that asks (the CLI): ``client/``.
 """

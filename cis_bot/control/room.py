@@ -1,4 +1,4 @@
-"""Session control through a run's room, for sessions on other nodes.
+"""Session control through a run's room, for sessions on other nodes: the node's side.
 
 The CLI posts ``cis.dag.control.request`` (action, node, session or run, a request id, an expiry)
 in the run's room and waits for the ``cis.dag.control.reply`` with that request id from the
@@ -11,28 +11,20 @@ acting node's user. The node (``RoomControl``) obeys only:
 
 Cancel and approve go to the run's coordinator, and become engine facts for its driver, which
 records them in the room like any other decision. Attaching and following output stay on the
-machine that runs the session: a room is no place for a byte stream.
+machine that runs the session: a room is no place for a byte stream. The requesting side is
+``client/room.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import secrets
-import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 import structlog
-from mautrix.api import Method
-from mautrix.api import Path as ApiPath
-from mautrix.errors import MatrixError
 
-from cis_bot.control.client import ControlError
-from cis_bot.control.server import ControlPlane, OperationError, tail_offset
+from cis_bot.control.operations import ControlPlane, OperationError
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.node import Node
 from cis_bot.matrix.runlog import parse_room_event
@@ -65,12 +57,12 @@ class RoomControl:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def on_event(self, room_id: str, raw: Mapping[str, Any]) -> None:
-        if self._closed or raw.get("type") != ev.ControlRequest.TYPE:
+        if self._closed or raw.get("type") != ev.ControlRequestContent.TYPE:
             return
         event = parse_room_event(raw)
-        if event is None or not isinstance(event.payload, ev.ControlRequest):
+        if event is None or not isinstance(event.content, ev.ControlRequestContent):
             return
-        request = event.payload
+        request = event.content
         if request.node != self.node.identity.node_id or request.request_id in self._seen:
             return
         self._seen[request.request_id] = None
@@ -85,11 +77,11 @@ class RoomControl:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _handle(self, room_id: str, sender: str, request: ev.ControlRequest) -> None:
+    async def _handle(self, room_id: str, sender: str, request: ev.ControlRequestContent) -> None:
         node_id = self.node.identity.node_id
         if not await self.node.authorised(room_id, sender):
             log.warning("control.refused", sender=sender, action=request.action, room_id=room_id)
-            reply = ev.ControlReply(
+            reply = ev.ControlReplyContent(
                 request_id=request.request_id,
                 node=node_id,
                 ok=False,
@@ -100,12 +92,12 @@ class RoomControl:
             try:
                 reply = await self._act(room_id, sender, request)
             except OperationError as exc:
-                reply = ev.ControlReply(
+                reply = ev.ControlReplyContent(
                     request_id=request.request_id, node=node_id, ok=False, error=str(exc)
                 )
             except Exception as exc:  # never let one request take the handler down
                 log.exception("control.request_failed", request_id=request.request_id)
-                reply = ev.ControlReply(
+                reply = ev.ControlReplyContent(
                     request_id=request.request_id, node=node_id, ok=False, error=str(exc)
                 )
         try:
@@ -113,14 +105,16 @@ class RoomControl:
         except Exception as exc:
             log.warning("control.reply_failed", request_id=request.request_id, error=str(exc))
 
-    async def _act(self, room_id: str, sender: str, r: ev.ControlRequest) -> ev.ControlReply:
+    async def _act(
+        self, room_id: str, sender: str, r: ev.ControlRequestContent
+    ) -> ev.ControlReplyContent:
         plane = self.plane
         node_id = self.node.identity.node_id
 
         def reply(
             state: str | None = None, exit_code: int | None = None, text: str | None = None
-        ) -> ev.ControlReply:
-            return ev.ControlReply(
+        ) -> ev.ControlReplyContent:
+            return ev.ControlReplyContent(
                 request_id=r.request_id,
                 node=node_id,
                 ok=True,
@@ -152,116 +146,6 @@ class RoomControl:
         if r.action == "kill":
             done = await plane.kill(r.session_id, by=sender)
             return reply(state=done["state"], exit_code=done["exit_code"])
-        session, _ = plane.session(r.session_id)
-        text = await asyncio.to_thread(
-            _transcript_end,
-            session.transcript_path,
-            DEFAULT_LOG_LINES if r.tail is None else r.tail,
-        )
-        return reply(state=str(session.state), text=text)
-
-
-def _transcript_end(path: Path, lines: int) -> str:
-    try:
-        end = path.stat().st_size
-        start = max(tail_offset(path, lines, end), end - ev.CONTROL_LOG_CHARS)
-        with path.open("rb") as f:
-            f.seek(start)
-            data: bytes = f.read(end - start)
-    except FileNotFoundError:
-        return ""
-    text = data.decode("utf-8", errors="replace")
-    # Escapes in JSON can make the text longer than its bytes: keep the event within bounds.
-    while len(json.dumps(text)) > ev.CONTROL_LOG_CHARS * 1.2:
-        text = text[len(text) // 4 :]
-    return text
-
-
-class RoomRequester:
-    """The CLI's side: post a request, wait for its reply (``timeout``), never forever."""
-
-    def __init__(self, node: Node, *, timeout: float = 15.0, poll_interval: float = 0.25) -> None:
-        self.node = node
-        self.timeout = timeout
-        self.poll_interval = poll_interval
-
-    async def request(
-        self, room_id: str, *, node: str, node_user: str | None, **fields: Any
-    ) -> ev.ControlReply:
-        """Ask ``node`` (whose replies must come from ``node_user``) to act; its reply, or a
-        ControlError when it refuses or stays silent."""
-        deadline = time.monotonic() + self.timeout
-        request = ev.ControlRequest(
-            request_id=secrets.token_hex(8),
-            node=node,
-            expires=ev.now_ms() + int(self.timeout * 1000),
-            **fields,
-        )
-        try:
-            token = await self._position(room_id)
-            await self.node.send(room_id, request)
-        except (MatrixError, aiohttp.ClientError, OSError) as exc:
-            raise ControlError(f"cannot post the request in {room_id}: {exc}") from None
-        while True:
-            try:
-                replies, token = await self._replies_after(room_id, token)
-            except (MatrixError, aiohttp.ClientError, OSError) as exc:
-                log.warning("control.poll_failed", room_id=room_id, error=str(exc))
-                replies = []
-            for raw in replies:
-                reply = self._match(raw, request.request_id, node_user)
-                if reply is None:
-                    continue
-                if not reply.ok:
-                    raise ControlError(f"node {node} refused: {reply.error}")
-                return reply
-            if time.monotonic() >= deadline:
-                raise ControlError(
-                    f"no answer from node {node} within {self.timeout:g}s: is it running? "
-                    "(a request it gets later is ignored)"
-                )
-            await asyncio.sleep(self.poll_interval)
-
-    def _match(
-        self, raw: Mapping[str, Any], request_id: str, node_user: str | None
-    ) -> ev.ControlReply | None:
-        event = parse_room_event(raw)
-        if event is None or not isinstance(event.payload, ev.ControlReply):
-            return None
-        if event.payload.request_id != request_id:
-            return None
-        if node_user is not None and event.sender != node_user:
-            log.warning("control.reply_forged", sender=event.sender, expected=node_user)
-            return None
-        return event.payload
-
-    async def _position(self, room_id: str) -> str:
-        body = await self.node.intent.api.request(
-            Method.GET,
-            ApiPath.v3.rooms[room_id].messages,
-            query_params={"dir": "b", "limit": "1"},
-        )
-        return str(body["start"])
-
-    async def _replies_after(self, room_id: str, position: str) -> tuple[list[dict[str, Any]], str]:
-        """Reply events after ``position``, and the position after them."""
-        found: list[dict[str, Any]] = []
-        while True:
-            body = await self.node.intent.api.request(
-                Method.GET,
-                ApiPath.v3.rooms[room_id].messages,
-                query_params={
-                    "dir": "f",
-                    "from": position,
-                    "limit": "100",
-                    "filter": json.dumps({"types": [ev.ControlReply.TYPE]}),
-                },
-            )
-            chunk = [e for e in body.get("chunk") or [] if isinstance(e, dict)]
-            found.extend(chunk)
-            end = body.get("end")
-            if not isinstance(end, str) or end == position:
-                return found, position
-            position = end
-            if not chunk:
-                return found, position
+        lines = DEFAULT_LOG_LINES if r.tail is None else r.tail
+        text = await plane.transcript_end(r.session_id, lines, ev.CONTROL_LOG_CHARS)
+        return reply(state=str(plane.session(r.session_id).state), text=text)

@@ -21,13 +21,26 @@ from pathlib import Path
 import structlog
 from mautrix.errors import MatrixRequestError
 
-from cis_bot.dag import engine as en
+from cis_bot.dag.engine import (
+    RunEngine,
+    RunEvent,
+    RunFinished,
+    TaskDispatched,
+    TaskStatus,
+)
 from cis_bot.dag.spec import task_to_document
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.node import outgoing
 from cis_bot.matrix.outbox import Outbox, Outgoing
-from cis_bot.matrix.runlog import decision_payload, ms
-from cis_bot.session import events as se
+from cis_bot.matrix.runlog import decision_content, ms
+from cis_bot.session.events import (
+    SessionBlocked,
+    SessionCompleted,
+    SessionCreated,
+    SessionEvent,
+    SessionOutputUpdated,
+    SessionStateChanged,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -63,21 +76,21 @@ class SessionReporter:
         self.interval_s = interval_ms / 1000
         self.broadcast_status = broadcast_status
         self.broadcast_output = broadcast_output
-        self._pending: dict[str, list[ev.Payload]] = {}
+        self._pending: dict[str, list[ev.EventContent]] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
         self._output_seq: dict[str, int] = {}
         self._last_output: dict[str, float] = {}
 
-    def report(self, event: se.SessionEvent, run_id: str, task_id: str, attempt: int) -> None:
+    def report(self, event: SessionEvent, run_id: str, task_id: str, attempt: int) -> None:
         sid = event.session_id
         if not self.broadcast_status and not isinstance(
-            event, se.SessionCompleted | se.SessionOutputUpdated
+            event, SessionCompleted | SessionOutputUpdated
         ):
             return
         match event:
-            case se.SessionCreated(agent=agent):
+            case SessionCreated(agent=agent):
                 self._batch(
-                    ev.SessionCreated(
+                    ev.SessionCreatedContent(
                         run_id=run_id,
                         session_id=sid,
                         task_id=task_id,
@@ -86,10 +99,10 @@ class SessionReporter:
                         agent=agent,
                     )
                 )
-            case se.SessionStateChanged(old=old, new=new, reason=reason):
+            case SessionStateChanged(old=old, new=new, reason=reason):
                 if not new.is_terminal:
                     self._batch(
-                        ev.SessionStateChanged(
+                        ev.SessionStateContent(
                             run_id=run_id,
                             session_id=sid,
                             old_state=str(old),
@@ -97,30 +110,30 @@ class SessionReporter:
                             reason=ev.clip(reason, ev.REASON_CHARS),
                         )
                     )
-            case se.SessionOutputUpdated(tail=tail):
+            case SessionOutputUpdated(tail=tail):
                 now = time.monotonic()
                 if self.broadcast_output and now - self._last_output.get(sid, 0) >= self.interval_s:
                     self._last_output[sid] = now
                     seq = self._output_seq[sid] = self._output_seq.get(sid, 0) + 1
                     self._flush_session(sid)
-                    sample = ev.SessionOutput(
+                    sample = ev.SessionOutputContent(
                         run_id=run_id,
                         session_id=sid,
                         tail=ev.clip(tail, ev.PREVIEW_CHARS) or "",
                         seq=seq,
                     )
                     self._post(sample, droppable=True)
-            case se.SessionBlocked(reason=reason, preview=preview):
+            case SessionBlocked(reason=reason, preview=preview):
                 self._flush_session(sid)
                 self._post(
-                    ev.SessionBlocked(
+                    ev.SessionBlockedContent(
                         run_id=run_id,
                         session_id=sid,
                         reason=ev.clip(reason, ev.REASON_CHARS) or "",
                         output_preview=ev.clip(preview, ev.PREVIEW_CHARS) or "",
                     )
                 )
-            case se.SessionCompleted():
+            case SessionCompleted():
                 self._pending.pop(sid, None)
                 self._output_seq.pop(sid, None)
                 self._last_output.pop(sid, None)
@@ -138,7 +151,7 @@ class SessionReporter:
         for payload in self._pending.pop(sid, []):
             self._post(payload)
 
-    def _batch(self, payload: ev.SessionPayload) -> None:
+    def _batch(self, payload: ev.SessionContent) -> None:
         self._pending.setdefault(payload.session_id, []).append(payload)
         if self.interval_s <= 0:
             self.flush()
@@ -146,13 +159,13 @@ class SessionReporter:
             loop = asyncio.get_running_loop()
             self._flush_handle = loop.call_later(self.interval_s, self.flush)
 
-    def _post(self, payload: ev.Payload, *, droppable: bool = False) -> None:
+    def _post(self, payload: ev.EventContent, *, droppable: bool = False) -> None:
         self.outbox.post(outgoing(payload, droppable=droppable))
 
     def _post_completed(
-        self, event: se.SessionCompleted, run_id: str, task_id: str, attempt: int
+        self, event: SessionCompleted, run_id: str, task_id: str, attempt: int
     ) -> None:
-        payload = ev.SessionCompleted(
+        payload = ev.SessionCompletedContent(
             run_id=run_id,
             session_id=event.session_id,
             task_id=task_id,
@@ -229,14 +242,14 @@ class RunRecorder:
         self.lease_ms = lease_ms
         self.notice = StatusNotice(outbox, run_id=run_id, interval_s=notice_interval_s)
 
-    def on_run_event(self, event: en.RunEvent, engine: en.RunEngine) -> None:
+    def on_run_event(self, event: RunEvent, engine: RunEngine) -> None:
         rid = self.run_id
         if self.record_local_dispatch:
             match event:
-                case en.TaskDispatched(task_id=tid, attempt=attempt, at=at):
+                case TaskDispatched(task_id=tid, attempt=attempt, at=at):
                     task = engine.spec.task(tid)
                     self._post(
-                        ev.TaskAssigned(
+                        ev.TaskAssignedContent(
                             run_id=rid,
                             task_id=tid,
                             attempt=attempt,
@@ -250,17 +263,17 @@ class RunRecorder:
                             timestamp=ms(at),
                         )
                     )
-        payload = decision_payload(rid, event, engine)
+        payload = decision_content(rid, event, engine)
         if payload is not None:
             self._post(payload)
-        self.notice.update(engine, final=isinstance(event, en.RunFinished))
+        self.notice.update(engine, final=isinstance(event, RunFinished))
 
-    def on_session_event(self, event: se.SessionEvent, task_id: str, attempt: int) -> None:
-        if self.record_local_dispatch and isinstance(event, se.SessionCreated):
+    def on_session_event(self, event: SessionEvent, task_id: str, attempt: int) -> None:
+        if self.record_local_dispatch and isinstance(event, SessionCreated):
             # Claimed here, not when the engine folds the start: the session's own events
             # follow at once and must come after the claim in the log.
             self._post(
-                ev.TaskClaimed(
+                ev.TaskClaimedContent(
                     run_id=self.run_id,
                     task_id=task_id,
                     attempt=attempt,
@@ -270,28 +283,28 @@ class RunRecorder:
             )
         if self.reporter:
             self.reporter.report(event, self.run_id, task_id, attempt)
-        if isinstance(event, se.SessionBlocked):
+        if isinstance(event, SessionBlocked):
             self.notice.blocked[task_id] = event.reason
-        elif isinstance(event, se.SessionStateChanged | se.SessionCompleted):
+        elif isinstance(event, SessionStateChanged | SessionCompleted):
             self.notice.blocked.pop(task_id, None)
 
-    def _post(self, payload: ev.Payload) -> None:
+    def _post(self, payload: ev.EventContent) -> None:
         self.outbox.post(outgoing(payload))
 
 
 _ICONS = {
-    en.TaskStatus.COMPLETED: "✅",
-    en.TaskStatus.FAILED: "❌",
-    en.TaskStatus.TIMEOUT: "⏱️",
-    en.TaskStatus.SKIPPED: "⏭️",
-    en.TaskStatus.CANCELLED: "🚫",
-    en.TaskStatus.RUNNING: "🔄",
-    en.TaskStatus.DISPATCHED: "📤",
-    en.TaskStatus.AWAITING_APPROVAL: "✋",
+    TaskStatus.COMPLETED: "✅",
+    TaskStatus.FAILED: "❌",
+    TaskStatus.TIMEOUT: "⏱️",
+    TaskStatus.SKIPPED: "⏭️",
+    TaskStatus.CANCELLED: "🚫",
+    TaskStatus.RUNNING: "🔄",
+    TaskStatus.DISPATCHED: "📤",
+    TaskStatus.AWAITING_APPROVAL: "✋",
 }
 
 
-def status_table(engine: en.RunEngine, run_id: str, blocked: dict[str, str]) -> tuple[str, str]:
+def status_table(engine: RunEngine, run_id: str, blocked: dict[str, str]) -> tuple[str, str]:
     """(plain text, HTML) of a run's status, for people reading the room."""
     head = f"DAG {engine.spec.name} — run {run_id}: {engine.status}"
     lines, rows = [head], []
@@ -326,12 +339,12 @@ class StatusNotice:
         self.blocked: dict[str, str] = {}
         self._event_id: str | None = None
         self._in_flight = False
-        self._engine: en.RunEngine | None = None
+        self._engine: RunEngine | None = None
         self._dirty = False
         self._last_sent = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
-    def update(self, engine: en.RunEngine, *, final: bool = False) -> None:
+    def update(self, engine: RunEngine, *, final: bool = False) -> None:
         self._engine = engine
         self._dirty = True
         if final:

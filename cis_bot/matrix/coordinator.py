@@ -22,12 +22,13 @@ import structlog
 
 from cis_bot.config import Assignment
 from cis_bot.dag.engine import Outcome, TaskDispatched, TaskFinished
-from cis_bot.dag.runner import RunDriver
 from cis_bot.dag.spec import TaskSpec, task_to_document
+from cis_bot.ids import SessionId
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.node import Node, outgoing
 from cis_bot.matrix.outbox import Outbox
 from cis_bot.matrix.runlog import finished_fact, parse_room_event, started_fact
+from cis_bot.run.driver import RunDriver
 
 log = structlog.get_logger(__name__)
 
@@ -38,13 +39,10 @@ INLINE_UPSTREAM_BYTES = 24 * 1024
 @attrs.define
 class WorkerInfo:
     user_id: str
-    beat: ev.NodeHeartbeat
-    seen_at: float
+    #: Its newest heartbeat.
+    beat: ev.NodeHeartbeatContent
     #: Attempts we assigned it that have not completed.
     in_flight: set[str] = attrs.Factory(set)
-
-    def alive(self, now: float) -> bool:
-        return now - self.seen_at < self.beat.ttl_ms / 1000
 
     @property
     def load(self) -> float:
@@ -101,7 +99,7 @@ class RoomExecutor:
         """Learn the workers present from the room's state, then follow the room live."""
         self.node.add_listener(self.on_event)
         for raw in await self.node.room_state(self.room_id):
-            if raw.get("type") == ev.NodeHeartbeat.TYPE:
+            if raw.get("type") == ev.NodeHeartbeatContent.TYPE:
                 await self.on_event(self.room_id, raw)
         self._retry_task = asyncio.create_task(self._retry_waiting())
 
@@ -149,11 +147,11 @@ class RoomExecutor:
     # --- assignment ------------------------------------------------------------------------------
 
     def _candidates(self, agent: str) -> list[tuple[str, WorkerInfo]]:
-        now = time.time()
+        now = ev.now_ms()
         return [
             (node_id, info)
             for node_id, info in self.workers.items()
-            if info.alive(now) and agent in info.beat.agents
+            if info.beat.alive_at(now) and agent in info.beat.agents
         ]
 
     async def _assign(self, attempt: _Attempt) -> bool:
@@ -168,7 +166,7 @@ class RoomExecutor:
         else:
             node_id, info = min(candidates, key=lambda c: c[1].load)
         task, dispatch = attempt.task, attempt.dispatch
-        sid = f"{self.run_id}:{task.id}:{dispatch.attempt}"
+        sid = str(SessionId(self.run_id, task.id, dispatch.attempt))
         upstream: dict[str, str] | None = dict(attempt.upstream)
         upstream_mxc = None
         if len(json.dumps(upstream).encode()) > INLINE_UPSTREAM_BYTES:
@@ -181,7 +179,7 @@ class RoomExecutor:
         info.in_flight.add(sid)
         self.outbox.post(
             outgoing(
-                ev.TaskAssigned(
+                ev.TaskAssignedContent(
                     run_id=self.run_id,
                     task_id=task.id,
                     attempt=dispatch.attempt,
@@ -230,10 +228,10 @@ class RoomExecutor:
         event = parse_room_event(raw)
         if event is None:
             return
-        payload = event.payload
-        if isinstance(payload, ev.NodeHeartbeat):
+        payload = event.content
+        if isinstance(payload, ev.NodeHeartbeatContent):
             self._on_heartbeat(event.sender, payload)
-        elif isinstance(payload, ev.TaskClaimed | ev.SessionCompleted):
+        elif isinstance(payload, ev.TaskClaimedContent | ev.SessionCompletedContent):
             if payload.run_id != self.run_id:
                 return
             record = self._attempts.get((payload.task_id, payload.attempt))
@@ -242,7 +240,7 @@ class RoomExecutor:
                     "event.unauthorised", type=payload.TYPE, sender=event.sender, run=self.run_id
                 )
                 return
-            if isinstance(payload, ev.TaskClaimed):
+            if isinstance(payload, ev.TaskClaimedContent):
                 self.driver.submit(started_fact(payload))
             else:
                 record.done = True
@@ -257,13 +255,12 @@ class RoomExecutor:
         self._retry_wake.set()
         self._drain_wake.set()
 
-    def _on_heartbeat(self, sender: str, beat: ev.NodeHeartbeat) -> None:
+    def _on_heartbeat(self, sender: str, beat: ev.NodeHeartbeatContent) -> None:
         known = self.workers.get(beat.node_id)
         if known is not None and known.user_id != sender:
             log.warning("heartbeat.impostor", node=beat.node_id, sender=sender, owner=known.user_id)
             return
-        seen_at = beat.timestamp / 1000
         if known is None:
-            self.workers[beat.node_id] = WorkerInfo(sender, beat, seen_at)
-        else:
-            known.beat, known.seen_at = beat, max(known.seen_at, seen_at)
+            self.workers[beat.node_id] = WorkerInfo(sender, beat)
+        elif beat.timestamp >= known.beat.timestamp:
+            known.beat = beat

@@ -1,14 +1,22 @@
-"""The ``cis.dag.*`` event catalogue: typed payloads, validated both ways.
+"""The ``cis.*`` event catalogue: one content class per event type, validated both ways.
+
+docs/matrix.md's catalogue is the truth this module implements; keep the two together.
+
+Naming: each class is its event type's name with ``Content`` appended (as mautrix names its
+content classes): ``cis.dag.task.cancelled`` is ``TaskCancelledContent``. The engine's facts and
+decisions (``dag/engine.py``) and the session events (``session/events.py``) have names of
+their own, so a name says which layer it belongs to.
 
 Every content carries ``"v": 1``, ``run_id`` (except the node heartbeat and the control
 requests and replies, which belong to no run's log) and ``timestamp`` (ms).
-``decode(event_type, content)`` turns a room event's content into its payload class or raises
+``decode(event_type, content)`` turns a room event's content into its class or raises
 :class:`InvalidEvent` naming the type and the key; handlers log and drop those, never crash.
-``payload.content()`` is what goes on the wire. Sizes are bounded so no event nears Matrix's
+``content.content()`` is what goes on the wire. Sizes are bounded so no event nears Matrix's
 65,536-byte limit: long texts are cut (keeping their end) before they are sent.
 
-The first block is the catalogue of ARCHITECTURE.md; the second block holds the coordinator's
-decisions, so that the room alone replays to the run's exact state (see ``matrix/runlog.py``).
+The first block is the run's own story (creation, assignments, claims, sessions, its end) and
+the workers' heartbeats; the second holds the coordinator's decisions, so that the room alone
+replays to the run's exact state (see ``matrix/runlog.py``).
 """
 
 from __future__ import annotations
@@ -48,11 +56,11 @@ def clip(text: str | None, limit: int) -> str | None:
     return "…" + text[-(limit - 1) :]
 
 
-P = TypeVar("P", bound="Payload")
+P = TypeVar("P", bound="EventContent")
 
 
 @attrs.frozen(kw_only=True)
-class Payload(abc.ABC):
+class EventContent(abc.ABC):
     TYPE: ClassVar[str] = ""
 
     timestamp: int = attrs.field(factory=now_ms)
@@ -80,7 +88,7 @@ class Payload(abc.ABC):
 
 
 @attrs.frozen(kw_only=True)
-class RunPayload(Payload):
+class RunContent(EventContent):
     run_id: str
 
     @classmethod
@@ -92,7 +100,7 @@ class RunPayload(Payload):
 
 
 @attrs.frozen(kw_only=True)
-class RunCreated(RunPayload):
+class RunCreatedContent(RunContent):
     TYPE = "cis.dag.run.created"
 
     dag_name: str
@@ -109,7 +117,7 @@ class RunCreated(RunPayload):
     resumed_from: str | None = None
 
     @classmethod
-    def from_table(cls, t: Table) -> RunCreated:
+    def from_table(cls, t: Table) -> RunCreatedContent:
         spec = _json_object_text(t, "spec", required=False)
         spec_mxc = t.opt_string("spec_mxc", nonempty=True)
         if spec is None and spec_mxc is None:
@@ -127,7 +135,7 @@ class RunCreated(RunPayload):
 
 
 @attrs.frozen(kw_only=True)
-class TaskAssigned(RunPayload):
+class TaskAssignedContent(RunContent):
     TYPE = "cis.dag.task.assigned"
 
     task_id: str
@@ -142,15 +150,15 @@ class TaskAssigned(RunPayload):
     #: The worker must report within this long or the coordinator may reassign.
     lease_ms: int
     upstream_tasks: tuple[str, ...] = ()
-    #: The task as a JSON table in dag.json's layout, resolved (agent and prompt explicit).
-    #: The task as JSON text (see RunCreated.spec) of a table in dag.json's layout, resolved.
+    #: The task as JSON text (see RunCreatedContent.spec) of a table in dag.json's layout,
+    #: resolved (its agent and prompt explicit).
     task: str = "{}"
     #: Upstream outputs inline when small, else in a JSON media upload.
     upstream: dict[str, str] | None = None
     upstream_mxc: str | None = None
 
     @classmethod
-    def from_table(cls, t: Table) -> TaskAssigned:
+    def from_table(cls, t: Table) -> TaskAssignedContent:
         fields = cls.fields_of(t)
         task = _json_object_text(t, "task", required=True)
         assert task is not None
@@ -171,7 +179,7 @@ class TaskAssigned(RunPayload):
 
 
 @attrs.frozen(kw_only=True)
-class TaskClaimed(RunPayload):
+class TaskClaimedContent(RunContent):
     TYPE = "cis.dag.task.claimed"
 
     task_id: str
@@ -180,7 +188,7 @@ class TaskClaimed(RunPayload):
     session_id: str
 
     @classmethod
-    def from_table(cls, t: Table) -> TaskClaimed:
+    def from_table(cls, t: Table) -> TaskClaimedContent:
         return cls(
             **cls.fields_of(t),
             task_id=_required_string(t, "task_id"),
@@ -191,7 +199,7 @@ class TaskClaimed(RunPayload):
 
 
 @attrs.frozen(kw_only=True)
-class SessionPayload(RunPayload):
+class SessionContent(RunContent):
     #: ``run:task:attempt``
     session_id: str
 
@@ -201,7 +209,7 @@ class SessionPayload(RunPayload):
 
 
 @attrs.frozen(kw_only=True)
-class SessionCreated(SessionPayload):
+class SessionCreatedContent(SessionContent):
     TYPE = "cis.dag.session.created"
 
     task_id: str
@@ -210,7 +218,7 @@ class SessionCreated(SessionPayload):
     agent: str | None = None
 
     @classmethod
-    def from_table(cls, t: Table) -> SessionCreated:
+    def from_table(cls, t: Table) -> SessionCreatedContent:
         return cls(
             **cls.fields_of(t),
             task_id=_required_string(t, "task_id"),
@@ -221,7 +229,7 @@ class SessionCreated(SessionPayload):
 
 
 @attrs.frozen(kw_only=True)
-class SessionStateChanged(SessionPayload):
+class SessionStateContent(SessionContent):
     TYPE = "cis.dag.session.state"
 
     old_state: str
@@ -229,7 +237,7 @@ class SessionStateChanged(SessionPayload):
     reason: str | None = None
 
     @classmethod
-    def from_table(cls, t: Table) -> SessionStateChanged:
+    def from_table(cls, t: Table) -> SessionStateContent:
         return cls(
             **cls.fields_of(t),
             old_state=_required_string(t, "old_state"),
@@ -239,7 +247,7 @@ class SessionStateChanged(SessionPayload):
 
 
 @attrs.frozen(kw_only=True)
-class SessionOutput(SessionPayload):
+class SessionOutputContent(SessionContent):
     TYPE = "cis.dag.session.output"
 
     #: The last lines of output (bounded).
@@ -247,7 +255,7 @@ class SessionOutput(SessionPayload):
     seq: int
 
     @classmethod
-    def from_table(cls, t: Table) -> SessionOutput:
+    def from_table(cls, t: Table) -> SessionOutputContent:
         return cls(
             **cls.fields_of(t),
             tail=t.string("tail", ""),
@@ -256,14 +264,14 @@ class SessionOutput(SessionPayload):
 
 
 @attrs.frozen(kw_only=True)
-class SessionBlocked(SessionPayload):
+class SessionBlockedContent(SessionContent):
     TYPE = "cis.dag.session.blocked"
 
     reason: str
     output_preview: str = ""
 
     @classmethod
-    def from_table(cls, t: Table) -> SessionBlocked:
+    def from_table(cls, t: Table) -> SessionBlockedContent:
         return cls(
             **cls.fields_of(t),
             reason=_required_string(t, "reason"),
@@ -272,7 +280,7 @@ class SessionBlocked(SessionPayload):
 
 
 @attrs.frozen(kw_only=True)
-class SessionCompleted(SessionPayload):
+class SessionCompletedContent(SessionContent):
     TYPE = "cis.dag.session.completed"
 
     task_id: str
@@ -287,7 +295,7 @@ class SessionCompleted(SessionPayload):
     duration_ms: int | None = None
 
     @classmethod
-    def from_table(cls, t: Table) -> SessionCompleted:
+    def from_table(cls, t: Table) -> SessionCompletedContent:
         status = _required_string(t, "status")
         if status not in ("completed", "failed", "killed", "timeout"):
             t.fail(f"unknown status {status!r}", "status")
@@ -310,7 +318,7 @@ class SessionCompleted(SessionPayload):
 
 
 @attrs.frozen(kw_only=True)
-class RunCompleted(RunPayload):
+class RunCompletedContent(RunContent):
     TYPE = "cis.dag.run.completed"
 
     status: str
@@ -318,7 +326,7 @@ class RunCompleted(RunPayload):
     tasks: dict[str, str] = attrs.field(factory=dict)
 
     @classmethod
-    def from_table(cls, t: Table) -> RunCompleted:
+    def from_table(cls, t: Table) -> RunCompletedContent:
         status = _required_string(t, "status")
         if status not in ("completed", "failed", "cancelled"):
             t.fail(f"unknown status {status!r}", "status")
@@ -330,7 +338,7 @@ class RunCompleted(RunPayload):
 
 
 @attrs.frozen(kw_only=True)
-class NodeHeartbeat(Payload):
+class NodeHeartbeatContent(EventContent):
     TYPE = "cis.node.heartbeat"
 
     node_id: str
@@ -346,8 +354,16 @@ class NodeHeartbeat(Payload):
     def state_key(self) -> str:
         return self.node_id
 
+    @property
+    def expires_at(self) -> int:
+        """When (ms) the node is presumed gone unless it beats again."""
+        return self.timestamp + self.ttl_ms
+
+    def alive_at(self, now_ms: int) -> bool:
+        return now_ms < self.expires_at
+
     @classmethod
-    def from_table(cls, t: Table) -> NodeHeartbeat:
+    def from_table(cls, t: Table) -> NodeHeartbeatContent:
         return cls(
             **cls.fields_of(t),
             node_id=_required_string(t, "node_id"),
@@ -362,7 +378,7 @@ class NodeHeartbeat(Payload):
 
 
 @attrs.frozen(kw_only=True)
-class TaskDecision(RunPayload):
+class TaskDecisionContent(RunContent):
     """A decision about one task: skipped, cancelled, timed out, approval asked/given, aborted."""
 
     task_id: str
@@ -380,38 +396,38 @@ class TaskDecision(RunPayload):
         )
 
 
-_D = TypeVar("_D", bound=TaskDecision)
+_D = TypeVar("_D", bound=TaskDecisionContent)
 
 
 @attrs.frozen(kw_only=True)
-class TaskSkipped(TaskDecision):
+class TaskSkippedContent(TaskDecisionContent):
     TYPE = "cis.dag.task.skipped"
 
 
 @attrs.frozen(kw_only=True)
-class TaskCancelled(TaskDecision):
+class TaskCancelledContent(TaskDecisionContent):
     TYPE = "cis.dag.task.cancelled"
 
 
 @attrs.frozen(kw_only=True)
-class TaskTimedOut(TaskDecision):
+class TaskTimedOutContent(TaskDecisionContent):
     TYPE = "cis.dag.task.timed_out"
 
 
 @attrs.frozen(kw_only=True)
-class TaskAborted(TaskDecision):
+class TaskAbortedContent(TaskDecisionContent):
     TYPE = "cis.dag.task.aborted"
 
 
 @attrs.frozen(kw_only=True)
-class TaskLost(TaskDecision):
+class TaskLostContent(TaskDecisionContent):
     """The attempt will never report (its node stopped): the coordinator dispatches again."""
 
     TYPE = "cis.dag.task.lost"
 
 
 @attrs.frozen(kw_only=True)
-class TaskCarried(RunPayload):
+class TaskCarriedContent(RunContent):
     """A resumed run keeps this task's result from an earlier run."""
 
     TYPE = "cis.dag.task.carried"
@@ -421,7 +437,7 @@ class TaskCarried(RunPayload):
     output: str = ""
 
     @classmethod
-    def from_table(cls, t: Table) -> TaskCarried:
+    def from_table(cls, t: Table) -> TaskCarriedContent:
         return cls(
             **cls.fields_of(t),
             task_id=_required_string(t, "task_id"),
@@ -431,7 +447,7 @@ class TaskCarried(RunPayload):
 
 
 @attrs.frozen(kw_only=True)
-class ApprovalRequested(RunPayload):
+class TaskApprovalRequestedContent(RunContent):
     TYPE = "cis.dag.task.approval_requested"
 
     task_id: str
@@ -440,7 +456,7 @@ class ApprovalRequested(RunPayload):
     deadline: int | None = None
 
     @classmethod
-    def from_table(cls, t: Table) -> ApprovalRequested:
+    def from_table(cls, t: Table) -> TaskApprovalRequestedContent:
         return cls(
             **cls.fields_of(t),
             task_id=_required_string(t, "task_id"),
@@ -450,7 +466,7 @@ class ApprovalRequested(RunPayload):
 
 
 @attrs.frozen(kw_only=True)
-class TaskApproved(RunPayload):
+class TaskApprovedContent(RunContent):
     """An approval: by a person (``by`` set), or by an expired countdown (``by`` absent)."""
 
     TYPE = "cis.dag.task.approved"
@@ -459,7 +475,7 @@ class TaskApproved(RunPayload):
     by: str | None = None
 
     @classmethod
-    def from_table(cls, t: Table) -> TaskApproved:
+    def from_table(cls, t: Table) -> TaskApprovedContent:
         return cls(
             **cls.fields_of(t),
             task_id=_required_string(t, "task_id"),
@@ -468,13 +484,13 @@ class TaskApproved(RunPayload):
 
 
 @attrs.frozen(kw_only=True)
-class RunCancelled(RunPayload):
+class RunCancelledContent(RunContent):
     TYPE = "cis.dag.run.cancelled"
 
     by: str | None = None
 
     @classmethod
-    def from_table(cls, t: Table) -> RunCancelled:
+    def from_table(cls, t: Table) -> RunCancelledContent:
         return cls(**cls.fields_of(t), by=t.opt_string("by", nonempty=True))
 
 
@@ -488,7 +504,7 @@ CONTROL_LOG_CHARS = 32_000
 
 
 @attrs.frozen(kw_only=True)
-class ControlRequest(Payload):
+class ControlRequestContent(EventContent):
     """A person (through ``cis dag input/kill/logs/cancel/approve``) asks node ``node`` to act
     on one of its sessions, or on a run it coordinates. Not part of any run's log."""
 
@@ -511,7 +527,7 @@ class ControlRequest(Payload):
     expires: int
 
     @classmethod
-    def from_table(cls, t: Table) -> ControlRequest:
+    def from_table(cls, t: Table) -> ControlRequestContent:
         action = _required_string(t, "action")
         if action not in CONTROL_ACTIONS:
             t.fail(f"unknown action {action!r} (one of {', '.join(CONTROL_ACTIONS)})", "action")
@@ -541,8 +557,8 @@ class ControlRequest(Payload):
 
 
 @attrs.frozen(kw_only=True)
-class ControlReply(Payload):
-    """The acting node's answer to a ControlRequest."""
+class ControlReplyContent(EventContent):
+    """The acting node's answer to a ControlRequestContent."""
 
     TYPE = "cis.dag.control.reply"
 
@@ -557,7 +573,7 @@ class ControlReply(Payload):
     text: str | None = None
 
     @classmethod
-    def from_table(cls, t: Table) -> ControlReply:
+    def from_table(cls, t: Table) -> ControlReplyContent:
         ok = t.opt_boolean("ok")
         if ok is None:
             t.fail("missing required key", "ok")
@@ -578,36 +594,36 @@ class ControlReply(Payload):
         )
 
 
-CATALOGUE: Mapping[str, type[Payload]] = {
+CATALOGUE: Mapping[str, type[EventContent]] = {
     cls.TYPE: cls
     for cls in (
-        RunCreated,
-        TaskAssigned,
-        TaskClaimed,
-        SessionCreated,
-        SessionStateChanged,
-        SessionOutput,
-        SessionBlocked,
-        SessionCompleted,
-        RunCompleted,
-        NodeHeartbeat,
-        TaskSkipped,
-        TaskCancelled,
-        TaskTimedOut,
-        TaskAborted,
-        TaskLost,
-        TaskCarried,
-        ApprovalRequested,
-        TaskApproved,
-        RunCancelled,
-        ControlRequest,
-        ControlReply,
+        RunCreatedContent,
+        TaskAssignedContent,
+        TaskClaimedContent,
+        SessionCreatedContent,
+        SessionStateContent,
+        SessionOutputContent,
+        SessionBlockedContent,
+        SessionCompletedContent,
+        RunCompletedContent,
+        NodeHeartbeatContent,
+        TaskSkippedContent,
+        TaskCancelledContent,
+        TaskTimedOutContent,
+        TaskAbortedContent,
+        TaskLostContent,
+        TaskCarriedContent,
+        TaskApprovalRequestedContent,
+        TaskApprovedContent,
+        RunCancelledContent,
+        ControlRequestContent,
+        ControlReplyContent,
     )
 }
 
 
-def decode(event_type: str, content: object) -> Payload:
-    """The payload of a ``cis.*`` event, or InvalidEvent saying what is wrong with it."""
+def decode(event_type: str, content: object) -> EventContent:
+    """The content of a ``cis.*`` event, or InvalidEvent saying what is wrong with it."""
     cls = CATALOGUE.get(event_type)
     if cls is None:
         raise InvalidEvent(f"{event_type}: not a cis_bot event type")
@@ -625,7 +641,7 @@ def decode(event_type: str, content: object) -> Payload:
         raise InvalidEvent(str(exc)) from None
 
 
-def encode(payload: Payload) -> tuple[str, dict[str, Any]]:
+def encode(payload: EventContent) -> tuple[str, dict[str, Any]]:
     """(event type, content) ready to send; refuses content over the size bound."""
     content = payload.content()
     size = _size(content)

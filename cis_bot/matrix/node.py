@@ -44,6 +44,7 @@ from mautrix.types import (
 from yarl import URL
 
 from cis_bot.errors import UserError
+from cis_bot.ids import SessionId, task_key
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.identity import NodeIdentity
 from cis_bot.matrix.outbox import Outbox, Outgoing
@@ -278,12 +279,12 @@ class Node:
             power_level_override={
                 # Room version 12 forbids listing the creator here: creators outrank everyone.
                 "users": {u: 50 for u in invite},
-                "events": {ev.NodeHeartbeat.TYPE: 0},
+                "events": {ev.NodeHeartbeatContent.TYPE: 0},
             },
         )
         return str(room_id)
 
-    async def send(self, room_id: str, payload: ev.Payload) -> str:
+    async def send(self, room_id: str, payload: ev.EventContent) -> str:
         """Send now (raises on failure); most callers post through an ``outbox`` instead."""
         return await self.send_outgoing(room_id, outgoing(payload))
 
@@ -390,15 +391,16 @@ async def _request_error(response: aiohttp.ClientResponse) -> MatrixRequestError
     )
 
 
-def outgoing(payload: ev.Payload, *, droppable: bool = False) -> Outgoing:
+def outgoing(payload: ev.EventContent, *, droppable: bool = False) -> Outgoing:
     """An event to post; its ordering key keeps each task's events in order (run-wide events
     order against everything, see Outbox)."""
     event_type, content = ev.encode(payload)
     key: str | None = None
-    if isinstance(payload, ev.NodeHeartbeat):
+    if isinstance(payload, ev.NodeHeartbeatContent):
         key = f"heartbeat:{payload.node_id}"
-    elif isinstance(payload, ev.RunPayload) and isinstance(task_id := content.get("task_id"), str):
-        key = f"{payload.run_id}:{task_id}"
-    elif isinstance(payload, ev.SessionPayload):
-        key = payload.session_id.rsplit(":", 1)[0]
+    elif isinstance(payload, ev.RunContent) and isinstance(task_id := content.get("task_id"), str):
+        key = task_key(payload.run_id, task_id)
+    elif isinstance(payload, ev.SessionContent):
+        sid = SessionId.parse_or_none(payload.session_id)
+        key = sid.task_key if sid else payload.session_id
     return Outgoing(event_type, content, state_key=payload.state_key, droppable=droppable, key=key)

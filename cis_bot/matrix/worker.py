@@ -21,14 +21,15 @@ import attrs
 import structlog
 from mautrix.errors import MatrixRequestError
 
-from cis_bot.dag.runner import RunPaths, attempt_session
 from cis_bot.dag.spec import TaskSpec, parse_task_document
 from cis_bot.errors import InputError
+from cis_bot.ids import SessionId
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.broadcast import SessionReporter
 from cis_bot.matrix.node import Node, outgoing
 from cis_bot.matrix.outbox import Outbox
 from cis_bot.matrix.runlog import RoomEvent, parse_room_event
+from cis_bot.run.attempt import RunPaths, attempt_session
 from cis_bot.session.events import SessionCompleted, SessionState
 from cis_bot.session.manager import SessionManager
 from cis_bot.session.profile import AgentProfile
@@ -141,16 +142,19 @@ class Worker:
         event = parse_room_event(raw)
         if event is None:
             return
-        payload = event.payload
-        if isinstance(payload, ev.TaskAssigned) and payload.assigned_to == self.node_id:
+        payload = event.content
+        if isinstance(payload, ev.TaskAssignedContent) and payload.assigned_to == self.node_id:
             sent = raw.get("origin_server_ts")
             if isinstance(sent, int):
                 log.debug("assignment.received", lag_ms=int(time.time() * 1000) - sent)
             await self._on_assigned(room_id, event, payload)
-        elif isinstance(payload, ev.TaskCancelled | ev.TaskTimedOut) and payload.attempt:
+        elif (
+            isinstance(payload, ev.TaskCancelledContent | ev.TaskTimedOutContent)
+            and payload.attempt
+        ):
             await self._on_stop(event, payload)
 
-    async def _on_assigned(self, room_id: str, event: RoomEvent, a: ev.TaskAssigned) -> None:
+    async def _on_assigned(self, room_id: str, event: RoomEvent, a: ev.TaskAssignedContent) -> None:
         key = (a.run_id, a.task_id, a.attempt)
         if a.assigned_user != self.node.user_id or key in self._seen:
             return
@@ -160,7 +164,7 @@ class Worker:
             )
             return
         self._seen.add(key)
-        sid = f"{a.run_id}:{a.task_id}:{a.attempt}"
+        sid = str(SessionId(a.run_id, a.task_id, a.attempt))
         outbox = self.outbox(room_id)
         task = self._accept(a)
         if isinstance(task, str):
@@ -169,7 +173,7 @@ class Worker:
             return
         outbox.post(
             outgoing(
-                ev.TaskClaimed(
+                ev.TaskClaimedContent(
                     run_id=a.run_id,
                     task_id=a.task_id,
                     attempt=a.attempt,
@@ -185,7 +189,7 @@ class Worker:
         except (MatrixRequestError, OSError, ValueError) as exc:
             upstream = {}
             log.warning("assignment.upstream_missing", session_id=sid, error=str(exc))
-        paths = RunPaths(self.state_dir / "runs" / a.run_id)
+        paths = RunPaths.of(self.state_dir, a.run_id)
         spec = attempt_session(
             task,
             a.attempt,
@@ -198,7 +202,7 @@ class Worker:
         log.info("assignment.claimed", session_id=sid, agent=task.agent)
         await self.manager.start(spec)
 
-    def _accept(self, a: ev.TaskAssigned) -> TaskSpec | str:
+    def _accept(self, a: ev.TaskAssignedContent) -> TaskSpec | str:
         """The task to run, or why this node will not run it."""
         if a.agent not in self.accepted or a.agent not in self.profiles:
             accepted = ", ".join(sorted(self.accepted & set(self.profiles))) or "none"
@@ -211,7 +215,7 @@ class Worker:
             return "the task document does not match the assignment"
         return task
 
-    async def _upstream(self, a: ev.TaskAssigned) -> dict[str, str]:
+    async def _upstream(self, a: ev.TaskAssignedContent) -> dict[str, str]:
         if a.upstream is not None:
             return dict(a.upstream)
         if a.upstream_mxc:
@@ -221,13 +225,19 @@ class Worker:
             raise ValueError("upstream media is not a JSON object of strings")
         return {}
 
-    async def _on_stop(self, event: RoomEvent, payload: ev.TaskCancelled | ev.TaskTimedOut) -> None:
-        sid = f"{payload.run_id}:{payload.task_id}:{payload.attempt}"
+    async def _on_stop(
+        self, event: RoomEvent, payload: ev.TaskCancelledContent | ev.TaskTimedOutContent
+    ) -> None:
+        if payload.attempt is None:
+            return
+        sid = str(SessionId(payload.run_id, payload.task_id, payload.attempt))
         running = self._running.get(sid)
         if running is None or running.assigner != event.sender:
             return
         state = (
-            SessionState.TIMEOUT if isinstance(payload, ev.TaskTimedOut) else SessionState.KILLED
+            SessionState.TIMEOUT
+            if isinstance(payload, ev.TaskTimedOutContent)
+            else SessionState.KILLED
         )
         # Killing waits out the grace period: do it aside, the room's events keep flowing.
         self._spawn(self.manager.kill(sid, state=state, reason=payload.reason))
@@ -255,7 +265,7 @@ class Worker:
             except Exception as exc:
                 log.warning("heartbeat.failed", error=str(exc))
                 rooms = []
-            beat = ev.NodeHeartbeat(
+            beat = ev.NodeHeartbeatContent(
                 node_id=self.node_id,
                 agents=tuple(sorted(self.accepted & set(self.profiles))),
                 max_workers=self.max_workers,
@@ -279,8 +289,8 @@ class Worker:
                     break
 
 
-def _refused(a: ev.TaskAssigned, sid: str, reason: str) -> ev.SessionCompleted:
-    return ev.SessionCompleted(
+def _refused(a: ev.TaskAssignedContent, sid: str, reason: str) -> ev.SessionCompletedContent:
+    return ev.SessionCompletedContent(
         run_id=a.run_id,
         session_id=sid,
         task_id=a.task_id,

@@ -5,6 +5,10 @@ watched with ``loop.add_reader``; the exit status comes from a pidfd watched the
 ``waitpid(WNOHANG)``. No threads, no polling for output or exit. The only timers are the settle
 check of blocked detection (and its backed-off tty-read re-checks while the agent is quiet), the
 quiet-period rule, the kill grace period and the coalescing of output updates.
+
+What the terminal means (ready for the prompt, waiting for a person, turn over) and how the
+session ended are decided by the I/O-free rules in ``watcher.py``; this module does the I/O
+and applies their decisions.
 """
 
 from __future__ import annotations
@@ -13,8 +17,6 @@ import asyncio
 import contextlib
 import errno
 import os
-import re
-import shutil
 import signal
 import subprocess
 import termios
@@ -27,20 +29,7 @@ import structlog
 
 from cis_bot.errors import UserError
 from cis_bot.session import procfs
-from cis_bot.session.detect import (
-    Blocked,
-    BlockRule,
-    ScreenView,
-    TerminalView,
-    TextView,
-    TtyReadProbe,
-    compile_patterns,
-    find_prompt,
-    idle_blocked,
-    prompt_blocked,
-    quiet_blocked,
-    tty_read_blocked,
-)
+from cis_bot.session.detect import Blocked, ScreenView, TerminalView, TextView
 from cis_bot.session.events import (
     SessionBlocked,
     SessionCompleted,
@@ -50,15 +39,23 @@ from cis_bot.session.events import (
     SessionState,
     SessionStateChanged,
 )
+from cis_bot.session.launch import build_argv, resolve_executable, stdin_payload
 from cis_bot.session.output import ExtractorInput, get_extractor, terminal_text
+from cis_bot.session.procfs import TtyReadProbe
 from cis_bot.session.profile import AgentProfile, PromptVia
-from cis_bot.session.profiles import (
-    PROMPT_TOKEN,
-    SESSION_UUID_TOKEN,
-    escaped_prompt,
-    session_uuid,
-)
+from cis_bot.session.profiles import escaped_prompt
 from cis_bot.session.spawn import Pty, setsid_failure, spawn
+from cis_bot.session.watcher import (
+    Block,
+    Decision,
+    Screen,
+    TurnOver,
+    TypePrompt,
+    Unblock,
+    Watcher,
+    exit_code_of,
+    outcome,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -106,74 +103,6 @@ class SessionSettings:
     #: Reads per wake-up of the PTY reader: bounds the time one busy session holds the loop.
     read_size: int = 64 * 1024
     reads_per_wakeup: int = 4
-
-
-def build_argv(profile: AgentProfile, prompt: str, session_id: str = "") -> list[str]:
-    """The profile's argv with ``{prompt}`` tokens replaced by the prompt (argument mode only)
-    and ``{session_uuid}`` by the session's UUID.
-
-    Plain token replacement, never ``str.format``: braces in a prompt are just text.
-    """
-    if not profile.argv:
-        raise ValueError(f"agent profile {profile.name!r} has an empty argv")
-    argv = list(profile.argv)
-    if any(SESSION_UUID_TOKEN in arg for arg in argv):
-        uuid = session_uuid(session_id)
-        argv = [arg.replace(SESSION_UUID_TOKEN, uuid) for arg in argv]
-    if profile.prompt_via is not PromptVia.ARGUMENT:
-        return argv
-    if not any(PROMPT_TOKEN in arg for arg in argv):
-        raise ValueError(
-            f"agent profile {profile.name!r} passes the prompt as an argument "
-            f"but its argv has no {PROMPT_TOKEN}"
-        )
-    prompt = escaped_prompt(profile, prompt)
-    return [arg.replace(PROMPT_TOKEN, prompt) for arg in argv]
-
-
-def resolve_executable(command: str, env: Mapping[str, str], cwd: Path) -> str:
-    """The path execve will run: PATH lookup in the agent's own environment."""
-    if "/" in command:
-        path = Path(command) if Path(command).is_absolute() else cwd / command
-        if not (path.is_file() and os.access(path, os.X_OK)):
-            raise FileNotFoundError("no such executable file")
-        return str(path)
-    found = shutil.which(command, path=env.get("PATH", os.defpath))
-    if found is None:
-        raise FileNotFoundError("command not found in PATH")
-    return found
-
-
-def _stdin_payload(prompt: str, attrs_: list[Any]) -> bytes:
-    """The prompt as keystrokes for a canonical-mode terminal, then end-of-file.
-
-    Control characters are quoted with the terminal's literal-next character so ^C or ^D in a
-    prompt is text, not a signal or an early EOF; the EOF character ends any partial line (lines
-    are also cut every 1 KiB: the line discipline holds at most 4 KiB of one unfinished line),
-    then a second one on an empty line reads as end-of-file.
-    """
-    cc = attrs_[6]
-    eof, lnext = (
-        c if isinstance(c, bytes) else bytes([c]) for c in (cc[termios.VEOF], cc[termios.VLNEXT])
-    )
-    out = bytearray()
-    since_break = 0
-    for ch in prompt.encode("utf-8"):
-        if ch == 0x0A:
-            out.append(ch)
-            since_break = 0
-            continue
-        if (ch < 0x20 and ch != 0x09) or ch == 0x7F:
-            out += lnext
-        out.append(ch)
-        since_break += 1
-        if since_break >= 1024:
-            out += eof
-            since_break = 0
-    if since_break:
-        out += eof
-    out += eof
-    return bytes(out)
 
 
 class AgentSession:
@@ -224,24 +153,18 @@ class AgentSession:
         self._listeners: list[Callable[[bytes], None]] = []
         self._view: TerminalView | None = None
         self._probe: TtyReadProbe | None = None
-        self._patterns: tuple[re.Pattern[str], ...] = ()
-        self._idle_patterns: tuple[re.Pattern[str], ...] = ()
-        #: The profile's exit_input has been typed (the agent's turn is over).
-        self._exit_sent = False
+        #: The detection rules (set by ``start``, which reports a profile's invalid pattern).
+        self._watcher: Watcher
         self._exit_overdue = False
         #: The screen when the turn was seen to end, for the output extractor.
         self._turn_screen: list[str] | None = None
         self._exit_timer: asyncio.TimerHandle | None = None
-        self._ready_pattern: re.Pattern[str] | None = None
-        self._blocked: Blocked | None = None
-        self._pattern_lines = profile.pattern_lines or (10 if profile.screen else 1)
         # The terminal emulator is slow (~1 MB/s): screen sessions take smaller bites per wake-up
         # so one busy TUI cannot hold the loop for long.
         self._reads_per_wakeup = 1 if profile.screen else settings.reads_per_wakeup
         self._read_size = min(settings.read_size, 8192) if profile.screen else settings.read_size
         self._wbuf = bytearray()
         self._writer_active = False
-        self._prompt_pending = profile.prompt_via is PromptVia.PTY
         self._bracketed_paste = False
         self._status: int | None = None
         self._exited = False
@@ -250,13 +173,8 @@ class AgentSession:
         self._kill_state: SessionState | None = None
         self._kill_reason: str | None = None
 
-        now = self._t0
-        self._last_activity = now
-        self._unsettled_since: float | None = None
-        self._output_since_input = False
         self._settle_timer: asyncio.TimerHandle | None = None
         self._poll_timer: asyncio.TimerHandle | None = None
-        self._poll_interval = settings.settle_secs
         self._quiet_timer: asyncio.TimerHandle | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
@@ -287,13 +205,9 @@ class AgentSession:
             raise SessionError(f"session {self.session_id} has ended ({self.state})")
         raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
         self._write(raw)
-        now = self._loop.time()
-        self._last_activity = now
-        self._output_since_input = False
+        unblocked = self._watcher.input(self._loop.time())
         self._arm_quiet()
-        if self.state is SessionState.BLOCKED:
-            self._set_running("input")
-        self._poll_interval = self.settings.settle_secs
+        self._apply(unblocked)
         self._arm_poll(self.settings.settle_secs)
 
     async def kill(
@@ -366,10 +280,13 @@ class AgentSession:
     def start(self) -> None:
         """Spawn the agent. Failures end the session as failed (with SessionCompleted)."""
         try:
-            self._patterns = compile_patterns(self.profile.blocked_patterns)
-            self._idle_patterns = compile_patterns(self.profile.idle_patterns)
-            if self.profile.ready_pattern:
-                self._ready_pattern = compile_patterns([self.profile.ready_pattern])[0]
+            self._watcher = Watcher(
+                self.profile,
+                settle_secs=self.settings.settle_secs,
+                settle_max_secs=self.settings.settle_max_secs,
+                tty_poll_max_secs=self.settings.tty_poll_max_secs,
+                now=self._t0,
+            )
             argv = build_argv(self.profile, self.prompt, self.session_id)
             if not self.work_dir.is_dir():
                 raise FileNotFoundError(f"work_dir {self.work_dir} is not a directory")
@@ -410,6 +327,7 @@ class AgentSession:
         if self.profile.detect_tty_read and spawned.slave_path:
             probe = TtyReadProbe(proc.pid, self._fd, spawned.slave_path)
             self._probe = probe if probe.available else None
+        self._watcher.tty_probe = self._probe is not None
         self._view = (
             ScreenView(self.settings.rows, self.settings.cols)
             if self.profile.screen
@@ -423,9 +341,9 @@ class AgentSession:
         )
         self._change_state(SessionState.RUNNING, None)
         if self.profile.prompt_via is PromptVia.STDIN:
-            self._write(_stdin_payload(self.prompt, _termios_of(self._fd)))
+            self._write(stdin_payload(self.prompt, _termios_of(self._fd)))
         self._arm_quiet()
-        if self._probe is not None or self._prompt_pending:
+        if self._watcher.tty_probe or self._watcher.prompt_pending:
             self._arm_poll(self.settings.settle_secs)
 
     def _cannot_execute(self, detail: str) -> str:
@@ -487,7 +405,7 @@ class AgentSession:
             self._tail_truncated = True
         if self._view is not None:
             self._view.feed(data)
-        if self._prompt_pending and b"?2004" in data:
+        if self._watcher.prompt_pending and b"?2004" in data:
             self._track_bracketed_paste(data)
         for listener in tuple(self._listeners):
             try:
@@ -497,19 +415,14 @@ class AgentSession:
         if self._finished:
             return
         now = self._loop.time()
-        self._last_activity = now
-        self._output_since_input = True
-        if self._unsettled_since is None:
-            self._unsettled_since = now
-        self._poll_interval = self.settings.settle_secs
+        unblocked = self._watcher.output(now)
         if self._settle_timer is None:
             self._settle_timer = self._loop.call_at(
                 now + self.settings.settle_secs, self._on_settle_timer
             )
         if self._quiet_timer is None:
             self._arm_quiet()
-        if self._blocked is not None and self._blocked.rule is not BlockRule.PROMPT:
-            self._set_running("new output")
+        self._apply(unblocked)
         self._output_dirty = True
         if self._output_timer is None:
             delay = max(0.0, self._last_output_event + self.settings.output_interval - now)
@@ -571,19 +484,17 @@ class AgentSession:
         self._publish(SessionOutputUpdated(self.session_id, self.total_bytes, self.tail_text(20)))
 
     # ----------------------------------------------------------------- blocked detection
+    # The rules are the watcher's (watcher.py); here: its timers, what it is shown, and its
+    # decisions carried out.
 
     def _on_settle_timer(self) -> None:
         self._settle_timer = None
         if self._finished or self._exited:
             return
-        now = self._loop.time()
-        due = self._last_activity + self.settings.settle_secs
-        if self._unsettled_since is not None:
-            due = min(due, self._unsettled_since + self.settings.settle_max_secs)
-        if now < due:
+        due = self._watcher.settle_check(self._loop.time())
+        if due is not None:
             self._settle_timer = self._loop.call_at(due, self._on_settle_timer)
             return
-        self._unsettled_since = None
         self._evaluate()
 
     def _arm_poll(self, delay: float) -> None:
@@ -595,52 +506,41 @@ class AgentSession:
         self._poll_timer = None
         if self._finished or self._exited:
             return
-        if self._loop.time() - self._last_activity < self.settings.settle_secs:
-            # Output or input since: the settle timer takes over; look again later anyway.
-            self._arm_poll(self.settings.settle_secs)
+        delay = self._watcher.poll_check(self._loop.time())
+        if delay is not None:
+            self._arm_poll(delay)
             return
         self._evaluate()
 
     def _evaluate(self) -> None:
-        """Output has settled (or a re-check is due): is the agent waiting for a person?"""
-        if self._finished or self._exited or self._exit_sent:
+        """Show the watcher the terminal: is the agent ready, waiting for a person, done?"""
+        watcher = self._watcher
+        if self._finished or self._exited or watcher.turn_over:
             return
-        view = self._view
-        lines = view.last_lines(self._pattern_lines) if view is not None else []
-        if self._prompt_pending:
-            if self._ready_for_prompt(lines):
+        lines = self._view.last_lines(watcher.pattern_lines) if self._view is not None else []
+        reading = self._probe is not None and self._probe.reading_pid() is not None
+        evaluation = watcher.evaluate(Screen(lines, reading_tty=reading), self._loop.time())
+        self._apply(evaluation.decision)
+        if evaluation.recheck_in is not None:
+            self._arm_poll(evaluation.recheck_in)
+
+    def _apply(self, decision: Decision | None) -> None:
+        match decision:
+            case TypePrompt():
                 self._type_prompt()
-            else:
-                self._schedule_next_poll()
-            return
-        blocked: Blocked | None = None
-        if self._patterns and self._output_since_input:
-            line = find_prompt(self._patterns, lines)
-            if line is not None:
-                blocked = prompt_blocked(line)
-        if blocked is None and self._idle_patterns and self._output_since_input:
-            idle = find_prompt(self._idle_patterns, lines)
-            if idle is not None:
-                if self.profile.exit_input:
-                    self._send_exit_input(idle)
-                    return
-                blocked = idle_blocked(idle)
-        if blocked is None and self._probe is not None and self._probe.reading_pid():
-            blocked = tty_read_blocked(lines[-1] if lines else None)
-        if blocked is not None:
-            self._set_blocked(blocked)
-        elif self._blocked is not None and self._blocked.rule is not BlockRule.QUIET:
-            self._set_running("no longer waiting")
-        self._schedule_next_poll()
+            case Block(blocked=blocked):
+                self._set_blocked(blocked)
+            case Unblock(why=why):
+                self._set_running(why)
+            case TurnOver(shown=shown):
+                self._send_exit_input(shown)
 
     def _send_exit_input(self, shown: str) -> None:
         """The agent's turn is over: type the profile's exit input, once, and see that it exits."""
-        self._exit_sent = True
         if isinstance(self._view, ScreenView):
             self._turn_screen = self._view.display()
         log.info("session.turn_over", session_id=self.session_id, shown=shown[-200:])
-        if self.state is SessionState.BLOCKED:
-            self._set_running("turn over")
+        self._set_running("turn over")
         self._write(self.profile.exit_input.encode("utf-8"))
         self._exit_timer = self._loop.call_later(
             self.settings.exit_grace_secs, self._on_exit_overdue
@@ -661,62 +561,36 @@ class AgentSession:
         self._signal_session(signal.SIGCONT)
         self._kill_timer = self._loop.call_later(self.settings.kill_grace_secs, self._escalate_kill)
 
-    def _schedule_next_poll(self) -> None:
-        if self._probe is None and not self._prompt_pending:
-            return
-        self._poll_interval = min(self._poll_interval * 2, self.settings.tty_poll_max_secs)
-        self._arm_poll(self._poll_interval)
-
-    def _ready_for_prompt(self, lines: list[str]) -> bool:
-        if self._ready_pattern is not None:
-            return find_prompt((self._ready_pattern,), lines) is not None
-        if self._probe is not None and self._probe.reading_pid():
-            return True
-        return self.total_bytes > 0 and (
-            self._loop.time() - self._last_activity >= self.settings.settle_secs
-        )
-
     def _type_prompt(self) -> None:
-        self._prompt_pending = False
         text = escaped_prompt(self.profile, self.prompt).encode("utf-8")
         if self._bracketed_paste:
             text = b"\x1b[200~" + text + b"\x1b[201~"
         log.debug("session.prompt_typed", session_id=self.session_id, bytes=len(text))
         self._write(text + b"\r")
-        self._last_activity = self._loop.time()
-        self._output_since_input = False
-        self._poll_interval = self.settings.settle_secs
-        if self._probe is not None:
-            self._arm_poll(self.settings.settle_secs)
+        recheck = self._watcher.prompt_typed(self._loop.time())
+        if recheck is not None:
+            self._arm_poll(recheck)
 
     def _arm_quiet(self) -> None:
-        quiet = self.profile.quiet_secs
-        if quiet is None or self._finished:
+        due = self._watcher.quiet_due()
+        if due is None or self._finished:
             return
         if self._quiet_timer is not None:
             self._quiet_timer.cancel()
-        self._quiet_timer = self._loop.call_at(self._last_activity + quiet, self._on_quiet_timer)
+        self._quiet_timer = self._loop.call_at(due, self._on_quiet_timer)
 
     def _on_quiet_timer(self) -> None:
         self._quiet_timer = None
-        quiet = self.profile.quiet_secs
-        if quiet is None or self._finished or self._exited or self._exit_sent:
+        due = self._watcher.quiet_due()
+        if due is None or self._finished or self._exited:
             return
-        due = self._last_activity + quiet
         if self._loop.time() < due:
             self._quiet_timer = self._loop.call_at(due, self._on_quiet_timer)
             return
-        if self._prompt_pending:
-            self._type_prompt()
-            return
-        if self._blocked is None:
-            lines = self._view.last_lines(1) if self._view is not None else []
-            self._set_blocked(quiet_blocked(quiet, lines[-1] if lines else None))
+        lines = self._view.last_lines(1) if self._view is not None else []
+        self._apply(self._watcher.quiet(lines[-1] if lines else None))
 
     def _set_blocked(self, blocked: Blocked) -> None:
-        if self._blocked == blocked:
-            return
-        self._blocked = blocked
         self.blocked_reason = blocked.reason
         if self.state is not SessionState.BLOCKED:
             self._change_state(SessionState.BLOCKED, blocked.reason)
@@ -725,7 +599,6 @@ class AgentSession:
         self._publish(SessionBlocked(self.session_id, blocked.reason, preview))
 
     def _set_running(self, why: str) -> None:
-        self._blocked = None
         self.blocked_reason = None
         if self.state is SessionState.BLOCKED:
             self._change_state(SessionState.RUNNING, why)
@@ -835,24 +708,18 @@ class AgentSession:
             self._on_output(data)
 
     def _verdict(self) -> tuple[SessionState, int | None, str | None]:
-        status = self._status
-        exit_code = None if status is None or status < 0 else os.waitstatus_to_exitcode(status)
-        if self._kill_state is not None:
-            return self._kill_state, exit_code, self._kill_reason
-        if exit_code is None:
-            return SessionState.FAILED, None, "exit status unavailable (reaped elsewhere)"
-        if self._via_setsid:
+        exit_code = exit_code_of(self._status)
+        spawn_failure = None
+        if self._via_setsid and exit_code is not None:
             why = setsid_failure(exit_code, bytes(self._tail[:512]))
-            if why is not None:
-                return SessionState.FAILED, exit_code, self._cannot_execute(why)
-        if self._exit_overdue:
-            # Its turn was over and its output is there: the work is done, only the exit hung.
-            return SessionState.COMPLETED, exit_code, None
-        if exit_code < 0:
-            return SessionState.FAILED, exit_code, f"killed by {signal.Signals(-exit_code).name}"
-        if exit_code != 0:
-            return SessionState.FAILED, exit_code, f"exited with status {exit_code}"
-        return SessionState.COMPLETED, 0, None
+            spawn_failure = self._cannot_execute(why) if why is not None else None
+        return outcome(
+            exit_code,
+            killed=self._kill_state,
+            kill_reason=self._kill_reason,
+            spawn_failure=spawn_failure,
+            exit_overdue=self._exit_overdue,
+        )
 
     def _complete(
         self, state: SessionState, exit_code: int | None, error: str | None, output: str | None
@@ -868,7 +735,6 @@ class AgentSession:
             )
         self.exit_code = exit_code
         self.error = error
-        self._blocked = None
         self.blocked_reason = None
         self._change_state(state, error)
         completed = SessionCompleted(

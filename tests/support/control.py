@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cis_bot.control.client import ControlError, ProcessClient
+from cis_bot.control.client.process import ControlError, ProcessClient
 from cis_bot.control.registry import discover
 from tests.support.nodes import wait_for
 

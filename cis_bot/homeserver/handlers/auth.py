@@ -28,7 +28,7 @@ from cis_bot.homeserver.errors import (
     unknown_token,
 )
 from cis_bot.homeserver.ids import random_string
-from cis_bot.homeserver.storage.store import UserExistsError
+from cis_bot.homeserver.storage.registration import UserExistsError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -17,7 +17,7 @@ from cis_bot.homeserver.handlers import event_auth
 
 if TYPE_CHECKING:
     from cis_bot.homeserver.events import Event
-    from cis_bot.homeserver.handlers.rooms import RoomHandler, RoomState
+    from cis_bot.homeserver.handlers.room_state import RoomState, RoomStateHandler
     from cis_bot.homeserver.storage.store import Store
 
 MAX_SCAN = 5000  # events looked at when recounting one room from the database
@@ -79,7 +79,7 @@ def push_actions(event: Event, user_id: str, room: RoomState) -> tuple[bool, boo
 
 
 class NotificationCounts:
-    def __init__(self, store: Store, rooms: RoomHandler) -> None:
+    def __init__(self, store: Store, rooms: RoomStateHandler) -> None:
         self.store = store
         self.rooms = rooms
         self._counts: dict[tuple[str, str], list[int]] = {}

@@ -24,12 +24,13 @@ if TYPE_CHECKING:
     from cis_bot.homeserver.handlers.notifications import NotificationCounts
     from cis_bot.homeserver.handlers.notifier import Notifier
     from cis_bot.homeserver.handlers.pushrules import PushRulesHandler
-    from cis_bot.homeserver.handlers.rooms import RoomHandler, RoomState
+    from cis_bot.homeserver.handlers.room_state import RoomState, RoomStateHandler
     from cis_bot.homeserver.handlers.serialize import Serializer
     from cis_bot.homeserver.handlers.visibility import Visibility
     from cis_bot.homeserver.storage.store import Store
 
 _SCAN_BATCH = 200
+MAX_POSITION = 2**63 - 1  # SQLite's INTEGER
 
 
 @attrs.frozen
@@ -46,9 +47,19 @@ class SyncToken:
             if not raw.startswith("s"):
                 raise ValueError(raw)
             stream, _, typing = raw[1:].partition("_")
-            return cls(int(stream), int(typing or 0))
+            return cls(_position(stream), _position(typing or "0"))
         except ValueError:
             raise bad_request("Invalid stream token") from None
+
+
+def _position(text: str) -> int:
+    """A stream position in a token: a decimal that fits SQLite's 64-bit INTEGER."""
+    if not text.isascii() or not text.isdigit():
+        raise ValueError(text)
+    position = int(text)
+    if position > MAX_POSITION:
+        raise ValueError(text)
+    return position
 
 
 def is_pagination_token(raw: str) -> bool:
@@ -63,9 +74,9 @@ def parse_pagination_token(raw: str) -> int:
     """``s{N}`` (ours), or a sync token ``s{N}_{typing}``; ``t{topo}-{N}`` is accepted too."""
     try:
         if raw.startswith("t") and "-" in raw:
-            return int(raw.split("-", 1)[1].split("_", 1)[0])
+            return _position(raw.split("-", 1)[1].split("_", 1)[0])
         if raw.startswith("s"):
-            return int(raw[1:].split("_", 1)[0])
+            return _position(raw[1:].split("_", 1)[0])
     except ValueError:
         pass
     raise bad_request(f"Invalid stream token {raw!r}")
@@ -85,7 +96,7 @@ class SyncHandler:
         self,
         *,
         store: Store,
-        rooms: RoomHandler,
+        rooms: RoomStateHandler,
         notifier: Notifier,
         serializer: Serializer,
         typing: TypingHandler,

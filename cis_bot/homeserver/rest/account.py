@@ -17,6 +17,7 @@ from cis_bot.homeserver.errors import (
 )
 from cis_bot.homeserver.filtering import cap_timeline_limit, validate_filter
 from cis_bot.homeserver.ids import split_id
+from cis_bot.homeserver.rest.base import INT64_MAX
 
 if TYPE_CHECKING:
     from cis_bot.homeserver.rest.base import RestRequest, Router
@@ -84,6 +85,7 @@ async def login(request: RestRequest) -> Result:
     display_name = body.get("initial_device_display_name")
     if display_name is not None and not isinstance(display_name, str):
         display_name = None
+    limits = hs.login_ratelimiter
     if login_type == APPSERVICE_LOGIN:
         requester = request.auth()
         service = requester.appservice
@@ -91,6 +93,8 @@ async def login(request: RestRequest) -> Result:
             raise MatrixError(
                 401, "M_UNKNOWN_TOKEN", "This login method is only valid for application services"
             )
+        if service.rate_limited:
+            limits.address.ratelimit(request.raw.peer)
         identifier = body.get("identifier")
         if not isinstance(identifier, dict):
             raise bad_request("Invalid identifier in login submission", INVALID_PARAM)
@@ -103,6 +107,10 @@ async def login(request: RestRequest) -> Result:
         if not service.is_interested_in_user(user_id):
             raise MatrixError(403, FORBIDDEN, "Invalid access_token")
     else:
+        # Synapse's order: the address limit counts every attempt, the failed-attempts limit is
+        # checked before the password (and counts only failures), the account limit counts
+        # successes.
+        limits.address.ratelimit(request.raw.peer)
         password = body.get("password")
         if login_type == PASSWORD_LOGIN and not isinstance(password, str):
             raise bad_request("Bad parameter: password", INVALID_PARAM)
@@ -110,7 +118,14 @@ async def login(request: RestRequest) -> Result:
         if login_type != PASSWORD_LOGIN:
             raise bad_request(f"Unknown login type {login_type}")
         assert isinstance(password, str)
-        user_id = await hs.auth.check_password(user, password)
+        account = hs.auth.qualify(user).lower()
+        limits.failed_attempts.ratelimit(account, update=False)
+        try:
+            user_id = await hs.auth.check_password(user, password)
+        except MatrixError:
+            limits.failed_attempts.can_do_action(account)
+            raise
+        limits.account.ratelimit(user_id.lower())
     device, token = hs.auth.new_session(user_id, device_id, display_name, request.raw.peer)
     return 200, {
         "user_id": user_id,
@@ -274,7 +289,7 @@ async def set_profile_field(request: RestRequest, user_id: str, field: str) -> R
     if value == "":
         new_value = None
     hs.store.set_profile_field(user_id, field, new_value)
-    hs.rooms.propagate_profile(requester, field, new_value)
+    hs.members.propagate_profile(requester, field, new_value)
     return 200, {}
 
 
@@ -346,6 +361,8 @@ async def get_filter(request: RestRequest, user_id: str, filter_id: str) -> Resu
         number = int(filter_id)
     except ValueError:
         raise bad_request("Invalid filter_id") from None
+    if not 0 <= number <= INT64_MAX:
+        raise bad_request("Invalid filter_id")
     found = request.hs.store.get_filter(user_id, number)
     if found is None:
         raise not_found("No such filter")

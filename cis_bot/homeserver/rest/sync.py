@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
-from cis_bot.homeserver.errors import INVALID_PARAM, NOT_JSON, MatrixError, bad_request
+from cis_bot.homeserver.errors import INVALID_PARAM, bad_request
 from cis_bot.homeserver.filtering import (
     DEFAULT_FILTER,
     FilterCollection,
@@ -13,6 +12,7 @@ from cis_bot.homeserver.filtering import (
     validate_filter,
 )
 from cis_bot.homeserver.handlers.sync import SyncToken
+from cis_bot.homeserver.rest.base import INT64_MAX, parse_json
 
 if TYPE_CHECKING:
     from cis_bot.homeserver.rest.base import RestRequest, Router
@@ -32,17 +32,14 @@ async def sync(request: RestRequest) -> tuple[int, Any]:
     filters = DEFAULT_FILTER
     if filter_id is not None:
         if filter_id.startswith("{"):
-            try:
-                filter_json = json.loads(filter_id)
-            except ValueError:
-                raise MatrixError(400, NOT_JSON, "Invalid filter JSON") from None
+            filter_json = parse_json(filter_id)
             validate_filter(filter_json)
             cap_timeline_limit(filter_json)
             filters = FilterCollection.from_json(filter_json)
         else:
             stored = (
                 hs.store.get_filter(requester.user_id, int(filter_id))
-                if filter_id.isdigit()
+                if filter_id.isdigit() and int(filter_id) <= INT64_MAX
                 else None
             )
             if stored is None:

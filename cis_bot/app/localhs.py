@@ -137,15 +137,6 @@ class LocalHomeserverDir:
         return base_url, standalone
 
 
-def default_state_dir() -> Path:
-    """Where cis keeps runs and the local homeserver: ``$CIS_STATE_DIR``, else
-    ``$XDG_STATE_HOME/cis`` (``~/.local/state/cis``)."""
-    if env := os.environ.get("CIS_STATE_DIR"):
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "cis"
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

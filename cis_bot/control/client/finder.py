@@ -1,9 +1,9 @@
 """Finding sessions and runs for the CLI: in the processes on this machine, in the state
 directory's transcripts, and in the runs' rooms (sessions on other nodes).
 
-Ids: ``run:task[:attempt]`` with a run id or a unique prefix of one (without an attempt, the
-latest); a bare ``task`` works when only one run has it. An unknown or ambiguous id is a
-UserError that lists the candidates.
+Ids (see ``cis_bot/ids.py``): ``run:task[:attempt]`` with a run id or a unique prefix of one
+(without an attempt, the latest); a bare ``task`` works when only one run has it. An unknown or
+ambiguous id is a UserError that lists the candidates.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from typing import Any
 
 import attrs
 
-from cis_bot.control.client import ControlError, ProcessClient
+from cis_bot.control.client.process import ControlError, ProcessClient
 from cis_bot.control.registry import ProcessEntry
 from cis_bot.errors import UserError
+from cis_bot.ids import SHOWN_CANDIDATES, SessionId, SessionRef
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.runlog import RunLog
+from cis_bot.run.attempt import RunPaths
 
-#: How many candidates an error lists.
-SHOWN_CANDIDATES = 12
 _TERMINAL = frozenset({"completed", "failed", "killed", "timeout"})
 
 
@@ -151,14 +151,11 @@ def scan_disk(state_dir: Path) -> list[SessionRecord]:
     """Sessions that left a transcript in ``<state_dir>/runs/<run>/sessions/<task>.<n>.log``;
     their state is the run report's, when the run finished here."""
     records = []
-    for transcript in sorted((state_dir / "runs").glob("*/sessions/*.log")):
-        run_id = transcript.parent.parent.name
-        task_id, _, attempt = transcript.name[: -len(".log")].rpartition(".")
-        if not task_id or not attempt.isdigit():
-            continue
+    for sid, transcript in RunPaths.every_transcript(state_dir):
+        task_id = sid.task_id
         # Without the run's report (written when it ends), a process may still hold it.
         state, exit_code = "unknown", None
-        report = transcript.parent.parent / "report.json"
+        report = RunPaths.of(state_dir, sid.run_id).report
         try:
             task = json.loads(report.read_text(encoding="utf-8"))["tasks"][task_id]
             state = str(task["status"])
@@ -167,10 +164,10 @@ def scan_disk(state_dir: Path) -> list[SessionRecord]:
             pass
         records.append(
             SessionRecord(
-                session_id=f"{run_id}:{task_id}:{attempt}",
-                run_id=run_id,
+                session_id=str(sid),
+                run_id=sid.run_id,
                 task_id=task_id,
-                attempt=int(attempt),
+                attempt=sid.attempt,
                 state=state if is_terminal(state) else "unknown",
                 source="disk",
                 exit_code=exit_code,
@@ -201,17 +198,17 @@ def scan_room(room_id: str, run: RunLog, *, now: float | None = None) -> list[Se
     records: dict[str, SessionRecord] = {}
     started: dict[str, float] = {}
     for event in run.sessions:
-        p = event.payload
-        if not isinstance(p, ev.SessionPayload | ev.TaskClaimed):
+        p = event.content
+        if not isinstance(p, ev.SessionContent | ev.TaskClaimedContent):
             continue
         record = records.get(p.session_id)
         if record is None:
-            _, _, attempt = p.session_id.rpartition(":")
+            parsed = SessionId.parse_or_none(p.session_id)
             record = records[p.session_id] = SessionRecord(
                 session_id=p.session_id,
                 run_id=run.run_id,
-                task_id=p.session_id.split(":")[1] if p.session_id.count(":") >= 2 else "",
-                attempt=int(attempt) if attempt.isdigit() else None,
+                task_id=parsed.task_id if parsed else "",
+                attempt=parsed.attempt if parsed else None,
                 state="running",
                 source="room",
                 room_id=room_id,
@@ -219,22 +216,22 @@ def scan_room(room_id: str, run: RunLog, *, now: float | None = None) -> list[Se
             )
             started[p.session_id] = p.timestamp / 1000
         match p:
-            case ev.TaskClaimed():
+            case ev.TaskClaimedContent():
                 record.node = p.claimed_by
                 record.task_id, record.attempt = p.task_id, p.attempt
-            case ev.SessionCreated():
+            case ev.SessionCreatedContent():
                 record.node, record.agent = p.node, p.agent
                 record.task_id, record.attempt = p.task_id, p.attempt
-            case ev.SessionStateChanged():
+            case ev.SessionStateContent():
                 record.state = p.new_state
                 if p.new_state != "blocked":
                     record.blocked_reason = None
-            case ev.SessionBlocked():
+            case ev.SessionBlockedContent():
                 record.state, record.blocked_reason = "blocked", p.reason
                 record.last_line = _last_nonempty(p.output_preview) or record.last_line
-            case ev.SessionOutput():
+            case ev.SessionOutputContent():
                 record.last_line = _last_nonempty(p.tail) or record.last_line
-            case ev.SessionCompleted():
+            case ev.SessionCompletedContent():
                 record.state, record.exit_code = p.status, p.exit_code
                 record.task_id, record.attempt = p.task_id, p.attempt
                 record.transcript = p.transcript
@@ -242,9 +239,9 @@ def scan_room(room_id: str, run: RunLog, *, now: float | None = None) -> list[Se
                 record.last_line = _last_nonempty(p.output) or p.error or record.last_line
                 if p.duration_ms is not None:
                     record.elapsed_s = p.duration_ms / 1000
-    for sid, record in records.items():
+    for session_id, record in records.items():
         if record.elapsed_s is None and not record.ended:
-            record.elapsed_s = max(0.0, now - started[sid])
+            record.elapsed_s = max(0.0, now - started[session_id])
         if not record.ended and run.completed is not None:
             record.state = "unknown"  # the run ended without this session's word on it
     return list(records.values())
@@ -258,30 +255,6 @@ def _last_nonempty(text: str | None) -> str:
 # --- resolving ids -----------------------------------------------------------------------------
 
 
-@attrs.frozen
-class SessionId:
-    run: str | None
-    task: str
-    attempt: int | None
-
-    @classmethod
-    def parse(cls, text: str) -> SessionId:
-        parts = text.strip().split(":")
-        if not all(parts) or len(parts) > 3:
-            raise UserError(
-                f"{text!r} is not a session id: expected RUN:TASK[:ATTEMPT] (a run id or a "
-                "unique prefix of one) or a task id"
-            )
-        if len(parts) == 1:
-            return cls(None, parts[0], None)
-        if len(parts) == 3 and not parts[2].isdigit():
-            raise UserError(f"{text!r}: the attempt ({parts[2]!r}) must be a number")
-        return cls(parts[0], parts[1], int(parts[2]) if len(parts) == 3 else None)
-
-    def matches_run(self, run_id: str) -> bool:
-        return self.run is None or run_id == self.run or run_id.startswith(self.run)
-
-
 def _listing(records: Iterable[SessionRecord]) -> str:
     shown = sorted(records, key=lambda r: (r.ended, r.session_id))[:SHOWN_CANDIDATES]
     return ", ".join(f"{r.session_id} ({r.state})" for r in shown)
@@ -291,13 +264,9 @@ class UnknownSession(UserError):
     """No session matches (as opposed to several)."""
 
 
-class UnknownRun(UserError):
-    """No run matches (as opposed to several)."""
-
-
 def resolve_session(text: str, records: Sequence[SessionRecord]) -> SessionRecord:
     """The one session ``text`` names (see the module docstring)."""
-    wanted = SessionId.parse(text)
+    wanted = SessionRef.parse(text)
     matches = [
         r
         for r in records
@@ -319,16 +288,3 @@ def resolve_session(text: str, records: Sequence[SessionRecord]) -> SessionRecor
         raise UnknownSession(f"no session {text!r}{known}")
     # Without an attempt: the latest one (the live one, if any).
     return max(matches, key=lambda r: (r.attempt or 0, not r.ended))
-
-
-def resolve_run(text: str, run_ids: Iterable[str]) -> str:
-    ids = sorted(set(run_ids))
-    if text in ids:
-        return text
-    matches = [r for r in ids if r.startswith(text)]
-    if len(matches) > 1:
-        raise UserError(f"{text!r} is ambiguous: {', '.join(matches[:SHOWN_CANDIDATES])}")
-    if not matches:
-        known = ", ".join(ids[-SHOWN_CANDIDATES:]) or "none found"
-        raise UnknownRun(f"no run {text!r}; runs: {known}")
-    return matches[0]

@@ -1,9 +1,6 @@
-"""The control API of one process: every session it holds and every run it drives.
-
-One ``ControlPlane`` per process, served over a unix socket found from the state directory (see
-``registry.py``). ``cis dag execute`` / ``resume`` start one around their run; ``cis node``
-starts one for its worker and the runs it resumes. The same operations serve the room path
-(``room.py``): a request posted in a run's room by an authorised user.
+"""The HTTP/WebSocket transport of one process's control plane (``operations.py``), on a unix
+socket found from the state directory (see ``registry.py``). ``cis dag execute`` / ``resume``
+serve one around their run; ``cis node`` serves one for its worker and the runs it resumes.
 
 HTTP API (JSON unless said otherwise; errors are ``{"error": message}`` with 4xx):
 
@@ -34,101 +31,22 @@ import os
 import signal
 import socket
 import struct
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import attrs
 import structlog
 from aiohttp import WSMsgType, web
 
 from cis_bot.control import registry
-from cis_bot.dag.engine import RunCancelled, TaskApproved, TaskStatus
-from cis_bot.dag.runner import RunDriver
-from cis_bot.dag.spec import LevelKind
+from cis_bot.control.operations import ControlPlane, ControlSettings, OperationError, tail_offset
 from cis_bot.errors import UserError
-from cis_bot.session.manager import SessionManager
 from cis_bot.session.session import AgentSession, SessionError
 
 log = structlog.get_logger(__name__)
 
 API = "/v1"
-#: Enter, as a terminal sends it.
-ENTER = b"\r"
 #: Screen-clearing sequences: a replay for a new terminal starts at the last of them.
 _SCREEN_STARTS = (b"\x1b[?1049h", b"\x1b[?47h", b"\x1b[2J", b"\x1bc")
-
-
-class OperationError(Exception):
-    """An operation that cannot be done; ``status`` is the HTTP status that says why."""
-
-    def __init__(self, message: str, status: int = 409) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@attrs.frozen
-class ControlSettings:
-    #: ``input``: the Enter key goes this long after the text, as when a person types (a TUI
-    #: reading the text and the Enter in one read may take it all for a paste).
-    enter_delay_secs: float = 0.05
-    #: A terminal that falls this far behind a session's output is disconnected.
-    attach_backlog_bytes: int = 8 * 1024 * 1024
-    #: What a newly attached terminal is shown of the output so far (at most).
-    replay_bytes: int = 64 * 1024
-    #: Largest input accepted in one request.
-    max_input_bytes: int = 64 * 1024
-
-
-@attrs.define
-class RunHandle:
-    """A run this process drives: operations on it become facts for its driver."""
-
-    run_id: str
-    room_id: str
-    dag: str
-    mode: str
-    driver: RunDriver
-
-
-@attrs.define(eq=False)
-class _Holder:
-    manager: SessionManager
-    #: The room a session's run lives in (where room requests about it must come from).
-    room_of: Callable[[str], str | None]
-
-
-def split_session_id(session_id: str) -> tuple[str, str, int | None]:
-    """(run, task, attempt) of ``run:task:attempt`` (run ids and task ids hold no ':')."""
-    run_id, _, rest = session_id.partition(":")
-    task_id, _, attempt = rest.rpartition(":")
-    if not task_id:
-        return run_id, rest, None
-    return run_id, task_id, int(attempt) if attempt.isdigit() else None
-
-
-def session_info(session: AgentSession, node_id: str) -> dict[str, Any]:
-    run_id, task_id, attempt = split_session_id(session.session_id)
-    completion = session.completion
-    last = session.tail_text(8).rstrip().rsplit("\n", 1)[-1].strip()
-    return {
-        "session_id": session.session_id,
-        "run_id": run_id,
-        "task_id": task_id,
-        "attempt": attempt,
-        "agent": session.agent,
-        "state": str(session.state),
-        "node": node_id,
-        "pid": session.pid,
-        "started_at": session.started_at,
-        "elapsed_s": round(session.duration_s, 3),
-        "last_line": last,
-        "blocked_reason": session.blocked_reason,
-        "exit_code": completion.exit_code if completion else None,
-        "error": completion.error if completion else None,
-        "transcript": str(session.transcript_path),
-    }
 
 
 def replay_of(tail: bytes, limit: int) -> bytes:
@@ -141,37 +59,6 @@ def replay_of(tail: bytes, limit: int) -> bytes:
         return tail
     cut = tail.find(b"\n", len(tail) - limit)
     return tail[cut + 1 :] if cut >= 0 else tail[-limit:]
-
-
-def tail_offset(path: Path, lines: int, end: int) -> int:
-    """The offset in ``path`` where its last ``lines`` lines (up to ``end``) begin."""
-    if lines <= 0:
-        return end
-    block = 64 * 1024
-    with path.open("rb") as f:
-        position = end
-        found = 0
-        # A final newline ends the last line; it does not start another.
-        skip_last = True
-        while position > 0:
-            size = min(block, position)
-            position -= size
-            f.seek(position)
-            data = f.read(size)
-            index = len(data)
-            while True:
-                index = data.rfind(b"\n", 0, index)
-                if index < 0:
-                    break
-                if skip_last and position + index == end - 1:
-                    skip_last = False
-                    continue
-                skip_last = False
-                found += 1
-                if found == lines:
-                    return position + index + 1
-            skip_last = False
-    return 0
 
 
 class _Attached:
@@ -198,38 +85,28 @@ class _Attached:
         self.wake.set()
 
 
-class ControlPlane:
-    """This process's control API (see the module docstring)."""
+class ControlApi:
+    """Serves a ControlPlane on this process's socket and keeps its registry entry."""
 
-    def __init__(
-        self,
-        state_dir: Path,
-        *,
-        node_id: str,
-        kind: str,
-        settings: ControlSettings | None = None,
-    ) -> None:
+    def __init__(self, plane: ControlPlane, state_dir: Path, *, kind: str) -> None:
+        self.plane = plane
         self.state_dir = state_dir
-        self.node_id = node_id
         self.kind = kind
-        self.settings = settings or ControlSettings()
-        self._holders: list[_Holder] = []
-        self._runs: dict[str, RunHandle] = {}
         self._attached: dict[str, list[_Attached]] = {}
         self._streams: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
         self._registration: registry.Registration | None = None
         self._closed = False
-        #: Run first when the plane closes (the room handler's close).
-        self.on_close: list[Callable[[], Awaitable[None]]] = []
 
-    # --- lifecycle -------------------------------------------------------------------------------
+    @property
+    def settings(self) -> ControlSettings:
+        return self.plane.settings
 
     async def start(self) -> None:
-        """Listen on the socket and write this process's entry."""
+        """Listen on the socket and write this process's entry; the plane's close stops it."""
         socket_path = registry.socket_path(self.state_dir, os.getpid())
         self._registration = registry.Registration(
-            self.state_dir, node_id=self.node_id, kind=self.kind, socket=socket_path
+            self.state_dir, node_id=self.plane.node_id, kind=self.kind, socket=socket_path
         )
         if socket_path.parent != self._registration.directory:
             registry.private_dir(socket_path.parent)
@@ -259,6 +136,8 @@ class ControlPlane:
             raise UserError(f"cannot serve the control API on {socket_path}: {exc}") from None
         finally:
             os.umask(previous)
+        self.plane.on_runs_changed.append(self._write_entry)
+        self.plane.on_close.append(self.close)
         self._write_entry()
         log.info("control.listening", socket=str(socket_path))
 
@@ -266,8 +145,6 @@ class ControlPlane:
         if self._closed:
             return
         self._closed = True
-        for close in self.on_close:
-            await close()
         # Attached terminals normally saw their sessions end already (the manager closes
         # first); any left are cut off, and say the connection was lost.
         for task in list(self._streams):
@@ -283,164 +160,12 @@ class ControlPlane:
             return
         runs = tuple(
             registry.RunEntry(run_id=r.run_id, dag=r.dag, room_id=r.room_id, mode=r.mode)
-            for r in self._runs.values()
+            for r in self.plane.run_handles
         )
         try:
             self._registration.write(runs)
         except OSError as exc:
             log.warning("control.entry_write_failed", error=str(exc))
-
-    # --- what this process holds -----------------------------------------------------------------
-
-    def add_sessions(
-        self, manager: SessionManager, room_of: Callable[[str], str | None]
-    ) -> Callable[[], None]:
-        holder = _Holder(manager, room_of)
-        self._holders.append(holder)
-
-        def remove() -> None:
-            with contextlib.suppress(ValueError):
-                self._holders.remove(holder)
-
-        return remove
-
-    def add_run(self, run: RunHandle) -> Callable[[], None]:
-        self._runs[run.run_id] = run
-        self._write_entry()
-
-        def remove() -> None:
-            if self._runs.get(run.run_id) is run:
-                del self._runs[run.run_id]
-                self._write_entry()
-
-        return remove
-
-    def _all_sessions(self) -> dict[str, tuple[AgentSession, _Holder]]:
-        found: dict[str, tuple[AgentSession, _Holder]] = {}
-        for holder in self._holders:
-            for session in holder.manager.list():
-                known = found.get(session.session_id)
-                # A session id on two managers: the live one counts.
-                if known is None or known[0].state.is_terminal:
-                    found[session.session_id] = (session, holder)
-        return found
-
-    def session(self, session_id: str) -> tuple[AgentSession, _Holder]:
-        found = self._all_sessions().get(session_id)
-        if found is None:
-            raise OperationError(f"no session {session_id!r} in this process", 404)
-        return found
-
-    def session_room(self, session_id: str) -> str | None:
-        _, holder = self.session(session_id)
-        return holder.room_of(session_id)
-
-    def run(self, run_id: str) -> RunHandle:
-        handle = self._runs.get(run_id)
-        if handle is None:
-            raise OperationError(f"this process does not drive run {run_id!r}", 404)
-        return handle
-
-    # --- operations (the HTTP API and room requests share these) ---------------------------------
-
-    def sessions(self, *, include_ended: bool) -> list[dict[str, Any]]:
-        return [
-            session_info(session, self.node_id)
-            for session, _ in self._all_sessions().values()
-            if include_ended or not session.state.is_terminal
-        ]
-
-    def runs(self) -> list[dict[str, Any]]:
-        out = []
-        for handle in self._runs.values():
-            engine = handle.driver.engine
-            out.append(
-                {
-                    "run_id": handle.run_id,
-                    "dag": handle.dag,
-                    "mode": handle.mode,
-                    "room_id": handle.room_id,
-                    "status": str(engine.status),
-                    "tasks": {tid: str(r.status) for tid, r in engine.tasks.items()},
-                }
-            )
-        return out
-
-    async def send_input(self, session_id: str, text: str, *, newline: bool) -> dict[str, Any]:
-        session, _ = self.session(session_id)
-        data = text.encode("utf-8")
-        if len(data) > self.settings.max_input_bytes:
-            raise OperationError(
-                f"input of {len(data)} bytes is over the limit ({self.settings.max_input_bytes})",
-                400,
-            )
-        try:
-            if data:
-                session.send_input(data)
-            if newline:
-                if data and self.settings.enter_delay_secs > 0:
-                    await asyncio.sleep(self.settings.enter_delay_secs)
-                session.send_input(ENTER)
-        except SessionError as exc:
-            raise OperationError(str(exc), 409) from None
-        log.info("control.input", session_id=session_id, bytes=len(data), newline=newline)
-        return {"session_id": session_id, "state": str(session.state)}
-
-    async def kill(self, session_id: str, *, by: str | None) -> dict[str, Any]:
-        session, holder = self.session(session_id)
-        if session.state.is_terminal:
-            raise OperationError(f"session {session_id} has already ended ({session.state})")
-        reason = f"killed by {by}" if by else "killed on request"
-        log.info("control.kill", session_id=session_id, by=by)
-        completed = await holder.manager.kill(session_id, reason=reason)
-        return {
-            "session_id": session_id,
-            "state": str(completed.state),
-            "exit_code": completed.exit_code,
-        }
-
-    def cancel(self, run_id: str, *, by: str | None) -> dict[str, Any]:
-        handle = self.run(run_id)
-        engine = handle.driver.engine
-        if engine.finished:
-            raise OperationError(f"run {run_id} has already ended ({engine.status})")
-        handle.driver.submit(RunCancelled(time.time(), by=by))
-        log.info("control.cancel", run_id=run_id, by=by)
-        return {"run_id": run_id, "cancelled": True}
-
-    def approve(self, run_id: str, task_id: str, *, by: str | None) -> dict[str, Any]:
-        handle = self.run(run_id)
-        engine = handle.driver.engine
-        record = engine.tasks.get(task_id)
-        if record is None:
-            raise OperationError(
-                f"run {run_id} has no task {task_id!r}; tasks: {', '.join(engine.tasks)}", 404
-            )
-        waiting = [t for t, r in engine.tasks.items() if r.status is TaskStatus.AWAITING_APPROVAL]
-        level = record.spec.level
-        if not level.needs_approval:
-            raise OperationError(
-                f"task {task_id} needs no approval (level {level.kind}); "
-                f"awaiting approval: {', '.join(waiting) or 'none'}"
-            )
-        if record.approved or record.status not in (
-            TaskStatus.PENDING,
-            TaskStatus.AWAITING_APPROVAL,
-        ):
-            raise OperationError(f"task {task_id} is not awaiting approval ({record.status})")
-        if level.kind is LevelKind.ARBITRATED:
-            if by not in level.stakeholders:
-                raise OperationError(
-                    f"task {task_id} is approved by its stakeholders only "
-                    f"({', '.join(level.stakeholders)}); {by or 'anonymous'} is not one",
-                    403,
-                )
-            if by in record.approvals:
-                raise OperationError(f"{by} has already approved task {task_id}")
-        handle.driver.submit(TaskApproved(task_id, time.time(), by=by))
-        log.info("control.approve", run_id=run_id, task_id=task_id, by=by)
-        missing = [s for s in level.stakeholders if s != by and s not in record.approvals]
-        return {"run_id": run_id, "task_id": task_id, "approved": True, "waiting_for": missing}
 
     # --- HTTP handlers ---------------------------------------------------------------------------
 
@@ -449,19 +174,19 @@ class ControlPlane:
         return web.json_response(
             {
                 "pid": os.getpid(),
-                "node_id": self.node_id,
+                "node_id": self.plane.node_id,
                 "kind": self.kind,
                 "started": entry.started if entry else None,
-                "runs": [r.run_id for r in self._runs.values()],
+                "runs": [r.run_id for r in self.plane.run_handles],
             }
         )
 
     async def _get_sessions(self, request: web.Request) -> web.Response:
         include_ended = request.query.get("all", "") not in ("", "0", "false")
-        return web.json_response({"sessions": self.sessions(include_ended=include_ended)})
+        return web.json_response({"sessions": self.plane.sessions(include_ended=include_ended)})
 
     async def _get_runs(self, request: web.Request) -> web.Response:
-        return web.json_response({"runs": self.runs()})
+        return web.json_response({"runs": self.plane.runs()})
 
     async def _post_input(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
@@ -470,19 +195,19 @@ class ControlPlane:
         if not isinstance(text, str) or not isinstance(newline, bool):
             raise OperationError("expected {'text': string, 'newline': boolean}", 400)
         return web.json_response(
-            await self.send_input(request.match_info["sid"], text, newline=newline)
+            await self.plane.send_input(request.match_info["sid"], text, newline=newline)
         )
 
     async def _post_kill(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         return web.json_response(
-            await self.kill(request.match_info["sid"], by=_optional_str(body, "by"))
+            await self.plane.kill(request.match_info["sid"], by=_optional_str(body, "by"))
         )
 
     async def _post_cancel(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         return web.json_response(
-            self.cancel(request.match_info["run"], by=_optional_str(body, "by"))
+            self.plane.cancel(request.match_info["run"], by=_optional_str(body, "by"))
         )
 
     async def _post_approve(self, request: web.Request) -> web.Response:
@@ -491,11 +216,11 @@ class ControlPlane:
         if not isinstance(task, str) or not task:
             raise OperationError("expected {'task': task id}", 400)
         return web.json_response(
-            self.approve(request.match_info["run"], task, by=_optional_str(body, "by"))
+            self.plane.approve(request.match_info["run"], task, by=_optional_str(body, "by"))
         )
 
     async def _get_logs(self, request: web.Request) -> web.StreamResponse:
-        session, _ = self.session(request.match_info["sid"])
+        session = self.plane.session(request.match_info["sid"])
         follow = request.query.get("follow", "") not in ("", "0", "false")
         lines = _query_int(request, "tail")
         path = session.transcript_path
@@ -532,7 +257,7 @@ class ControlPlane:
 
     async def _attach(self, request: web.Request) -> web.StreamResponse:
         sid = request.match_info["sid"]
-        session, _ = self.session(sid)
+        session = self.plane.session(sid)
         if session.state.is_terminal:
             raise OperationError(
                 f"session {sid} has ended ({session.state}); `cis dag logs {sid}` shows its output"
@@ -570,7 +295,12 @@ class ControlPlane:
                     os.killpg(session.pid, signal.SIGWINCH)
         log.info("control.attached", session_id=sid, writer=client.writer, attached=len(clients))
         await ws.send_json(
-            {"type": "attached", "session_id": sid, "writer": client.writer, "node": self.node_id}
+            {
+                "type": "attached",
+                "session_id": sid,
+                "writer": client.writer,
+                "node": self.plane.node_id,
+            }
         )
         sender = asyncio.create_task(self._attach_output(session, client))
         self._streams.add(sender)

@@ -1,0 +1,115 @@
+"""Connecting this process's node to a homeserver: the configured one, or the local homeserver
+in the state directory (see ``localhs.py``), started here unless another process runs it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import attrs
+
+from cis_bot.app.localhs import InUse, LocalHomeserverDir
+from cis_bot.config import Config, ExecutionMode
+from cis_bot.errors import UserError
+from cis_bot.matrix.identity import NodeIdentity
+from cis_bot.matrix.node import Node
+
+if TYPE_CHECKING:
+    from cis_bot.homeserver.server import EmbeddedHomeserver
+
+
+@attrs.define
+class Connection:
+    """A started node, and in local mode the embedded homeserver this process runs under it."""
+
+    node: Node
+    homeserver: EmbeddedHomeserver | None = None
+    #: Held while this process runs the homeserver on the directory.
+    lock: IO[str] | None = None
+    directory: LocalHomeserverDir | None = None
+
+    async def close(self) -> None:
+        # The homeserver first: its appservice pusher must not be left waiting on our
+        # appservice endpoint once that is gone.
+        if self.homeserver is not None:
+            if self.directory is not None:
+                self.directory.withdraw_endpoint()
+            await self.homeserver.stop()
+        await self.node.stop()
+        if self.lock is not None:
+            self.lock.close()
+
+
+def run_alias_prefix(config: Config) -> str:
+    """Local run rooms are ``#<prefix><run_id>:<server>`` (from ``[dag.matrix] room_prefix``)."""
+    return config.dag.matrix.room_prefix.lstrip("!#") or "dag-"
+
+
+async def open_connection(
+    config: Config, mode: ExecutionMode, state_dir: Path, *, serve: bool = True
+) -> Connection:
+    """A node to work with in ``mode`` (``serve=False``: only to read rooms and post, no
+    appservice)."""
+    if mode is ExecutionMode.LOCAL:
+        return await connect_local(
+            state_dir, config.dag.matrix.home_server, run_alias_prefix(config), serve=serve
+        )
+    return await connect_configured(config, serve=serve)
+
+
+async def connect_configured(config: Config, *, serve: bool = True) -> Connection:
+    node = Node(NodeIdentity.from_config(config))
+    await node.start(serve=serve)
+    return Connection(node)
+
+
+async def connect_local(
+    state_dir: Path, server_name: str, alias_prefix: str, *, serve: bool = True
+) -> Connection:
+    """The local node on the local homeserver in ``state_dir/homeserver``.
+
+    If a process already runs that homeserver, use it: a standalone ``cis homeserver`` for
+    anything, another run's only to read (``serve=False``), since it ends with that run. Else
+    start it here: the appservice listens first (the registration names its port), then the
+    homeserver starts with the registrations in its directory, and says where it answers.
+    """
+    from cis_bot.homeserver.server import EmbeddedHomeserver
+
+    directory = LocalHomeserverDir.of(state_dir)
+    identity = directory.local_identity(server_name, alias_prefix)
+    try:
+        lock = directory.lock("cis")
+    except InUse:
+        running = directory.running_endpoint()
+        if running is None or not (running[1] or not serve):
+            raise
+        node = Node(identity)
+        if serve:
+            await node.listen()  # the standalone homeserver knows this port from its start
+        await node.connect(running[0])
+        return Connection(node)
+    node = Node(identity)
+    homeserver = EmbeddedHomeserver(
+        state_dir=directory.path,
+        server_name=server_name,
+        appservice_files=directory.registrations(),
+    )
+    try:
+        if serve:
+            try:
+                await node.listen()
+            except UserError:  # the port we used last time is taken now: take another one
+                node.identity = attrs.evolve(identity, listen_port=0)
+                node.identity = attrs.evolve(identity, listen_port=await node.listen())
+            directory.save_registration(node.identity, alias_prefix)
+            homeserver.appservice_files = tuple(directory.registrations())
+        await homeserver.start()
+        directory.publish_endpoint(homeserver.base_url, standalone=False)
+        await node.connect(homeserver.base_url)
+    except BaseException:
+        await homeserver.stop()
+        await node.stop()
+        directory.withdraw_endpoint()
+        lock.close()
+        raise
+    return Connection(node, homeserver, lock, directory)

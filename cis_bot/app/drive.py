@@ -1,0 +1,284 @@
+"""Driving a run in its room to its end, whatever the mode, new or picked up from its log.
+
+local:   tasks run here; the run's room is on the embedded loopback homeserver.
+hybrid:  tasks run here; the run is broadcast to a room on the configured homeserver; an outage
+         of that homeserver never stops local execution (the outbox queues, then flushes).
+matrix:  this node only coordinates: dispatches become assignments to worker nodes in the room.
+
+Whatever the mode: the RunEngine decides, the RunRecorder writes the run log into the room, and
+the report has the same shape.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import structlog
+
+from cis_bot.config import Config, ExecutionMode
+from cis_bot.control.operations import ControlPlane, RunHandle
+from cis_bot.control.service import start_control
+from cis_bot.dag.engine import Fact, Outcome, RunEngine, RunEvent, TaskDispatched, TaskFinished
+from cis_bot.dag.report import build_report
+from cis_bot.dag.spec import DagSpec, spec_to_document
+from cis_bot.ids import SessionId
+from cis_bot.matrix import events as ev
+from cis_bot.matrix.broadcast import RunRecorder, SessionReporter, Upload
+from cis_bot.matrix.coordinator import RoomExecutor
+from cis_bot.matrix.node import Node
+from cis_bot.matrix.runs import RoomRun
+from cis_bot.matrix.worker import Worker
+from cis_bot.run.attempt import RunPaths
+from cis_bot.run.driver import RunDriver, RunObserver
+from cis_bot.run.local import LocalExecutor
+from cis_bot.session.manager import SessionManager
+
+log = structlog.get_logger(__name__)
+
+#: Called once the run is under way, with its driver (submit RunCancelled to cancel) and the
+#: session manager its tasks run on.
+OnStarted = Callable[[RunDriver, SessionManager], None]
+
+
+@attrs.frozen
+class RunPlan:
+    """What ``drive_run`` drives: a run in a room, new or picked up from its log."""
+
+    run_id: str
+    room_id: str
+    spec: DagSpec
+    mode: ExecutionMode
+    max_workers: int
+    #: Events already in the room (a run picked up after its coordinator stopped).
+    history: Sequence[RunEvent] = ()
+    #: (task, attempt) -> worker user, for attempts out on workers (from the run log).
+    assignees: Mapping[tuple[str, int], str] = attrs.field(factory=dict)
+    #: Facts to feed first (a resumed run's carried-over tasks).
+    prelude: Sequence[Fact] = ()
+
+    @classmethod
+    def continuing(cls, run: RoomRun) -> RunPlan:
+        """Driving ``run`` on from where its log ends (its coordinator stopped)."""
+        return cls(
+            run.run_id,
+            run.room_id,
+            run.spec,
+            ExecutionMode(run.created.mode),
+            run.created.max_workers,
+            history=run.log.events,
+            assignees=run.log.assignees,
+        )
+
+
+async def announce(node: Node, plan: RunPlan, *, resumed_from: str | None = None) -> None:
+    """Post the run's ``cis.dag.run.created`` (the spec in media when too big for an event)."""
+    text = json.dumps(spec_to_document(plan.spec))
+    created = ev.RunCreatedContent(
+        run_id=plan.run_id,
+        dag_name=plan.spec.name,
+        spec=text,
+        mode=str(plan.mode),
+        max_workers=plan.max_workers,
+        coordinator=node.identity.node_id,
+        resumed_from=resumed_from,
+    )
+    try:
+        ev.encode(created)
+    except ValueError:
+        mxc = await node.upload(
+            text.encode(), mime_type="application/json", filename=f"{plan.run_id}.dag.json"
+        )
+        created = attrs.evolve(created, spec=None, spec_mxc=mxc)
+    await node.send(plan.room_id, created)
+
+
+async def drive_run(
+    node: Node,
+    plan: RunPlan,
+    *,
+    config: Config,
+    state_dir: Path,
+    work_dir: Path,
+    observers: Sequence[RunObserver] = (),
+    on_started: OnStarted | None = None,
+    control: ControlPlane | None = None,
+    kind: str = "execute",
+) -> dict[str, Any]:
+    """Drive the run to its end; returns its report. Its sessions and the run itself are served
+    on ``control`` (this process's control API; without one, the run serves its own as
+    ``kind``)."""
+    matrix = config.dag.matrix
+    paths = RunPaths.of(state_dir, plan.run_id)
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    manager = SessionManager()
+    worker: Worker | None = None
+    started = time.monotonic()
+    owned_control = control is None
+    if control is None:
+        control = await start_control(node, state_dir, kind=kind)
+    unregister: list[Callable[[], None]] = []
+    outbox = node.outbox(plan.room_id)
+    try:
+        runs_here = plan.mode is not ExecutionMode.MATRIX
+        reporter = None
+        if runs_here:
+            reporter = SessionReporter(
+                outbox,
+                node_id=node.identity.node_id,
+                upload=uploader(node),
+                interval_ms=matrix.broadcast_interval_ms,
+                broadcast_status=config.dag.hybrid.broadcast_status,
+                broadcast_output=config.dag.hybrid.broadcast_output,
+            )
+        recorder = RunRecorder(
+            outbox,
+            run_id=plan.run_id,
+            node_id=node.identity.node_id,
+            user_id=node.user_id,
+            record_local_dispatch=runs_here,
+            reporter=reporter,
+        )
+        engine = RunEngine.replay(plan.spec, plan.history, max_workers=plan.max_workers)
+        driver = RunDriver(engine, observers=[*observers, recorder])
+        if runs_here:
+            executor: LocalExecutor | RoomExecutor = LocalExecutor(
+                driver,
+                manager,
+                run_id=plan.run_id,
+                paths=paths,
+                profiles=config.agents,
+                work_dir=work_dir,
+            )
+            if plan.mode is ExecutionMode.HYBRID and config.dag.hybrid.accept_remote_tasks:
+                worker = make_worker(node, manager, config, state_dir=state_dir, work_dir=work_dir)
+                worker.start()
+        else:
+            executor = RoomExecutor(
+                driver,
+                node,
+                outbox,
+                room_id=plan.room_id,
+                run_id=plan.run_id,
+                no_worker_timeout=matrix.no_worker_timeout_secs,
+                policy=matrix.assignment,
+            )
+            await executor.start_listening()
+        unregister.append(
+            control.add_run(
+                RunHandle(plan.run_id, plan.room_id, plan.spec.name, str(plan.mode), driver)
+            )
+        )
+        unregister.append(control.add_sessions(manager, _room_of_session(plan, worker)))
+        for fact in plan.prelude:
+            driver.submit(fact)
+        _pick_up_open_attempts(engine, driver, executor, plan)
+        if on_started:
+            on_started(driver, manager)
+        await driver.run(executor)
+        await manager.close()
+        remote = executor.transcripts if isinstance(executor, RoomExecutor) else {}
+        report = build_report(
+            engine,
+            run_id=plan.run_id,
+            transcripts={**remote, **paths.transcripts_kept(engine)},
+            duration_s=round(time.monotonic() - started, 3),
+        )
+        report["room_id"] = plan.room_id
+        paths.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        if worker:
+            await worker.stop()
+            worker = None
+        if not await outbox.flush(timeout=matrix.flush_timeout_secs):
+            log.warning(
+                "room.events_undelivered",
+                room_id=plan.room_id,
+                pending=outbox.pending,
+                hint="the homeserver did not come back in time; the run itself is complete",
+            )
+        return report
+    finally:
+        await outbox.close()
+        await manager.close()
+        if worker:  # the run failed: stop working for others too
+            await worker.stop()
+        for remove in unregister:
+            remove()
+        if owned_control:
+            await control.close()
+
+
+def _room_of_session(plan: RunPlan, worker: Worker | None) -> Callable[[str], str | None]:
+    """The room a session on the run's manager belongs to: the run's own, or for a session
+    the worker claimed from another run, that run's."""
+
+    def room_of(session_id: str) -> str | None:
+        sid = SessionId.parse_or_none(session_id)
+        if sid is not None and sid.run_id == plan.run_id:
+            return plan.room_id
+        return worker.room_of(session_id) if worker else None
+
+    return room_of
+
+
+def _pick_up_open_attempts(
+    engine: RunEngine,
+    driver: RunDriver,
+    executor: LocalExecutor | RoomExecutor,
+    plan: RunPlan,
+) -> None:
+    """Attempts the log shows under way when the coordinator stopped: those on workers are
+    awaited (their results come through the room); those that ran in the stopped process are
+    lost, and go again."""
+    now = time.time()
+    for task_id, record in engine.tasks.items():
+        attempt = record.current
+        if not record.status.is_active or attempt is None:
+            continue
+        assignee = plan.assignees.get((task_id, attempt.number))
+        if isinstance(executor, RoomExecutor) and assignee:
+            executor.adopt(
+                record.spec,
+                TaskDispatched(task_id, attempt.number, attempt.dispatched_at),
+                assignee,
+            )
+        else:
+            driver.submit(
+                TaskFinished(
+                    task_id,
+                    attempt.number,
+                    now,
+                    Outcome.LOST,
+                    error="its node stopped before it reported",
+                )
+            )
+
+
+def uploader(node: Node) -> Upload:
+    """The node's media upload, as the session reporter calls it."""
+
+    async def upload(data: bytes, mime_type: str, filename: str) -> str:
+        return await node.upload(data, mime_type=mime_type, filename=filename)
+
+    return upload
+
+
+def make_worker(
+    node: Node, manager: SessionManager, config: Config, *, state_dir: Path, work_dir: Path
+) -> Worker:
+    return Worker(
+        node,
+        manager,
+        profiles=config.agents,
+        accept_agents=config.node.accept_agents,
+        max_workers=config.dag.local.max_workers,
+        state_dir=state_dir,
+        work_dir=work_dir,
+        interval_ms=config.dag.matrix.broadcast_interval_ms,
+        broadcast_output=config.dag.hybrid.broadcast_output,
+        heartbeat_secs=config.node.heartbeat_secs,
+    )

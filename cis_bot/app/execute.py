@@ -1,0 +1,63 @@
+"""The one entry point for a new run, in every mode (the seed's UnifiedDagExecutor)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from cis_bot.app.connect import open_connection, run_alias_prefix
+from cis_bot.app.drive import OnStarted, RunPlan, announce, drive_run
+from cis_bot.config import Config, ExecutionMode
+from cis_bot.dag.spec import DagSpec
+from cis_bot.ids import new_run_id
+from cis_bot.run.driver import RunObserver
+
+
+@attrs.frozen
+class RunRequest:
+    spec: DagSpec
+    config: Config
+    mode: ExecutionMode
+    max_workers: int
+    state_dir: Path
+    work_dir: Path
+    room: str | None = None
+
+
+async def execute(
+    request: RunRequest,
+    *,
+    observers: Sequence[RunObserver] = (),
+    on_started: OnStarted | None = None,
+) -> dict[str, Any]:
+    """Run the DAG: a new run in its room (local mode: a new room on the local homeserver;
+    else the room the request names); returns the report."""
+    connection = await open_connection(request.config, request.mode, request.state_dir)
+    try:
+        node = connection.node
+        run_id = new_run_id()
+        if request.mode is ExecutionMode.LOCAL:
+            room_id = await node.create_room(
+                name=f"DAG {request.spec.name} · run {run_id}",
+                alias=f"{run_alias_prefix(request.config)}{run_id}",
+                public=True,
+            )
+        else:
+            assert request.room is not None
+            room_id = await node.resolve_room(request.room)
+        plan = RunPlan(run_id, room_id, request.spec, request.mode, request.max_workers)
+        await announce(node, plan)
+        return await drive_run(
+            node,
+            plan,
+            config=request.config,
+            state_dir=request.state_dir,
+            work_dir=request.work_dir,
+            observers=observers,
+            on_started=on_started,
+        )
+    finally:
+        await connection.close()

@@ -1,0 +1,60 @@
+"""``cis node``: a long-lived node. It works for the rooms it is in until cancelled
+(SIGINT/SIGTERM); as a coordinator it also picks up the unfinished runs it was coordinating."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from cis_bot.app.connect import connect_configured
+from cis_bot.app.drive import RunPlan, drive_run, make_worker
+from cis_bot.config import Config
+from cis_bot.control.service import start_control
+from cis_bot.matrix.runs import joined_rooms, read_runs
+from cis_bot.session.manager import SessionManager
+
+log = structlog.get_logger(__name__)
+
+
+async def serve_node(
+    config: Config, *, state_dir: Path, work_dir: Path, coordinator: bool = False
+) -> None:
+    connection = await connect_configured(config)
+    node = connection.node
+    manager = SessionManager()
+    worker = make_worker(node, manager, config, state_dir=state_dir, work_dir=work_dir)
+    worker.start()
+    resumed: list[asyncio.Task[dict[str, Any]]] = []
+    control = await start_control(node, state_dir, kind="node")
+    control.add_sessions(manager, worker.room_of)
+    try:
+        if coordinator:
+            for run in await read_runs(node, await joined_rooms(node)):
+                if run.created.coordinator != node.identity.node_id or run.replay().finished:
+                    continue
+                log.info("node.resuming_run", run_id=run.run_id, room_id=run.room_id)
+                resumed.append(
+                    asyncio.create_task(
+                        drive_run(
+                            node,
+                            RunPlan.continuing(run),
+                            config=config,
+                            state_dir=state_dir,
+                            work_dir=work_dir,
+                            control=control,
+                        )
+                    )
+                )
+        await asyncio.Event().wait()
+    finally:
+        for task in resumed:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await manager.close()
+        await worker.stop()
+        await control.close()
+        await connection.close()

@@ -1,0 +1,114 @@
+"""How one attempt of a task runs as a session, wherever it runs (the local executor, a worker):
+where the run keeps its files, the CIS_* environment, the upstream outputs as files and in the
+prompt, the transcript's path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import attrs
+
+from cis_bot.dag.engine import RunEngine
+from cis_bot.dag.spec import TaskSpec
+from cis_bot.ids import SessionId
+from cis_bot.session.manager import SessionSpec
+from cis_bot.session.profile import AgentProfile
+
+#: Each upstream output appended to an agent's prompt is cut to its last this-many characters.
+UPSTREAM_PROMPT_LIMIT = 10_000
+
+
+@attrs.frozen
+class RunPaths:
+    """Where a run keeps its files: ``<state_dir>/runs/<run_id>/``."""
+
+    run_dir: Path
+
+    @classmethod
+    def of(cls, state_dir: Path, run_id: str) -> RunPaths:
+        return cls(state_dir / "runs" / run_id)
+
+    @property
+    def run_id(self) -> str:
+        return self.run_dir.name
+
+    def transcript(self, task_id: str, attempt: int) -> Path:
+        return self.run_dir / "sessions" / f"{task_id}.{attempt}.log"
+
+    def upstream_dir(self, task_id: str) -> Path:
+        return self.run_dir / "upstream" / task_id
+
+    @property
+    def report(self) -> Path:
+        return self.run_dir / "report.json"
+
+    def transcripts_kept(self, engine: RunEngine) -> dict[tuple[str, int], str]:
+        """(task, attempt) -> transcript path, for each task's last attempt that left one here."""
+        found: dict[tuple[str, int], str] = {}
+        for task_id, record in engine.tasks.items():
+            if record.current is not None:
+                path = self.transcript(task_id, record.current.number)
+                if path.exists():
+                    found[(task_id, record.current.number)] = str(path)
+        return found
+
+    @staticmethod
+    def every_transcript(state_dir: Path) -> Iterator[tuple[SessionId, Path]]:
+        """Every transcript under ``state_dir``'s runs, with the session it is of."""
+        for path in sorted((state_dir / "runs").glob("*/sessions/*.log")):
+            task_id, _, attempt = path.name[: -len(".log")].rpartition(".")
+            if task_id and attempt.isdigit():
+                yield SessionId(path.parent.parent.name, task_id, int(attempt)), path
+
+
+def prompt_with_upstream(prompt: str, upstream: Mapping[str, str]) -> str:
+    """The prompt plus an "Upstream task outputs" section, each output bounded."""
+    if not upstream:
+        return prompt
+    parts = [prompt.rstrip(), "", "## Upstream task outputs"]
+    for dep, output in upstream.items():
+        text = output.strip()
+        if len(text) > UPSTREAM_PROMPT_LIMIT:
+            omitted = len(text) - UPSTREAM_PROMPT_LIMIT
+            text = f"[... {omitted} earlier characters omitted]\n{text[-UPSTREAM_PROMPT_LIMIT:]}"
+        parts += ["", f"### {dep}", text or "(no output)"]
+    return "\n".join(parts) + "\n"
+
+
+def attempt_session(
+    task: TaskSpec,
+    attempt: int,
+    *,
+    run_id: str,
+    paths: RunPaths,
+    profile: AgentProfile,
+    upstream: Mapping[str, str],
+    work_dir: Path,
+) -> SessionSpec:
+    """The session that runs attempt ``attempt`` of ``task``."""
+    sid = str(SessionId(run_id, task.id, attempt))
+    env = {
+        **task.env,
+        "CIS_RUN_ID": run_id,
+        "CIS_TASK_ID": task.id,
+        "CIS_ATTEMPT": str(attempt),
+        "CIS_SESSION_ID": sid,
+    }
+    if task.deps:
+        directory = paths.upstream_dir(task.id)
+        directory.mkdir(parents=True, exist_ok=True)
+        for dep, output in upstream.items():
+            (directory / f"{dep}.txt").write_text(output, encoding="utf-8")
+        env["CIS_UPSTREAM_DIR"] = str(directory)
+    prompt = task.prompt
+    if profile.upstream_in_prompt:
+        prompt = prompt_with_upstream(prompt, upstream)
+    return SessionSpec(
+        session_id=sid,
+        profile=profile,
+        prompt=prompt,
+        work_dir=work_dir / task.work_dir if task.work_dir else work_dir,
+        transcript_path=paths.transcript(task.id, attempt),
+        env=env,
+    )

@@ -1,5 +1,5 @@
 """The homeserver's own settings: ``homeserver.toml`` beside its database, every key optional,
-named as in Synapse's homeserver.yaml. Today it holds the login rate limits::
+named as in Synapse's homeserver.yaml: the login rate limits, and presence::
 
     [rc_login.address]          # every login attempt, per client address
     per_second = 0.003
@@ -12,6 +12,9 @@ named as in Synapse's homeserver.yaml. Today it holds the login rate limits::
     [rc_login.failed_attempts]  # failed logins, per account
     per_second = 0.17
     burst_count = 3
+
+    [presence]
+    enabled = true              # false: everyone shows offline, nothing in /sync
 
 Unknown keys and wrong types are errors naming the file and the key.
 """
@@ -36,6 +39,7 @@ CONFIG_NAME = "homeserver.toml"
 @attrs.frozen
 class HomeserverConfig:
     rc_login: LoginRatelimits = attrs.field(factory=LoginRatelimits)
+    presence_enabled: bool = True
 
     @classmethod
     def load(cls, path: Path) -> HomeserverConfig:
@@ -50,7 +54,12 @@ class HomeserverConfig:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise InputError(f"not TOML: {err}", file=str(path)) from None
-        _only(data, ("rc_login",), "", path)
+        _only(data, ("rc_login", "presence"), "", path)
+        presence = _table(data, "presence", "", path)
+        _only(presence, ("enabled",), "presence.", path)
+        presence_enabled = presence.get("enabled", True)
+        if not isinstance(presence_enabled, bool):
+            raise InputError("must be true or false", file=str(path), key="presence.enabled")
         rc_login = _table(data, "rc_login", "", path)
         _only(rc_login, ("address", "account", "failed_attempts"), "rc_login.", path)
         defaults = LoginRatelimits()
@@ -60,7 +69,8 @@ class HomeserverConfig:
                     name: _settings(rc_login, name, getattr(defaults, name), path)
                     for name in ("address", "account", "failed_attempts")
                 }
-            )
+            ),
+            presence_enabled=presence_enabled,
         )
 
 

@@ -17,24 +17,41 @@ from cis_bot.homeserver.appservice.registration import load_registrations
 from cis_bot.homeserver.config import CONFIG_NAME, HomeserverConfig
 from cis_bot.homeserver.errors import TOO_LARGE, MatrixError
 from cis_bot.homeserver.handlers.auth import AuthHandler, hash_password
+from cis_bot.homeserver.handlers.devicemessage import DeviceMessageHandler
+from cis_bot.homeserver.handlers.devices import DeviceHandler
 from cis_bot.homeserver.handlers.directory import DirectoryHandler
+from cis_bot.homeserver.handlers.e2e_keys import E2EKeysHandler
+from cis_bot.homeserver.handlers.e2e_room_keys import RoomKeyBackupHandler
 from cis_bot.homeserver.handlers.ephemeral import ReceiptHandler, TypingHandler
 from cis_bot.homeserver.handlers.message import EventCreationHandler
 from cis_bot.homeserver.handlers.notifications import NotificationCounts
 from cis_bot.homeserver.handlers.notifier import Notifier
 from cis_bot.homeserver.handlers.pagination import PaginationHandler
+from cis_bot.homeserver.handlers.presence import PresenceHandler
 from cis_bot.homeserver.handlers.pushrules import PushRulesHandler
 from cis_bot.homeserver.handlers.room import RoomCreationHandler
 from cis_bot.homeserver.handlers.room_member import RoomMemberHandler
 from cis_bot.homeserver.handlers.room_state import RoomStateHandler
 from cis_bot.homeserver.handlers.serialize import Serializer
 from cis_bot.homeserver.handlers.sync import SyncHandler
+from cis_bot.homeserver.handlers.ui_auth import UserInteractiveAuth
 from cis_bot.homeserver.handlers.visibility import Visibility
 from cis_bot.homeserver.http.client import HttpClient
 from cis_bot.homeserver.http.server import HttpServer
 from cis_bot.homeserver.ids import check_new_localpart
 from cis_bot.homeserver.ratelimiting import LoginRatelimiter
-from cis_bot.homeserver.rest import account, appservice, media, misc, rooms, sync
+from cis_bot.homeserver.rest import (
+    account,
+    appservice,
+    devices,
+    keys,
+    media,
+    misc,
+    notifications,
+    room_keys,
+    rooms,
+    sync,
+)
 from cis_bot.homeserver.rest.base import MAX_JSON_BODY, HttpFrontend, Router, error_response
 from cis_bot.homeserver.storage.registration import UserExistsError
 from cis_bot.homeserver.storage.store import Store
@@ -109,6 +126,29 @@ class Homeserver:
         self.pagination = PaginationHandler(
             self.store, self.rooms, self.serializer, self.visibility
         )
+        self.ui_auth = UserInteractiveAuth(self.auth)
+        self.devices = DeviceHandler(
+            store=self.store,
+            auth=self.auth,
+            rooms=self.rooms,
+            notifier=self.notifier,
+        )
+        self.auth.device_listeners.append(self.devices.device_created)
+        self.e2e_keys = E2EKeysHandler(
+            store=self.store, devices=self.devices, server_name=server_name
+        )
+        self.device_messages = DeviceMessageHandler(
+            store=self.store,
+            notifier=self.notifier,
+            server_name=server_name,
+        )
+        self.room_key_backups = RoomKeyBackupHandler(self.store)
+        self.presence = PresenceHandler(
+            store=self.store,
+            devices=self.devices,
+            notifier=self.notifier,
+            enabled=config.presence_enabled,
+        )
         self.sync = SyncHandler(
             store=self.store,
             rooms=self.rooms,
@@ -119,17 +159,33 @@ class Homeserver:
             push_rules=self.push_rules,
             counts=self.counts,
             visibility=self.visibility,
+            devices=self.devices,
+            device_messages=self.device_messages,
+            e2e_keys=self.e2e_keys,
+            presence=self.presence,
         )
         self.pushers: dict[str, AppservicePusher] = {}
 
     def close(self) -> None:
         self.typing.close()
+        self.presence.close()
         self.store.close()
 
 
 def build_router() -> Router:
     router = Router()
-    for module in (account, rooms, sync, media, appservice, misc):
+    for module in (
+        account,
+        devices,
+        keys,
+        room_keys,
+        rooms,
+        sync,
+        media,
+        appservice,
+        misc,
+        notifications,
+    ):
         module.register_routes(router)
     return router
 

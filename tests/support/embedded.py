@@ -40,7 +40,11 @@ class EmbeddedServer(HomeserverUnderTest):
         self.python = python
         self.state_dir = workdir / "state"
         self.add_user_in_process = add_user_in_process
-        self.config = _merged({"rc_login": RATE_LIMITS["rc_login"]}, extra_config or {})
+        # Presence off, as in the test Synapse's config, so that the two answer alike.
+        self.config = _merged(
+            {"rc_login": RATE_LIMITS["rc_login"], "presence": {"enabled": False}},
+            extra_config or {},
+        )
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         config_path = self.state_dir / "homeserver" / "homeserver.toml"

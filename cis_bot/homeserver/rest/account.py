@@ -1,5 +1,5 @@
 """Accounts and per-user data: versions, login/logout, register (appservice only), whoami,
-capabilities, profile, devices, filters, account data, push rules."""
+capabilities, profile, filters, account data, push rules."""
 
 from __future__ import annotations
 
@@ -39,11 +39,22 @@ APPSERVICE_LOGIN = "m.login.application_service"
 PASSWORD_LOGIN = "m.login.password"
 
 
+# What clients probe before using a feature: true for what this server does, false (as Synapse
+# says it) for what clients would otherwise try: sliding sync, busy presence, login tokens.
+UNSTABLE_FEATURES = {
+    "org.matrix.e2e_cross_signing": True,
+    "org.matrix.msc2285.stable": True,
+    "org.matrix.msc2432": True,
+    "org.matrix.msc3440.stable": True,
+    "fi.mau.msc2659.stable": True,
+    "org.matrix.msc3026.busy_presence": False,
+    "org.matrix.msc3882": False,
+    "org.matrix.simplified_msc3575": False,
+}
+
+
 async def versions(request: RestRequest) -> Result:
-    return 200, {
-        "versions": SPEC_VERSIONS,
-        "unstable_features": {"org.matrix.msc2285.stable": True, "org.matrix.msc3440.stable": True},
-    }
+    return 200, {"versions": SPEC_VERSIONS, "unstable_features": UNSTABLE_FEATURES}
 
 
 async def login_flows(request: RestRequest) -> Result:
@@ -140,15 +151,17 @@ async def logout(request: RestRequest) -> Result:
     requester = request.auth()
     if requester.appservice is not None:
         return 200, {}
-    request.hs.store.delete_device(requester.user_id, requester.device_id or "")
-    request.hs.auth.forget_tokens([requester.access_token])
+    if requester.device_id is None:
+        request.hs.auth.forget_tokens([requester.access_token])
+    else:
+        request.hs.devices.delete_devices(requester.user_id, [requester.device_id])
     return 200, {}
 
 
 async def logout_all(request: RestRequest) -> Result:
     requester = request.auth()
-    tokens = request.hs.store.delete_all_tokens(requester.user_id)
-    request.hs.auth.forget_tokens(tokens)
+    request.hs.devices.delete_all_devices(requester.user_id)
+    request.hs.auth.forget_tokens(request.hs.store.delete_all_tokens(requester.user_id))
     return 200, {}
 
 
@@ -290,50 +303,6 @@ async def set_profile_field(request: RestRequest, user_id: str, field: str) -> R
         new_value = None
     hs.store.set_profile_field(user_id, field, new_value)
     hs.members.propagate_profile(requester, field, new_value)
-    return 200, {}
-
-
-# --- devices -------------------------------------------------------------------------------
-
-
-async def get_devices(request: RestRequest) -> Result:
-    requester = request.auth()
-    devices = [
-        _device(requester.user_id, *row) for row in request.hs.store.get_devices(requester.user_id)
-    ]
-    return 200, {"devices": devices}
-
-
-def _device(
-    user_id: str, device_id: str, name: str | None, seen: int | None, ip: str | None
-) -> dict[str, Any]:
-    return {
-        "device_id": device_id,
-        "display_name": name,
-        "last_seen_ip": ip,
-        "last_seen_ts": seen,
-        "user_id": user_id,
-    }
-
-
-async def get_device(request: RestRequest, device_id: str) -> Result:
-    requester = request.auth()
-    for row in request.hs.store.get_devices(requester.user_id):
-        if row[0] == device_id:
-            return 200, _device(requester.user_id, *row)
-    raise not_found("No device found")
-
-
-async def put_device(request: RestRequest, device_id: str) -> Result:
-    requester = request.auth()
-    body = await request.json()
-    known = {row[0] for row in request.hs.store.get_devices(requester.user_id)}
-    if device_id not in known:
-        raise not_found("Unknown device")
-    name = body.get("display_name")
-    if name is not None and not isinstance(name, str):
-        raise bad_request("display_name must be a string", "M_INVALID_PARAM")
-    request.hs.store.set_device_display_name(requester.user_id, device_id, name)
     return 200, {}
 
 
@@ -508,9 +477,6 @@ def register_routes(router: Router) -> None:
     router.client("GET", "/profile/(?P<user_id>[^/]*)", get_profile)
     router.client("GET", "/profile/(?P<user_id>[^/]*)/(?P<field>[^/]*)", get_profile_field)
     router.client("PUT", "/profile/(?P<user_id>[^/]*)/(?P<field>[^/]*)", set_profile_field)
-    router.client("GET", "/devices", get_devices)
-    router.client("GET", "/devices/(?P<device_id>[^/]*)", get_device)
-    router.client("PUT", "/devices/(?P<device_id>[^/]*)", put_device)
     router.client("POST", "/user/(?P<user_id>[^/]*)/filter", create_filter)
     router.client("GET", "/user/(?P<user_id>[^/]*)/filter/(?P<filter_id>[^/]*)", get_filter)
     router.client(

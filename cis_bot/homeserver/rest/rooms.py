@@ -18,6 +18,7 @@ from cis_bot.homeserver.filtering import EventFilter, validate_filter
 from cis_bot.homeserver.handlers.sync import is_pagination_token, parse_pagination_token
 from cis_bot.homeserver.ids import CANONICALJSON_MAX_INT, parse_user_id
 from cis_bot.homeserver.rest.base import parse_json
+from cis_bot.homeserver.rest.transactions import idempotent as _txn
 
 if TYPE_CHECKING:
     from cis_bot.homeserver.handlers.auth import Requester
@@ -25,22 +26,6 @@ if TYPE_CHECKING:
 
 Result = tuple[int, Any]
 MAX_TYPING_TIMEOUT = 120_000  # Synapse: "stop people from setting silly typing timeouts"
-
-
-async def _txn(request: RestRequest, txn_id: str | None, compute: Any) -> Result:
-    """Idempotent PUT for non-event responses (createRoom, join, ...): same path + same
-    session -> same answer."""
-    if txn_id is None:
-        result: Result = await compute()
-        return result
-    requester = request.auth()
-    scope = requester.txn_scope
-    stored = request.hs.store.get_request_txn(scope, request.path)
-    if stored is not None:
-        return stored
-    status, body = await compute()
-    request.hs.store.put_request_txn(scope, request.path, status, body)
-    return status, body
 
 
 def _appservice_ts(request: RestRequest, requester: Requester) -> int | None:

@@ -25,7 +25,10 @@ async def sync(request: RestRequest) -> tuple[int, Any]:
     hs = request.hs
     timeout = request.integer("timeout", 0)
     since = request.string("since")
-    request.string("set_presence", "online", allowed=("online", "offline", "unavailable"))
+    set_presence = request.string(
+        "set_presence", "online", allowed=("online", "offline", "unavailable")
+    )
+    assert set_presence is not None
     filter_id = request.string("filter")
     full_state = request.boolean("full_state", False)
 
@@ -47,13 +50,17 @@ async def sync(request: RestRequest) -> tuple[int, Any]:
             filters = FilterCollection.from_json(stored)
 
     since_token = SyncToken.parse(since) if since is not None else None
-    result: dict[str, Any] = await hs.sync.sync(
-        requester,
-        since=since_token,
-        timeout_ms=timeout or 0,
-        filters=filters,
-        full_state=full_state,
-    )
+    hs.presence.sync_started(requester.user_id, set_presence)
+    try:
+        result: dict[str, Any] = await hs.sync.sync(
+            requester,
+            since=since_token,
+            timeout_ms=timeout or 0,
+            filters=filters,
+            full_state=full_state,
+        )
+    finally:
+        hs.presence.sync_ended(requester.user_id)
     return 200, result
 
 

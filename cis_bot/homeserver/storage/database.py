@@ -88,8 +88,8 @@ class Transaction:
 
 class StoreBase:
     """The connection, transactions and the global stream every per-domain store shares.
-    Events, account data and receipts take their positions from one counter, so a sync token is
-    a position in it."""
+    Events, account data, receipts, device-list changes, to-device messages and presence take
+    their positions from one counter, so a sync token is a position in it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -109,11 +109,25 @@ class StoreBase:
             ("events", "stream_ordering"),
             ("account_data", "stream_id"),
             ("receipts", "stream_id"),
+            ("device_list_changes", "stream_id"),
+            ("device_inbox", "stream_id"),
+            ("presence", "stream_id"),
         ):
             row = self.conn.execute(f"SELECT MAX({column}) FROM {table}").fetchone()
             if row and row[0] is not None:
                 best = max(best, int(row[0]))
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'stream_floor'").fetchone()
+        if row is not None:
+            best = max(best, int(row[0]))
         return best
+
+    def keep_stream_floor(self, conn: sqlite3.Connection) -> None:
+        """Rows are about to be deleted from a stream table (delivered to-device messages):
+        remember the current position so that a restart never hands it out again."""
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('stream_floor', ?)",
+            (str(self._stream),),
+        )
 
     @property
     def current_stream(self) -> int:

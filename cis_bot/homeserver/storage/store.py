@@ -6,10 +6,14 @@ from __future__ import annotations
 
 from cis_bot.homeserver.storage.account_data import AccountDataStore
 from cis_bot.homeserver.storage.appservice import ApplicationServiceTransactionStore
+from cis_bot.homeserver.storage.device_inbox import DeviceInboxStore
 from cis_bot.homeserver.storage.directory import DirectoryStore
+from cis_bot.homeserver.storage.e2e_keys import EndToEndKeyStore
+from cis_bot.homeserver.storage.e2e_room_keys import EndToEndRoomKeyStore
 from cis_bot.homeserver.storage.events import EventsStore
 from cis_bot.homeserver.storage.filtering import FilteringStore
 from cis_bot.homeserver.storage.media_repository import MediaRepositoryStore
+from cis_bot.homeserver.storage.presence import PresenceStore
 from cis_bot.homeserver.storage.push_rule import PushRuleStore
 from cis_bot.homeserver.storage.receipts import ReceiptsStore
 from cis_bot.homeserver.storage.registration import RegistrationStore
@@ -31,6 +35,10 @@ class Store(
     RequestTransactionStore,
     ApplicationServiceTransactionStore,
     PushRuleStore,
+    EndToEndKeyStore,
+    DeviceInboxStore,
+    EndToEndRoomKeyStore,
+    PresenceStore,
 ):
     def close(self) -> None:
         self.conn.close()

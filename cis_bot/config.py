@@ -64,6 +64,9 @@ class LocalConfig:
     max_workers: int = attrs.field(default=4, metadata={"min": 1})
     #: Agent profile for tasks that give a ``prompt`` and no ``agent``.
     default_agent: str = attrs.field(default="claude", metadata={"nonempty": True})
+    #: Who is invited into each local run's room to follow it (Matrix user ids); None: every
+    #: person's account on the local homeserver (``cis homeserver add-user``'s).
+    watchers: tuple[str, ...] | None = None
 
 
 @attrs.frozen
@@ -125,8 +128,15 @@ class NodeConfig:
     hs_token: str = ""
     #: Users who may invite the bot and give it orders (besides those at assign_power_level).
     allowed_users: tuple[str, ...] = ()
-    #: Senders at or above this power level in a room may assign tasks to this node.
+    #: Room members at or above this power level are trusted in that room: they may assign this
+    #: node tasks and control it, and a coordinator hands them tasks.
     assign_power_level: int = 50
+    #: Users, besides this node's own, trusted to coordinate runs: their runs are this node's
+    #: to list, show and re-run (``cis dag list / status / resume``). Runs created by anyone
+    #: else do not exist for this node.
+    coordinators: tuple[str, ...] = ()
+    #: Users this node, coordinating a run, hands tasks to even without the power level above.
+    workers: tuple[str, ...] = ()
     #: Agent profiles this node runs for others; None: every profile but ``shell`` (a raw
     #: command from the room runs only where the worker's owner allowed it).
     accept_agents: tuple[str, ...] | None = None

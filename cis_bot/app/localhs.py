@@ -56,6 +56,12 @@ class LocalHomeserverDir:
     def endpoint(self) -> Path:
         return self.path / "endpoint.json"
 
+    def human_accounts(self) -> list[str]:
+        """The people's accounts on this homeserver (``cis homeserver add-user``'s)."""
+        from cis_bot.homeserver.server import DB_NAME, human_accounts
+
+        return human_accounts(self.path / DB_NAME)
+
     def registrations(self) -> list[Path]:
         return sorted((self.path / "appservices").glob("*.yaml"))
 

@@ -37,13 +37,14 @@ async def resume(
     connection = await open_connection(config, mode, state_dir)
     try:
         node = connection.node
-        run = pick_run(await read_runs(node, await joined_rooms(node, room)), wanted)
+        rooms = await joined_rooms(node, room)
+        run = pick_run(await read_runs(node, rooms, node.identity.trusted_coordinators), wanted)
         replayed = run.replay()
         if not replayed.finished:
-            if run.created.coordinator != node.identity.node_id:
+            if run.coordinator_user != node.user_id:
                 raise UserError(
-                    f"run {run.run_id} is coordinated by node {run.created.coordinator!r}, not "
-                    f"by this node ({node.identity.node_id!r})"
+                    f"run {run.run_id} is coordinated by {run.coordinator_user} (node "
+                    f"{run.created.coordinator!r}), not by this node ({node.user_id})"
                 )
             plan = RunPlan.continuing(run)
         else:

@@ -275,7 +275,8 @@ async def _read(args: argparse.Namespace) -> list[RoomRun]:
     connection = await open_connection(config, mode, state_dir, serve=False)
     try:
         node = connection.node
-        return await read_runs(node, await joined_rooms(node, args.room))
+        rooms = await joined_rooms(node, args.room)
+        return await read_runs(node, rooms, node.identity.trusted_coordinators)
     finally:
         await connection.close()
 

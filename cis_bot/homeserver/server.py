@@ -130,6 +130,17 @@ def store_account(store: Store, user_id: str, password_hash: str, admin: bool) -
         raise ValueError(f"user {user_id} already exists") from None
 
 
+def human_accounts(database: Path) -> list[str]:
+    """The people's accounts in a homeserver database (none when it does not exist yet)."""
+    if not database.exists():
+        return []
+    store = Store(database)
+    try:
+        return store.human_users()
+    finally:
+        store.close()
+
+
 class EmbeddedHomeserver:
     """A loopback Matrix homeserver on SQLite, started inside the caller's event loop."""
 

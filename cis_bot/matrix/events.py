@@ -62,6 +62,9 @@ P = TypeVar("P", bound="EventContent")
 @attrs.frozen(kw_only=True)
 class EventContent(abc.ABC):
     TYPE: ClassVar[str] = ""
+    #: A state event type: sent with a state key (the sender's own user id, see
+    #: NodeHeartbeatContent), which the content does not carry.
+    IS_STATE: ClassVar[bool] = False
 
     timestamp: int = attrs.field(factory=now_ms)
 
@@ -71,11 +74,6 @@ class EventContent(abc.ABC):
             "v": VERSION,
             **{k: list(v) if isinstance(v, tuple) else v for k, v in body.items() if v is not None},
         }
-
-    @property
-    def state_key(self) -> str | None:
-        """The key of a state event; None for message events."""
-        return None
 
     @classmethod
     @abc.abstractmethod
@@ -339,7 +337,13 @@ class RunCompletedContent(RunContent):
 
 @attrs.frozen(kw_only=True)
 class NodeHeartbeatContent(EventContent):
+    """A worker's presence, as a state event whose key is the worker's own Matrix user id: the
+    Matrix auth rules (every room version) let only that user set a state key that starts with
+    its ``@user``, so a heartbeat cannot be forged for another user. The user is the worker's
+    identity; ``node_id`` is its name, for display and for people to address it."""
+
     TYPE = "cis.node.heartbeat"
+    IS_STATE = True
 
     node_id: str
     #: Agent profiles this node will run.
@@ -349,10 +353,6 @@ class NodeHeartbeatContent(EventContent):
     load: int
     #: A node whose last heartbeat is older than this is presumed gone.
     ttl_ms: int
-
-    @property
-    def state_key(self) -> str:
-        return self.node_id
 
     @property
     def expires_at(self) -> int:

@@ -9,7 +9,8 @@ While the homeserver is unreachable (connection errors, 5xx, 429) sending pauses
 with backoff, reusing each event's transaction id so a retry cannot duplicate it. The queue is
 bounded: when it is full, droppable events (output samples) are dropped first, oldest first;
 other events are never dropped. A 4xx answer (forbidden, too large) is logged and the event
-skipped: retrying would not help.
+skipped: retrying would not help. An event that repeats (a heartbeat) may take the refusal itself
+(``on_rejected``), to say it once rather than at every repetition.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class Outgoing:
     #: Runs just before the first send attempt and may fill in the content (an upload's mxc).
     prepare: Callable[[Outgoing], Awaitable[None]] | None = None
     on_sent: Callable[[str], None] | None = None
+    #: Told of a 4xx refusal instead of the log.
+    on_rejected: Callable[[MatrixRequestError], None] | None = None
     txn_id: str = attrs.Factory(lambda: secrets.token_hex(8))
     prepared: bool = False
     in_flight: bool = False
@@ -184,13 +187,16 @@ class Outbox:
             if exc.http_status == 429 or exc.http_status >= 500:
                 raise _Offline from exc
             self.rejected += 1
-            log.error(
-                "outbox.rejected",
-                type=item.event_type,
-                status=exc.http_status,
-                errcode=exc.errcode,
-                error=exc.message,
-            )
+            if item.on_rejected is not None:
+                item.on_rejected(exc)
+            else:
+                log.error(
+                    "outbox.rejected",
+                    type=item.event_type,
+                    status=exc.http_status,
+                    errcode=exc.errcode,
+                    error=exc.message,
+                )
         except (MatrixConnectionError, aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise _Offline from exc
         except Exception:  # a bug must cost one event, not every event after it

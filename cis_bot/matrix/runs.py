@@ -1,13 +1,14 @@
 """Runs read back from their rooms: what ``cis dag list / status / resume`` show and pick up, and
 what a coordinator node finds it was coordinating when it starts.
 
-A room's history is folded into run logs (``runlog.py``); a run whose spec cannot be read (not
-in the event, its media gone or invalid) is left out.
+A room's history is folded into run logs (``runlog.py``), trusting as coordinators only the users
+the caller names; a run whose spec cannot be read (not in the event, its media gone or invalid) is
+left out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -36,6 +37,12 @@ class RoomRun:
     @property
     def run_id(self) -> str:
         return self.log.run_id
+
+    @property
+    def coordinator_user(self) -> str:
+        """The Matrix user that created the run, and alone decides for it."""
+        assert self.log.coordinator_user is not None  # read_runs keeps trusted runs only
+        return self.log.coordinator_user
 
     def replay(self) -> RunEngine:
         """The engine in the state the room's events leave it in."""
@@ -70,8 +77,11 @@ async def joined_rooms(node: Node, room: str | None = None) -> list[str]:
     return [str(r) for r in await node.intent.get_joined_rooms()]
 
 
-async def read_runs(node: Node, rooms: Sequence[str]) -> list[RoomRun]:
-    """Every run the rooms' logs hold, oldest first per room."""
+async def read_runs(
+    node: Node, rooms: Sequence[str], coordinators: Collection[str]
+) -> list[RoomRun]:
+    """Every run the rooms' logs hold that one of ``coordinators`` (Matrix user ids) created,
+    oldest first per room."""
     found: list[RoomRun] = []
     for room_id in rooms:
         events = []
@@ -79,7 +89,7 @@ async def read_runs(node: Node, rooms: Sequence[str]) -> list[RoomRun]:
             event = parse_room_event(raw)
             if event is not None:
                 events.append(event)
-        for log in fold_runs(events).values():
+        for log in fold_runs(events, coordinators).values():
             created = log.created
             if created is None:
                 continue

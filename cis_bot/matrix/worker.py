@@ -1,10 +1,12 @@
 """The worker: claims assignments addressed to this node, runs them, reports through the room.
 
-An assignment is obeyed only when it names this node and this node's user, comes from a sender
-this node trusts (an allowed user, or one at the configured power level in the room), and asks for
-an agent profile this node accepts (a raw shell command only where the owner allowed ``shell``).
-The claim goes out at once; the session's events follow through the SessionReporter. The run's
-coordinator can end an attempt early with ``cis.dag.task.cancelled`` / ``timed_out``.
+A worker is its Matrix user: its heartbeat (``cis.node.heartbeat``) is a state event keyed by
+that user id, and an assignment is for it when it names that user (``assigned_user``; the node id
+is a name). An assignment is obeyed only when it comes from a sender this node trusts (an allowed
+user, or one at the configured power level in the room), and asks for an agent profile this node
+accepts (a raw shell command only where the owner allowed ``shell``). The claim goes out at once;
+the session's events follow through the SessionReporter. The run's coordinator can end an attempt
+early with ``cis.dag.task.cancelled`` / ``timed_out``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,8 @@ class Worker:
         self._seen: set[tuple[str, str, int]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat_now = asyncio.Event()
+        #: Rooms whose refusal of our heartbeats was logged.
+        self._beat_refused: set[str] = set()
         self._subscription = manager.subscribe()
 
     @property
@@ -143,7 +147,10 @@ class Worker:
         if event is None:
             return
         payload = event.content
-        if isinstance(payload, ev.TaskAssignedContent) and payload.assigned_to == self.node_id:
+        if (
+            isinstance(payload, ev.TaskAssignedContent)
+            and payload.assigned_user == self.node.user_id
+        ):
             sent = raw.get("origin_server_ts")
             if isinstance(sent, int):
                 log.debug("assignment.received", lag_ms=int(time.time() * 1000) - sent)
@@ -156,7 +163,7 @@ class Worker:
 
     async def _on_assigned(self, room_id: str, event: RoomEvent, a: ev.TaskAssignedContent) -> None:
         key = (a.run_id, a.task_id, a.attempt)
-        if a.assigned_user != self.node.user_id or key in self._seen:
+        if key in self._seen:
             return
         if not await self.node.authorised(room_id, event.sender):
             log.warning(
@@ -273,7 +280,10 @@ class Worker:
                 ttl_ms=int(self.heartbeat_secs * 3000),
             )
             for room_id in rooms:
-                self.outbox(str(room_id)).post(outgoing(beat))
+                item = outgoing(beat, state_key=self.node.user_id)
+                item.on_rejected = self._heartbeat_refused(str(room_id))
+                item.on_sent = lambda _, room=str(room_id): self._beat_refused.discard(room)
+                self.outbox(str(room_id)).post(item)
             last_load = self.load
             # Load changes are announced at once, but at most once a second.
             await asyncio.sleep(min(1.0, self.heartbeat_secs))
@@ -287,6 +297,27 @@ class Worker:
                 self._heartbeat_now.clear()
                 if self.load != last_load:
                     break
+
+    def _heartbeat_refused(self, room_id: str) -> Callable[[MatrixRequestError], None]:
+        beat = ev.NodeHeartbeatContent.TYPE
+
+        def refused(exc: MatrixRequestError) -> None:
+            if room_id in self._beat_refused:
+                return  # said once: it would repeat at every beat
+            self._beat_refused.add(room_id)
+            log.error(
+                "heartbeat.refused",
+                room_id=room_id,
+                status=exc.http_status,
+                errcode=exc.errcode,
+                error=exc.message,
+                hint="the room forbids this node's heartbeats, so no coordinator there sees it; "
+                f"a room admin can allow them: in m.room.power_levels set {beat} to 0 under "
+                f'"events" ({{"events": {{"{beat}": 0}}}}), or raise {self.node.user_id} to the '
+                "room's state_default",
+            )
+
+        return refused
 
 
 def _refused(a: ev.TaskAssignedContent, sid: str, reason: str) -> ev.SessionCompletedContent:

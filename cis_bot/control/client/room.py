@@ -34,7 +34,7 @@ class RoomRequester:
         self.poll_interval = poll_interval
 
     async def request(
-        self, room_id: str, *, node: str, node_user: str | None, **fields: Any
+        self, room_id: str, *, node: str, node_user: str, **fields: Any
     ) -> ev.ControlReplyContent:
         """Ask ``node`` (whose replies must come from ``node_user``) to act; its reply, or a
         ControlError when it refuses or stays silent."""
@@ -71,14 +71,14 @@ class RoomRequester:
             await asyncio.sleep(self.poll_interval)
 
     def _match(
-        self, raw: Mapping[str, Any], request_id: str, node_user: str | None
+        self, raw: Mapping[str, Any], request_id: str, node_user: str
     ) -> ev.ControlReplyContent | None:
         event = parse_room_event(raw)
         if event is None or not isinstance(event.content, ev.ControlReplyContent):
             return None
         if event.content.request_id != request_id:
             return None
-        if node_user is not None and event.sender != node_user:
+        if event.sender != node_user:
             log.warning("control.reply_forged", sender=event.sender, expected=node_user)
             return None
         return event.content

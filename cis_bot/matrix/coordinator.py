@@ -91,8 +91,8 @@ class RoomExecutor:
         self.drain_timeout = drain_timeout
         #: Trusted workers by user id.
         self.workers: dict[str, WorkerInfo] = {}
-        #: Heartbeats already refused, by sender (logged once each).
-        self._refused: set[str] = set()
+        #: Heartbeats already refused: (sender, why), logged once each.
+        self._refused: set[tuple[str, str]] = set()
         self._attempts: dict[tuple[str, int], _Attempt] = {}
         self._waiting: list[_Attempt] = []
         self._rr = itertools.count()
@@ -291,7 +291,7 @@ class RoomExecutor:
                 "coordinator's [node] workers",
             )
             return
-        self._refused.discard(sender)
+        self._refused.discard((sender, "heartbeat.untrusted"))
         known = self.workers.get(sender)
         if known is None:
             self.workers[sender] = WorkerInfo(sender, beat)
@@ -300,7 +300,7 @@ class RoomExecutor:
             known.beat = beat
 
     def _refuse(self, sender: str, event_name: str, **fields: object) -> None:
-        """Log a refused heartbeat once per sender (they repeat every few seconds)."""
-        if sender not in self._refused:
-            self._refused.add(sender)
+        """Log a refused heartbeat once per sender and reason (they repeat every few seconds)."""
+        if (sender, event_name) not in self._refused:
+            self._refused.add((sender, event_name))
             log.warning(event_name, room_id=self.room_id, sender=sender, **fields)

@@ -82,6 +82,7 @@ class Worker:
         self._seen: set[tuple[str, str, int]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat_now = asyncio.Event()
+        self._joined_new_room = False
         #: Rooms whose refusal of our heartbeats was logged.
         self._beat_refused: set[str] = set()
         self._subscription = manager.subscribe()
@@ -143,6 +144,11 @@ class Worker:
     # --- room events -----------------------------------------------------------------------------
 
     async def on_event(self, room_id: str, raw: Mapping[str, Any]) -> None:
+        if _joined(raw, self.node.user_id):
+            # Coordinators in a room learn of workers from their heartbeats: say it at once.
+            self._joined_new_room = True
+            self._heartbeat_now.set()
+            return
         event = parse_room_event(raw)
         if event is None:
             return
@@ -267,6 +273,7 @@ class Worker:
     async def _heartbeats(self) -> None:
         last_load = -1
         while True:
+            self._joined_new_room = False  # the rooms are read just below
             try:
                 rooms = await self.node.intent.get_joined_rooms()
             except Exception as exc:
@@ -285,18 +292,16 @@ class Worker:
                 item.on_sent = lambda _, room=str(room_id): self._beat_refused.discard(room)
                 self.outbox(str(room_id)).post(item)
             last_load = self.load
-            # Load changes are announced at once, but at most once a second.
+            # Load changes and new rooms are announced at once, but at most once a second.
             await asyncio.sleep(min(1.0, self.heartbeat_secs))
-            self._heartbeat_now.clear()
             deadline = time.monotonic() + self.heartbeat_secs
-            while time.monotonic() < deadline:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._heartbeat_now.wait(), max(0.0, deadline - time.monotonic())
-                    )
-                self._heartbeat_now.clear()
-                if self.load != last_load:
+            while self.load == last_load and not self._joined_new_room:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     break
+                self._heartbeat_now.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._heartbeat_now.wait(), remaining)
 
     def _heartbeat_refused(self, room_id: str) -> Callable[[MatrixRequestError], None]:
         beat = ev.NodeHeartbeatContent.TYPE
@@ -318,6 +323,17 @@ class Worker:
             )
 
         return refused
+
+
+def _joined(raw: Mapping[str, Any], user_id: str) -> bool:
+    """Whether ``raw`` is ``user_id`` joining a room."""
+    content = raw.get("content")
+    return (
+        raw.get("type") == "m.room.member"
+        and raw.get("state_key") == user_id
+        and isinstance(content, Mapping)
+        and content.get("membership") == "join"
+    )
 
 
 def _refused(a: ev.TaskAssignedContent, sid: str, reason: str) -> ev.SessionCompletedContent:

@@ -28,7 +28,7 @@ from cis_bot.dag.report import build_report
 from cis_bot.dag.spec import DagSpec, spec_to_document
 from cis_bot.ids import SessionId
 from cis_bot.matrix import events as ev
-from cis_bot.matrix.broadcast import RunRecorder, SessionReporter, Upload
+from cis_bot.matrix.broadcast import RunRecorder, SessionReporter
 from cis_bot.matrix.coordinator import RoomExecutor
 from cis_bot.matrix.node import Node
 from cis_bot.matrix.runs import RoomRun
@@ -87,13 +87,6 @@ async def announce(node: Node, plan: RunPlan, *, resumed_from: str | None = None
         coordinator=node.identity.node_id,
         resumed_from=resumed_from,
     )
-    try:
-        ev.encode(created)
-    except ValueError:
-        mxc = await node.upload(
-            text.encode(), mime_type="application/json", filename=f"{plan.run_id}.dag.json"
-        )
-        created = attrs.evolve(created, spec=None, spec_mxc=mxc)
     await node.send(plan.room_id, created)
 
 
@@ -130,7 +123,7 @@ async def drive_run(
             reporter = SessionReporter(
                 outbox,
                 node_id=node.identity.node_id,
-                upload=uploader(node),
+                upload=node.upload_for_events,
                 interval_ms=matrix.broadcast_interval_ms,
                 broadcast_status=config.dag.hybrid.broadcast_status,
                 broadcast_output=config.dag.hybrid.broadcast_output,
@@ -141,6 +134,7 @@ async def drive_run(
             node_id=node.identity.node_id,
             user_id=node.user_id,
             record_local_dispatch=runs_here,
+            upload=node.upload_for_events,
             reporter=reporter,
         )
         engine = RunEngine.replay(plan.spec, plan.history, max_workers=plan.max_workers)
@@ -256,15 +250,6 @@ def _pick_up_open_attempts(
                     error="its node stopped before it reported",
                 )
             )
-
-
-def uploader(node: Node) -> Upload:
-    """The node's media upload, as the session reporter calls it."""
-
-    async def upload(data: bytes, mime_type: str, filename: str) -> str:
-        return await node.upload(data, mime_type=mime_type, filename=filename)
-
-    return upload
 
 
 def make_worker(

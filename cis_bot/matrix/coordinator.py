@@ -37,9 +37,6 @@ from cis_bot.run.driver import RunDriver
 
 log = structlog.get_logger(__name__)
 
-#: Upstream outputs bigger than this (JSON bytes) travel as a media upload, not in the event.
-INLINE_UPSTREAM_BYTES = 24 * 1024
-
 
 @attrs.define
 class WorkerInfo:
@@ -177,14 +174,6 @@ class RoomExecutor:
         node_id = info.beat.node_id
         task, dispatch = attempt.task, attempt.dispatch
         sid = str(SessionId(self.run_id, task.id, dispatch.attempt))
-        upstream: dict[str, str] | None = dict(attempt.upstream)
-        upstream_mxc = None
-        if len(json.dumps(upstream).encode()) > INLINE_UPSTREAM_BYTES:
-            data = json.dumps(upstream).encode()
-            upstream_mxc = await self.node.upload(
-                data, mime_type="application/json", filename=f"{sid}.upstream.json"
-            )
-            upstream = None
         attempt.worker_user = info.user_id
         info.in_flight.add(sid)
         self.outbox.post(
@@ -200,9 +189,10 @@ class RoomExecutor:
                     lease_ms=self.lease_ms,
                     upstream_tasks=task.deps,
                     task=json.dumps(task_to_document(task)),
-                    upstream=upstream,
-                    upstream_mxc=upstream_mxc,
-                )
+                    upstream=dict(attempt.upstream),
+                ),
+                # Upstream outputs, then a long task, go to media when they make it too large.
+                upload=self.node.upload_for_events,
             )
         )
         log.info("coordinator.assigned", session_id=sid, worker=node_id, user=info.user_id)

@@ -56,6 +56,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 Listener = Callable[[str, Mapping[str, Any]], Awaitable[None]]
+#: A media upload: (data, mime type, file name) -> mxc URI.
+Upload = Callable[[bytes, str, str], Awaitable[str]]
 
 #: In rooms a node creates, the power level needed to post the run log's events (every
 #: ``cis.dag.*`` type but the control requests): a level a member at 0 does not have.
@@ -311,8 +313,12 @@ class Node:
         return str(room_id)
 
     async def send(self, room_id: str, payload: ev.EventContent) -> str:
-        """Send now (raises on failure); most callers post through an ``outbox`` instead."""
-        return await self.send_outgoing(room_id, outgoing(payload))
+        """Send now (raises on failure; documents too large for the event go to media first);
+        most callers post through an ``outbox`` instead."""
+        item = outgoing(payload, upload=self.upload_for_events)
+        if item.prepare is not None:
+            await item.prepare(item)
+        return await self.send_outgoing(room_id, item)
 
     async def send_outgoing(self, room_id: str, item: Outgoing) -> str:
         # Straight to the client-server API: mautrix's IntentAPI first checks power levels
@@ -389,6 +395,10 @@ class Node:
     async def upload(self, data: bytes, *, mime_type: str, filename: str) -> str:
         return str(await self.intent.upload_media(data, mime_type=mime_type, filename=filename))
 
+    async def upload_for_events(self, data: bytes, mime_type: str, filename: str) -> str:
+        """``upload`` as an :data:`Upload` (what events' documents and transcripts use)."""
+        return await self.upload(data, mime_type=mime_type, filename=filename)
+
     async def download(self, mxc: str) -> bytes:
         data: bytes = await self.intent.download_media(ContentURI(mxc))
         return data
@@ -426,13 +436,28 @@ def _room_powers(
 
 
 def outgoing(
-    payload: ev.EventContent, *, droppable: bool = False, state_key: str | None = None
+    payload: ev.EventContent,
+    *,
+    droppable: bool = False,
+    state_key: str | None = None,
+    upload: Upload | None = None,
 ) -> Outgoing:
     """An event to post; its ordering key keeps each task's events in order (run-wide events
-    order against everything, see Outbox). A state event type needs its ``state_key``."""
+    order against everything, see Outbox). A state event type needs its ``state_key``.
+
+    A content too large for an event has its documents moved to media (``EventContent.fit``):
+    they are uploaded through ``upload`` just before the event is first sent. ContentTooLarge
+    when that is not enough, or there is no ``upload``."""
     if (state_key is not None) != payload.IS_STATE:
         raise ValueError(f"{payload.TYPE}: a state key goes with state event types, and only them")
-    event_type, content = ev.encode(payload)
+    media: ev.Media = {}
+    try:
+        event_type, content = ev.encode(payload)
+    except ev.ContentTooLarge:
+        payload, media = payload.fit()
+        if media and upload is None:
+            raise
+        event_type, content = ev.encode(payload)
     key: str | None = None
     if isinstance(payload, ev.NodeHeartbeatContent):
         key = f"heartbeat:{state_key}"
@@ -441,4 +466,17 @@ def outgoing(
     elif isinstance(payload, ev.SessionContent):
         sid = SessionId.parse_or_none(payload.session_id)
         key = sid.task_key if sid else payload.session_id
-    return Outgoing(event_type, content, state_key=state_key, droppable=droppable, key=key)
+    item = Outgoing(event_type, content, state_key=state_key, droppable=droppable, key=key)
+    if media:
+        assert upload is not None
+        item.prepare = _uploading(media, upload)
+    return item
+
+
+def _uploading(media: ev.Media, upload: Upload) -> Callable[[Outgoing], Awaitable[None]]:
+    async def prepare(item: Outgoing) -> None:
+        for field, (data, filename) in media.items():
+            if field not in item.content:  # not uploaded by an earlier try
+                item.content[field] = await upload(data, "application/json", filename)
+
+    return prepare

@@ -94,7 +94,8 @@ def decision_content(run_id: str, decision: RunEvent, engine: RunEngine) -> ev.E
                 run_id=run_id,
                 task_id=tid,
                 from_run=from_run,
-                output=ev.clip(output, ev.OUTPUT_SUMMARY_CHARS) or "",
+                output=ev.clip(output, ev.OUTPUT_SUMMARY_CHARS, max_bytes=ev.OUTPUT_SUMMARY_BYTES)
+                or "",
                 timestamp=ms(at),
             )
         case TaskFinished(task_id=tid, attempt=attempt, outcome=Outcome.LOST, at=at):

@@ -179,7 +179,7 @@ class Worker:
         self._seen.add(key)
         sid = str(SessionId(a.run_id, a.task_id, a.attempt))
         outbox = self.outbox(room_id)
-        task = self._accept(a)
+        task = await self._accept(a)
         if isinstance(task, str):
             log.warning("assignment.refused", session_id=sid, reason=task)
             outbox.post(outgoing(_refused(a, sid, task)))
@@ -215,18 +215,28 @@ class Worker:
         log.info("assignment.claimed", session_id=sid, agent=task.agent)
         await self.manager.start(spec)
 
-    def _accept(self, a: ev.TaskAssignedContent) -> TaskSpec | str:
+    async def _accept(self, a: ev.TaskAssignedContent) -> TaskSpec | str:
         """The task to run, or why this node will not run it."""
         if a.agent not in self.accepted or a.agent not in self.profiles:
             accepted = ", ".join(sorted(self.accepted & set(self.profiles))) or "none"
             return f"node {self.node_id} does not run agent {a.agent!r} (it runs: {accepted})"
         try:
-            task = parse_task_document(json.loads(a.task), file="assignment", agents=self.accepted)
+            document = await self._task_document(a)
+            task = parse_task_document(document, file="assignment", agents=self.accepted)
+        except (MatrixRequestError, OSError, ValueError) as exc:
+            return f"cannot read the task's document ({a.task_mxc}): {exc}"
         except InputError as exc:
             return f"invalid task: {exc}"
         if task.id != a.task_id or task.agent != a.agent:
             return "the task document does not match the assignment"
         return task
+
+    async def _task_document(self, a: ev.TaskAssignedContent) -> Any:
+        """The task's document: in the event, or (a long one) in media."""
+        if a.task is not None:
+            return json.loads(a.task)
+        assert a.task_mxc is not None  # the catalogue requires one of the two
+        return await self.node.download_json(a.task_mxc)
 
     async def _upstream(self, a: ev.TaskAssignedContent) -> dict[str, str]:
         if a.upstream is not None:

@@ -18,6 +18,7 @@ from mautrix.api import Path as ApiPath
 from mautrix.errors import MatrixError
 
 from cis_bot.control.client.process import ControlError
+from cis_bot.errors import UserError
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.node import Node
 from cis_bot.matrix.runlog import parse_room_event
@@ -48,6 +49,8 @@ class RoomRequester:
         try:
             token = await self._position(room_id)
             await self.node.send(room_id, request)
+        except ev.ContentTooLarge as exc:
+            raise UserError(f"too large to ask for through the room: {exc}") from None
         except (MatrixError, aiohttp.ClientError, OSError) as exc:
             raise ControlError(f"cannot post the request in {room_id}: {exc}") from None
         while True:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import tempfile
@@ -91,7 +92,7 @@ async def workload(
 
         sent_at: dict[str, float] = {}
         seen_in_sync: set[str] = set()
-        sends_done = asyncio.Event()
+        all_seen = asyncio.Event()
 
         async def send_share(client: MatrixClient, share: int) -> None:
             for index in range(share):
@@ -102,24 +103,34 @@ async def workload(
                 sent_at[event_id] = started
 
         async def watch_sync() -> None:
+            # Runs until cancelled: the events it must see are known only once the sends are
+            # done, and by then their sync may have come back already (waiting for another
+            # would wait out the long poll's timeout).
             since = position
-            while not (sends_done.is_set() and set(sent_at) <= seen_in_sync):
+            while True:
                 body = await watcher.sync(since=since, timeout="5000", filter=timeline_filter)
                 since = body["next_batch"]
                 room = body.get("rooms", {}).get("join", {}).get(room_id, {})
                 seen_in_sync.update(
                     e["event_id"] for e in room.get("timeline", {}).get("events", [])
                 )
+                if wanted is not None and wanted <= seen_in_sync:
+                    all_seen.set()
 
         shares = [events // clients + (1 if i < events % clients else 0) for i in range(clients)]
+        wanted: set[str] | None = None
         watcher_task = asyncio.create_task(watch_sync())
         started = time.monotonic()
         await asyncio.gather(*(send_share(c, s) for c, s in zip(senders, shares, strict=True)))
-        sends_done.set()
         sent_by = time.monotonic()
         wanted = set(sent_at)
+        if wanted <= seen_in_sync:
+            all_seen.set()
         deliveries = await receiver.until(lambda ds: wanted <= set(event_ids(ds)), DEADLINE)
-        await asyncio.wait_for(watcher_task, DEADLINE)
+        await asyncio.wait_for(all_seen.wait(), DEADLINE)
+        watcher_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher_task
         finished = time.monotonic()
 
         arrived: dict[str, float] = {}

@@ -14,23 +14,47 @@ import structlog
 
 from cis_bot.errors import InputError
 from cis_bot.homeserver.appservice.registration import load_registrations
+from cis_bot.homeserver.config import CONFIG_NAME, HomeserverConfig
 from cis_bot.homeserver.errors import TOO_LARGE, MatrixError
 from cis_bot.homeserver.handlers.auth import AuthHandler, hash_password
+from cis_bot.homeserver.handlers.devicemessage import DeviceMessageHandler
+from cis_bot.homeserver.handlers.devices import DeviceHandler
+from cis_bot.homeserver.handlers.directory import DirectoryHandler
+from cis_bot.homeserver.handlers.e2e_keys import E2EKeysHandler
+from cis_bot.homeserver.handlers.e2e_room_keys import RoomKeyBackupHandler
 from cis_bot.homeserver.handlers.ephemeral import ReceiptHandler, TypingHandler
+from cis_bot.homeserver.handlers.message import EventCreationHandler
 from cis_bot.homeserver.handlers.notifications import NotificationCounts
 from cis_bot.homeserver.handlers.notifier import Notifier
 from cis_bot.homeserver.handlers.pagination import PaginationHandler
+from cis_bot.homeserver.handlers.presence import PresenceHandler
 from cis_bot.homeserver.handlers.pushrules import PushRulesHandler
-from cis_bot.homeserver.handlers.rooms import RoomHandler
+from cis_bot.homeserver.handlers.room import RoomCreationHandler
+from cis_bot.homeserver.handlers.room_member import RoomMemberHandler
+from cis_bot.homeserver.handlers.room_state import RoomStateHandler
 from cis_bot.homeserver.handlers.serialize import Serializer
 from cis_bot.homeserver.handlers.sync import SyncHandler
+from cis_bot.homeserver.handlers.ui_auth import UserInteractiveAuth
 from cis_bot.homeserver.handlers.visibility import Visibility
 from cis_bot.homeserver.http.client import HttpClient
 from cis_bot.homeserver.http.server import HttpServer
 from cis_bot.homeserver.ids import check_new_localpart
-from cis_bot.homeserver.rest import account, appservice, media, misc, rooms, sync
+from cis_bot.homeserver.ratelimiting import LoginRatelimiter
+from cis_bot.homeserver.rest import (
+    account,
+    appservice,
+    devices,
+    keys,
+    media,
+    misc,
+    notifications,
+    room_keys,
+    rooms,
+    sync,
+)
 from cis_bot.homeserver.rest.base import MAX_JSON_BODY, HttpFrontend, Router, error_response
-from cis_bot.homeserver.storage.store import Store, UserExistsError
+from cis_bot.homeserver.storage.registration import UserExistsError
+from cis_bot.homeserver.storage.store import Store
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -54,9 +78,12 @@ class Homeserver:
         state_dir: Path,
         server_name: str,
         appservices: Sequence[Appservice],
+        config: HomeserverConfig,
         max_upload_size: int = DEFAULT_MAX_UPLOAD,
     ) -> None:
         self.server_name = server_name
+        self.config = config
+        self.login_ratelimiter = LoginRatelimiter(config.rc_login)
         self.state_dir = state_dir
         self.media_dir = state_dir / "media"
         self.max_upload_size = max_upload_size
@@ -70,21 +97,57 @@ class Homeserver:
             raise InputError(str(err)) from None
         self.notifier = Notifier()
         self.auth = AuthHandler(self.store, server_name, self.appservices)
-        self.rooms = RoomHandler(
+        self.rooms = RoomStateHandler(self.store)
+        self.events = EventCreationHandler(
+            store=self.store, rooms=self.rooms, notifier=self.notifier
+        )
+        self.members = RoomMemberHandler(store=self.store, rooms=self.rooms, events=self.events)
+        self.directory = DirectoryHandler(
             store=self.store,
-            notifier=self.notifier,
+            rooms=self.rooms,
             server_name=server_name,
             appservices=self.appservices,
+        )
+        self.room_creation = RoomCreationHandler(
+            store=self.store,
+            rooms=self.rooms,
+            events=self.events,
+            members=self.members,
+            directory=self.directory,
+            server_name=server_name,
         )
         self.serializer = Serializer(self.store)
         self.counts = NotificationCounts(self.store, self.rooms)
         self.visibility = Visibility(self.store)
-        self.rooms.event_listeners.extend((self.counts.on_event, self.visibility.on_event))
+        self.events.event_listeners.extend((self.counts.on_event, self.visibility.on_event))
         self.typing = TypingHandler(self.rooms, self.notifier)
         self.receipts = ReceiptHandler(self.store, self.rooms, self.notifier, self.counts)
         self.push_rules = PushRulesHandler(self.store, self.notifier, self.counts)
         self.pagination = PaginationHandler(
             self.store, self.rooms, self.serializer, self.visibility
+        )
+        self.ui_auth = UserInteractiveAuth(self.auth)
+        self.devices = DeviceHandler(
+            store=self.store,
+            auth=self.auth,
+            rooms=self.rooms,
+            notifier=self.notifier,
+        )
+        self.auth.device_listeners.append(self.devices.device_created)
+        self.e2e_keys = E2EKeysHandler(
+            store=self.store, devices=self.devices, server_name=server_name
+        )
+        self.device_messages = DeviceMessageHandler(
+            store=self.store,
+            notifier=self.notifier,
+            server_name=server_name,
+        )
+        self.room_key_backups = RoomKeyBackupHandler(self.store)
+        self.presence = PresenceHandler(
+            store=self.store,
+            devices=self.devices,
+            notifier=self.notifier,
+            enabled=config.presence_enabled,
         )
         self.sync = SyncHandler(
             store=self.store,
@@ -96,17 +159,33 @@ class Homeserver:
             push_rules=self.push_rules,
             counts=self.counts,
             visibility=self.visibility,
+            devices=self.devices,
+            device_messages=self.device_messages,
+            e2e_keys=self.e2e_keys,
+            presence=self.presence,
         )
         self.pushers: dict[str, AppservicePusher] = {}
 
     def close(self) -> None:
         self.typing.close()
+        self.presence.close()
         self.store.close()
 
 
 def build_router() -> Router:
     router = Router()
-    for module in (account, rooms, sync, media, appservice, misc):
+    for module in (
+        account,
+        devices,
+        keys,
+        room_keys,
+        rooms,
+        sync,
+        media,
+        appservice,
+        misc,
+        notifications,
+    ):
         module.register_routes(router)
     return router
 
@@ -155,8 +234,12 @@ class EmbeddedHomeserver:
         retry_initial: float = 1.0,
         retry_max: float = 60.0,
         max_upload_size: int = DEFAULT_MAX_UPLOAD,
+        config: HomeserverConfig | None = None,
     ) -> None:
+        """``config``: the settings; by default those of ``homeserver.toml`` in
+        ``state_dir``."""
         self.state_dir = state_dir
+        self.config = config
         self.server_name = server_name
         self.host = host
         self.port = port
@@ -183,11 +266,13 @@ class EmbeddedHomeserver:
         if self._http is not None:
             raise RuntimeError("the homeserver is already started")
         appservices = load_registrations(self.appservice_files, self.server_name)
+        config = self.config or HomeserverConfig.load(self.state_dir / CONFIG_NAME)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         hs = Homeserver(
             state_dir=self.state_dir,
             server_name=self.server_name,
             appservices=appservices,
+            config=config,
             max_upload_size=self.max_upload_size,
         )
         self.hs = hs

@@ -99,3 +99,41 @@ def test_matrix_js_sdk_roundtrip(homeserver: HomeserverUnderTest) -> None:
     assert seen["content_uri"].startswith(f"mxc://{homeserver.server_name}/")
     assert seen["media_status"] == 200
     assert seen["media_text"] == "js-sdk media"
+
+
+CRYPTO = Path(__file__).parent / "js" / "crypto.mjs"
+
+
+def test_matrix_js_sdk_rust_crypto(homeserver: HomeserverUnderTest) -> None:
+    """Element's code path: initRustCrypto(), cross-signing, key backup lookup, and messages
+    both ways in an encrypted and an unencrypted room."""
+    node = shutil.which("node")
+    assert node, "node is needed for the matrix-js-sdk test"
+    names = [unique("cryptoalice"), unique("cryptobob")]
+    for name in names:
+        homeserver.create_user_sync(name)
+    result = subprocess.run(
+        [node, str(CRYPTO), homeserver.base_url]
+        + [part for name in names for part in (name, homeserver.password(name))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("CRYPTO ")]
+    assert result.returncode == 0 and lines, (
+        f"matrix-js-sdk crypto failed ({result.returncode}):\n{result.stderr[-4000:]}\n"
+        f"{result.stdout[-2000:]}"
+    )
+    seen: dict[str, Any] = json.loads(lines[-1].removeprefix("CRYPTO "))
+    assert seen["alice_cross_signing_ready"] and seen["bob_cross_signing_ready"]
+    assert seen["alice_backup"] is None  # no backup yet: GET /room_keys/version said 404
+    assert seen["alice_knows_bob_device"] and seen["bob_device_cross_signed"]
+    for kind, wire_type in (("encrypted", "m.room.encrypted"), ("plain", "m.room.message")):
+        room = seen["rooms"][kind]
+        assert room["room_encrypted"] is (kind == "encrypted")
+        for side in ("alice", "bob"):
+            assert room[f"{side}_got"], (kind, side, room)
+            assert room[f"{side}_saw_wire_type"] == wire_type, (kind, side, room)
+            assert room[f"{side}_decryption_failure"] is False

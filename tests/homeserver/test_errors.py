@@ -102,3 +102,27 @@ async def test_errors_shapes_match(pair: Pair) -> None:
             "bad_token": (await anonymous.request("GET", f"{CS}/sync", token="nope")).body,
         }
     assert_same_shape(answers["synapse"], answers["embedded"])
+
+
+async def test_json_nested_too_deep(users: Users) -> None:
+    """100,000 levels of nesting is not JSON a server can take: Synapse and ours say
+    M_NOT_JSON, /login included."""
+    alice = await users.new("alice")
+    room_id = await alice.create_room()
+    json_header = {"Content-Type": "application/json"}
+    for raw in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000):
+        for method, path in (
+            ("PUT", f"{CS}/rooms/{q(room_id)}/send/m.room.message/deep"),
+            ("POST", f"{CS}/createRoom"),
+            ("POST", f"{CS}/login"),
+            ("PUT", f"{CS}/user/{q(str(alice.user_id))}/account_data/org.example.deep"),
+        ):
+            response = await alice.request(method, path, data=raw, headers=json_header)
+            response.expect(400, "M_NOT_JSON")
+
+
+async def test_unreadable_stream_tokens(users: Users) -> None:
+    alice = await users.new("alice")
+    for token in ("garbage", "s", "sx_1"):
+        response = await alice.request("GET", f"{CS}/sync", params={"since": token, "timeout": "0"})
+        response.expect(400)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
+import time
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.homeserver.conftest import AppserviceRig, Pair
-from tests.support.client import CS, MatrixClient, unique
-from tests.support.fixtures import Users
+from tests.support.client import CS, MatrixClient, Response, unique
+from tests.support.fixtures import Factory, Users
 from tests.support.shape import assert_same_shape
 
 
@@ -169,3 +173,49 @@ async def test_login_shapes_match(pair: Pair) -> None:
         }
     # well_known is optional in the spec; Synapse sends it because public_baseurl is set.
     assert_same_shape(answers["synapse"], answers["embedded"], ignore=["$.login.well_known"])
+
+
+@pytest.mark.slow
+async def test_failed_logins_are_rate_limited(
+    homeserver_factory: Factory, http: aiohttp.ClientSession
+) -> None:
+    """Synapse's rc_login.failed_attempts, here one a second after a burst of 5: 40 wrong
+    passwords in a row end in 429 M_LIMIT_EXCEEDED with retry_after_ms, and after that wait the
+    right password works."""
+    wide = {"per_second": 100000, "burst_count": 100000}
+    server = homeserver_factory(
+        extra_config={
+            "rc_login": {
+                "address": wide,
+                "account": wide,
+                "failed_attempts": {"per_second": 1, "burst_count": 5},
+            }
+        }
+    )
+    users = Users(server, http)
+    alice = await users.new("alice")
+    anonymous = users.anonymous()
+    statuses = []
+    limited: list[Response] = []
+    started = time.monotonic()
+    for _ in range(40):
+        response = await anonymous.request(
+            "POST", f"{CS}/login", password_login(alice.localpart, "wrong")
+        )
+        statuses.append(response.status)
+        if response.status == 429:
+            limited.append(response)
+    elapsed = time.monotonic() - started
+    assert set(statuses) <= {403, 429}, statuses
+    assert statuses[:5] == [403] * 5, statuses
+    # The burst, plus one more failure for each second the attempts took.
+    assert statuses.count(403) <= 5 + math.ceil(elapsed) + 1, (elapsed, statuses)
+    for response in limited:
+        response.expect(429, "M_LIMIT_EXCEEDED")
+        assert isinstance(response.body["retry_after_ms"], int)
+        assert 0 <= response.body["retry_after_ms"] <= 1000
+
+    right = password_login(alice.localpart, server.password(alice.localpart))
+    await asyncio.sleep(limited[-1].body["retry_after_ms"] / 1000)  # the window under test
+    answer = await anonymous.ok("POST", f"{CS}/login", right)
+    assert answer["user_id"] == alice.user_id

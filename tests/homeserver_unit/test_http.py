@@ -4,6 +4,7 @@ chunked, 100-continue), keep-alive and pipelining, limits, and cancellation on d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -88,12 +89,14 @@ async def test_chunked_body_and_continue(served: tuple[HttpServer, Echo, int]) -
 async def test_limits_and_garbage(served: tuple[HttpServer, Echo, int]) -> None:
     _, _, port = served
     [(status, body)] = await exchange(
-        port, b"POST /x HTTP/1.1\r\nContent-Length: 5000\r\n\r\n" + b"x" * 10
+        port, b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5000\r\n\r\n" + b"x" * 10
     )
     assert status == 413 and json.loads(body) == {"too": "large"}
     [(status, _)] = await exchange(port, b"NONSENSE\r\n\r\n")
     assert status == 400
-    [(status, _)] = await exchange(port, b"GET /x HTTP/1.1\r\nContent-Length: -3\r\n\r\n")
+    [(status, _)] = await exchange(
+        port, b"GET /x HTTP/1.1\r\nHost: h\r\nContent-Length: -3\r\n\r\n"
+    )
     assert status == 400
 
 
@@ -134,3 +137,75 @@ async def test_many_pipelined_requests_answered_in_order(
     raw = b"".join(f"GET /p/{n} HTTP/1.1\r\nHost: h\r\n\r\n".encode() for n in range(60))
     answers = await exchange(port, raw, responses=60)
     assert [json.loads(body)["target"] for _, body in answers] == [f"/p/{n}" for n in range(60)]
+
+
+@pytest.mark.parametrize(
+    ("answer", "body", "reused"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"ok", True),
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            b"ok",
+            True,
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nch\r\n3\r\nunk\r\n0\r\n\r\n",
+            b"chunk",
+            True,
+        ),
+        (b"HTTP/1.0 200 OK\r\n\r\nuntil close", b"until close", False),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx", b"x", False),
+    ],
+)
+async def test_client_reads_every_framing(answer: bytes, body: bytes, reused: bool) -> None:
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError):  # the client closed
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(answer)
+                await writer.drain()
+                if not reused:
+                    break
+        writer.close()
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    client = HttpClient()
+    try:
+        for _ in range(2):
+            response = await client.request("GET", f"http://127.0.0.1:{port}/", timeout=10)
+            assert (response.status, response.body) == (200, body)
+        assert connections == (1 if reused else 2)
+    finally:
+        await client.close()
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-6\r\nhello!\r\n0\r\n\r\n",
+        b"SMTP ready\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+    ],
+)
+async def test_client_refuses_broken_answers(answer: bytes) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    client = HttpClient()
+    try:
+        with pytest.raises(HttpClientError):
+            await client.request("GET", f"http://127.0.0.1:{port}/", timeout=10)
+    finally:
+        await client.close()
+        listener.close()

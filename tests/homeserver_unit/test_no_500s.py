@@ -1,10 +1,13 @@
-"""Bad input gets a 4xx Matrix error, never a 500: random JSON bodies, query strings and path
-segments thrown at the endpoints clients use, against one in-process server."""
+"""Bad input gets a 4xx Matrix error, never a 500: random JSON bodies (with lone surrogates,
+integers beyond SQLite's range, deep nesting), query strings and path segments thrown at the
+endpoints clients use, and requests that fail half-way leave nothing behind; against one
+in-process server."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -13,17 +16,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cis_bot.homeserver.config import HomeserverConfig
+from cis_bot.homeserver.ratelimiting import LoginRatelimits, RatelimitSettings
 from cis_bot.homeserver.server import EmbeddedHomeserver
+from tests.support.appservice import prefixed_registration
 
+# Lone surrogates survive json.dumps as "\\ud800" escapes; UTF-8 cannot encode them.
+texts = st.text(
+    alphabet=st.sampled_from(["a", "\ud800", "\udfff", "\n", "\x00", "é", "😀"]) | st.characters(),
+    max_size=20,
+)
 json_values = st.recursive(
     st.none()
     | st.booleans()
-    | st.integers(min_value=-(2**60), max_value=2**60)
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.sampled_from([2**53, 2**63 - 1, 2**63, -(2**63) - 1, 10**30])
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
-    ),
+    | texts,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(texts, children, max_size=4),
     max_leaves=12,
 )
 keys = st.sampled_from(
@@ -110,6 +120,13 @@ class Rig:
                 assert isinstance(decoded.get("error"), str), payload
             return response.status
 
+    async def json(self, method: str, path: str) -> Any:
+        async with self.http.request(
+            method, self.hs.base_url + path, headers={"Authorization": f"Bearer {self.token}"}
+        ) as response:
+            assert response.status == 200, await response.read()
+            return await response.json()
+
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Any:
@@ -118,7 +135,12 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Any:
     loop = asyncio.new_event_loop()
 
     async def setup() -> Rig:
-        hs = EmbeddedHomeserver(state_dir=tmp_path_factory.mktemp("fuzz") / "state")
+        # Logins opened wide: the fuzz posts to /login far faster than rc_login allows.
+        wide = RatelimitSettings(per_second=1e6, burst_count=10**6)
+        hs = EmbeddedHomeserver(
+            state_dir=tmp_path_factory.mktemp("fuzz") / "state",
+            config=HomeserverConfig(rc_login=LoginRatelimits(wide, wide, wide)),
+        )
         await hs.start()
         http = aiohttp.ClientSession()
         _, password = await hs.add_user("fuzzer")
@@ -223,3 +245,149 @@ def test_non_json_bodies(rig: Any) -> None:
     for raw in (b"", b"{", b"[1,2]", b'"s"', b"\xff\xfe", b"NaN", b'{"a": NaN}', b"{}" * 3):
         for method, path in _paths(built):
             loop.run_until_complete(built.status(method, path, raw=raw))
+
+
+HUGE_NUMBERS = [
+    "99999999999999999999999",
+    "-99999999999999999999999",
+    "9223372036854775808",
+    "18446744073709551616",
+    "1e400",
+    "0x10",
+    "%F0%9F%98%80",
+]
+
+
+def test_numbers_out_of_range_in_queries_and_tokens(rig: Any) -> None:
+    """Every integer a query carries (limits, timeouts, stream tokens, filter ids) may be far
+    outside SQLite's 64-bit INTEGER: 4xx, never an overflow."""
+    loop, built = rig
+    r = quote(built.room_id, safe="")
+    e = quote(built.event_id, safe="")
+    for n in HUGE_NUMBERS:
+        for method, path in (
+            ("GET", f"/_matrix/client/v3/sync?timeout=0&since=s{n}"),
+            ("GET", f"/_matrix/client/v3/sync?timeout=0&since=s1_{n}"),
+            ("GET", f"/_matrix/client/v3/sync?timeout={n}&since=s1_0"),
+            ("GET", f"/_matrix/client/v3/sync?timeout=0&filter={n}"),
+            ("GET", f"/_matrix/client/v3/rooms/{r}/messages?dir=b&from=s{n}"),
+            ("GET", f"/_matrix/client/v3/rooms/{r}/messages?dir=b&from=t1-{n}"),
+            ("GET", f"/_matrix/client/v3/rooms/{r}/messages?dir=f&to=s{n}"),
+            ("GET", f"/_matrix/client/v3/rooms/{r}/messages?dir=b&limit={n}"),
+            ("GET", f"/_matrix/client/v3/rooms/{r}/context/{e}?limit={n}"),
+            ("GET", f"/_matrix/client/v3/publicRooms?limit={n}"),
+            ("GET", f"/_matrix/client/v3/user/%40fuzzer%3Acis.local/filter/{n}"),
+            ("PUT", f"/_matrix/client/v3/rooms/{r}/send/m.room.message/big{n}?ts={n}"),
+        ):
+            body = {"msgtype": "m.text", "body": "x"} if method == "PUT" else None
+            loop.run_until_complete(built.status(method, path, body))
+    for limit in (2**63, 10**30, -(2**63) - 1):
+        for key in ("timeline", "state", "ephemeral", "account_data"):
+            query = quote(json.dumps({"room": {key: {"limit": limit}}}), safe="")
+            loop.run_until_complete(
+                built.status("GET", f"/_matrix/client/v3/sync?timeout=0&filter={query}")
+            )
+
+
+def test_json_that_cannot_be_stored_or_sent_back(rig: Any) -> None:
+    """Lone surrogates, numbers beyond a double and deep nesting: 400 M_NOT_JSON everywhere,
+    /login included, with nothing stored (a surrogate in account data once broke /sync)."""
+    loop, built = rig
+    deep = b"[" * 100_000 + b"]" * 100_000
+    raws = (
+        b'{"password": "\\ud800", "type": "m.login.password"}',
+        b'{"body": "\\udfff", "msgtype": "m.text"}',
+        b'{"\\ud800": 1}',
+        b'{"name": "\\ud83d"}',
+        b'{"a": 1e400}',
+        b'{"a": -1e400}',
+        deep,
+        b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+        b'{"a": ' + b"[" * 200 + b"]" * 200 + b"}",
+    )
+    for raw in raws:
+        for method, path in _paths(built):
+            status = loop.run_until_complete(built.status(method, path, raw=raw))
+            assert status == 400, (method, path, raw[:40])
+    status = loop.run_until_complete(
+        built.status("GET", "/_matrix/client/v3/sync?timeout=0&filter=" + quote('{"\\ud800":1}'))
+    )
+    assert status == 400
+    assert loop.run_until_complete(built.status("GET", "/_matrix/client/v3/sync?timeout=0")) == 200
+
+
+def _row_counts(hs: EmbeddedHomeserver) -> dict[str, int]:
+    assert hs.hs is not None
+    conn = hs.hs.store.conn
+    return {
+        table: conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        for table in ("rooms", "events", "room_aliases", "current_state", "current_membership")
+    }
+
+
+def test_failed_create_room_leaves_nothing_behind(rig: Any) -> None:
+    """Each of these fails after the room id is chosen (an event too large, an invite the
+    rules refuse): no room, no event, no alias may remain, in the database or in memory."""
+    loop, built = rig
+    before = _row_counts(built.hs)
+    joined = loop.run_until_complete(built.json("GET", "/_matrix/client/v3/joined_rooms"))
+    failures = [
+        {"name": "n" * 70_000, "room_alias_name": "half_built"},
+        {"topic": "t" * 70_000},
+        {"room_alias_name": "half_built2", "creation_content": {"x": "c" * 70_000}},
+        {
+            "room_alias_name": "half_built3",
+            "initial_state": [{"type": "org.example.big", "content": {"b": "x" * 70_000}}],
+        },
+        {
+            "room_alias_name": "half_built4",
+            "room_version": "10",  # v12 creators outrank any level
+            "invite": ["@someone:cis.local"],
+            "power_level_content_override": {"invite": 101},
+        },
+        {
+            "preset": "trusted_private_chat",
+            "invite": ["@x:cis.local"],
+            "creation_content": {"additional_creators": 5},
+        },
+    ]
+    for config in failures:
+        status = loop.run_until_complete(
+            built.status("POST", "/_matrix/client/v3/createRoom", config)
+        )
+        assert 400 <= status < 500, config
+    assert _row_counts(built.hs) == before
+    after = loop.run_until_complete(built.json("GET", "/_matrix/client/v3/joined_rooms"))
+    assert after == joined
+    # The aliases are free: a room that succeeds may take them.
+    for alias in ("half_built", "half_built2", "half_built3", "half_built4"):
+        status = loop.run_until_complete(
+            built.status("POST", "/_matrix/client/v3/createRoom", {"room_alias_name": alias})
+        )
+        assert status == 200
+
+
+async def test_appservice_timestamps_stay_canonical(tmp_path: Path) -> None:
+    """An appservice may set origin_server_ts with ?ts=, but only to a canonical JSON integer
+    (it goes into the PDU); larger values fit SQLite and must still be refused."""
+    registration = prefixed_registration("ts", None, "cis.local", "ts_")
+    hs = EmbeddedHomeserver(
+        state_dir=tmp_path / "state",
+        appservice_files=[registration.write(tmp_path / "appservices")],
+    )
+    await hs.start()
+    headers = {"Authorization": f"Bearer {registration.as_token}"}
+    try:
+        async with aiohttp.ClientSession(base_url=hs.base_url, headers=headers) as http:
+            async with http.post("/_matrix/client/v3/createRoom", json={}) as response:
+                room_id = (await response.json())["room_id"]
+            send = f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/send/m.room.message"
+            body = {"msgtype": "m.text", "body": "x"}
+            for n, (ts, status) in enumerate(((2**53 - 1, 200), (2**53, 400), (2**63, 400))):
+                async with http.put(f"{send}/t{n}", params={"ts": str(ts)}, json=body) as response:
+                    answer = await response.json()
+                    assert response.status == status, answer
+                    if status == 400:
+                        assert answer["errcode"] == "M_INVALID_PARAM"
+    finally:
+        await hs.stop()

@@ -1,13 +1,23 @@
 """Our embedded homeserver run as a child process through ``cis homeserver``, so that kill -9 is
-real and the handle is the same as Synapse's."""
+real and the handle is the same as Synapse's.
+
+Like the Synapse fixture, it opens the login rate limits wide (tests log in far more often than
+a person would) through the server's ``homeserver.toml``; ``extra_config`` (Synapse's option
+names) goes over that, for the tests of the limits themselves.
+"""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from tests.support.process import HomeserverUnderTest
+import tomli_w
+
+from tests.support.process import START_TIMEOUT, HomeserverUnderTest
+from tests.support.synapse import RATE_LIMITS
 
 
 class EmbeddedServer(HomeserverUnderTest):
@@ -22,6 +32,7 @@ class EmbeddedServer(HomeserverUnderTest):
         port: int | None = None,
         python: str = sys.executable,
         add_user_in_process: bool = True,
+        extra_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             workdir=workdir, server_name=server_name, appservice_files=appservice_files, port=port
@@ -29,6 +40,17 @@ class EmbeddedServer(HomeserverUnderTest):
         self.python = python
         self.state_dir = workdir / "state"
         self.add_user_in_process = add_user_in_process
+        # Presence off, as in the test Synapse's config, so that the two answer alike.
+        self.config = _merged(
+            {"rc_login": RATE_LIMITS["rc_login"], "presence": {"enabled": False}},
+            extra_config or {},
+        )
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        config_path = self.state_dir / "homeserver" / "homeserver.toml"
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(tomli_w.dumps(self.config))
+        super().start(timeout)
 
     def _cis(self, *args: str) -> list[str]:
         return [self.python, "-m", "cis_bot", "homeserver", *args]
@@ -78,3 +100,13 @@ class EmbeddedServer(HomeserverUnderTest):
                 f"cis homeserver add-user {localpart} failed ({result.returncode}):\n"
                 f"{result.stdout}\n{result.stderr}"
             )
+
+
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -191,6 +191,9 @@ class SynapseServer(HomeserverUnderTest):
                 # Cheap password hashing: tests create hundreds of accounts.
                 "bcrypt_rounds": 4,
                 "app_service_config_files": [str(path) for path in self.appservice_files],
+                # Anyone may list a room in the public directory, as on the embedded homeserver
+                # (local runs' rooms are listed); Synapse's default lets nobody.
+                "room_list_publication_rules": [{"action": "allow"}],
                 **RATE_LIMITS,
                 **self.extra_config,
             }

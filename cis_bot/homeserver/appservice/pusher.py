@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from cis_bot.homeserver.appservice.registration import Appservice
     from cis_bot.homeserver.events import Event
     from cis_bot.homeserver.handlers.notifier import Notifier
-    from cis_bot.homeserver.handlers.rooms import RoomHandler
+    from cis_bot.homeserver.handlers.room_state import RoomStateHandler
     from cis_bot.homeserver.handlers.serialize import Serializer
     from cis_bot.homeserver.storage.store import Store
 
@@ -53,7 +53,7 @@ class AppservicePusher:
         service: Appservice,
         *,
         store: Store,
-        rooms: RoomHandler,
+        rooms: RoomStateHandler,
         serializer: Serializer,
         notifier: Notifier,
         client: HttpClient,

@@ -28,10 +28,10 @@ from cis_bot.homeserver.errors import (
     unknown_token,
 )
 from cis_bot.homeserver.ids import random_string
-from cis_bot.homeserver.storage.store import UserExistsError
+from cis_bot.homeserver.storage.registration import UserExistsError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from cis_bot.homeserver.appservice.registration import Appservice
     from cis_bot.homeserver.storage.store import Store
@@ -102,6 +102,8 @@ class AuthHandler:
         self.appservices = list(appservices)
         self._by_as_token = {service.as_token: service for service in appservices}
         self._token_cache: dict[str, tuple[str, str]] = {}
+        # Called with (user_id, device_id) when a login makes a new device.
+        self.device_listeners: list[Callable[[str, str], None]] = []
 
     # --- requests -------------------------------------------------------------------------
 
@@ -195,9 +197,15 @@ class AuthHandler:
         """Create an access token for a (possibly new) device: (device_id, token)."""
         device = device_id or generate_device_id()
         token = generate_access_token(user_id)
+        is_new = device_id is None or all(
+            row[0] != device for row in self.store.get_devices(user_id)
+        )
         self.store.add_access_token(token, user_id, device, ip)
         if display_name is not None:
             self.store.set_device_display_name(user_id, device, display_name)
+        if is_new:
+            for listener in self.device_listeners:
+                listener(user_id, device)
         return device, token
 
     def qualify(self, user: str) -> str:

@@ -11,14 +11,14 @@ from cis_bot.homeserver.errors import bad_request, forbidden
 if TYPE_CHECKING:
     from cis_bot.homeserver.handlers.notifications import NotificationCounts
     from cis_bot.homeserver.handlers.notifier import Notifier
-    from cis_bot.homeserver.handlers.rooms import RoomHandler
+    from cis_bot.homeserver.handlers.room_state import RoomStateHandler
     from cis_bot.homeserver.storage.store import Store
 
 MAX_TYPING_TIMEOUT_MS = 120_000
 
 
 class TypingHandler:
-    def __init__(self, rooms: RoomHandler, notifier: Notifier) -> None:
+    def __init__(self, rooms: RoomStateHandler, notifier: Notifier) -> None:
         self.rooms = rooms
         self.notifier = notifier
         self.serial = 0
@@ -71,7 +71,7 @@ class ReceiptHandler:
     def __init__(
         self,
         store: Store,
-        rooms: RoomHandler,
+        rooms: RoomStateHandler,
         notifier: Notifier,
         counts: NotificationCounts,
     ) -> None:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from cis_bot.homeserver.events import Event
     from cis_bot.homeserver.filtering import EventFilter
     from cis_bot.homeserver.handlers.auth import Requester
-    from cis_bot.homeserver.handlers.rooms import RoomHandler
+    from cis_bot.homeserver.handlers.room_state import RoomStateHandler
     from cis_bot.homeserver.handlers.serialize import Serializer
     from cis_bot.homeserver.handlers.visibility import Visibility
     from cis_bot.homeserver.storage.store import Store
@@ -26,7 +26,7 @@ _SCAN = 200
 
 class PaginationHandler:
     def __init__(
-        self, store: Store, rooms: RoomHandler, serializer: Serializer, visibility: Visibility
+        self, store: Store, rooms: RoomStateHandler, serializer: Serializer, visibility: Visibility
     ) -> None:
         self.store = store
         self.rooms = rooms

@@ -20,16 +20,21 @@ from cis_bot.homeserver.filtering import EventFilter, FilterCollection
 if TYPE_CHECKING:
     from cis_bot.homeserver.events import Event
     from cis_bot.homeserver.handlers.auth import Requester
+    from cis_bot.homeserver.handlers.devicemessage import DeviceMessageHandler
+    from cis_bot.homeserver.handlers.devices import DeviceHandler
+    from cis_bot.homeserver.handlers.e2e_keys import E2EKeysHandler
     from cis_bot.homeserver.handlers.ephemeral import ReceiptHandler, TypingHandler
     from cis_bot.homeserver.handlers.notifications import NotificationCounts
     from cis_bot.homeserver.handlers.notifier import Notifier
+    from cis_bot.homeserver.handlers.presence import PresenceHandler
     from cis_bot.homeserver.handlers.pushrules import PushRulesHandler
-    from cis_bot.homeserver.handlers.rooms import RoomHandler, RoomState
+    from cis_bot.homeserver.handlers.room_state import RoomState, RoomStateHandler
     from cis_bot.homeserver.handlers.serialize import Serializer
     from cis_bot.homeserver.handlers.visibility import Visibility
     from cis_bot.homeserver.storage.store import Store
 
 _SCAN_BATCH = 200
+MAX_POSITION = 2**63 - 1  # SQLite's INTEGER
 
 
 @attrs.frozen
@@ -46,9 +51,19 @@ class SyncToken:
             if not raw.startswith("s"):
                 raise ValueError(raw)
             stream, _, typing = raw[1:].partition("_")
-            return cls(int(stream), int(typing or 0))
+            return cls(_position(stream), _position(typing or "0"))
         except ValueError:
             raise bad_request("Invalid stream token") from None
+
+
+def _position(text: str) -> int:
+    """A stream position in a token: a decimal that fits SQLite's 64-bit INTEGER."""
+    if not text.isascii() or not text.isdigit():
+        raise ValueError(text)
+    position = int(text)
+    if position > MAX_POSITION:
+        raise ValueError(text)
+    return position
 
 
 def is_pagination_token(raw: str) -> bool:
@@ -63,9 +78,9 @@ def parse_pagination_token(raw: str) -> int:
     """``s{N}`` (ours), or a sync token ``s{N}_{typing}``; ``t{topo}-{N}`` is accepted too."""
     try:
         if raw.startswith("t") and "-" in raw:
-            return int(raw.split("-", 1)[1].split("_", 1)[0])
+            return _position(raw.split("-", 1)[1].split("_", 1)[0])
         if raw.startswith("s"):
-            return int(raw[1:].split("_", 1)[0])
+            return _position(raw[1:].split("_", 1)[0])
     except ValueError:
         pass
     raise bad_request(f"Invalid stream token {raw!r}")
@@ -85,7 +100,7 @@ class SyncHandler:
         self,
         *,
         store: Store,
-        rooms: RoomHandler,
+        rooms: RoomStateHandler,
         notifier: Notifier,
         serializer: Serializer,
         typing: TypingHandler,
@@ -93,6 +108,10 @@ class SyncHandler:
         push_rules: PushRulesHandler,
         counts: NotificationCounts,
         visibility: Visibility,
+        devices: DeviceHandler,
+        device_messages: DeviceMessageHandler,
+        e2e_keys: E2EKeysHandler,
+        presence: PresenceHandler,
     ) -> None:
         self.store = store
         self.rooms = rooms
@@ -103,6 +122,10 @@ class SyncHandler:
         self.push_rules = push_rules
         self.counts = counts
         self.visibility = visibility
+        self.devices = devices
+        self.device_messages = device_messages
+        self.e2e_keys = e2e_keys
+        self.presence = presence
 
     async def sync(
         self,
@@ -199,18 +222,52 @@ class SyncHandler:
         account_data = self._global_account_data(user_id, since, now, filters)
         if account_data:
             response["account_data"] = {"events": account_data}
+        presence: list[dict[str, Any]] = []
+        newly_shared: list[str] = []
         device_lists: dict[str, list[str]] = {}
         if since is not None:
-            changed, gone = self._device_list_changes(user_id, since.stream, now.stream)
+            newly_shared, gone = self._device_list_changes(user_id, since.stream, now.stream)
+            changed = self._with_device_changes(user_id, newly_shared, since.stream, now.stream)
             if changed:
                 device_lists["changed"] = changed
             if gone:
                 device_lists["left"] = gone
+        if not filters.presence.blocks_all:
+            presence = [
+                event
+                for event in self.presence.sync_events(
+                    user_id,
+                    since.stream if since is not None and not full_state else None,
+                    now.stream,
+                    set(newly_shared),
+                )
+                if filters.presence.matches(
+                    event_type=event["type"],
+                    sender=event["sender"],
+                    room_id=None,
+                    content=event["content"],
+                )
+            ]
+        if presence:
+            response["presence"] = {"events": presence}
+        device_id = requester.device_id
+        to_device = self.device_messages.for_sync(
+            user_id, device_id, since.stream if since is not None else None, now.stream
+        )
+        if to_device:
+            response["to_device"] = {"events": to_device}
+        if device_lists:
             response["device_lists"] = device_lists
-            if not device_lists:
-                del response["device_lists"]
-        response["device_one_time_keys_count"] = {"signed_curve25519": 0}
-        response["device_unused_fallback_key_types"] = []
+        if device_id is not None:
+            response["device_one_time_keys_count"] = self.e2e_keys.one_time_key_counts(
+                user_id, device_id
+            )
+            response["device_unused_fallback_key_types"] = self.e2e_keys.unused_fallback_key_types(
+                user_id, device_id
+            )
+        else:
+            response["device_one_time_keys_count"] = {"signed_curve25519": 0}
+            response["device_unused_fallback_key_types"] = []
         rooms: dict[str, Any] = {}
         if joined:
             rooms["join"] = joined
@@ -220,14 +277,32 @@ class SyncHandler:
             rooms["leave"] = left
         if rooms:
             response["rooms"] = rooms
-        return response, bool(rooms or account_data or device_lists)
+        has_data = bool(rooms or account_data or device_lists or presence or to_device)
+        return response, has_data
+
+    def device_list_updates(self, user_id: str, since: int) -> tuple[list[str], list[str]]:
+        """``/keys/changes``: (changed, left) from ``since`` until now."""
+        upto = self.store.current_stream
+        newly_shared, left = self._device_list_changes(user_id, since, upto)
+        return self._with_device_changes(user_id, newly_shared, since, upto), left
+
+    def _with_device_changes(
+        self, user_id: str, newly_shared: list[str], after: int, upto: int
+    ) -> list[str]:
+        """The users to fetch keys of again: the newly shared ones, and those whose devices or
+        keys changed in (after, upto]."""
+        changed = list(newly_shared)
+        for other in self.devices.changed_since(user_id, after, upto):
+            if other not in changed:
+                changed.append(other)
+        return changed
 
     def _device_list_changes(
         self, user_id: str, after: int, upto: int
     ) -> tuple[list[str], list[str]]:
-        """Synapse's device_lists for a client without E2EE keys: users who newly share a room
-        with ``user_id`` ("changed": their devices became relevant) and users who no longer
-        share any ("left")."""
+        """The membership side of Synapse's device_lists: users who newly share a room with
+        ``user_id`` ("changed": their devices became relevant) and users who no longer share
+        any ("left"). Key and device changes come from the device handler."""
         if after >= upto:
             return [], []
         shared_now: set[str] = set()

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from cis_bot.homeserver.events import Event
-    from cis_bot.homeserver.handlers.rooms import RoomState
+    from cis_bot.homeserver.handlers.room_state import RoomState
     from cis_bot.homeserver.storage.store import Store
 
 VISIBILITY_PRIORITY = ("world_readable", "shared", "invited", "joined")

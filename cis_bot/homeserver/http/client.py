@@ -1,6 +1,7 @@
-"""A minimal HTTP/1.1 client for pushing to appservices: one keep-alive connection per origin,
-reused while the server keeps it open; Content-Length or chunked or read-to-close responses.
-TLS is set up (and ``ssl`` imported) only for an ``https`` appservice URL.
+"""The HTTP/1.1 client that pushes transactions to appservices: h11 frames requests and parses
+responses (Content-Length, chunked or read-to-close bodies, 100 Continue), this module keeps
+one keep-alive connection per origin, reused while the server keeps it open. TLS is set up (and
+``ssl`` imported) only for an ``https`` appservice URL.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import h11
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+MAX_HEADER_BYTES = 64 * 1024
+_READ_SIZE = 65536
 
 
 class HttpClientError(Exception):
@@ -29,7 +33,18 @@ class ClientResponse:
     body: bytes
 
 
-_Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+@attrs.define
+class _Connection:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    protocol: h11.Connection
+
+    def usable(self) -> bool:
+        return (
+            not self.writer.is_closing()
+            and not self.reader.at_eof()
+            and self.protocol.our_state is h11.IDLE
+        )
 
 
 class HttpClient:
@@ -56,11 +71,18 @@ class HttpClient:
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
-        host_header = parts.netloc.rsplit("@", 1)[-1]
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {host_header}"]
-        lines.extend(f"{k}: {v}" for k, v in (headers or {}).items())
-        lines.append(f"Content-Length: {len(body)}")
-        payload = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        try:
+            request = h11.Request(
+                method=method,
+                target=target,
+                headers=[
+                    ("Host", parts.netloc.rsplit("@", 1)[-1]),
+                    *(headers or {}).items(),
+                    ("Content-Length", str(len(body))),
+                ],
+            )
+        except h11.LocalProtocolError as exc:
+            raise HttpClientError(f"cannot send this request: {exc}") from None
         async with asyncio.timeout(timeout):
             # A pooled connection may have been closed by the server meanwhile: one retry on a
             # fresh connection when a reused one fails before any answer.
@@ -70,29 +92,31 @@ class HttpClient:
                     continue
                 if connection is None:
                     connection = await self._connect(parts.hostname, port, secure)
-                reader, writer = connection
                 try:
-                    writer.write(payload)
-                    await writer.drain()
-                    response, keep = await _read_response(reader, method)
-                except (OSError, ValueError, asyncio.IncompleteReadError, HttpClientError) as exc:
-                    writer.close()
+                    response = await _exchange(connection, request, body)
+                except (OSError, asyncio.IncompleteReadError, h11.ProtocolError) as exc:
+                    connection.writer.close()
                     if reused:
                         continue
                     raise HttpClientError(f"{type(exc).__name__}: {exc}") from None
-                if keep:
+                except HttpClientError:
+                    connection.writer.close()
+                    raise
+                if _reusable(connection.protocol):
+                    connection.protocol.start_next_cycle()
                     self._idle.setdefault(key, []).append(connection)
                 else:
-                    writer.close()
+                    connection.writer.close()
                 return response
         raise HttpClientError("unreachable")  # pragma: no cover - the loop always returns
 
     def _take(self, key: tuple[str, str, int]) -> _Connection | None:
         pool = self._idle.get(key)
         while pool:
-            reader, writer = pool.pop()
-            if not writer.is_closing() and not reader.at_eof():
-                return reader, writer
+            connection = pool.pop()
+            if connection.usable():
+                return connection
+            connection.writer.close()
         return None
 
     async def _connect(self, host: str, port: int, secure: bool) -> _Connection:
@@ -104,70 +128,58 @@ class HttpClient:
                 self._ssl = ssl.create_default_context()
             ssl_context = self._ssl
         try:
-            return await asyncio.open_connection(host, port, ssl=ssl_context)
+            reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context)
         except OSError as exc:
             raise HttpClientError(f"{type(exc).__name__}: {exc}") from None
+        return _Connection(
+            reader, writer, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+        )
 
     async def close(self) -> None:
         for pool in self._idle.values():
-            for _, writer in pool:
-                writer.close()
+            for connection in pool:
+                connection.writer.close()
                 with contextlib.suppress(OSError):
-                    await writer.wait_closed()
+                    await connection.writer.wait_closed()
         self._idle.clear()
 
 
-async def _read_response(reader: asyncio.StreamReader, method: str) -> tuple[ClientResponse, bool]:
-    while True:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            raise HttpClientError("response headers too large") from None
-        lines = head.decode("latin-1").split("\r\n")
-        status_parts = lines[0].split(" ", 2)
-        if len(status_parts) < 2 or not status_parts[0].startswith("HTTP/1."):
-            raise HttpClientError(f"bad status line {lines[0]!r}")
-        try:
-            status = int(status_parts[1])
-        except ValueError:
-            raise HttpClientError(f"bad status line {lines[0]!r}") from None
-        reason = status_parts[2] if len(status_parts) > 2 else ""
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        if 100 <= status < 200:
-            continue  # interim response (100 Continue): the real one follows
-        break
-    keep = "close" not in headers.get("connection", "").lower() and status_parts[0] == "HTTP/1.1"
-    if method == "HEAD" or status in (204, 304):
-        return ClientResponse(status, reason, b""), keep
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        body = await _read_chunked(reader)
-    elif "content-length" in headers:
-        length = int(headers["content-length"])
-        if length > MAX_RESPONSE_BYTES:
-            raise HttpClientError("response too large")
-        body = await reader.readexactly(length)
-    else:
-        body = await reader.read(MAX_RESPONSE_BYTES)
-        keep = False
-    return ClientResponse(status, reason, body), keep
+def _reusable(conn: h11.Connection) -> bool:
+    return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
 
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+async def _exchange(connection: _Connection, request: h11.Request, body: bytes) -> ClientResponse:
+    conn = connection.protocol
+    payload = conn.send(request)
+    if body:
+        payload += conn.send(h11.Data(data=body))
+    payload += conn.send(h11.EndOfMessage())
+    connection.writer.write(payload)
+    await connection.writer.drain()
+
+    response: h11.Response | None = None
     chunks: list[bytes] = []
     total = 0
     while True:
-        line = await reader.readuntil(b"\r\n")
-        size = int(line.split(b";", 1)[0].strip(), 16)
-        if size == 0:
-            while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                pass
-            return b"".join(chunks)
-        total += size
-        if total > MAX_RESPONSE_BYTES:
-            raise HttpClientError("response too large")
-        chunks.append(await reader.readexactly(size))
-        await reader.readexactly(2)
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await connection.reader.read(_READ_SIZE)
+            if not data and response is None:
+                raise asyncio.IncompleteReadError(b"", None)  # closed before any answer
+            conn.receive_data(data)
+        elif isinstance(event, h11.InformationalResponse):
+            continue  # 100 Continue: the real answer follows
+        elif isinstance(event, h11.Response):
+            response = event
+        elif isinstance(event, h11.Data):
+            total += len(event.data)
+            if total > MAX_RESPONSE_BYTES:
+                raise HttpClientError("response too large")
+            chunks.append(event.data)
+        elif isinstance(event, h11.EndOfMessage):
+            assert response is not None
+            return ClientResponse(
+                response.status_code, response.reason.decode("latin-1"), b"".join(chunks)
+            )
+        else:  # ConnectionClosed or PAUSED: the server went away mid-answer
+            raise HttpClientError("connection closed before the response ended")

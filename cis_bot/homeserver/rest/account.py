@@ -1,5 +1,5 @@
 """Accounts and per-user data: versions, login/logout, register (appservice only), whoami,
-capabilities, profile, devices, filters, account data, push rules."""
+capabilities, profile, filters, account data, push rules."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from cis_bot.homeserver.errors import (
 )
 from cis_bot.homeserver.filtering import cap_timeline_limit, validate_filter
 from cis_bot.homeserver.ids import split_id
+from cis_bot.homeserver.rest.base import INT64_MAX
 
 if TYPE_CHECKING:
     from cis_bot.homeserver.rest.base import RestRequest, Router
@@ -38,11 +39,22 @@ APPSERVICE_LOGIN = "m.login.application_service"
 PASSWORD_LOGIN = "m.login.password"
 
 
+# What clients probe before using a feature: true for what this server does, false (as Synapse
+# says it) for what clients would otherwise try: sliding sync, busy presence, login tokens.
+UNSTABLE_FEATURES = {
+    "org.matrix.e2e_cross_signing": True,
+    "org.matrix.msc2285.stable": True,
+    "org.matrix.msc2432": True,
+    "org.matrix.msc3440.stable": True,
+    "fi.mau.msc2659.stable": True,
+    "org.matrix.msc3026.busy_presence": False,
+    "org.matrix.msc3882": False,
+    "org.matrix.simplified_msc3575": False,
+}
+
+
 async def versions(request: RestRequest) -> Result:
-    return 200, {
-        "versions": SPEC_VERSIONS,
-        "unstable_features": {"org.matrix.msc2285.stable": True, "org.matrix.msc3440.stable": True},
-    }
+    return 200, {"versions": SPEC_VERSIONS, "unstable_features": UNSTABLE_FEATURES}
 
 
 async def login_flows(request: RestRequest) -> Result:
@@ -84,6 +96,7 @@ async def login(request: RestRequest) -> Result:
     display_name = body.get("initial_device_display_name")
     if display_name is not None and not isinstance(display_name, str):
         display_name = None
+    limits = hs.login_ratelimiter
     if login_type == APPSERVICE_LOGIN:
         requester = request.auth()
         service = requester.appservice
@@ -91,6 +104,8 @@ async def login(request: RestRequest) -> Result:
             raise MatrixError(
                 401, "M_UNKNOWN_TOKEN", "This login method is only valid for application services"
             )
+        if service.rate_limited:
+            limits.address.ratelimit(request.raw.peer)
         identifier = body.get("identifier")
         if not isinstance(identifier, dict):
             raise bad_request("Invalid identifier in login submission", INVALID_PARAM)
@@ -103,6 +118,10 @@ async def login(request: RestRequest) -> Result:
         if not service.is_interested_in_user(user_id):
             raise MatrixError(403, FORBIDDEN, "Invalid access_token")
     else:
+        # Synapse's order: the address limit counts every attempt, the failed-attempts limit is
+        # checked before the password (and counts only failures), the account limit counts
+        # successes.
+        limits.address.ratelimit(request.raw.peer)
         password = body.get("password")
         if login_type == PASSWORD_LOGIN and not isinstance(password, str):
             raise bad_request("Bad parameter: password", INVALID_PARAM)
@@ -110,7 +129,14 @@ async def login(request: RestRequest) -> Result:
         if login_type != PASSWORD_LOGIN:
             raise bad_request(f"Unknown login type {login_type}")
         assert isinstance(password, str)
-        user_id = await hs.auth.check_password(user, password)
+        account = hs.auth.qualify(user).lower()
+        limits.failed_attempts.ratelimit(account, update=False)
+        try:
+            user_id = await hs.auth.check_password(user, password)
+        except MatrixError:
+            limits.failed_attempts.can_do_action(account)
+            raise
+        limits.account.ratelimit(user_id.lower())
     device, token = hs.auth.new_session(user_id, device_id, display_name, request.raw.peer)
     return 200, {
         "user_id": user_id,
@@ -125,15 +151,17 @@ async def logout(request: RestRequest) -> Result:
     requester = request.auth()
     if requester.appservice is not None:
         return 200, {}
-    request.hs.store.delete_device(requester.user_id, requester.device_id or "")
-    request.hs.auth.forget_tokens([requester.access_token])
+    if requester.device_id is None:
+        request.hs.auth.forget_tokens([requester.access_token])
+    else:
+        request.hs.devices.delete_devices(requester.user_id, [requester.device_id])
     return 200, {}
 
 
 async def logout_all(request: RestRequest) -> Result:
     requester = request.auth()
-    tokens = request.hs.store.delete_all_tokens(requester.user_id)
-    request.hs.auth.forget_tokens(tokens)
+    request.hs.devices.delete_all_devices(requester.user_id)
+    request.hs.auth.forget_tokens(request.hs.store.delete_all_tokens(requester.user_id))
     return 200, {}
 
 
@@ -274,51 +302,7 @@ async def set_profile_field(request: RestRequest, user_id: str, field: str) -> R
     if value == "":
         new_value = None
     hs.store.set_profile_field(user_id, field, new_value)
-    hs.rooms.propagate_profile(requester, field, new_value)
-    return 200, {}
-
-
-# --- devices -------------------------------------------------------------------------------
-
-
-async def get_devices(request: RestRequest) -> Result:
-    requester = request.auth()
-    devices = [
-        _device(requester.user_id, *row) for row in request.hs.store.get_devices(requester.user_id)
-    ]
-    return 200, {"devices": devices}
-
-
-def _device(
-    user_id: str, device_id: str, name: str | None, seen: int | None, ip: str | None
-) -> dict[str, Any]:
-    return {
-        "device_id": device_id,
-        "display_name": name,
-        "last_seen_ip": ip,
-        "last_seen_ts": seen,
-        "user_id": user_id,
-    }
-
-
-async def get_device(request: RestRequest, device_id: str) -> Result:
-    requester = request.auth()
-    for row in request.hs.store.get_devices(requester.user_id):
-        if row[0] == device_id:
-            return 200, _device(requester.user_id, *row)
-    raise not_found("No device found")
-
-
-async def put_device(request: RestRequest, device_id: str) -> Result:
-    requester = request.auth()
-    body = await request.json()
-    known = {row[0] for row in request.hs.store.get_devices(requester.user_id)}
-    if device_id not in known:
-        raise not_found("Unknown device")
-    name = body.get("display_name")
-    if name is not None and not isinstance(name, str):
-        raise bad_request("display_name must be a string", "M_INVALID_PARAM")
-    request.hs.store.set_device_display_name(requester.user_id, device_id, name)
+    hs.members.propagate_profile(requester, field, new_value)
     return 200, {}
 
 
@@ -346,6 +330,8 @@ async def get_filter(request: RestRequest, user_id: str, filter_id: str) -> Resu
         number = int(filter_id)
     except ValueError:
         raise bad_request("Invalid filter_id") from None
+    if not 0 <= number <= INT64_MAX:
+        raise bad_request("Invalid filter_id")
     found = request.hs.store.get_filter(user_id, number)
     if found is None:
         raise not_found("No such filter")
@@ -491,9 +477,6 @@ def register_routes(router: Router) -> None:
     router.client("GET", "/profile/(?P<user_id>[^/]*)", get_profile)
     router.client("GET", "/profile/(?P<user_id>[^/]*)/(?P<field>[^/]*)", get_profile_field)
     router.client("PUT", "/profile/(?P<user_id>[^/]*)/(?P<field>[^/]*)", set_profile_field)
-    router.client("GET", "/devices", get_devices)
-    router.client("GET", "/devices/(?P<device_id>[^/]*)", get_device)
-    router.client("PUT", "/devices/(?P<device_id>[^/]*)", put_device)
     router.client("POST", "/user/(?P<user_id>[^/]*)/filter", create_filter)
     router.client("GET", "/user/(?P<user_id>[^/]*)/filter/(?P<filter_id>[^/]*)", get_filter)
     router.client(

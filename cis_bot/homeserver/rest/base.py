@@ -7,6 +7,7 @@ mapping of errors to Matrix error responses. The router is a list of regexes lik
 from __future__ import annotations
 
 import json
+import math
 import re
 import urllib.parse
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,11 @@ log = structlog.get_logger(__name__)
 CLIENT_PREFIX = r"^/_matrix/client/(?:api/v1|r0|v3|unstable)"
 CLIENT_V3_ONLY = r"^/_matrix/client/(?:r0|v3|unstable)"
 MAX_JSON_BODY = 1024 * 1024
+# Deeper JSON is refused when parsed, so the recursive code behind (canonical JSON checks,
+# pruning, filters, serialising) never meets a depth near Python's recursion limit.
+MAX_JSON_DEPTH = 128
+# Integers that reach SQLite must fit its 64-bit INTEGER.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
@@ -44,6 +50,52 @@ CORS_HEADERS = {
 
 def _reject_constant(value: str) -> Any:
     raise ValueError(f"{value} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError(f"{text} is out of range")  # 1e400: no JSON encoder can write it back
+    return number
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_json(text: str) -> Any:
+    """JSON from a client (a body, a ``filter`` parameter): 400 M_NOT_JSON for anything that
+    is not JSON or that the server could not store and send back: NaN and infinities, numbers
+    beyond a double, lone UTF-16 surrogates (``"\\ud800"``: UTF-8 cannot encode them), and
+    nesting deeper than MAX_JSON_DEPTH."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError):
+        raise MatrixError(400, NOT_JSON, "Content not JSON.") from None
+    # Both checks walk the parsed value; the text says cheaply when neither can fail.
+    deep = text.count("[") + text.count("{") > MAX_JSON_DEPTH
+    if deep or _SURROGATE_ESCAPE.search(text):
+        _check_parsed(value)
+    return value
+
+
+def _check_parsed(value: Any) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                raise MatrixError(400, NOT_JSON, "Content not JSON: a lone surrogate in a string.")
+        elif isinstance(item, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise MatrixError(
+                    400, NOT_JSON, f"Content not JSON: nested deeper than {MAX_JSON_DEPTH}."
+                )
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
 
 
 def json_bytes(body: Any) -> bytes:
@@ -105,9 +157,10 @@ class RestRequest:
         if not raw.strip() and allow_empty:
             return {}
         try:
-            value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError):
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
             raise MatrixError(400, NOT_JSON, "Content not JSON.") from None
+        value = parse_json(text)
         if not isinstance(value, dict):
             raise MatrixError(400, BAD_JSON, "Content must be a JSON object.")
         return value
@@ -143,6 +196,8 @@ class RestRequest:
             raise bad_request(
                 f"Query parameter {name!r} must be a non-negative integer.", "M_INVALID_PARAM"
             )
+        if not INT64_MIN <= number <= INT64_MAX:
+            raise bad_request(f"Query parameter {name!r} is out of range.", "M_INVALID_PARAM")
         return number
 
     def boolean(self, name: str, default: bool = False) -> bool:

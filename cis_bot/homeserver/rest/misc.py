@@ -1,6 +1,6 @@
 """The smaller endpoints mainstream clients call on start-up or in their settings screens, answered
-as Synapse answers them with presence disabled and nothing configured (no push gateways,
-third-party networks, TURN or 3PIDs), plus the user directory and /context."""
+as Synapse answers them with nothing configured (no push gateways, third-party networks, TURN
+or 3PIDs), plus presence, the user directory and /context."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ Result = tuple[int, Any]
 
 
 async def get_presence(request: RestRequest, user_id: str) -> Result:
-    request.auth()
-    return 200, {"presence": "offline"}
+    requester = request.auth()
+    return 200, request.hs.presence.get_status(requester.user_id, user_id)
 
 
 async def put_presence(request: RestRequest, user_id: str) -> Result:
@@ -28,11 +28,13 @@ async def put_presence(request: RestRequest, user_id: str) -> Result:
     state = dict(body)
     if "presence" not in state:
         raise bad_request("Unable to parse state")
-    state.pop("presence")
-    if "status_msg" in state and not isinstance(state.pop("status_msg"), str):
+    presence = state.pop("presence")
+    status_msg = state.pop("status_msg", None)
+    if "status_msg" in body and not isinstance(status_msg, str):
         raise bad_request("status_msg must be a string.")
     if state:
         raise bad_request("Unable to parse state")
+    request.hs.presence.set_status(requester.user_id, presence, status_msg)
     return 200, {}
 
 

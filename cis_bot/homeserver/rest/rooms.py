@@ -16,28 +16,26 @@ from cis_bot.homeserver.errors import (
 )
 from cis_bot.homeserver.filtering import EventFilter, validate_filter
 from cis_bot.homeserver.handlers.sync import is_pagination_token, parse_pagination_token
-from cis_bot.homeserver.ids import parse_user_id
+from cis_bot.homeserver.ids import CANONICALJSON_MAX_INT, parse_user_id
+from cis_bot.homeserver.rest.base import parse_json
+from cis_bot.homeserver.rest.transactions import idempotent as _txn
 
 if TYPE_CHECKING:
+    from cis_bot.homeserver.handlers.auth import Requester
     from cis_bot.homeserver.rest.base import RestRequest, Router
 
 Result = tuple[int, Any]
+MAX_TYPING_TIMEOUT = 120_000  # Synapse: "stop people from setting silly typing timeouts"
 
 
-async def _txn(request: RestRequest, txn_id: str | None, compute: Any) -> Result:
-    """Idempotent PUT for non-event responses (createRoom, join, ...): same path + same
-    session -> same answer."""
-    if txn_id is None:
-        result: Result = await compute()
-        return result
-    requester = request.auth()
-    scope = requester.txn_scope
-    stored = request.hs.store.get_request_txn(scope, request.path)
-    if stored is not None:
-        return stored
-    status, body = await compute()
-    request.hs.store.put_request_txn(scope, request.path, status, body)
-    return status, body
+def _appservice_ts(request: RestRequest, requester: Requester) -> int | None:
+    """``?ts=``: an appservice may set origin_server_ts (a canonical JSON integer)."""
+    if requester.appservice is None:
+        return None
+    ts = request.integer("ts")
+    if ts is not None and ts > CANONICALJSON_MAX_INT:
+        raise bad_request("Query parameter 'ts' is out of range.", INVALID_PARAM)
+    return ts
 
 
 async def create_room(request: RestRequest, txn_id: str | None = None) -> Result:
@@ -45,7 +43,7 @@ async def create_room(request: RestRequest, txn_id: str | None = None) -> Result
     body = await request.json()
 
     async def compute() -> Result:
-        room_id = request.hs.rooms.create_room(requester, body)
+        room_id = request.hs.room_creation.create_room(requester, body)
         return 200, {"room_id": room_id}
 
     return await _txn(request, txn_id, compute)
@@ -56,8 +54,8 @@ async def send_event(
 ) -> Result:
     requester = request.auth()
     content = await request.json()
-    ts = request.integer("ts") if requester.appservice is not None else None
-    event = request.hs.rooms.send(requester, room_id, event_type, content, txn_id=txn_id, ts=ts)
+    ts = _appservice_ts(request, requester)
+    event = request.hs.events.send(requester, room_id, event_type, content, txn_id=txn_id, ts=ts)
     return 200, {"event_id": event.event_id}
 
 
@@ -66,7 +64,7 @@ async def redact(
 ) -> Result:
     requester = request.auth()
     content = await request.json()
-    event = request.hs.rooms.send(
+    event = request.hs.events.send(
         requester, room_id, ev.REDACTION, content, txn_id=txn_id, redacts=event_id
     )
     return 200, {"event_id": event.event_id}
@@ -102,12 +100,12 @@ async def put_state_event(
         membership = content.get("membership")
         if not isinstance(membership, str):
             raise bad_request("Invalid membership (must be a string)")
-        event = hs.rooms.update_membership(
+        event = hs.members.update_membership(
             requester, room_id, state_key, membership, content=content
         )
     else:
-        ts = request.integer("ts") if requester.appservice is not None else None
-        event = hs.rooms.send(requester, room_id, event_type, content, state_key=state_key, ts=ts)
+        ts = _appservice_ts(request, requester)
+        event = hs.events.send(requester, room_id, event_type, content, state_key=state_key, ts=ts)
     return 200, {"event_id": event.event_id}
 
 
@@ -180,19 +178,12 @@ async def messages(request: RestRequest, room_id: str) -> Result:
     requester = request.auth()
     hs = request.hs
     direction = request.string("dir", "b", allowed=("b", "f"))
-    try:
-        limit = int(request.query.get("limit") or 10)
-    except ValueError:
-        raise bad_request("Query parameter limit must be an integer", INVALID_PARAM) from None
+    limit = request.integer("limit", 10)
+    assert limit is not None
     raw_filter = request.string("filter")
     event_filter = EventFilter()
     if raw_filter:
-        import json
-
-        try:
-            parsed = json.loads(raw_filter)
-        except ValueError:
-            raise bad_request("Invalid filter JSON", "M_NOT_JSON") from None
+        parsed = parse_json(raw_filter)
         if not isinstance(parsed, dict):
             raise bad_request("Invalid filter JSON", "M_NOT_JSON")
         validate_filter({"room": {"timeline": parsed}})
@@ -251,7 +242,7 @@ async def membership_action(
         content = {"reason": body["reason"]}
 
     async def compute() -> Result:
-        request.hs.rooms.update_membership(
+        request.hs.members.update_membership(
             requester, room_id, target, action, content=content, txn_id=txn_id
         )
         return 200, ({"room_id": room_id} if action == "join" else {})
@@ -265,11 +256,11 @@ async def join_by_alias(
     requester = request.auth()
     body = await request.json(allow_empty=True)
     hs = request.hs
-    room_id = hs.rooms.resolve_room(room_identifier)
+    room_id = hs.directory.resolve_room(room_identifier)
     content = {k: v for k, v in body.items() if k not in ("third_party_signed",)}
 
     async def compute() -> Result:
-        hs.rooms.update_membership(requester, room_id, requester.user_id, "join", content=content)
+        hs.members.update_membership(requester, room_id, requester.user_id, "join", content=content)
         return 200, {"room_id": room_id}
 
     return await _txn(request, txn_id, compute)
@@ -293,6 +284,7 @@ async def typing(request: RestRequest, room_id: str, user_id: str) -> Result:
     timeout = body.get("timeout", 30000)
     if not isinstance(timeout, int) or isinstance(timeout, bool):
         timeout = 30000
+    timeout = min(timeout, MAX_TYPING_TIMEOUT)
     request.hs.typing.set_typing(room_id, user_id, bool(body["typing"]), timeout)
     return 200, {}
 
@@ -352,7 +344,7 @@ async def room_aliases(request: RestRequest, room_id: str) -> Result:
 
 async def get_alias(request: RestRequest, alias: str) -> Result:
     hs = request.hs
-    hs.rooms.check_alias_syntax(alias)
+    hs.directory.check_alias_syntax(alias)
     mapping = hs.store.get_alias(alias)
     if mapping is None:
         raise MatrixError(404, NOT_FOUND, f"Room alias {alias} not found")
@@ -361,7 +353,7 @@ async def get_alias(request: RestRequest, alias: str) -> Result:
 
 async def put_alias(request: RestRequest, alias: str) -> Result:
     hs = request.hs
-    hs.rooms.check_alias_syntax(alias)
+    hs.directory.check_alias_syntax(alias)
     body = await request.json()
     room_id = body.get("room_id")
     if not isinstance(room_id, str):
@@ -369,14 +361,16 @@ async def put_alias(request: RestRequest, alias: str) -> Result:
     if hs.store.get_room(room_id) is None:
         raise bad_request("Room does not exist")
     requester = request.auth()
-    hs.rooms.create_alias(requester, alias, room_id, is_admin=hs.auth.is_admin(requester.user_id))
+    hs.directory.create_alias(
+        requester, alias, room_id, is_admin=hs.auth.is_admin(requester.user_id)
+    )
     return 200, {}
 
 
 async def delete_alias(request: RestRequest, alias: str) -> Result:
     requester = request.auth()
     hs = request.hs
-    hs.rooms.delete_alias(requester, alias, hs.auth.is_admin(requester.user_id))
+    hs.directory.delete_alias(requester, alias, hs.auth.is_admin(requester.user_id))
     return 200, {}
 
 

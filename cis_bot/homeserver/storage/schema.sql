@@ -171,3 +171,90 @@ CREATE TABLE IF NOT EXISTS push_rules (
     priority INTEGER NOT NULL,
     PRIMARY KEY (user_id, kind, rule_id)
 );
+
+-- End-to-end encryption, stored and relayed (the server verifies no signature and decrypts
+-- nothing). Positions in the global stream: device list changes, to-device messages,
+-- cross-signing signature changes, presence.
+CREATE TABLE IF NOT EXISTS e2e_device_keys (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    key_json TEXT NOT NULL,          -- canonical JSON, compared to detect a change
+    PRIMARY KEY (user_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS e2e_one_time_keys (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    algorithm TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    key_json TEXT NOT NULL,
+    added INTEGER PRIMARY KEY AUTOINCREMENT,  -- claimed oldest first, as Synapse does
+    UNIQUE (user_id, device_id, algorithm, key_id)
+);
+CREATE TABLE IF NOT EXISTS e2e_fallback_keys (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    algorithm TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    key_json TEXT NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (user_id, device_id, algorithm)
+);
+CREATE TABLE IF NOT EXISTS e2e_cross_signing_keys (
+    user_id TEXT NOT NULL,
+    key_type TEXT NOT NULL,          -- master, self_signing, user_signing
+    key_json TEXT NOT NULL,
+    PRIMARY KEY (user_id, key_type)
+);
+-- Signatures uploaded through /keys/signatures/upload, merged into the keys they sign.
+CREATE TABLE IF NOT EXISTS e2e_cross_signing_signatures (
+    user_id TEXT NOT NULL,           -- the signer
+    key_id TEXT NOT NULL,            -- the signer's key, "ed25519:<public key>"
+    target_user_id TEXT NOT NULL,
+    target_device_id TEXT NOT NULL,  -- a device id, or a cross-signing key's public key
+    signature TEXT NOT NULL,
+    PRIMARY KEY (user_id, key_id, target_user_id, target_device_id)
+);
+-- "user_id's devices or cross-signing keys changed at stream_id", told to everyone who shares a
+-- room with user_id, or to ``audience`` alone (a user's own user-signing key, and the keys of
+-- others that user signed).
+CREATE TABLE IF NOT EXISTS device_list_changes (
+    stream_id INTEGER PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    audience TEXT
+);
+CREATE TABLE IF NOT EXISTS device_inbox (
+    stream_id INTEGER PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    message_json TEXT NOT NULL       -- {"sender", "type", "content"}
+);
+CREATE INDEX IF NOT EXISTS device_inbox_device ON device_inbox (user_id, device_id, stream_id);
+CREATE TABLE IF NOT EXISTS e2e_room_keys_versions (
+    user_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    algorithm TEXT NOT NULL,
+    auth_data TEXT NOT NULL,
+    etag INTEGER NOT NULL DEFAULT 0,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (user_id, version)
+);
+CREATE TABLE IF NOT EXISTS e2e_room_keys (
+    user_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    room_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    first_message_index INTEGER NOT NULL,
+    forwarded_count INTEGER NOT NULL,
+    is_verified INTEGER NOT NULL,
+    session_data TEXT NOT NULL,
+    PRIMARY KEY (user_id, version, room_id, session_id)
+);
+CREATE TABLE IF NOT EXISTS presence (
+    user_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    status_msg TEXT,
+    last_active_ts INTEGER NOT NULL,
+    currently_active INTEGER NOT NULL,
+    stream_id INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS presence_stream ON presence (stream_id);

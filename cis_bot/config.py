@@ -34,7 +34,8 @@ from typing import Any
 
 import attrs
 
-from cis_bot.errors import InputError
+from cis_bot import private
+from cis_bot.errors import InputError, UserError
 from cis_bot.session.profile import AgentProfile, PromptVia
 from cis_bot.session.profiles import BUILTIN_PROFILES, PROMPT_TOKEN
 from cis_bot.validation import Table, format_for, parse_document, read_text, suggestion
@@ -351,6 +352,29 @@ def default_state_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "cis"
+
+
+#: In a state directory whose modes cis has made owner-only (older versions left some 0644).
+STATE_DIR_MARKER = ".private"
+
+
+def open_state_dir(given: Path | None) -> Path:
+    """The state directory (``given``, else the default), made if need be: for its owner only,
+    whatever the umask (see ``private.py``). The first time, the modes of what an older cis left
+    there are fixed too. UserError when it cannot be used (not a directory, no permission)."""
+    path = given or default_state_dir()
+    try:
+        private.make_dirs(path)
+        marker = path / STATE_DIR_MARKER
+        if not marker.exists():
+            private.fix_tree(path)
+            private.write_file(marker, "cis keeps this directory for its owner only (0700/0600)\n")
+    except OSError as exc:
+        raise UserError(
+            f"cannot use {path} as the state directory: {exc.strerror or exc}"
+            + (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else "")
+        ) from None
+    return path
 
 
 def load_config(path: Path | None = None) -> Config:

@@ -312,17 +312,29 @@ class Table:
 # -- reading and parsing files ----------------------------------------------------------------
 
 
+#: Largest DAG or config file read (a 10,000-task DAG is about 500 KB); a device such as
+#: /dev/zero would otherwise be read forever.
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+
+
 def read_text(path: str | Path) -> str:
-    """The file's text, decoded as UTF-8 (a leading byte-order mark is allowed)."""
+    """The file's text, decoded as UTF-8 (a leading byte-order mark is allowed), at most
+    ``MAX_DOCUMENT_BYTES``."""
     name = str(path)
     try:
-        data = Path(path).read_bytes()
+        with Path(path).open("rb") as f:
+            data = f.read(MAX_DOCUMENT_BYTES + 1)
     except FileNotFoundError:
         raise InputError("file not found", file=name) from None
     except IsADirectoryError:
         raise InputError("is a directory, not a file", file=name) from None
     except OSError as exc:
         raise InputError(f"cannot read the file: {exc.strerror or exc}", file=name) from None
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise InputError(
+            f"larger than {MAX_DOCUMENT_BYTES // (1024 * 1024)} MiB: not a DAG or config file",
+            file=name,
+        )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

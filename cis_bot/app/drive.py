@@ -20,12 +20,14 @@ from typing import Any
 import attrs
 import structlog
 
+from cis_bot import private
 from cis_bot.config import Config, ExecutionMode
 from cis_bot.control.operations import ControlPlane, RunHandle
 from cis_bot.control.service import start_control
 from cis_bot.dag.engine import Fact, Outcome, RunEngine, RunEvent, TaskDispatched, TaskFinished
 from cis_bot.dag.report import build_report
 from cis_bot.dag.spec import DagSpec, spec_to_document
+from cis_bot.errors import UserError
 from cis_bot.ids import SessionId
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.broadcast import RunRecorder, SessionReporter
@@ -107,7 +109,7 @@ async def drive_run(
     ``kind``)."""
     matrix = config.dag.matrix
     paths = RunPaths.of(state_dir, plan.run_id)
-    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    private.make_dirs(paths.run_dir)
     manager = SessionManager()
     worker: Worker | None = None
     started = time.monotonic()
@@ -183,7 +185,7 @@ async def drive_run(
             duration_s=round(time.monotonic() - started, 3),
         )
         report["room_id"] = plan.room_id
-        paths.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        unwritten = _write_report(paths.report, report)
         if worker:
             await worker.stop()
             worker = None
@@ -194,6 +196,8 @@ async def drive_run(
                 pending=outbox.pending,
                 hint="the homeserver did not come back in time; the run itself is complete",
             )
+        if unwritten is not None:
+            raise RunNotRecorded(report, unwritten)
         return report
     finally:
         await outbox.close()
@@ -204,6 +208,29 @@ async def drive_run(
             remove()
         if owned_control:
             await control.close()
+
+
+class RunNotRecorded(UserError):
+    """The run ended, but its report could not be written (a full disk): the report is here."""
+
+    exit_code = 1
+
+    def __init__(self, report: dict[str, Any], message: str) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def _write_report(path: Path, report: dict[str, Any]) -> str | None:
+    """Write the report; why it could not be, or None."""
+    try:
+        private.write_file(path, json.dumps(report, indent=2) + "\n")
+    except OSError as exc:
+        log.error("run.report_unwritten", path=str(path), error=str(exc))
+        return (
+            f"run {report['run_id']} {report['status']}, but its report could not be written to "
+            f"{path}: {exc.strerror or exc}"
+        )
+    return None
 
 
 def _room_of_session(plan: RunPlan, worker: Worker | None) -> Callable[[str], str | None]:

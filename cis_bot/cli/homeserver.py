@@ -142,17 +142,17 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _state_dir(given: Path | None) -> Path:
-    from cis_bot.config import default_state_dir
+    from cis_bot.config import open_state_dir
 
-    return given or default_state_dir()
+    return open_state_dir(given)
 
 
 def run_add_user(args: argparse.Namespace) -> int:
+    from cis_bot import private
     from cis_bot.homeserver.server import new_account, store_account
     from cis_bot.homeserver.storage.store import Store
 
-    state_dir = _state_dir(args.user_state_dir) / "homeserver"
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = private.make_dirs(_state_dir(args.user_state_dir) / "homeserver")
     try:
         store = Store(state_dir / "homeserver.db")
     except Exception as exc:  # sqlite3.Error, or a newer schema

@@ -234,3 +234,46 @@ async def test_a_member_of_a_room_set_up_for_runs_cannot_post_the_run_log(
         answer = await mallory.request("PUT", path, {"v": 1})
         open_to_members = cls in (ev.ControlRequestContent, ev.ControlReplyContent)
         assert answer.status == (200 if open_to_members else 403), (event_type, answer.body)
+
+
+async def test_a_room_that_refuses_heartbeats_is_told_once_with_the_fix(
+    homeserver_factory: Any, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    (wa,) = plan_nodes(tmp_path, "cis.local", "wa")
+    hs = homeserver_factory(appservice_files=registration_files([wa]))
+    admin_id, token = await hs.create_user("admin", admin=True)
+    admin = MatrixClient(http, hs.base_url, user_id=admin_id, token=token)
+    write_configs([wa], hs.base_url, allowed_users=[admin_id], heartbeat_secs=0.2)
+    worker = NodeProcess(wa).start()
+    try:
+        await wait_for(lambda: bot_exists(admin, wa.user_id), what="the worker to register")
+        beating = await open_room(admin, [wa.user_id])
+        # Heartbeats are state events: at the default state_default (50), power 0 may not.
+        closed = await admin.create_room(name="no heartbeats", invite=[wa.user_id])
+
+        async def joined_both() -> bool:
+            members = [await joined_members(admin, room) for room in (beating, closed)]
+            return all(wa.user_id in joined for joined in members)
+
+        await wait_for(joined_both, what="the worker to join both rooms")
+        start = len(await beats_of(admin, beating, wa.user_id))
+
+        async def beat_on() -> bool:
+            return len(await beats_of(admin, beating, wa.user_id)) >= start + 5
+
+        await wait_for(beat_on, what="five more heartbeats")
+        log = worker.log_text()
+        assert log.count("heartbeat.refused") == 1, log
+        (line,) = [entry for entry in log.splitlines() if "heartbeat.refused" in entry]
+        assert closed in line and f'"{ev.NodeHeartbeatContent.TYPE}": 0' in line
+        assert "outbox.rejected" not in log
+    finally:
+        worker.stop()
+
+
+async def beats_of(admin: MatrixClient, room: str, user_id: str) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in await room_events(admin, room)
+        if e["type"] == ev.NodeHeartbeatContent.TYPE and e.get("state_key") == user_id
+    ]

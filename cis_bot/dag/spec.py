@@ -388,7 +388,9 @@ def task_id_problem(task_id: str) -> str | None:
         return f"it is longer than {MAX_TASK_ID_BYTES} bytes"
     for ch in task_id:
         category = unicodedata.category(ch)
-        if ord(ch) in _INVISIBLE or category in ("Cc", "Cf", "Cs", "Co", "Cn"):
+        if category in ("Cc", "Cs"):
+            return f"it contains a control character ({_described(ch)})"
+        if ord(ch) in _INVISIBLE or category in ("Cf", "Co", "Cn"):
             return f"it contains {_described(ch)}, which is invisible or reorders text"
         if category[0] not in "LMN" and ch not in TASK_ID_PUNCTUATION:
             return (

@@ -81,6 +81,10 @@ def run_room_event_levels() -> dict[str, int]:
     return levels
 
 
+class PortInUse(UserError):
+    """The appservice's port is taken (another process serves this node)."""
+
+
 class MemoryASStateStore(MemoryStateStore, ASStateStore):
     """mautrix's caches (membership, power levels) in memory: the room is our persistent state."""
 
@@ -165,7 +169,7 @@ class Node:
         try:
             sock = socket.create_server((host, port))
         except OSError as exc:
-            raise UserError(
+            raise PortInUse(
                 f"cannot listen on {host}:{port} for the appservice ({exc.strerror}); is "
                 "another `cis node` running with this config?"
             ) from None

@@ -7,7 +7,11 @@ attacker over plain HTTP, and the ``cis`` commands the owner runs.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -155,3 +159,38 @@ async def test_by_default_every_persons_account_watches_new_runs(
             lambda body: room_id in body.get("rooms", {}).get("invite", {}),
             since=since[person.user_id],
         )
+
+
+def start_local_run(dag: Path, state: str, cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cis_bot", "dag", "execute", "--local", str(dag), "--json",
+         "--state-dir", state],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+        env={**os.environ, "CIS_CONFIG": os.devnull},
+    )  # fmt: skip
+
+
+async def test_two_local_runs_next_to_a_standalone_homeserver_both_run(
+    local_homeserver: EmbeddedServer, tmp_path: Path
+) -> None:
+    """Item 11: they share the local node's identity, and used to fight over its port."""
+    state = str(local_homeserver.state_dir)
+    runs = []
+    for name in ("first", "second"):
+        dag = tmp_path / f"{name}.toml"
+        # Each waits for the other to be under way, so the two overlap for sure.
+        dag.write_text(
+            f'[[tasks]]\nid = "{name}"\ncommand = "touch {name}.started; '
+            'while [ ! -e first.started ] || [ ! -e second.started ]; do sleep 0.05; done"\n'
+        )
+        runs.append(start_local_run(dag, state, tmp_path))
+    reports = []
+    for run in runs:
+        stdout, stderr = await asyncio.to_thread(run.communicate, timeout=60)
+        assert run.returncode == 0, stderr
+        assert "Traceback" not in stderr
+        reports.append(json.loads(stdout))
+    listing = await acis("dag", "list", "--state-dir", state, "--json")
+    assert {r["run_id"]: r["status"] for r in json.loads(listing.stdout)} == {
+        r["run_id"]: "completed" for r in reports
+    }

@@ -4,7 +4,8 @@ account to its database (``cis homeserver add-user``, safe while the server runs
 ``--state-dir`` is cis's state directory, as for every command: the homeserver lives in its
 ``homeserver/`` (see ``cis_bot/app/localhs.py``), the one local runs use. While ``cis homeserver``
 runs there, local runs use it instead of starting their own, so a Matrix client pointed at it
-sees their rooms live (they are public: join ``#dag-<run_id>:<server>``).
+sees their rooms live (each run invites the accounts ``add-user`` made; see docs/matrix.md's
+trust model).
 
 Nothing heavy is imported until a handler runs, and the server path avoids rich/mautrix so the
 first ``/versions`` answers within half a second of process start.

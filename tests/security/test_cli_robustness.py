@@ -4,6 +4,7 @@ disk) ends in one clear line, or quietly, and loses nothing."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -28,25 +29,29 @@ def many_tasks(path: Path, tasks: int) -> Path:
 
 def first_line_then_hang_up(*args: str) -> tuple[int, str, str]:
     """Run ``cis ARGS``, read one line of its output and close the pipe, as ``| head -1`` does;
-    (exit status, that line, its stderr)."""
+    (exit status, that line, its stderr). The pipe holds one page, so any output longer than
+    that meets the closed end, however fast it is written."""
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
     process = subprocess.Popen(
         [sys.executable, "-m", "cis_bot", *args],
-        stdout=subprocess.PIPE,
+        stdout=write_end,
         stderr=subprocess.PIPE,
         env={**os.environ, "CIS_CONFIG": os.devnull},
         cwd=REPO,
     )
-    assert process.stdout is not None and process.stderr is not None
-    line = process.stdout.readline().decode()
-    process.stdout.close()
+    os.close(write_end)
+    assert process.stderr is not None
+    with os.fdopen(read_end, "rb") as output:
+        line = output.readline().decode()
     stderr = process.stderr.read().decode()
     return process.wait(timeout=120), line, stderr
 
 
 def test_a_reader_that_goes_away_ends_the_output_quietly(tmp_path: Path) -> None:
     state = str(tmp_path / "state")
-    # Large enough that its output overflows the pipe: printing must meet the closed end.
-    dag = str(many_tasks(tmp_path / "dag.toml", 400))
+    # Every output below is longer than the pipe holds: printing must meet the closed end.
+    dag = str(many_tasks(tmp_path / "dag.toml", 150))
     for args in (
         ["dag", "execute", "--local", dag, "--json", "--state-dir", state],
         ["dag", "status", "--state-dir", state],

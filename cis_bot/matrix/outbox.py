@@ -108,12 +108,18 @@ class Outbox:
         return len(self._queue)
 
     async def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything posted so far is delivered; False if ``timeout`` ran out."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        """Wait until everything posted so far is delivered, for as long as deliveries go on:
+        False once ``timeout`` passes without one (the homeserver is away), however long the
+        queue (a large run's last events take their time, and must not be cut off)."""
+        while True:
+            settled = self.sent + self.rejected + self.dropped
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                if self.sent + self.rejected + self.dropped == settled:
+                    return False
+                continue
+            return True
 
     async def close(self) -> None:
         for task in [self._task, *self._workers]:

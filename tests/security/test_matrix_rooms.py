@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -277,3 +278,72 @@ async def beats_of(admin: MatrixClient, room: str, user_id: str) -> list[dict[st
         for e in await room_events(admin, room)
         if e["type"] == ev.NodeHeartbeatContent.TYPE and e.get("state_key") == user_id
     ]
+
+
+async def test_a_workers_trust_follows_the_rooms_power_levels(
+    homeserver_factory: Any, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """Trust by power level is the room's as it is now: the room's creator (room version 12: it
+    outranks every level) is obeyed, and a coordinator demoted to 0 no longer is."""
+    plans = plan_nodes(tmp_path, "cis.local", "coord", "wa")
+    hs = homeserver_factory(appservice_files=registration_files(plans))
+    coord, wa = plans
+    owner_id, token = await hs.create_user("owner")
+    owner = MatrixClient(http, hs.base_url, user_id=owner_id, token=token)
+    admin_id, token = await hs.create_user("admin")
+    admin = MatrixClient(http, hs.base_url, user_id=admin_id, token=token)
+    # The admin invites the nodes (their allowed user); only power levels speak for the rest.
+    write_configs(plans, hs.base_url, allowed_users=[admin_id], accept_agents=["shell"])
+    levels = {admin_id: 100, coord.user_id: 50, wa.user_id: 50}
+    room = await owner.create_room(
+        name="runs",
+        invite=[admin_id],
+        power_level_content_override={
+            "users": levels, "events": {ev.NodeHeartbeatContent.TYPE: 0}
+        },
+    )  # fmt: skip
+    await admin.join(room)
+    worker = NodeProcess(wa).start()
+    run: subprocess.Popen[str] | None = None
+    try:
+        await wait_for(lambda: bot_exists(admin, wa.user_id), what="the worker to register")
+        for bot in (coord.user_id, wa.user_id):
+            await admin.invite(room, bot)
+
+        async def beating() -> bool:
+            return wa.user_id in await heartbeats(admin, room)
+
+        await wait_for(beating, what="the worker to join and heartbeat")
+        mark = wa.workdir / "by-the-creator"
+        order = ev.TaskAssignedContent(
+            run_id="by-hand", task_id="t", attempt=1, assigned_to="wa", assigned_user=wa.user_id,
+            assigned_by="owner", agent="shell", lease_ms=1000,
+            task=json.dumps({"id": "t", "agent": "shell", "prompt": f"touch {mark}"}),
+        )  # fmt: skip
+        await owner.send(room, order.content(), event_type=order.TYPE)
+        await wait_for(lambda: asyncio.sleep(0, mark.exists()), what="the creator's order")
+
+        dag = task_dag(tmp_path / "dag.toml", 1)
+        as_coord = ("--config", str(coord.config), "--state-dir", str(coord.state_dir))
+        first = await run_cis("dag", "execute", "--matrix", "--room", room, str(dag), *as_coord)
+        assert first.returncode == 0, first.stderr
+        assert ran(wa) == ["t0"]
+
+        del levels[coord.user_id]
+        current = await owner.get_state(room, "m.room.power_levels")
+        await owner.put_state(room, "m.room.power_levels", {**current, "users": levels})
+        run = popen_cis(coord, "dag", "execute", "--matrix", "--room", room, str(dag))
+
+        async def refused() -> bool:
+            return any(
+                "assignment.unauthorised" in line and coord.user_id in line
+                for line in worker.log_text().splitlines()
+            )
+
+        await wait_for(refused, what="the worker to refuse the demoted coordinator")
+        assert ran(wa) == ["t0"]
+    finally:
+        if run is not None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait(10)
+        worker.stop()

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 from collections.abc import Callable
 
 import pytest
@@ -180,4 +182,114 @@ async def test_flush_waits_as_long_as_deliveries_go_on() -> None:
     assert await box.flush(timeout=0.1)
     assert r.done == names
     await deliverer
+    await box.close()
+
+
+class QueueModel:
+    """The outbox's rules as first written: the queue as a list, walked for every delivery."""
+
+    def __init__(self, limit: int, concurrency: int) -> None:
+        self.limit = limit
+        self.concurrency = concurrency
+        self.queue: list[Outgoing] = []
+        self.started: list[str] = []
+        self.dropped = 0
+
+    def post(self, item: Outgoing) -> None:
+        full = len(self.queue) >= self.limit and not self._drop_one()
+        if full and item.droppable:
+            self.dropped += 1
+            return
+        self.queue.append(item)
+        self._start()
+
+    def _drop_one(self) -> bool:
+        for queued in self.queue:
+            if queued.droppable and not queued.in_flight:
+                self.queue.remove(queued)
+                self.dropped += 1
+                return True
+        return False
+
+    def done(self, item: Outgoing) -> None:
+        self.queue.remove(item)
+        item.in_flight = False
+        self._start()
+
+    def _start(self) -> None:
+        for item in self._ready():
+            item.in_flight = True
+            self.started.append(item.content["n"])
+
+    def _ready(self) -> list[Outgoing]:
+        if any(item.in_flight and item.key is None for item in self.queue):
+            return []
+        in_flight = sum(1 for item in self.queue if item.in_flight)
+        blocked: set[str] = {item.key for item in self.queue if item.in_flight and item.key}
+        ready: list[Outgoing] = []
+        for index, item in enumerate(self.queue):
+            if in_flight + len(ready) >= self.concurrency:
+                break
+            if item.key is None:
+                if index == 0 and in_flight == 0 and not ready:
+                    ready.append(item)
+                break
+            if item.in_flight or item.key in blocked:
+                blocked.add(item.key)
+                continue
+            ready.append(item)
+            blocked.add(item.key)
+        return ready
+
+
+@pytest.mark.parametrize("seed", range(40))
+async def test_sends_in_the_same_order_as_walking_the_whole_queue(seed: int) -> None:
+    """Random posts (keys, barriers, droppable samples, past the limit) and deliveries in random
+    order: the outbox starts exactly the events, in exactly the order, that walking the queue
+    from its head would; nothing is lost but droppable events, and only when full."""
+    rng = random.Random(seed)
+    concurrency = rng.choice([1, 2, 3, 8])
+    limit = rng.choice([3, 10, 1000])
+    r = Recorder()
+    box = Outbox(r.send, limit=limit, concurrency=concurrency)
+    box.start()
+    model = QueueModel(limit, concurrency)
+    twins: dict[str, Outgoing] = {}  # the model's copy of each event, by name
+    keys = [f"k{i}" for i in range(rng.choice([1, 3, 20]))]
+
+    async def settle() -> None:
+        """Until the outbox has started what the model did (or it never will: the asserts
+        after this say how they differ)."""
+        with contextlib.suppress(TimeoutError):
+            await r.until(
+                lambda: r.started == model.started and box.pending == len(model.queue), 1.0
+            )
+
+    for n in range(300):
+        if rng.random() < 0.55:
+            name = f"e{n}"
+            key = None if rng.random() < 0.05 else rng.choice(keys)
+            droppable = rng.random() < 0.3
+            r.gates[name] = asyncio.Event()
+            if rng.random() < 0.05:
+                r.fail[name] = [MatrixUnknownRequestError(403, "no", "M_FORBIDDEN")]
+            box.post(item(name, key, droppable=droppable))
+            twins[name] = item(name, key, droppable=droppable)
+            model.post(twins[name])
+        else:
+            waiting = [
+                name for name in r.started if name not in r.done and not r.gates[name].is_set()
+            ]
+            if waiting:
+                name = rng.choice(waiting)
+                r.gates[name].set()
+                model.done(twins[name])
+        await settle()
+        assert r.started == model.started
+        assert box.pending == len(model.queue)
+        assert box.dropped == model.dropped
+    for gate in r.gates.values():
+        gate.set()
+    assert await box.flush(timeout=5)
+    assert box.pending == 0
     await box.close()

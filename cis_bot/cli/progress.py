@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import sys
 import time
@@ -139,11 +140,19 @@ class LiveProgress:
         engine = self.engine
         if engine is None:
             return Text("starting…", style="dim")
-        table = Table(title=f"{engine.spec.name}", expand=False)
+        records = engine.tasks
+        # Rich lays out every row it is given, and Live crops to the terminal afterwards: with
+        # thousands of tasks, give it only the rows that fit, those that need a look first.
+        room = max(3, self.console.size.height - _TABLE_CHROME)
+        shown = list(records) if len(records) <= room else self._worth_showing(room)
+        counts = collections.Counter(r.status for r in records.values())
+        summary = ", ".join(f"{n} {status}" for status, n in counts.most_common())
+        table = Table(title=f"{engine.spec.name}", caption=summary, expand=False)
         for column in ("task", "status", "try", "time", "last output"):
             table.add_column(column, overflow="ellipsis", no_wrap=True)
         now = time.time()
-        for task_id, record in engine.tasks.items():
+        for task_id in shown:
+            record = records[task_id]
             attempt = record.current
             elapsed = ""
             if attempt is not None:
@@ -157,3 +166,28 @@ class LiveProgress:
                 detail = record.reason
             table.add_row(task_id, status, str(len(record.attempts) or ""), elapsed, detail[:60])
         return table
+
+    def _worth_showing(self, room: int) -> list[str]:
+        """Up to ``room`` tasks in file order: blocked and waiting for approval first, then
+        running, then failed, then whatever else has started."""
+        assert self.engine is not None
+        ranked: dict[int, list[str]] = collections.defaultdict(list)
+        for task_id, record in self.engine.tasks.items():
+            rank = 0 if task_id in self._blocked else _RANKS.get(record.status)
+            if rank is not None and len(ranked[rank]) < room:
+                ranked[rank].append(task_id)
+        chosen = set([tid for rank in sorted(ranked) for tid in ranked[rank]][:room])
+        return [tid for tid in self.engine.tasks if tid in chosen]
+
+
+#: Title, header, rules and the summary caption around the rows.
+_TABLE_CHROME = 7
+_RANKS = {
+    TaskStatus.AWAITING_APPROVAL: 0,
+    TaskStatus.RUNNING: 1,
+    TaskStatus.DISPATCHED: 1,
+    TaskStatus.FAILED: 2,
+    TaskStatus.TIMEOUT: 2,
+    TaskStatus.READY: 3,
+    TaskStatus.CANCELLED: 3,
+}

@@ -27,8 +27,11 @@ Semantics (see docs/dag-format.md for the user's view):
 from __future__ import annotations
 
 import graphlib
+import heapq
+import math
 from collections.abc import Callable, Iterable, Mapping
 from enum import StrEnum
+from typing import Any, TypeVar
 
 import attrs
 
@@ -77,6 +80,8 @@ _TERMINAL = frozenset(
         TaskStatus.CANCELLED,
     }
 )
+_ACTIVE = frozenset({TaskStatus.DISPATCHED, TaskStatus.RUNNING})
+_FAILURE_SET = frozenset({TaskStatus.FAILED, TaskStatus.TIMEOUT})
 
 
 class RunStatus(StrEnum):
@@ -269,7 +274,58 @@ class TaskRecord:
         return self.current.exit_code if self.current else None
 
 
+@attrs.define(eq=False, slots=True)
+class _Node:
+    """What the engine keeps beside a task's record to decide without walking the whole run."""
+
+    #: Position in the engine's topological order (decisions are made in this order).
+    index: int
+    record: TaskRecord
+    #: Indexes of the task's dependencies, each once, in the order the spec lists them.
+    deps: tuple[int, ...]
+    #: Indexes of the tasks that depend on this one.
+    dependents: list[int] = attrs.Factory(list)
+    sink: bool = False
+    #: Of ``deps``: how many are terminal, how many count as succeeded (completed, or failed
+    #: under ``allow_debt``), how many failed or timed out.
+    deps_terminal: int = 0
+    deps_succeeded: int = 0
+    deps_failed: int = 0
+    #: In the dispatch heap (a READY task whose backoff has passed, waiting for a slot).
+    queued: bool = False
+    #: In the heap of tasks whose trigger rule may have something new to say.
+    candidate: bool = False
+
+
+#: (terminal, succeeded, failed) of a dependency in each status, with and without ``allow_debt``.
+_DEP_CLASS = {
+    debt: {
+        status: (
+            int(status in _TERMINAL),
+            int(status is TaskStatus.COMPLETED or (debt and status in _FAILURE_SET)),
+            int(status in _FAILURE_SET),
+        )
+        for status in TaskStatus
+    }
+    for debt in (False, True)
+}
+
+
 class RunEngine:
+    """The run's state, with indexes kept up to date as events are folded, so that the work per
+    event is proportional to what the event changes:
+
+    - a heap of tasks whose trigger rule may have changed its verdict (a dependency's status
+      changed, or the task was never looked at), with per-task counts of finished, succeeded
+      and failed dependencies, so a verdict costs O(1);
+    - a heap of READY tasks in dispatch order, and heaps of deadlines: retry backoffs, attempt
+      timeouts, approval countdowns (entries that no longer apply are dropped when they surface);
+    - counts of active, unfinished and failed tasks for capacity and the run's outcome.
+
+    Decisions are the same, in the same order, as walking every task in topological order on
+    every ``decide`` (the tests keep that algorithm as the reference and compare the two).
+    """
+
     def __init__(self, spec: DagSpec, *, max_workers: int | None = None) -> None:
         self.spec = spec
         self.max_workers = max(1, max_workers or spec.max_workers or len(spec.tasks))
@@ -278,15 +334,51 @@ class RunEngine:
         for tid in graphlib.TopologicalSorter({t.id: t.deps for t in spec.tasks}).static_order():
             depth[tid] = 1 + max((depth[d] for d in spec.task(tid).deps), default=-1)
         position = {t.id: i for i, t in enumerate(spec.tasks)}
-        # Topological, ties broken by file order, so one pass settles cascades of skips.
+        # Topological, ties broken by file order: dependents always come after their
+        # dependencies, so one pass in this order settles cascades of skips.
         self._order = sorted(depth, key=lambda tid: (depth[tid], position[tid]))
-        has_dependents = {d for t in spec.tasks for d in t.deps}
-        self._sinks = tuple(tid for tid in self._order if tid not in has_dependents)
+        self._position = {tid: i for i, tid in enumerate(self._order)}
+        self._nodes = [
+            _Node(
+                i,
+                self._tasks[tid],
+                tuple(self._position[d] for d in dict.fromkeys(self._tasks[tid].spec.deps)),
+            )
+            for i, tid in enumerate(self._order)
+        ]
+        for node in self._nodes:
+            for dep in node.deps:
+                self._nodes[dep].dependents.append(node.index)
+        for node in self._nodes:
+            node.sink = not node.dependents
+        self._sinks = tuple(n.record.spec.id for n in self._nodes if n.sink)
+        self._dep_class = _DEP_CLASS[spec.policy is Policy.ALLOW_DEBT]
         self._cancel_requested: RunCancelled | None = None
         self._aborted = False
         self._finished: RunFinished | None = None
         #: Results that arrived for an attempt that was no longer open (fencing).
         self.stale_results: list[TaskStarted | TaskFinished] = []
+        self._active = 0
+        self._unfinished = len(self._nodes)
+        self._failures = 0
+        #: The first sink (in order) that completed, under ``first_success``.
+        self._winner: int | None = None
+        self._sinks_completed = 0
+        # Every task starts as a candidate: roots are ready, and the rest wait for their deps.
+        self._candidates = list(range(len(self._nodes)))
+        for node in self._nodes:
+            node.candidate = True
+        #: READY tasks by (not_before, index); moved to ``_queue`` once their time has come.
+        self._backoff: list[tuple[float, int]] = []
+        #: Indexes of READY tasks whose backoff has passed, dispatched lowest first.
+        self._queue: list[int] = []
+        #: The latest ``now`` at which backoffs were moved to ``_queue``.
+        self._moved_until = -math.inf
+        #: (deadline, index, sequence, attempt) of open attempts that have a timeout.
+        self._timeouts: list[tuple[float, int, int, Attempt]] = []
+        self._opened = 0
+        #: (deadline, index) of tasks awaiting approval with a countdown.
+        self._countdowns: list[tuple[float, int]] = []
 
     @classmethod
     def replay(
@@ -313,9 +405,9 @@ class RunEngine:
 
     @property
     def debts(self) -> list[str]:
-        if self.spec.policy is not Policy.ALLOW_DEBT:
+        if self.spec.policy is not Policy.ALLOW_DEBT or not self._failures:
             return []
-        return [tid for tid in self._order if self._tasks[tid].status.is_failure]
+        return [n.record.spec.id for n in self._nodes if n.record.status in _FAILURE_SET]
 
     def upstream_outputs(self, task_id: str) -> dict[str, str]:
         """Outputs of the task's finished dependencies, in dependency order."""
@@ -327,20 +419,34 @@ class RunEngine:
 
     def next_wakeup(self, now: float) -> float | None:
         """The earliest time after ``now`` at which ``decide`` would act without any new event."""
-        times: list[float] = []
-        for record in self._tasks.values():
-            if record.status is TaskStatus.READY and record.not_before > now:
-                times.append(record.not_before)
-            elif record.status.is_active and record.spec.timeout_secs is not None:
-                attempt = record.current
-                assert attempt is not None
-                times.append(attempt.dispatched_at + record.spec.timeout_secs)
-            elif (
-                record.status is TaskStatus.AWAITING_APPROVAL
-                and record.approval_deadline is not None
-            ):
-                times.append(record.approval_deadline)
-        return min((t for t in times if t > now), default=None)
+        times = [
+            _earliest_after(self._backoff, now, self._backoff_due),
+            _earliest_after(self._timeouts, now, self._timeout_due),
+            _earliest_after(self._countdowns, now, self._countdown_due),
+        ]
+        if now < self._moved_until:
+            # The clock went back: tasks already queued for dispatch may be in backoff again.
+            times.extend(
+                record.not_before
+                for i in self._queue
+                if (record := self._nodes[i].record).status is TaskStatus.READY
+                and record.not_before > now
+            )
+        return min((t for t in times if t is not None), default=None)
+
+    def _backoff_due(self, entry: tuple[float, int]) -> bool:
+        record = self._nodes[entry[1]].record
+        return record.status is TaskStatus.READY and record.not_before == entry[0]
+
+    def _timeout_due(self, entry: tuple[float, int, int, Attempt]) -> bool:
+        record = self._nodes[entry[1]].record
+        return record.status in _ACTIVE and record.current is entry[3]
+
+    def _countdown_due(self, entry: tuple[float, int]) -> bool:
+        record = self._nodes[entry[1]].record
+        return (
+            record.status is TaskStatus.AWAITING_APPROVAL and record.approval_deadline == entry[0]
+        )
 
     # --- fold ------------------------------------------------------------------------------------
 
@@ -364,15 +470,21 @@ class RunEngine:
             case TaskFinished():
                 return self._apply_finished(record, event)
             case TaskDispatched():
-                if record.status.is_terminal or record.status.is_active:
+                if record.status in _TERMINAL or record.status in _ACTIVE:
                     return False
-                record.attempts.append(Attempt(number=event.attempt, dispatched_at=event.at))
-                record.status = TaskStatus.DISPATCHED
+                opened = Attempt(number=event.attempt, dispatched_at=event.at)
+                record.attempts.append(opened)
+                self._set(record, TaskStatus.DISPATCHED)
+                if record.spec.timeout_secs is not None:
+                    deadline = opened.dispatched_at + record.spec.timeout_secs
+                    self._opened += 1  # ties between attempts of one task go by age
+                    entry = (deadline, self._index(record), self._opened, opened)
+                    heapq.heappush(self._timeouts, entry)
                 return True
             case TaskTimedOut():
                 attempt = record.current
                 if (
-                    not record.status.is_active
+                    record.status not in _ACTIVE
                     or attempt is None
                     or attempt.number != event.attempt
                 ):
@@ -383,46 +495,88 @@ class RunEngine:
                 self._conclude_failure(record, TaskStatus.TIMEOUT, event.at, attempt.error)
                 return True
             case TaskCancelled():
-                if record.status.is_terminal:
+                if record.status in _TERMINAL:
                     return False
-                if record.status.is_active and (attempt := record.current) is not None:
+                if record.status in _ACTIVE and (attempt := record.current) is not None:
                     attempt.finished_at = event.at
                     attempt.error = event.reason
-                record.status = TaskStatus.CANCELLED
+                self._set(record, TaskStatus.CANCELLED)
                 record.reason = event.reason
                 return True
             case TaskSkipped():
-                if record.status.is_terminal or record.status.is_active:
+                if record.status in _TERMINAL or record.status in _ACTIVE:
                     return False
-                record.status = TaskStatus.SKIPPED
+                self._set(record, TaskStatus.SKIPPED)
                 record.reason = event.reason
                 return True
             case ApprovalRequested():
                 if record.status is not TaskStatus.PENDING:
                     return False
-                record.status = TaskStatus.AWAITING_APPROVAL
                 record.approval_deadline = event.deadline
+                self._set(record, TaskStatus.AWAITING_APPROVAL)
+                if event.deadline is not None:
+                    heapq.heappush(self._countdowns, (event.deadline, self._index(record)))
                 return True
             case TaskApproved():
                 return self._apply_approved(record, event)
             case TaskCarried():
                 if record.status is not TaskStatus.PENDING or record.attempts:
                     return False
-                record.status = TaskStatus.COMPLETED
+                self._set(record, TaskStatus.COMPLETED)
                 record.output = event.output
                 record.reason = f"carried over from run {event.from_run}"
                 return True
             case TaskAborted():
-                if record.status.is_terminal or record.status.is_active:
+                if record.status in _TERMINAL or record.status in _ACTIVE:
                     return False
-                record.status = TaskStatus.FAILED
+                self._set(record, TaskStatus.FAILED)
                 record.reason = event.reason
                 self._aborted = True
                 return True
 
+    def _index(self, record: TaskRecord) -> int:
+        return self._position[record.spec.id]
+
+    def _set(self, record: TaskRecord, status: TaskStatus) -> None:
+        """Change a task's status, keeping every index in step with it."""
+        old = record.status
+        if old is status:
+            return
+        record.status = status
+        node = self._nodes[self._index(record)]
+        if old in _ACTIVE:
+            self._active -= 1
+        if status in _ACTIVE:
+            self._active += 1
+        if old in _FAILURE_SET:
+            self._failures -= 1
+        if status in _FAILURE_SET:
+            self._failures += 1
+        if status in _TERMINAL and old not in _TERMINAL:  # terminal statuses are final
+            self._unfinished -= 1
+        if status is TaskStatus.READY:
+            heapq.heappush(self._backoff, (record.not_before, node.index))
+        elif status is TaskStatus.COMPLETED and node.sink:
+            self._sinks_completed += 1
+            if self.spec.policy is Policy.FIRST_SUCCESS and (
+                self._winner is None or node.index < self._winner
+            ):
+                self._winner = node.index
+        before, after = self._dep_class[old], self._dep_class[status]
+        if before != after:
+            terminal, succeeded, failed = (a - b for a, b in zip(after, before, strict=True))
+            for i in node.dependents:
+                dependent = self._nodes[i]
+                dependent.deps_terminal += terminal
+                dependent.deps_succeeded += succeeded
+                dependent.deps_failed += failed
+                if dependent.record.status is TaskStatus.PENDING and not dependent.candidate:
+                    dependent.candidate = True
+                    heapq.heappush(self._candidates, i)
+
     def _apply_started(self, record: TaskRecord, event: TaskStarted) -> bool:
         attempt = record.current
-        if not record.status.is_active or attempt is None or attempt.number != event.attempt:
+        if record.status not in _ACTIVE or attempt is None or attempt.number != event.attempt:
             self.stale_results.append(event)
             return False
         if record.status is TaskStatus.RUNNING:
@@ -430,12 +584,12 @@ class RunEngine:
         attempt.started_at = event.at
         attempt.session_id = event.session_id
         attempt.node = event.node
-        record.status = TaskStatus.RUNNING
+        self._set(record, TaskStatus.RUNNING)
         return True
 
     def _apply_finished(self, record: TaskRecord, event: TaskFinished) -> bool:
         attempt = record.current
-        if not record.status.is_active or attempt is None or attempt.number != event.attempt:
+        if record.status not in _ACTIVE or attempt is None or attempt.number != event.attempt:
             self.stale_results.append(event)
             return False
         attempt.finished_at = event.at
@@ -444,11 +598,11 @@ class RunEngine:
         attempt.error = event.error
         record.output = event.output
         if event.outcome is Outcome.COMPLETED:
-            record.status = TaskStatus.COMPLETED
             record.reason = None
+            self._set(record, TaskStatus.COMPLETED)
         elif event.outcome is Outcome.KILLED:
-            record.status = TaskStatus.FAILED
             record.reason = event.error or "killed"
+            self._set(record, TaskStatus.FAILED)
         else:
             failed = TaskStatus.TIMEOUT if event.outcome is Outcome.TIMEOUT else TaskStatus.FAILED
             self._conclude_failure(record, failed, event.at, event.error)
@@ -461,13 +615,13 @@ class RunEngine:
         A lost attempt is not the task's failure: it goes again at once, uncounted."""
         attempts_made = sum(1 for a in record.attempts if a.outcome is not Outcome.LOST)
         lost = record.current is not None and record.current.outcome is Outcome.LOST
+        record.reason = error
         if (lost or attempts_made < record.spec.max_attempts) and not self._stopping:
             backoff = self.spec.retry_backoff_secs * 2 ** (attempts_made - 1)
-            record.status = TaskStatus.READY
             record.not_before = at if lost else at + min(backoff, MAX_RETRY_BACKOFF_SECS)
+            self._set(record, TaskStatus.READY)
         else:
-            record.status = status
-        record.reason = error
+            self._set(record, status)
 
     def _apply_approved(self, record: TaskRecord, event: TaskApproved) -> bool:
         if record.approved or record.status not in (
@@ -484,22 +638,16 @@ class RunEngine:
         else:
             record.approved = True
         if record.approved and record.status is TaskStatus.AWAITING_APPROVAL:
-            record.status = TaskStatus.READY
+            self._set(record, TaskStatus.READY)
         return True
 
     @property
     def _first_success_winner(self) -> str | None:
-        if self.spec.policy is not Policy.FIRST_SUCCESS:
-            return None
-        return next((t for t in self._sinks if self._tasks[t].status is TaskStatus.COMPLETED), None)
+        return None if self._winner is None else self._order[self._winner]
 
     @property
     def _stopping(self) -> bool:
-        return (
-            self._cancel_requested is not None
-            or self._aborted
-            or self._first_success_winner is not None
-        )
+        return self._cancel_requested is not None or self._aborted or self._winner is not None
 
     # --- decide ----------------------------------------------------------------------------------
 
@@ -525,54 +673,69 @@ class RunEngine:
                 reason = "run aborted"
             else:
                 reason = f"first_success: {winner} completed"
-            for tid in self._order:
-                record = self._tasks[tid]
-                if not record.status.is_terminal:
-                    open_attempt = record.current if record.status.is_active else None
+            # Once per run: everything left ends here, and the run with it.
+            for node in self._nodes:
+                record = node.record
+                if record.status not in _TERMINAL:
+                    open_attempt = record.current if record.status in _ACTIVE else None
                     number = open_attempt.number if open_attempt else None
-                    make(TaskCancelled(tid, now, attempt=number, reason=reason))
+                    make(TaskCancelled(record.spec.id, now, attempt=number, reason=reason))
         else:
             self._decide_dispatch(now, make)
-        if all(r.status.is_terminal for r in self._tasks.values()):
+        if not self._unfinished:
             make(RunFinished(self._final_status(), now))
         return decisions
 
     def _decide_timeouts(self, now: float, make: _Make) -> None:
-        for tid in self._order:
-            record = self._tasks[tid]
-            timeout = record.spec.timeout_secs
-            attempt = record.current
-            if (
-                record.status.is_active
-                and timeout is not None
-                and attempt is not None
-                and now >= attempt.dispatched_at + timeout
-            ):
-                make(TaskTimedOut(tid, attempt.number, now))
+        expired: list[tuple[int, Attempt]] = []
+        while self._timeouts and self._timeouts[0][0] <= now:
+            entry = heapq.heappop(self._timeouts)
+            if self._timeout_due(entry):
+                expired.append((entry[1], entry[3]))
+        expired.sort(key=lambda e: e[0])
+        for i, attempt in expired:
+            make(TaskTimedOut(self._order[i], attempt.number, now))
 
     def _decide_eligibility(self, now: float, make: _Make) -> None:
-        for tid in self._order:
-            record = self._tasks[tid]
+        """The trigger rules of tasks whose dependencies moved, and the countdowns that ran
+        out, in topological order (what becomes terminal here feeds later tasks at once)."""
+        candidates = self._candidates
+        expired: list[tuple[float, int]] = []
+        while self._countdowns and self._countdowns[0][0] <= now:
+            entry = heapq.heappop(self._countdowns)
+            if self._countdown_due(entry):
+                expired.append(entry)
+                node = self._nodes[entry[1]]
+                if not node.candidate:
+                    node.candidate = True
+                    heapq.heappush(candidates, node.index)
+        while candidates:
+            node = self._nodes[heapq.heappop(candidates)]
+            node.candidate = False
+            record = node.record
             if record.status is TaskStatus.PENDING:
-                verdict = self._trigger_verdict(record.spec)
+                verdict = self._trigger_verdict(node)
                 if verdict is None:
                     continue
                 if isinstance(verdict, str):
-                    make(TaskSkipped(tid, now, verdict))
+                    make(TaskSkipped(record.spec.id, now, verdict))
                 elif record.spec.level.needs_approval and not record.approved:
                     level = record.spec.level
                     deadline = None
                     if level.kind is LevelKind.RECOMMENDED and level.timeout_secs is not None:
                         deadline = now + level.timeout_secs
-                    make(ApprovalRequested(tid, now, level.stakeholders, deadline))
+                    make(ApprovalRequested(record.spec.id, now, level.stakeholders, deadline))
                 else:
-                    record.status = TaskStatus.READY
+                    self._set(record, TaskStatus.READY)
             if (
                 record.status is TaskStatus.AWAITING_APPROVAL
                 and record.approval_deadline is not None
                 and now >= record.approval_deadline
             ):
                 self._apply_default_action(record, now, make)
+        for entry in expired:  # a countdown whose default action did not take is due again
+            if self._countdown_due(entry):
+                heapq.heappush(self._countdowns, entry)
 
     def _apply_default_action(self, record: TaskRecord, now: float, make: _Make) -> None:
         level = record.spec.level
@@ -586,64 +749,89 @@ class RunEngine:
                 make(TaskAborted(record.spec.id, now, f"{waited}; default action abort"))
 
     def _decide_dispatch(self, now: float, make: _Make) -> None:
-        active = sum(1 for r in self._tasks.values() if r.status.is_active)
-        for tid in self._order:
-            if active >= self.max_workers:
-                break
-            record = self._tasks[tid]
-            if record.status is TaskStatus.READY and record.not_before <= now:
-                make(TaskDispatched(tid, len(record.attempts) + 1, now))
-                active += 1
+        queue = self._queue
+        while self._backoff and self._backoff[0][0] <= now:
+            entry = heapq.heappop(self._backoff)
+            node = self._nodes[entry[1]]
+            if self._backoff_due(entry) and not node.queued:
+                node.queued = True
+                heapq.heappush(queue, node.index)
+        self._moved_until = max(self._moved_until, now)
+        while queue and self._active < self.max_workers:
+            node = self._nodes[heapq.heappop(queue)]
+            node.queued = False
+            record = node.record
+            if record.status is not TaskStatus.READY:
+                continue
+            if record.not_before > now:  # the clock went back: wait for the backoff again
+                heapq.heappush(self._backoff, (record.not_before, node.index))
+                continue
+            make(TaskDispatched(record.spec.id, len(record.attempts) + 1, now))
 
-    def _trigger_verdict(self, task: TaskSpec) -> bool | str | None:
+    def _trigger_verdict(self, node: _Node) -> bool | str | None:
         """True: may run. A string: skip, for that reason. None: wait for more dependencies."""
-        if not task.deps:
+        if not node.deps:
             return True
-        statuses = {dep: self._tasks[dep].status for dep in task.deps}
-        debt_ok = self.spec.policy is Policy.ALLOW_DEBT
-        succeeded = [
-            d
-            for d, s in statuses.items()
-            if s is TaskStatus.COMPLETED or (debt_ok and s.is_failure)
-        ]
-        failed = [d for d, s in statuses.items() if s.is_failure]
-        not_ok = [d for d, s in statuses.items() if s.is_terminal and d not in succeeded]
-        all_done = all(s.is_terminal for s in statuses.values())
-        match task.trigger:
+        all_done = node.deps_terminal == len(node.deps)
+        match node.record.spec.trigger:
             case Trigger.ALL_SUCCESS:
-                if not_ok:
-                    return f"upstream {not_ok[0]} {statuses[not_ok[0]]}"
+                if node.deps_terminal > node.deps_succeeded:
+                    dep = self._first_dep(node, self._not_ok)
+                    return f"upstream {dep.spec.id} {dep.status}"
                 return True if all_done else None
             case Trigger.ALL_DONE:
                 return True if all_done else None
             case Trigger.ONE_FAILED:
-                if failed:
+                if node.deps_failed:
                     return True
                 return "no upstream task failed" if all_done else None
             case Trigger.ONE_SUCCESS:
-                if succeeded:
+                if node.deps_succeeded:
                     return True
                 return "no upstream task succeeded" if all_done else None
             case Trigger.NONE_FAILED:
-                if failed:
-                    return f"upstream {failed[0]} {statuses[failed[0]]}"
+                if node.deps_failed:
+                    dep = self._first_dep(node, _FAILURE_SET.__contains__)
+                    return f"upstream {dep.spec.id} {dep.status}"
                 return True if all_done else None
+
+    def _not_ok(self, status: TaskStatus) -> bool:
+        """Finished without counting as a success."""
+        terminal, succeeded, _ = self._dep_class[status]
+        return bool(terminal and not succeeded)
+
+    def _first_dep(self, node: _Node, matches: Callable[[TaskStatus], bool]) -> TaskRecord:
+        return next(record for i in node.deps if matches((record := self._nodes[i].record).status))
 
     def _final_status(self) -> RunStatus:
         if self._cancel_requested is not None:
             return RunStatus.CANCELLED
         if self._aborted:
             return RunStatus.FAILED
-        statuses = [r.status for r in self._tasks.values()]
         match self.spec.policy:
             case Policy.FIRST_SUCCESS:
-                won = any(self._tasks[t].status is TaskStatus.COMPLETED for t in self._sinks)
-                return RunStatus.COMPLETED if won else RunStatus.FAILED
+                return RunStatus.COMPLETED if self._sinks_completed else RunStatus.FAILED
             case Policy.ALLOW_DEBT:
                 return RunStatus.COMPLETED
             case Policy.ALL_SUCCESS:
-                failed = any(s.is_failure for s in statuses)
-                return RunStatus.FAILED if failed else RunStatus.COMPLETED
+                return RunStatus.FAILED if self._failures else RunStatus.COMPLETED
+
+
+_Entry = TypeVar("_Entry", bound=tuple[Any, ...])
+
+
+def _earliest_after(heap: list[_Entry], now: float, due: Callable[[_Entry], bool]) -> float | None:
+    """The earliest time after ``now`` among a lazily pruned heap's entries that still apply.
+    Entries that no longer apply are dropped from the top; a still-due entry at or before
+    ``now`` (one ``decide(now)`` has not taken yet) means looking further down."""
+    while heap and not due(heap[0]):
+        heapq.heappop(heap)
+    if not heap:
+        return None
+    first: float = heap[0][0]
+    if first > now:
+        return first
+    return min((e[0] for e in heap if e[0] > now and due(e)), default=None)
 
 
 _FAILURES = (TaskStatus.FAILED, TaskStatus.TIMEOUT)

@@ -29,13 +29,20 @@ class EmbeddedServer(HomeserverUnderTest):
         workdir: Path,
         server_name: str = "cis.local",
         appservice_files: tuple[Path, ...] = (),
+        host: str = "127.0.0.1",
         port: int | None = None,
         python: str = sys.executable,
         add_user_in_process: bool = True,
         extra_config: dict[str, Any] | None = None,
+        command_prefix: tuple[str, ...] = (),
     ) -> None:
         super().__init__(
-            workdir=workdir, server_name=server_name, appservice_files=appservice_files, port=port
+            workdir=workdir,
+            server_name=server_name,
+            appservice_files=appservice_files,
+            host=host,
+            port=port,
+            command_prefix=command_prefix,
         )
         self.python = python
         self.state_dir = workdir / "state"

@@ -6,13 +6,18 @@
   (Synapse reads appservice registrations only at start-up), stopped after the test.
 - ``synapse`` / ``synapse_factory``: the same for tests that want Synapse alone (the node tests).
 - ``users``: makes logged-in ``MatrixClient``s on ``homeserver``.
+- ``synapse_federation(count=2, **options)``: an unstarted ``SynapseFederation`` (federation.py)
+  of Synapses that federate over TLS on loopback; stopped after the test.
+- ``netns()``: a new ``NetworkNamespace`` (netns.py) per call, deleted after the test.
 
-A server that cannot start fails the test with its log tail; nothing here skips.
+A server that cannot start fails the test with its log tail. Only ``netns`` skips: without root
+or iproute2, on a developer's machine; under CI (``CI`` set) it fails instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,8 @@ import pytest
 
 from tests.support.client import MatrixClient, unique
 from tests.support.embedded import EmbeddedServer
+from tests.support.federation import SynapseFederation
+from tests.support.netns import NetworkNamespace, reap_stale, unavailable_reason
 from tests.support.process import HomeserverStartError, HomeserverUnderTest
 from tests.support.synapse import SynapseServer
 
@@ -172,3 +179,46 @@ class Users:
 @pytest.fixture
 def users(homeserver: HomeserverUnderTest, http: aiohttp.ClientSession) -> Users:
     return Users(homeserver, http)
+
+
+@pytest.fixture
+def synapse_federation(tmp_path: Path) -> Iterator[Callable[..., SynapseFederation]]:
+    made: list[SynapseFederation] = []
+
+    def make(count: int = 2, **options: Any) -> SynapseFederation:
+        federation = SynapseFederation(tmp_path / f"federation-{len(made)}", count, **options)
+        made.append(federation)
+        return federation
+
+    try:
+        yield make
+    finally:
+        for federation in made:
+            federation.stop()
+
+
+@pytest.fixture(scope="session")
+def _netns_available() -> None:
+    reason = unavailable_reason()
+    if reason is None:
+        reap_stale()  # namespaces of earlier runs that were killed before their clean-up
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set: the network namespace tests must run)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def netns(_netns_available: None) -> Iterator[Callable[[], NetworkNamespace]]:
+    made: list[NetworkNamespace] = []
+
+    def make() -> NetworkNamespace:
+        namespace = NetworkNamespace.create()
+        made.append(namespace)
+        return namespace
+
+    try:
+        yield make
+    finally:
+        for namespace in made:
+            namespace.delete()

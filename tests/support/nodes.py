@@ -24,6 +24,7 @@ import yaml
 from cis_bot.matrix.events import CATALOGUE
 from cis_bot.matrix.identity import NodeIdentity
 from tests.support.client import MatrixClient
+from tests.support.netns import NetworkNamespace
 from tests.support.process import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,9 +56,18 @@ class NodePlan:
         return self.workdir / "state"
 
 
-def plan_nodes(root: Path, server_name: str, *node_ids: str) -> list[NodePlan]:
+def plan_nodes(
+    root: Path, server_name: str, *node_ids: str, namespace: NetworkNamespace | None = None
+) -> list[NodePlan]:
+    """Identities and registrations for ``node_ids``. With a ``namespace`` the nodes are to run
+    inside it (``NodeProcess(plan, namespace=...)``): their appservices listen on its address,
+    where the homeserver pushes through the veth pair."""
+    if namespace is None:
+        listen_host, ports = "127.0.0.1", [free_port() for _ in node_ids]
+    else:
+        listen_host, ports = namespace.address, namespace.free_ports(len(node_ids))
     plans = []
-    for node_id in node_ids:
+    for node_id, port in zip(node_ids, ports, strict=True):
         identity = NodeIdentity(
             node_id=node_id,
             homeserver="",
@@ -65,7 +75,8 @@ def plan_nodes(root: Path, server_name: str, *node_ids: str) -> list[NodePlan]:
             localpart=f"cis_{node_id}",
             as_token=secrets.token_urlsafe(24),
             hs_token=secrets.token_urlsafe(24),
-            listen_port=free_port(),
+            listen_host=listen_host,
+            listen_port=port,
         )
         plan = NodePlan(identity, root / node_id)
         plan.workdir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +115,7 @@ no_worker_timeout_secs = 3
 [node]
 id = "{i.node_id}"
 homeserver = "{homeserver_url}"
+listen_host = "{i.listen_host}"
 listen_port = {i.listen_port}
 as_token = "{i.as_token}"
 hs_token = "{i.hs_token}"
@@ -123,31 +135,35 @@ def cis_command(*args: str) -> list[str]:
 
 
 class NodeProcess:
-    """``cis node`` in the background; its log in the node's workdir."""
+    """``cis node`` in the background; its log in the node's workdir. With a ``namespace`` it
+    runs inside that network namespace (plan it with ``plan_nodes(..., namespace=...)``)."""
 
-    def __init__(self, plan: NodePlan, *extra: str) -> None:
+    def __init__(
+        self, plan: NodePlan, *extra: str, namespace: NetworkNamespace | None = None
+    ) -> None:
         self.plan = plan
         self.extra = extra
+        self.namespace = namespace
         self.process: subprocess.Popen[bytes] | None = None
         self.log = plan.workdir / "node.log"
 
     def start(self) -> NodeProcess:
+        argv = cis_command(
+            "node", "--config", str(self.plan.config), "--state-dir", str(self.plan.state_dir)
+        )
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                cis_command(
-                    "node",
-                    "--config",
-                    str(self.plan.config),
-                    "--state-dir",
-                    str(self.plan.state_dir),
-                    *self.extra,
-                ),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.plan.workdir,
-                env=cis_env(),
-                start_new_session=True,
-            )
+            options: dict[str, Any] = {
+                "stdout": log,
+                "stderr": subprocess.STDOUT,
+                "cwd": self.plan.workdir,
+                "env": cis_env(),
+                "start_new_session": True,
+            }
+            argv += self.extra
+            if self.namespace is None:
+                self.process = subprocess.Popen(argv, **options)
+            else:
+                self.process = self.namespace.popen(argv, **options)
         return self
 
     @property

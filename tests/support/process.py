@@ -76,6 +76,12 @@ class HomeserverUnderTest(abc.ABC):
 
     ``kind`` is "synapse" or "embedded"; ``base_url`` has no trailing slash. ``start()`` records
     ``startup_seconds``: from spawning the process to the first 200 on ``/versions``.
+
+    ``host`` is the address it binds and clients use (a network namespace's host-side address
+    makes it reachable from inside that namespace, see ``netns.py``); ``command_prefix`` goes
+    before its argv, e.g. ``NetworkNamespace.exec_prefix`` to run the server inside a namespace
+    (then ``host`` is the namespace's address and ``port`` must be given: ``free_port`` can only
+    probe this process's own namespace).
     """
 
     kind: str
@@ -88,12 +94,14 @@ class HomeserverUnderTest(abc.ABC):
         appservice_files: tuple[Path, ...],
         host: str = "127.0.0.1",
         port: int | None = None,
+        command_prefix: tuple[str, ...] = (),
     ) -> None:
         self.workdir = workdir
         self.server_name = server_name
         self.appservice_files = appservice_files
         self.host = host
         self.port = port or free_port(host)
+        self.command_prefix = command_prefix
         self.process: subprocess.Popen[bytes] | None = None
         self.startup_seconds: float | None = None
         self.log_path = workdir / f"{self.kind}.out"
@@ -140,7 +148,7 @@ class HomeserverUnderTest(abc.ABC):
             log.flush()
             started = time.monotonic()
             self.process = subprocess.Popen(
-                self._command(),
+                [*self.command_prefix, *self._command()],
                 cwd=self.workdir,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

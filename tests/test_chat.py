@@ -518,9 +518,12 @@ async def test_in_matrix_mode_sessions_on_workers_are_answered_through_the_room(
         "\"print remote-hello; ask Continue?; print after-yes; sleep 60\"'''\n"
     )
     matrix = '\n[dag]\nexecution_mode = "matrix"\n'
-    write_configs([coord], hs.base_url, allowed_users=[alice.user_id], extra=chat_config(dags))
+    # The coordinator hands its tasks to the worker, which obeys it.
+    trusted = f"workers = {json.dumps([worker.user_id])}\n"
+    write_configs(
+        [coord], hs.base_url, allowed_users=[alice.user_id], extra=trusted + chat_config(dags)
+    )
     coord.config.write_text(matrix + coord.config.read_text())
-    # The worker obeys the coordinator (its assignments and its control requests).
     write_configs(
         [worker], hs.base_url, allowed_users=[alice.user_id, coord.user_id], accept_agents=["shell"]
     )
@@ -569,3 +572,38 @@ async def test_in_matrix_mode_sessions_on_workers_are_answered_through_the_room(
         node.stop()
         wa.stop()
     assert "Traceback" not in node.log_text() + wa.log_text()
+
+
+async def test_a_rooms_creator_may_act_and_a_demoted_member_no_longer_may(
+    homeserver_factory: Any, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    (coord,) = plan_nodes(tmp_path, "cis.local", "coord")
+    hs = homeserver_factory(appservice_files=registration_files([coord]))
+    alice, bob, carol = [await person(http, hs, n) for n in ("alice", "bob", "carol")]
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "hello.toml").write_text('[[tasks]]\nid = "hi"\ncommand = "echo hi"\n')
+    write_configs([coord], hs.base_url, allowed_users=[alice.user_id], extra=chat_config(dags))
+    node = start_node(coord)
+    try:
+        # bob's room (room version 12: its creator outranks every power level), the bot
+        # invited by alice, whom the node obeys; carol a moderator at first.
+        room = await bob.client.create_room(
+            name="bob's", invite=[alice.user_id, carol.user_id], room_version="12"
+        )
+        await alice.join(room)
+        await carol.join(room)
+        await bob.set_power(room, carol.user_id, 50)
+        await alice.client.invite(room, coord.user_id)
+        await bot_in(room, bob, coord.user_id)
+
+        started = await bob.ask(room, "!cis run hello")
+        assert "Started run" in body(started), body(started)
+        assert "Started run" in body(await carol.ask(room, "!cis run hello"))
+        await bob.set_power(room, carol.user_id, 0)
+        refused = await carol.ask(room, "!cis run hello")
+        assert f"{carol.user_id} may not run here" in body(refused)
+    finally:
+        for p in (alice, bob, carol):
+            await p.stop()
+        node.stop()

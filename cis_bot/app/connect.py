@@ -7,15 +7,17 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import attrs
+import structlog
 
 from cis_bot.app.localhs import InUse, LocalHomeserverDir
 from cis_bot.config import Config, ExecutionMode
-from cis_bot.errors import UserError
 from cis_bot.matrix.identity import NodeIdentity
-from cis_bot.matrix.node import Node
+from cis_bot.matrix.node import Node, PortInUse
 
 if TYPE_CHECKING:
     from cis_bot.homeserver.server import EmbeddedHomeserver
+
+log = structlog.get_logger(__name__)
 
 
 @attrs.define
@@ -83,6 +85,10 @@ async def connect_local(
     homeserver starts with the registrations in its directory, and says where it answers.
     ``allowed_users`` (the config's ``[node] allowed_users``) may give the local node orders, as
     they may any node: from a chat client, commands in a local run's room.
+
+    Local runs share the local node's identity, so on a standalone homeserver one of them at a
+    time receives the node's events: the others run without (a local run needs none: its tasks
+    run here and it is controlled through its socket).
     """
     from cis_bot.homeserver.server import EmbeddedHomeserver
 
@@ -98,7 +104,14 @@ async def connect_local(
             raise
         node = Node(identity)
         if serve:
-            await node.listen()  # the standalone homeserver knows this port from its start
+            try:
+                await node.listen()  # the standalone homeserver knows this port from its start
+            except PortInUse:
+                log.info(
+                    "local.events_elsewhere",
+                    hint="another local run receives the local node's room events; this one "
+                    "needs none",
+                )
         await node.connect(running[0])
         return Connection(node)
     node = Node(identity)
@@ -111,7 +124,7 @@ async def connect_local(
         if serve:
             try:
                 await node.listen()
-            except UserError:  # the port we used last time is taken now: take another one
+            except PortInUse:  # the port we used last time is taken now: take another one
                 node.identity = attrs.evolve(identity, listen_port=0)
                 node.identity = attrs.evolve(identity, listen_port=await node.listen())
             directory.save_registration(node.identity, alias_prefix)

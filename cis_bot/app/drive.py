@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import structlog
 
+from cis_bot import private
 from cis_bot.app.chat.notices import NoticeSettings, RunNotices
 from cis_bot.app.chat.service import ChatScope, ChatService
 from cis_bot.config import Config, ExecutionMode
@@ -28,9 +29,10 @@ from cis_bot.control.service import start_control
 from cis_bot.dag.engine import Fact, Outcome, RunEngine, RunEvent, TaskDispatched, TaskFinished
 from cis_bot.dag.report import build_report
 from cis_bot.dag.spec import DagSpec, spec_to_document
+from cis_bot.errors import UserError
 from cis_bot.ids import SessionId
 from cis_bot.matrix import events as ev
-from cis_bot.matrix.broadcast import RunRecorder, SessionReporter, Upload
+from cis_bot.matrix.broadcast import RunRecorder, SessionReporter
 from cis_bot.matrix.coordinator import RoomExecutor
 from cis_bot.matrix.node import Node
 from cis_bot.matrix.runs import RoomRun
@@ -93,13 +95,6 @@ async def announce(
         resumed_from=resumed_from,
         chat=chat or None,
     )
-    try:
-        ev.encode(created)
-    except ValueError:
-        mxc = await node.upload(
-            text.encode(), mime_type="application/json", filename=f"{plan.run_id}.dag.json"
-        )
-        created = attrs.evolve(created, spec=None, spec_mxc=mxc)
     await node.send(plan.room_id, created)
 
 
@@ -124,7 +119,7 @@ async def drive_run(
     assign to this node (a node that has its worker already says False)."""
     matrix = config.dag.matrix
     paths = RunPaths.of(state_dir, plan.run_id)
-    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    private.make_dirs(paths.run_dir)
     manager = SessionManager()
     worker: Worker | None = None
     started = time.monotonic()
@@ -147,7 +142,7 @@ async def drive_run(
             reporter = SessionReporter(
                 outbox,
                 node_id=node.identity.node_id,
-                upload=uploader(node),
+                upload=node.upload_for_events,
                 interval_ms=matrix.broadcast_interval_ms,
                 broadcast_status=config.dag.hybrid.broadcast_status,
                 broadcast_output=config.dag.hybrid.broadcast_output,
@@ -158,6 +153,7 @@ async def drive_run(
             node_id=node.identity.node_id,
             user_id=node.user_id,
             record_local_dispatch=runs_here,
+            upload=node.upload_for_events,
             reporter=reporter,
         )
         engine = RunEngine.replay(plan.spec, plan.history, max_workers=plan.max_workers)
@@ -210,7 +206,7 @@ async def drive_run(
             duration_s=round(time.monotonic() - started, 3),
         )
         report["room_id"] = plan.room_id
-        paths.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        unwritten = _write_report(paths.report, report)
         if worker:
             await worker.stop()
             worker = None
@@ -221,6 +217,8 @@ async def drive_run(
                 pending=outbox.pending,
                 hint="the homeserver did not come back in time; the run itself is complete",
             )
+        if unwritten is not None:
+            raise RunNotRecorded(report, unwritten)
         return report
     finally:
         if service is not None:
@@ -255,6 +253,29 @@ def run_notices(node: Node, plan: RunPlan, config: Config, service: ChatService)
         settings=NoticeSettings(chat.prefix, chat.command_power_level, node.identity.allowed_users),
         people=service.facts,
     )
+
+
+class RunNotRecorded(UserError):
+    """The run ended, but its report could not be written (a full disk): the report is here."""
+
+    exit_code = 1
+
+    def __init__(self, report: dict[str, Any], message: str) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def _write_report(path: Path, report: dict[str, Any]) -> str | None:
+    """Write the report; why it could not be, or None."""
+    try:
+        private.write_file(path, json.dumps(report, indent=2) + "\n")
+    except OSError as exc:
+        log.error("run.report_unwritten", path=str(path), error=str(exc))
+        return (
+            f"run {report['run_id']} {report['status']}, but its report could not be written to "
+            f"{path}: {exc.strerror or exc}"
+        )
+    return None
 
 
 def _room_of_session(plan: RunPlan, worker: Worker | None) -> Callable[[str], str | None]:
@@ -301,15 +322,6 @@ def _pick_up_open_attempts(
                     error="its node stopped before it reported",
                 )
             )
-
-
-def uploader(node: Node) -> Upload:
-    """The node's media upload, as the session reporter calls it."""
-
-    async def upload(data: bytes, mime_type: str, filename: str) -> str:
-        return await node.upload(data, mime_type=mime_type, filename=filename)
-
-    return upload
 
 
 def make_worker(

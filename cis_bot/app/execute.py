@@ -10,6 +10,7 @@ import attrs
 
 from cis_bot.app.connect import open_connection, run_alias_prefix
 from cis_bot.app.drive import OnStarted, RunPlan, announce, chat_scope, drive_run
+from cis_bot.app.localhs import LocalHomeserverDir
 from cis_bot.config import Config, ExecutionMode
 from cis_bot.dag.spec import DagSpec
 from cis_bot.ids import new_run_id
@@ -40,10 +41,13 @@ async def execute(
         node = connection.node
         run_id = new_run_id()
         if request.mode is ExecutionMode.LOCAL:
+            watchers = request.config.dag.local.watchers
+            if watchers is None:
+                watchers = tuple(LocalHomeserverDir.of(request.state_dir).human_accounts())
             room_id = await node.create_room(
                 name=f"DAG {request.spec.name} · run {run_id}",
                 alias=f"{run_alias_prefix(request.config)}{run_id}",
-                public=True,
+                invite=watchers,
             )
         else:
             assert request.room is not None

@@ -33,15 +33,15 @@ class Resumption:
     resumed_from: str
 
 
-def plan_resume(run: RoomRun, *, node_id: str, mode: ExecutionMode) -> Resumption:
-    """How to resume ``run`` from this node: UserError when it completed, or when it is
-    unfinished and coordinated by another node."""
+def plan_resume(run: RoomRun, *, user_id: str, mode: ExecutionMode) -> Resumption:
+    """How to resume ``run`` from the node whose user is ``user_id``: UserError when it
+    completed, or when it is unfinished and another user coordinates it."""
     replayed = run.replay()
     if not replayed.finished:
-        if run.created.coordinator != node_id:
+        if run.coordinator_user != user_id:
             raise UserError(
-                f"run {run.run_id} is coordinated by node {run.created.coordinator!r}, not "
-                f"by this node ({node_id!r})"
+                f"run {run.run_id} is coordinated by {run.coordinator_user} (node "
+                f"{run.created.coordinator!r}), not by this node ({user_id})"
             )
         return Resumption(RunPlan.continuing(run), new=False, resumed_from=run.run_id)
     if replayed.status is RunStatus.COMPLETED:
@@ -78,8 +78,9 @@ async def resume(
     connection = await open_connection(config, mode, state_dir)
     try:
         node = connection.node
-        run = pick_run(await read_runs(node, await joined_rooms(node, room)), wanted)
-        resumption = plan_resume(run, node_id=node.identity.node_id, mode=mode)
+        rooms = await joined_rooms(node, room)
+        run = pick_run(await read_runs(node, rooms, node.identity.trusted_coordinators), wanted)
+        resumption = plan_resume(run, user_id=node.user_id, mode=mode)
         chat = chat_scope(config, resumption.plan, own_room=mode is ExecutionMode.LOCAL)
         if resumption.new:
             await announce(

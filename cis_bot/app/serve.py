@@ -51,8 +51,10 @@ async def serve_node(
         service.start()
     try:
         if coordinator:
-            for run in await read_runs(node, await joined_rooms(node)):
-                if run.created.coordinator != node.identity.node_id or run.replay().finished:
+            # Only the runs this node's own user created: the content's coordinator field is a
+            # name anyone could write.
+            for run in await read_runs(node, await joined_rooms(node), {node.user_id}):
+                if run.replay().finished:
                     continue
                 log.info("node.resuming_run", run_id=run.run_id, room_id=run.room_id)
                 plan = RunPlan.continuing(run)

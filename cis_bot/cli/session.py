@@ -136,12 +136,12 @@ def _run(args: argparse.Namespace, body: Any) -> int:
     """Run ``body`` with the lookup for the command's options."""
 
     async def main() -> int:
-        from cis_bot.config import default_state_dir, load_config
+        from cis_bot.config import load_config, open_state_dir
         from cis_bot.control.client.lookup import Lookup
 
         lookup = Lookup(
             load_config(args.config),
-            args.state_dir or default_state_dir(),
+            open_state_dir(args.state_dir),
             timeout=args.timeout,
             local_only=args.local,
             room=args.room,

@@ -307,9 +307,11 @@ def _parse_tasks(
     for index, table in enumerate(tables):
         task, deps_key = _parse_task(table, agents=agents, default_agent=default_agent)
         if task.id in position:
+            spelled = tables[position[task.id]].data.get("id") != table.data.get("id")
             raise InputError(
                 f"duplicate task id {task.id!r}: tasks #{position[task.id] + 1} and "
-                f"#{index + 1} both use it",
+                f"#{index + 1} both use it"
+                + (" (spelled differently, the same text in Unicode NFC)" if spelled else ""),
                 file=dag.file,
                 task=task.id,
                 key="id",
@@ -349,9 +351,29 @@ def _parse_tasks(
     return tasks
 
 
+#: Besides letters, marks and digits (any script: CIS DAGs name tasks in Chinese too), the
+#: characters a task id may hold.
+TASK_ID_PUNCTUATION = "._-+=@~#(),[]"
+#: Marks and letters that show nothing: an id holding one looks like another id.
+_INVISIBLE = frozenset(
+    [0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x3164, 0xFFA0]
+    + list(range(0x180B, 0x1810))
+    + list(range(0xFE00, 0xFE10))
+    + list(range(0xE0100, 0xE01F0))
+)
+
+
+def normal_task_id(task_id: str) -> str:
+    """A task id as it is compared and stored: Unicode NFC, so that two spellings of one text
+    (precomposed 'é', or 'e' and a combining accent) are one id, not two that look the same."""
+    return unicodedata.normalize("NFC", task_id)
+
+
 def task_id_problem(task_id: str) -> str | None:
     """Why ``task_id`` cannot be a task id, or None. Ids appear in session ids
-    (``run:task:attempt``) and name the files ``<id>.txt`` in ``CIS_UPSTREAM_DIR``."""
+    (``run:task:attempt``), in room events and tables people read, and name the files
+    ``<id>.txt`` in ``CIS_UPSTREAM_DIR``: letters, marks and digits of any script, and
+    ``TASK_ID_PUNCTUATION``; nothing invisible, nothing that reorders text."""
     if not task_id:
         return "it is empty"
     if any(ch.isspace() for ch in task_id):
@@ -362,11 +384,27 @@ def task_id_problem(task_id: str) -> str | None:
         return "it contains a slash (the id names the file holding the task's output)"
     if task_id in {".", ".."}:
         return "it is '.' or '..'"
-    if any(unicodedata.category(ch) in {"Cc", "Cs"} for ch in task_id):
-        return "it contains a control character"
-    if len(task_id.encode("utf-8")) > MAX_TASK_ID_BYTES:
+    if len(task_id.encode("utf-8", "surrogatepass")) > MAX_TASK_ID_BYTES:
         return f"it is longer than {MAX_TASK_ID_BYTES} bytes"
+    for ch in task_id:
+        category = unicodedata.category(ch)
+        if category in ("Cc", "Cs"):
+            return f"it contains a control character ({_described(ch)})"
+        if ord(ch) in _INVISIBLE or category in ("Cf", "Co", "Cn"):
+            return f"it contains {_described(ch)}, which is invisible or reorders text"
+        if category[0] not in "LMN" and ch not in TASK_ID_PUNCTUATION:
+            return (
+                f"it contains {_described(ch)}; task ids hold letters, digits and "
+                f"{' '.join(TASK_ID_PUNCTUATION)}"
+            )
+    if unicodedata.category(task_id[0]).startswith("M"):
+        return f"it starts with {_described(task_id[0])}, a mark that belongs to a letter"
     return None
+
+
+def _described(ch: str) -> str:
+    name = unicodedata.name(ch, "")
+    return f"U+{ord(ch):04X}" + (f" ({name})" if name else "")
 
 
 def _one_of(table: Table, key: str, alias: str) -> str | None:
@@ -384,7 +422,7 @@ def _parse_task(
     """One task, and the key its dependencies were given under (for later error messages)."""
     if "id" not in table:
         table.fail("missing required key 'id' (every task needs a unique id)", "id")
-    task_id = table.string("id")
+    task_id = normal_task_id(table.string("id"))
     problem = task_id_problem(task_id)
     if problem:
         table.fail(f"invalid task id {task_id!r}: {problem}", "id")
@@ -392,7 +430,7 @@ def _parse_task(
     t.reject_unknown(_TASK_KEYS, aliases=_TASK_ALIASES, unsupported=_CIS_UNSUPPORTED)
 
     deps_key = _one_of(t, "deps", "depends_on") or "deps"
-    deps = t.string_list(deps_key) or ()
+    deps = tuple(normal_task_id(dep) for dep in t.string_list(deps_key) or ())
     seen: set[str] = set()
     for dep in deps:
         if dep in seen:

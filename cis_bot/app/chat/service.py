@@ -211,14 +211,12 @@ class ChatService:
             if self.scope.own_room:
                 return True
             if named is not None:
-                return named == self.scope.run_id
+                return named.run_id == self.scope.run_id
             return not (await self.facts.answerers(room_id) - {me})
         if named is not None:
-            run = next(r for r in await view.runs() if r.run_id == named)
-            driven_here = named in {h.run_id for h in self.plane.run_handles}
-            if driven_here:
+            if named.run_id in {h.run_id for h in self.plane.run_handles}:
                 return True
-            if run.created.chat and run.log.completed is None and run.log.coordinator_user != me:
+            if named.chat and not named.ended and named.creator != me:
                 return False  # its own process answers for it
         return min(await self.facts.answerers(room_id) | {me}) == me
 

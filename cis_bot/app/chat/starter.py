@@ -109,7 +109,7 @@ class NodeRuns:
         run = await view.pick(request.command.arg("RUN"))
         if run.run_id in {h.run_id for h in self.plane.run_handles}:
             raise UserError(f"run {run.run_id} is running here: nothing to resume")
-        resumption = plan_resume(run, node_id=self.node.identity.node_id, mode=self._mode())
+        resumption = plan_resume(run, user_id=self.node.user_id, mode=self._mode())
         plan = resumption.plan
         if resumption.new:
             await announce(self.node, plan, resumed_from=resumption.resumed_from, chat=True)

@@ -31,6 +31,10 @@ import attrs
 import structlog
 from mautrix.api import Method, Path
 
+from cis_bot.app.chat.actions import Answer, ChatActions, Request, RunStarter
+from cis_bot.app.chat.notices import NoticeIndex, NoticeTarget
+from cis_bot.app.chat.rooms import RoomFacts
+from cis_bot.app.chat.view import RoomView
 from cis_bot.chat.commands import BY_NAME, Command, CommandError, parse
 from cis_bot.chat.compose import Text, error, reply_content
 from cis_bot.chat.incoming import FileRef, Message, Reaction
@@ -40,10 +44,6 @@ from cis_bot.control.operations import ControlPlane
 from cis_bot.errors import UserError
 from cis_bot.matrix.node import Node
 from cis_bot.matrix.outbox import Outgoing
-
-from .actions import Answer, ChatActions, Request, RoomView, RunStarter
-from .notices import NoticeIndex, NoticeTarget
-from .rooms import RoomFacts
 
 log = structlog.get_logger(__name__)
 

@@ -20,6 +20,10 @@ from pathlib import Path
 
 import structlog
 
+from cis_bot.app.chat.actions import Answer, Request
+from cis_bot.app.chat.notices import NoticeIndex, NoticeSettings, RunNotices
+from cis_bot.app.chat.rooms import RoomFacts
+from cis_bot.app.chat.view import RoomView
 from cis_bot.app.drive import RunPlan, announce, drive_run
 from cis_bot.app.resume import plan_resume
 from cis_bot.chat.compose import Text, code, para
@@ -31,10 +35,6 @@ from cis_bot.errors import InputError, UserError
 from cis_bot.ids import new_run_id
 from cis_bot.matrix.node import Node
 from cis_bot.validation import format_for, suggestion
-
-from .actions import Answer, Request, RoomView
-from .notices import NoticeIndex, NoticeSettings, RunNotices
-from .rooms import RoomFacts
 
 log = structlog.get_logger(__name__)
 

@@ -21,9 +21,9 @@ class CommandModule(Protocol):
 
 
 def _modules() -> list[CommandModule]:
-    from cis_bot.cli import dag, homeserver, node
+    from cis_bot.cli import dag, devcluster, homeserver, node
 
-    return [dag, homeserver, node]
+    return [dag, homeserver, node, devcluster]
 
 
 def build_parser() -> argparse.ArgumentParser:

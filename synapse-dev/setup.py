@@ -105,9 +105,11 @@ async def room(args: argparse.Namespace) -> None:
                     "gives now: give the first one again, or reset the cluster (docker compose "
                     "down -v)"
                 )
-        room_id = await ensure_room(
-            client, topology, run_log_levels(), person_id=topology.person_id
-        )
+
+        async def levels() -> dict[str, int]:
+            return run_log_levels()
+
+        room_id = await ensure_room(client, topology, levels, person_id=topology.person_id)
         await wait_for_nodes(
             client, room_id, topology, since_ms=0, timeout=120.0, check_alive=lambda: None
         )

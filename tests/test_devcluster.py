@@ -231,7 +231,7 @@ async def test_down_ends_what_a_killed_supervisor_left_behind(tmp_path: Path) ->
     await wait_for(all_gone, timeout=10, what="every process to end")
 
 
-def test_mistakes_are_told_in_one_line(tmp_path: Path) -> None:
+def test_mistakes_exit_2_with_a_usage_line(tmp_path: Path) -> None:
     directory = tmp_path / "cluster"
     for args, message in (
         (["up", "--workers", "0"], "must be at least 1"),
@@ -244,6 +244,7 @@ def test_mistakes_are_told_in_one_line(tmp_path: Path) -> None:
         done = cis("dev-cluster", *args)
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr, (args, done.stderr)
+        assert done.stderr.startswith(f"usage: cis dev-cluster {args[0]} "), done.stderr
         assert "Traceback" not in done.stderr
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -79,17 +79,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     up.add_argument("--grace", type=float, default=10.0, help=argparse.SUPPRESS)
     up.add_argument("--refresh", type=float, default=1.0, help=argparse.SUPPRESS)
-    # The detached supervisor says "ready" (or why not) through this descriptor, then closes it.
-    up.add_argument("--announce-fd", type=int, help=argparse.SUPPRESS)
     up.set_defaults(handler=_up)
     down = commands.add_parser(
         "down", parents=[directory], help="stop a cluster that runs (detached or not)"
     )
-    down.set_defaults(handler=_down)
+    down.set_defaults(handler=_down, parser=down)
     status = commands.add_parser(
         "status", parents=[directory], help="every process of the cluster and its heartbeat"
     )
-    status.set_defaults(handler=_status)
+    status.set_defaults(handler=_status, parser=status)
 
 
 def _workers(value: str) -> int:
@@ -137,10 +135,8 @@ def _up(args: argparse.Namespace) -> int:
         refresh=args.refresh,
     )
     directory = _directory(args)
-    if args.announce_fd is not None:
-        return _supervise_detached(directory, options, args.announce_fd)
     if args.detach:
-        return _detach(directory, args)
+        return _detach(directory, options)
     return _supervise(directory, options, _view(sys.stdout))
 
 
@@ -153,57 +149,63 @@ def _supervise(directory: ClusterDir, options: UpOptions, view: Any) -> int:
     return 0
 
 
+def _detach(directory: ClusterDir, options: UpOptions) -> int:
+    """Fork the supervisor into a session of its own, its output in logs/supervisor.log; print
+    what it says once ready (or why it could not), then leave it running. A fork, not a new
+    interpreter: nothing to import again, the cluster is ready sooner."""
+    from cis_bot import private
+
+    directory.ensure()
+    log = private.open_file(directory.log("supervisor"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the supervisor
+        os.close(read_end)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(devnull)
+        os.close(log)
+        os._exit(_supervise_detached(directory, options, write_end))
+    os.close(write_end)
+    os.close(log)
+    try:
+        with os.fdopen(read_end, encoding="utf-8") as said:
+            text = said.read()
+    except KeyboardInterrupt:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        return 130
+    if text.startswith(READY):
+        print(text[len(READY) :], end="", flush=True)
+        return 0
+    print(text, end="", file=sys.stderr, flush=True)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) or 1
+
+
 def _supervise_detached(directory: ClusterDir, options: UpOptions, fd: int) -> int:
+    """The forked supervisor's life; its exit status."""
     announce = os.fdopen(fd, "w", encoding="utf-8")
     view = DetachedView(announce, PlainView(sys.stdout))
     try:
         return _supervise(directory, options, view)
     except UserError as exc:
+        print(f"cis: error: {exc}", flush=True)
         view.failed(str(exc))
-        raise
+        return exc.exit_code
+    except BaseException:  # not a user's mistake: the whole story, to the log
+        import traceback
 
-
-def _detach(directory: ClusterDir, args: argparse.Namespace) -> int:
-    """Start the supervisor in a session of its own, its output in logs/supervisor.log; print
-    what it says once ready (or why it could not), then leave it running."""
-    directory.ensure()
-    argv = [sys.executable, "-m", "cis_bot", "dev-cluster", "up", "--dir", str(directory.path)]
-    for flag, value in (
-        ("--workers", args.workers),
-        ("--homeserver", args.homeserver),
-        ("--port", args.port),
-        ("--grace", args.grace),
-        ("--refresh", args.refresh),
-    ):
-        if value is not None:
-            argv += [flag, str(value)]
-    read_end, write_end = os.pipe()
-    log = directory.log("supervisor")
-    from cis_bot import private
-
-    with os.fdopen(private.open_file(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "ab") as out:
-        process = subprocess.Popen(
-            [*argv, "--detach", "--announce-fd", str(write_end)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            pass_fds=(write_end,),
-            start_new_session=True,
-        )
-    os.close(write_end)
-    try:
-        with os.fdopen(read_end, encoding="utf-8") as said:
-            text = said.read()
-    except KeyboardInterrupt:
-        process.terminate()
-        process.wait()
-        return 130
-    if process.poll() is None and text.startswith(READY):
-        print(text[len(READY) :], end="", flush=True)
-        return 0
-    print(text, end="", file=sys.stderr, flush=True)
-    code = process.wait()
-    return code or 1
+        traceback.print_exc()
+        view.failed(f"the supervisor failed; see {directory.log('supervisor')}")
+        return 1
+    finally:
+        sys.stdout.flush()
 
 
 READY = "ready\n"
@@ -381,9 +383,14 @@ class DetachedView:
 
 def _down(args: argparse.Namespace) -> int:
     from cis_bot.app.devcluster.control import down
+    from cis_bot.app.devcluster.errors import NoCluster
 
     directory = _directory(args)
-    if down(directory):
+    try:
+        stopped = down(directory)
+    except NoCluster as exc:
+        args.parser.error(str(exc))
+    if stopped:
         print(f"stopped the dev cluster in {directory.path}")
     else:
         print(f"no dev cluster runs in {directory.path}")
@@ -392,9 +399,13 @@ def _down(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from cis_bot.app.devcluster.control import run_status
+    from cis_bot.app.devcluster.errors import NoCluster
 
     directory = _directory(args)
-    status = run_status(directory)
+    try:
+        status = run_status(directory)
+    except NoCluster as exc:
+        args.parser.error(str(exc))
     if status.running is None:
         print(f"not running (the cluster in {directory.path}; `cis dev-cluster up` starts it)")
         return 1

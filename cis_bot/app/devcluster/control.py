@@ -15,13 +15,12 @@ from typing import Any
 import aiohttp
 import attrs
 
-from cis_bot.app.devcluster.errors import ClusterError
+from cis_bot.app.devcluster.errors import ClusterError, NoCluster
 from cis_bot.app.devcluster.layout import ClusterDir
 from cis_bot.app.devcluster.processes import ProcessRecord, Running, signal_group
 from cis_bot.app.devcluster.room import PersonClient, heartbeats_in
 from cis_bot.app.devcluster.supervisor import ProcessRow
 from cis_bot.app.devcluster.topology import Topology
-from cis_bot.errors import UserError
 
 #: How long ``down`` gives the supervisor to stop everything before it ends what is left.
 DOWN_TIMEOUT = 60.0
@@ -47,7 +46,7 @@ class Status:
 
 def _cluster(directory: ClusterDir) -> None:
     if directory.load() is None:
-        raise UserError(f"no dev cluster in {directory.path}: `cis dev-cluster up` makes one")
+        raise NoCluster(f"no dev cluster in {directory.path}: `cis dev-cluster up` makes one")
 
 
 def _running(directory: ClusterDir) -> Running | None:

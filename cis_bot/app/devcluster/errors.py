@@ -10,3 +10,7 @@ class ClusterError(UserError):
     message with where to look, exit status 1."""
 
     exit_code = 1
+
+
+class NoCluster(UserError):
+    """``--dir`` names a directory where no ``up`` ever ran: a usage mistake (exit status 2)."""

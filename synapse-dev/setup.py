@@ -30,12 +30,12 @@ import yaml
 
 from cis_bot.app.devcluster.errors import ClusterError
 from cis_bot.app.devcluster.room import PersonClient, ensure_room, wait_for_nodes
-from cis_bot.app.devcluster.supervisor import run_log_levels
 from cis_bot.app.devcluster.synapse import register_with_shared_secret
 from cis_bot.app.devcluster.topology import FIRST_DAG, PERSON, Topology
 from cis_bot.app.registration import generate_registration, write_config_keeping_tokens
 from cis_bot.config import load_config
 from cis_bot.errors import UserError
+from cis_bot.matrix.levels import run_room_event_levels
 
 #: The person's password when $CIS_DEV_PASSWORD gives none: for a cluster on loopback only.
 DEV_PASSWORD = "cis-dev-password"
@@ -105,11 +105,9 @@ async def room(args: argparse.Namespace) -> None:
                     "gives now: give the first one again, or reset the cluster (docker compose "
                     "down -v)"
                 )
-
-        async def levels() -> dict[str, int]:
-            return run_log_levels()
-
-        room_id = await ensure_room(client, topology, levels, person_id=topology.person_id)
+        room_id = await ensure_room(
+            client, topology, run_room_event_levels(), person_id=topology.person_id
+        )
         await wait_for_nodes(
             client, room_id, topology, since_ms=0, timeout=120.0, check_alive=lambda: None
         )

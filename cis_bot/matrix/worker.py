@@ -86,6 +86,8 @@ class Worker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat_now = asyncio.Event()
         self._joined_new_room = False
+        #: Set on joining a room: its first beat goes at once, not after the once-a-second floor.
+        self._joined_room = asyncio.Event()
         #: Rooms whose refusal of our heartbeats was logged.
         self._beat_refused: set[str] = set()
         self._subscription = manager.subscribe()
@@ -150,6 +152,7 @@ class Worker:
         if _joined(raw, self.node.user_id):
             # Coordinators in a room learn of workers from their heartbeats: say it at once.
             self._joined_new_room = True
+            self._joined_room.set()
             self._heartbeat_now.set()
             return
         event = parse_room_event(raw)
@@ -288,6 +291,7 @@ class Worker:
         last_load = -1
         while True:
             self._joined_new_room = False  # the rooms are read just below
+            self._joined_room.clear()
             try:
                 rooms = await self.node.intent.get_joined_rooms()
             except Exception as exc:
@@ -307,8 +311,11 @@ class Worker:
                 item.on_sent = lambda _, room=str(room_id): self._beat_refused.discard(room)
                 self.outbox(str(room_id)).post(item)
             last_load = self.load
-            # Load changes and new rooms are announced at once, but at most once a second.
-            await asyncio.sleep(min(1.0, self.heartbeat_secs))
+            # Load changes are announced at once, but at most once a second; a new room at once
+            # (its coordinators learn of this worker from the beat: a dev cluster's first `up`
+            # waits for it).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._joined_room.wait(), min(1.0, self.heartbeat_secs))
             deadline = time.monotonic() + self.heartbeat_secs
             while self.load == last_load and not self._joined_new_room:
                 remaining = deadline - time.monotonic()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -126,14 +126,13 @@ def room_levels(topology: Topology, run_log_levels: Mapping[str, int]) -> dict[s
 async def ensure_room(
     client: PersonClient,
     topology: Topology,
-    run_log_levels: Callable[[], Awaitable[Mapping[str, int]]],
+    run_log_levels: Mapping[str, int],
     *,
     person_id: str,
 ) -> str:
     """The room's id: made the first time (the nodes invited), found by its alias after; a node
     added since, or that left, is invited and given its power level. Call it once the nodes are
-    connected, so that they see their invitations. ``run_log_levels`` is asked only to make the
-    room (it costs importing mautrix)."""
+    connected, so that they see their invitations."""
     status, found = await client.call("GET", f"{CS}/directory/room/{_q(topology.room_alias)}")
     if status == 404:
         answer = await client.ok(
@@ -147,7 +146,7 @@ async def ensure_room(
                 "`!cis run hello` runs a first DAG on the workers.",
                 "room_alias_name": ROOM_ALIAS_LOCALPART,
                 "invite": [node.user_id for node in topology.nodes],
-                "power_level_content_override": room_levels(topology, await run_log_levels()),
+                "power_level_content_override": room_levels(topology, run_log_levels),
             },
         )
         return str(answer["room_id"])

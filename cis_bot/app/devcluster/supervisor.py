@@ -53,6 +53,7 @@ from cis_bot.app.devcluster.room import (
 from cis_bot.app.devcluster.topology import DEFAULT_WORKERS, FIRST_DAG, Topology
 from cis_bot.control.registry import control_dir
 from cis_bot.errors import UserError
+from cis_bot.matrix.levels import run_room_event_levels
 
 log = structlog.get_logger(__name__)
 
@@ -111,14 +112,6 @@ class ClusterView(Protocol):
     def update(self, rows: list[ProcessRow], heartbeats_known: bool) -> None: ...
     def stopping(self) -> None: ...
     def stopped(self) -> None: ...
-
-
-def run_log_levels() -> dict[str, int]:
-    """The power levels of the ``cis.*`` types, as in the rooms nodes create (from the node's
-    module, which imports mautrix: 0.6 s of a core, spent only when the room is made)."""
-    from cis_bot.matrix.node import run_room_event_levels
-
-    return run_room_event_levels()
 
 
 class Supervisor:
@@ -231,14 +224,6 @@ class Supervisor:
         self, state: ClusterState, topology: Topology, homeserver: Homeserver
     ) -> ClusterInfo:
         assert self._http is not None
-        # Needed only to make the room (the first time): imported meanwhile, off the loop.
-        levels = (
-            asyncio.create_task(asyncio.to_thread(run_log_levels)) if not state.room_id else None
-        )
-
-        async def room_levels() -> Mapping[str, int]:
-            return await (levels or asyncio.to_thread(run_log_levels))
-
         hs = Child(
             "homeserver",
             homeserver.command(),
@@ -280,7 +265,7 @@ class Supervisor:
         client = PersonClient(self._http, homeserver.base_url, state.access_token)
         await self._connected(nodes, topology)
         state.room_id = await ensure_room(
-            client, topology, room_levels, person_id=topology.person_id
+            client, topology, run_room_event_levels(), person_id=topology.person_id
         )
         self.directory.save(state)
         await wait_for_nodes(

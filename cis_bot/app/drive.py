@@ -163,6 +163,7 @@ async def drive_run(
                 driver,
                 manager,
                 run_id=plan.run_id,
+                node_id=node.identity.node_id,
                 paths=paths,
                 profiles=config.agents,
                 work_dir=work_dir,

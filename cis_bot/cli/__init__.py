@@ -54,6 +54,16 @@ def whole_number(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, last: int = 100) -> None:
+    """Rows under a header, in columns two spaces apart; the last column (free text) cut to
+    ``last`` characters and not padded."""
+    lines = [list(header), *([str(cell) for cell in row] for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    for line in lines:
+        cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
+        print("  ".join([*cells, line[-1][:last]]).rstrip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

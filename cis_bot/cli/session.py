@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cis_bot.cli import whole_number
+from cis_bot.cli import print_table, whole_number
 from cis_bot.errors import UserError
 
 if TYPE_CHECKING:
@@ -216,11 +216,7 @@ def _sessions(args: argparse.Namespace) -> int:
             )
             for r in records
         ]
-        header = ("SESSION", "AGENT", "STATE", "ELAPSED", "NODE", "LAST LINE")
-        widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(5)]
-        for row in [header, *rows]:
-            cells = [str(row[i]).ljust(widths[i]) for i in range(5)]
-            print("  ".join([*cells, str(row[5])[:100]]).rstrip())
+        print_table(("SESSION", "AGENT", "STATE", "ELAPSED", "NODE", "LAST LINE"), rows)
         return 0
 
     return _run(args, body)
@@ -320,18 +316,8 @@ async def _follow(stream: AsyncIterator[bytes], *, raw: bool) -> None:
 
 def _attach(args: argparse.Namespace) -> int:
     async def body(lookup: Lookup) -> int:
-        from cis_bot.control.client.terminal import run_attached, terminal_size
-
         record = await lookup.find_session(args.id, live=True)
-        if record.source != "process" or record.process is None:
-            raise UserError(
-                f"session {record.session_id} runs on node {record.node}: attach works on "
-                "that node's machine; from here: logs, input, kill"
-            )
-        async with lookup.client(record.process) as client:
-            size = None if args.readonly else terminal_size(sys.stdout.fileno())
-            ws = await client.attach(record.session_id, readonly=args.readonly, size=size)
-            result = await run_attached(ws, readonly=args.readonly)
+        result = await lookup.attach(record, readonly=args.readonly)
         print(f"[cis: {record.session_id}: {result.message}]", file=sys.stderr)
         if args.json:
             _print_json(

@@ -21,9 +21,9 @@ class CommandModule(Protocol):
 
 
 def _modules() -> list[CommandModule]:
-    from cis_bot.cli import dag, homeserver, node
+    from cis_bot.cli import completion, dag, homeserver, node
 
-    return [dag, homeserver, node]
+    return [dag, homeserver, node, completion]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +65,10 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, last: i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from cis_bot.cli.completion import complete_if_asked
+
     parser = build_parser()
+    complete_if_asked(parser)
     args = parser.parse_args(argv)
     from cis_bot import log
 

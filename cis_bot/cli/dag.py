@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cis_bot.cli import print_table, whole_number
+from cis_bot.cli.completion import completes, run_ids
 from cis_bot.errors import UserError
 
 if TYPE_CHECKING:
@@ -95,7 +96,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     execute.set_defaults(handler=_execute, parser=execute)
 
     status = commands.add_parser("status", help="a run's tasks, read from its room")
-    status.add_argument("run", nargs="?", metavar="RUN", help="run id or prefix (default: latest)")
+    completes(
+        status.add_argument(
+            "run", nargs="?", metavar="RUN", help="run id or prefix (default: latest)"
+        ),
+        run_ids,
+    )
     _room_reader_options(status)
     status.set_defaults(handler=_status)
 
@@ -109,7 +115,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "resume",
         help="pick up a run whose coordinator stopped, or re-run a failed run's unfinished tasks",
     )
-    resume.add_argument("run", metavar="RUN", help="run id or unique prefix")
+    completes(resume.add_argument("run", metavar="RUN", help="run id or unique prefix"), run_ids)
     _room_reader_options(resume)
     resume.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
     resume.set_defaults(handler=_resume)

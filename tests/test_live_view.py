@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.control import AGENT, cis, cis_argv, cis_env
+from tests.support.control import AGENT, REPO, cis, cis_argv, cis_env
 from tests.support.pty_screen import PtyScreen
 
 RUN_ID = r"\d{8}-\d{6}-[0-9a-f]{4}"
@@ -59,8 +59,8 @@ async def test_the_table_says_how_to_answer_and_keys_attach_right_there(tmp_path
         # Each command whole on a line of its own, since both do not fit on one.
         where = f"--state-dir {state}"
         assert (
-            f"blocked ask: answer with  cis dag input {run}:ask TEXT {where}\n"
-            f"{' ' * 22}or  cis dag attach {run}:ask {where}\n"
+            f"blocked ask: cis dag input {run}:ask TEXT {where}\n"
+            f"{' ' * 10}or cis dag attach {run}:ask {where}\n"
         ) in screen
         assert "↑↓ pick a running task · Enter attach to it (Ctrl-B d comes back here)" in screen
         # The first blocked task is picked to begin with.
@@ -89,8 +89,8 @@ async def test_the_table_says_how_to_answer_and_keys_attach_right_there(tmp_path
         await view.wait_for(rf"\[cis: {run}:ask:1: the session ended \(completed\)\]", 30)
 
         # The slow task, answered from another terminal with the command the table gives.
-        screen = await view.wait_for(r"blocked slow: answer with", 30)
-        command = line_with(screen, "blocked slow:").split("answer with", 1)[1]
+        screen = await view.wait_for(r"blocked slow: cis dag input", 30)
+        command = line_with(screen, "blocked slow:").split(": ", 1)[1]
         argv = shlex.split(command.strip().replace("TEXT", "yes"))
         assert argv[:4] == ["cis", "dag", "input", f"{run}:slow"]
         typed = await cis(*argv[1:])
@@ -115,16 +115,52 @@ async def test_without_a_terminal_on_stdin_the_view_has_no_keys(tmp_path: Path) 
         cols=160,
     )
     try:
-        screen = await view.wait_for(r"blocked q: answer with", 60)
+        screen = await view.wait_for(r"blocked q: cis dag input", 60)
         run = re.search(rf"run ({RUN_ID})", screen)
         assert run, screen
         # No --state-dir was given: the commands need none (the environment names it).
-        assert f"cis dag input {run[1]}:q TEXT  or  cis dag attach {run[1]}:q" in screen
+        assert f"blocked q: cis dag input {run[1]}:q TEXT  or  cis dag attach {run[1]}:q" in screen
         assert "Enter attach" not in screen and "› q" not in screen
         answered = await cis(
             "dag", "input", f"{run[1]}:q", "y", "--state-dir", str(tmp_path / "state")
         )
         assert answered.returncode == 0, answered.stderr
         assert await view.wait_exit(60) == 0
+    finally:
+        view.close()
+
+
+@pytest.mark.slow
+async def test_the_readme_shows_the_view_as_it_is(tmp_path: Path) -> None:
+    """README's "Running a DAG" excerpt: the same DAG, in a terminal as wide, shows the same
+    lines under the table (the run id aside), and the same title."""
+    readme = (REPO / "README.md").read_text()
+    excerpt = next(
+        block
+        for block in re.findall(r"^```[a-z]*\n(.*?)^```$", readme, re.DOTALL | re.MULTILINE)
+        if "blocked ask:" in block
+    )
+    documented_run = re.search(rf"run ({RUN_ID})", excerpt)
+    assert documented_run, excerpt
+    view = PtyScreen(
+        cis_argv("dag", "execute", "--local", str(scenario(tmp_path))),
+        env={**cis_env(), "CIS_STATE_DIR": str(tmp_path / "state")},
+        cwd=tmp_path,
+        cols=100,
+        rows=30,
+    )
+    try:
+        screen = await view.wait_for(
+            r"(?s)flaky +│ completed.*blocked ask: .*blocked slow: .*Ctrl-C cancel the run", 60
+        )
+        run = re.search(rf"release · run ({RUN_ID})", screen)
+        assert run, screen
+        shown = screen.replace(run[1], documented_run[1]).splitlines()
+        documented = excerpt.splitlines()
+        assert shown[0].strip() == documented[0].strip()
+        under = documented.index(next(line for line in documented if line.startswith("blocked")))
+        assert [line.rstrip() for line in shown[under : len(documented)]] == documented[under:]
+        view.write("\x03")  # Ctrl-C cancels the run
+        assert await view.wait_exit(60) == 1
     finally:
         view.close()

@@ -300,9 +300,9 @@ class LiveProgress:
         lines = []
         for task_id in blocked[:_BLOCKED_SHOWN]:
             ref = shlex.quote(f"{self.run_id}:{task_id}")
-            line = Text.assemble(("blocked ", "bold magenta"), (task_id, "bold"), ": answer with")
+            line = Text.assemble(("blocked ", "bold magenta"), (task_id, "bold"), ":")
             indent = line.cell_len - len("or")
-            line.append(f"  cis dag input {ref} TEXT{self.where}")
+            line.append(f" cis dag input {ref} TEXT{self.where}")
             session_id = self._session_of(task_id)
             if self._manager is not None and session_id and self._manager.get(session_id):
                 attach = f"  cis dag attach {ref}{self.where}"
@@ -310,7 +310,7 @@ class LiveProgress:
                     line.append(f"  or{attach}")
                 else:
                     lines.append(line)
-                    line = Text(f"{' ' * indent}or{attach}")
+                    line = Text(f"{' ' * indent}or{attach[1:]}")
             lines.append(line)
         if len(blocked) > _BLOCKED_SHOWN:
             more = len(blocked) - _BLOCKED_SHOWN

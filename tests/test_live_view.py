@@ -130,6 +130,39 @@ async def test_without_a_terminal_on_stdin_the_view_has_no_keys(tmp_path: Path) 
         view.close()
 
 
+async def test_a_run_in_the_background_of_a_shell_takes_no_keys_and_is_not_stopped(
+    tmp_path: Path,
+) -> None:
+    """`cis dag execute ... &` at an interactive shell: the terminal is the shell's, so the view
+    leaves its modes and input alone (touching them would stop the job), and runs on."""
+    dag = tmp_path / "dag.toml"
+    dag.write_text(f"[[tasks]]\nid = \"q\"\ncommand = '''{AGENT} --script \"ask Go?\"'''\n")
+    state = tmp_path / "state"
+    rc = tmp_path / "bashrc"
+    rc.write_text("PS1='$ '\n")
+    shell = PtyScreen(
+        ["bash", "--noprofile", "--rcfile", str(rc), "-i"], env=cis_env(), cwd=tmp_path, cols=160
+    )
+    try:
+        await shell.wait_for(r"\$ *$", 30)
+        execute = shlex.join(
+            cis_argv("dag", "execute", "--local", str(dag), "--state-dir", str(state))
+        )
+        shell.write(f"{execute} &\r")
+        screen = await shell.wait_for(r"blocked q: cis dag input", 60)
+        assert "Enter attach" not in screen
+        run = re.search(rf"run ({RUN_ID})", screen)
+        assert run, screen
+        answered = await cis("dag", "input", f"{run[1]}:q", "y", "--state-dir", str(state))
+        assert answered.returncode == 0, answered.stderr
+        await shell.wait_for(rf"run {run[1]} completed in", 60)
+        shell.write("wait %1; echo status=$?\r")
+        await shell.wait_for(r"status=0", 30)
+        assert "Stopped" not in shell.text()
+    finally:
+        shell.close()
+
+
 @pytest.mark.slow
 async def test_the_readme_shows_the_view_as_it_is(tmp_path: Path) -> None:
     """README's "Running a DAG" excerpt: the same DAG, in a terminal as wide, shows the same

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shlex
 import signal
 import sys
@@ -301,7 +302,7 @@ async def _with_progress(
     live: LiveProgress | None = None
     observers: list[RunObserver] = []
     if not as_json and sys.stdout.isatty():
-        attach = _attacher(config, state_dir) if sys.stdin.isatty() else None
+        attach = _attacher(config, state_dir) if _typing_here() else None
         live = LiveProgress(where=where, attach=attach)
         observers.append(live)
     elif not as_json:
@@ -337,6 +338,16 @@ async def _with_progress(
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         loop.remove_signal_handler(signal.SIGTERM)
+
+
+def _typing_here() -> bool:
+    """stdin is the terminal, and we are its foreground job (a job started with ``&`` that
+    touched the terminal's modes or read from it would be stopped)."""
+    try:
+        fd = sys.stdin.fileno()
+        return os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp()
+    except (OSError, ValueError):
+        return False
 
 
 def _attacher(config: Config, state_dir: Path) -> Attach:

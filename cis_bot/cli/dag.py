@@ -256,9 +256,7 @@ def _finish(
 _FAILED_SHOWN = 5
 
 
-async def _run(
-    request: RunRequest, *, as_json: bool, dry_run: bool = False, where: str = ""
-) -> dict[str, Any]:
+async def _run(request: RunRequest, *, as_json: bool, dry_run: bool, where: str) -> dict[str, Any]:
     from cis_bot.app.execute import execute
 
     async def run(observers: list[RunObserver], on_started: OnStarted) -> dict[str, Any]:
@@ -295,18 +293,18 @@ async def _with_progress(
 ) -> dict[str, Any]:
     """Run with a progress display (unless JSON), Ctrl-C cancelling the run: the first
     interrupt cancels it, the second stops waiting for its sessions to end gracefully. On a
-    terminal, keys attach to the run's sessions when stdin is a terminal too."""
+    terminal, a live table; keys attach to the run's sessions when we have the keyboard."""
     from cis_bot.cli.progress import LiveProgress, PlainProgress
     from cis_bot.dag.engine import RunCancelled
 
     live: LiveProgress | None = None
-    observers: list[RunObserver] = []
+    plain: PlainProgress | None = None
     if not as_json and sys.stdout.isatty():
         attach = _attacher(config, state_dir) if _typing_here() else None
         live = LiveProgress(where=where, attach=attach)
-        observers.append(live)
     elif not as_json:
-        observers.append(PlainProgress())
+        plain = PlainProgress()
+    observers: list[RunObserver] = [o for o in (live, plain) if o is not None]
     loop = asyncio.get_running_loop()
     running: list[StartedRun] = []
     interrupts: list[asyncio.Task[None] | None] = []
@@ -329,11 +327,10 @@ async def _with_progress(
     loop.add_signal_handler(signal.SIGTERM, on_interrupt)
     try:
         async with contextlib.AsyncExitStack() as stack:
-            for observer in observers:
-                if isinstance(observer, LiveProgress):
-                    await stack.enter_async_context(observer)
-                elif isinstance(observer, PlainProgress):
-                    stack.enter_context(observer)
+            if live is not None:
+                await stack.enter_async_context(live)
+            if plain is not None:
+                stack.enter_context(plain)
             return await run(observers, on_started)
     finally:
         loop.remove_signal_handler(signal.SIGINT)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TextIO
 
+import structlog
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from cis_bot.session.manager import SessionManager
+
+log = structlog.get_logger(__name__)
 
 _STYLES = {
     TaskStatus.COMPLETED: "green",
@@ -201,6 +204,7 @@ class LiveProgress:
             at = choices.index(target) if target in choices else -1
             step = -1 if key == "up" else 1
             self._selected = choices[(at + step) % len(choices) if at >= 0 else 0]
+            self._notice = ""
         elif key == "enter":
             session_id = self._session_of(target)
             if session_id is None:
@@ -230,8 +234,11 @@ class LiveProgress:
         self._write(_ALTERNATE_SCREEN)
         try:
             self._notice = await self._attach(session_id)
-        except (UserError, OSError) as exc:
+        except UserError as exc:
             self._notice = f"{session_id}: {exc}"
+        except Exception as exc:  # the run goes on, whatever became of the attach
+            log.warning("live.attach_failed", session_id=session_id, error=repr(exc))
+            self._notice = f"{session_id}: cannot attach: {exc!r}"
         finally:
             self._write(_MAIN_SCREEN)
             self._live.start(refresh=True)

@@ -100,6 +100,10 @@ async def test_the_table_says_how_to_answer_and_keys_attach_right_there(tmp_path
         text = bytes(view.raw).decode(errors="replace")
         assert f"run {run} completed in" in text
         assert "Traceback" not in text
+        # The table left on the screen: every task done, no keys that would do nothing now.
+        final = view.text().rsplit("release · run", 1)[1]
+        assert "5 completed" in final
+        assert "Enter attach" not in final and "›" not in final
     finally:
         view.close()
 

@@ -164,6 +164,7 @@ class LiveProgress:
                 await self._attaching
         if self._keys is not None:
             self._keys.stop()
+            self._keys = None  # the table left on the screen shows no keys that do nothing now
         self._live.refresh()
         self._live.stop()
 

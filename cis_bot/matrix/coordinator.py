@@ -34,6 +34,7 @@ from cis_bot.matrix.node import Node, outgoing
 from cis_bot.matrix.outbox import Outbox
 from cis_bot.matrix.runlog import RoomEvent, finished_fact, parse_room_event, started_fact
 from cis_bot.run.driver import RunDriver
+from cis_bot.session.events import SessionBlocked, SessionState, SessionStateChanged
 
 log = structlog.get_logger(__name__)
 
@@ -249,7 +250,32 @@ class RoomExecutor:
                 if record.worker_user in self.workers:
                     self.workers[record.worker_user].in_flight.discard(payload.session_id)
                 self.driver.submit(finished_fact(payload))
+        elif isinstance(payload, ev.SessionBlockedContent | ev.SessionStateContent):
+            self._tell_observers(event.sender, payload)
         self._wake()
+
+    def _tell_observers(
+        self, sender: str, payload: ev.SessionBlockedContent | ev.SessionStateContent
+    ) -> None:
+        """A worker says one of our attempts is blocked, or running again: the observers (the
+        status notice, the chat's notices) hear it as they would of a session run here."""
+        sid = SessionId.parse_or_none(payload.session_id)
+        if payload.run_id != self.run_id or sid is None or sid.run_id != self.run_id:
+            return
+        record = self._attempts.get((sid.task_id, sid.attempt))
+        if record is None or record.worker_user != sender or record.done:
+            return
+        event: SessionBlocked | SessionStateChanged
+        if isinstance(payload, ev.SessionBlockedContent):
+            event = SessionBlocked(payload.session_id, payload.reason, payload.output_preview)
+        else:
+            try:
+                old, new = SessionState(payload.old_state), SessionState(payload.new_state)
+            except ValueError:
+                return
+            event = SessionStateChanged(payload.session_id, old, new, payload.reason)
+        for observer in self.driver.observers:
+            observer.on_session_event(event, sid.task_id, sid.attempt)
 
     def _wake(self) -> None:
         self._retry_wake.set()

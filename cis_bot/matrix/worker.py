@@ -63,6 +63,7 @@ class Worker:
         interval_ms: int = 500,
         broadcast_output: bool = False,
         heartbeat_secs: float = 15.0,
+        chat: bool = False,
     ) -> None:
         self.node = node
         self.manager = manager
@@ -76,6 +77,8 @@ class Worker:
         self.interval_ms = interval_ms
         self.broadcast_output = broadcast_output
         self.heartbeat_secs = heartbeat_secs
+        #: Its heartbeats say the node answers chat commands (docs/chat.md, who answers).
+        self.chat = chat
         self._outboxes: dict[str, Outbox] = {}
         self._reporters: dict[str, SessionReporter] = {}
         self._running: dict[str, _Running] = {}
@@ -156,6 +159,7 @@ class Worker:
         if (
             isinstance(payload, ev.TaskAssignedContent)
             and payload.assigned_user == self.node.user_id
+            and not payload.local
         ):
             sent = raw.get("origin_server_ts")
             if isinstance(sent, int):
@@ -295,6 +299,7 @@ class Worker:
                 max_workers=self.max_workers,
                 load=self.load,
                 ttl_ms=int(self.heartbeat_secs * 3000),
+                chat=self.chat or None,
             )
             for room_id in rooms:
                 item = outgoing(beat, state_key=self.node.user_id)

@@ -23,9 +23,10 @@ import structlog
 from cis_bot.config import Config, ExecutionMode
 from cis_bot.control.operations import ControlPlane, RunHandle
 from cis_bot.control.service import start_control
+from cis_bot.dag.document import spec_to_document
 from cis_bot.dag.engine import Fact, Outcome, RunEngine, RunEvent, TaskDispatched, TaskFinished
 from cis_bot.dag.report import build_report
-from cis_bot.dag.spec import DagSpec, spec_to_document
+from cis_bot.dag.spec import DagSpec
 from cis_bot.ids import SessionId
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.broadcast import RunRecorder, SessionReporter, Upload
@@ -144,7 +145,7 @@ async def drive_run(
             reporter=reporter,
         )
         engine = RunEngine.replay(plan.spec, plan.history, max_workers=plan.max_workers)
-        driver = RunDriver(engine, observers=[*observers, recorder])
+        driver = RunDriver(engine, observers=[*observers, recorder], run_id=plan.run_id)
         if runs_here:
             executor: LocalExecutor | RoomExecutor = LocalExecutor(
                 driver,

@@ -1,0 +1,694 @@
+"""Reading dag.toml (or .json) into a :class:`~cis_bot.dag.spec.DagSpec`, every mistake an
+:class:`~cis_bot.errors.InputError` naming the file, the task and the key.
+
+CIS compatibility (checked against MoSiYuan/CIS's skill manifest, its scheduler's task types and
+its example DAGs): the file is either ``[dag]`` + ``[[dag.tasks]]`` (optionally with a ``[skill]``
+table whose ``type`` is ``"dag"``) or bare ``[[tasks]]`` with ``name``/``policy``/``max_workers``
+at the top level; a ``.json`` file has the same shape. A task's ``level`` is written as CIS
+serialises it, ``level = { type = "mechanical", retry = 3 }``. Every key of CIS's tasks is read
+(``dag/wiring.py`` resolves those that tie tasks together: ``on_failure``, ``condition``,
+``keep_agent``/``reuse_agent``); ``skill`` runs a CIS skill file (``dag/skills.py``). Unlike CIS,
+unknown keys are errors. ``target_node`` and ``node_selector`` belong to federation placement.
+
+Defaults differ from CIS on purpose: CIS retried every task 3 times and timed it out after
+300 s; here a task is tried once (``retry = 0``) and has no timeout unless the file says so.
+``docs/dag-format.md`` documents every key.
+
+Task resolution (who runs a task, and with what):
+
+- ``command`` and no agent: the ``shell`` profile runs the command.
+- ``prompt`` and no agent: the config's ``[dag.local] default_agent`` gets the prompt.
+- an agent and only ``command``: the command is the agent's prompt (as CIS did).
+- an agent and both: the agent gets ``prompt``; ``command`` is kept in ``TaskSpec.command``.
+- both ``command`` and ``prompt`` but no agent: an error (it is not clear which was meant).
+- neither: the ``skill`` (its prompt for an agent, or its commands for the shell); without one,
+  an error.
+- ``reuse_agent``: the agent (and work dir) of the task it names.
+"""
+
+from __future__ import annotations
+
+import graphlib
+import re
+import unicodedata
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from cis_bot.dag.condition import ConditionError, parse_condition
+from cis_bot.dag.skills import Skill, SkillLibrary, UnknownSkill
+from cis_bot.dag.spec import (
+    DEFAULT_AGENT_ALIAS,
+    DEFAULT_RECOMMENDED_TIMEOUT_SECS,
+    DEFAULT_RETRY,
+    DEFAULT_RETRY_BACKOFF_SECS,
+    MAX_TASK_ID_BYTES,
+    SHELL_AGENT,
+    AgentConfig,
+    DagSpec,
+    DefaultAction,
+    Level,
+    LevelKind,
+    Policy,
+    TaskSpec,
+    TodoItem,
+    Trigger,
+)
+from cis_bot.dag.wiring import Written, wire
+from cis_bot.errors import InputError
+from cis_bot.validation import (
+    Table,
+    format_for,
+    parse_document,
+    read_text,
+    suggestion,
+    type_name,
+)
+
+_DAG_KEYS = frozenset(
+    {"name", "policy", "max_workers", "retry_backoff_secs", "tasks", "env", "todo", "adaptive"}
+)
+_SKILL_KEYS = frozenset(
+    {
+        "name",
+        "version",
+        "type",
+        "description",
+        "author",
+        "entry",
+        "icon",
+        "homepage",
+        "repository",
+        "license",
+    }
+)
+_TASK_KEYS = frozenset(
+    {
+        "id",
+        "name",
+        "deps",
+        "depends_on",
+        "agent",
+        "agent_runtime",
+        "prompt",
+        "prompt_template",
+        "command",
+        "skill",
+        "work_dir",
+        "env",
+        "retry",
+        "timeout_secs",
+        "level",
+        "trigger",
+        "condition",
+        "on_failure",
+        "rollback",
+        "idempotent",
+        "keep_agent",
+        "reuse_agent",
+        "agent_config",
+    }
+)
+_TASK_ALIASES = {
+    "dependencies": "deps",
+    "depends": "deps",
+    "needs": "deps",
+    "cmd": "command",
+    "run": "command",
+    "timeout": "timeout_secs",
+    "retries": "retry",
+    "max_retries": "retry",
+    "cwd": "work_dir",
+    "workdir": "work_dir",
+    "working_dir": "work_dir",
+    "environment": "env",
+    "trigger_rule": "trigger",
+    "runtime": "agent",
+    "when": "condition",
+    "if": "condition",
+    "on_fail": "on_failure",
+}
+_CIS_ELSEWHERE = {
+    key: f"CIS's {key!r} (placing a task on a node) is not supported by cis_bot yet; remove it"
+    for key in ("target_node", "node_selector")
+}
+_LEVEL_KEYS: Mapping[LevelKind, frozenset[str]] = {
+    LevelKind.MECHANICAL: frozenset({"type", "retry"}),
+    LevelKind.RECOMMENDED: frozenset(
+        {"type", "retry", "timeout", "timeout_secs", "default_action"}
+    ),
+    LevelKind.CONFIRMED: frozenset({"type", "retry"}),
+    LevelKind.ARBITRATED: frozenset({"type", "retry", "stakeholders"}),
+}
+_AGENT_CONFIG_KEYS = frozenset(
+    {"model", "max_tokens", "temperature", "timeout_secs", "provider_type"}
+)
+_TODO_KEYS = frozenset({"id", "description", "priority", "status", "assignee"})
+_MATRIX_USER_ID = re.compile(r"@[^\s:]+:\S+")
+#: A stakeholder given by name: a Matrix localpart, resolved on the coordinator's homeserver.
+_USER_NAME = re.compile(r"[a-z0-9._=/+-]+")
+
+
+def load_dag(
+    path: str | Path,
+    *,
+    agents: Collection[str] | None,
+    default_agent: str,
+    skills_dirs: Sequence[Path] = (),
+) -> DagSpec:
+    """Read and validate a DAG file (``.json`` is JSON, anything else TOML).
+
+    ``agents`` are the agent profile names the config knows (None: accept any name, for a spec
+    read back from a room that another node's config resolved); ``default_agent`` is the config's
+    ``[dag.local] default_agent``. Skills are looked for in ``skills/`` beside the file, then in
+    ``skills_dirs``. Raises :class:`InputError` for any mistake in the file.
+    """
+    text = read_text(path)
+    spec = parse_dag(
+        text,
+        file=str(path),
+        fmt=format_for(path),
+        agents=agents,
+        default_agent=default_agent,
+        skill_folders=(Path(path).parent / "skills", *skills_dirs),
+    )
+    return attrs.evolve(spec, source=Path(path))
+
+
+def parse_dag(
+    text: str,
+    *,
+    file: str,
+    fmt: Literal["toml", "json"],
+    agents: Collection[str] | None,
+    default_agent: str,
+    skill_folders: Sequence[Path] = (),
+) -> DagSpec:
+    """Validate DAG text. ``file`` names the source in errors; its stem is the default name."""
+    root = parse_document(text, file=file, fmt=fmt)
+    skill = root.table("skill")
+    skill_name = _check_skill(skill) if skill is not None else None
+    notes: list[str] = []
+    if "dag" in root:
+        if "tasks" in root:
+            root.fail(
+                "tasks are given both in [dag] and at the top level; keep one layout: "
+                "[dag] with [[dag.tasks]], or [[tasks]] alone",
+                "tasks",
+            )
+        root.reject_unknown({"skill", "dag"})
+        dag = root.table("dag")
+        assert dag is not None
+        dag.reject_unknown(_DAG_KEYS | {"dag"}, aliases={"task": "tasks"})
+    else:
+        dag = root
+        dag.reject_unknown(_DAG_KEYS | {"skill"}, aliases={"task": "tasks"})
+
+    name = dag.opt_string("name", nonempty=True) or skill_name or Path(file).stem
+    policy = dag.choice("policy", Policy, Policy.ALL_SUCCESS)
+    max_workers = dag.opt_integer("max_workers", minimum=1)
+    backoff = dag.number("retry_backoff_secs", DEFAULT_RETRY_BACKOFF_SECS, positive=True)
+    env = _dag_env(dag, notes)
+    todo = _todo(dag)
+    adaptive = _adaptive(dag)
+    if todo:
+        notes.append(
+            f"[[dag.todo]]: {len(todo)} items, shown with the DAG; they do not change the run"
+        )
+    if adaptive:
+        notes.append(
+            f"[dag.adaptive]: {len(adaptive)} rules, shown with the DAG; they are not applied"
+        )
+
+    library = SkillLibrary(skill_folders)
+    tasks = _parse_tasks(
+        dag, agents=agents, default_agent=default_agent, env=env, skills=library, notes=notes
+    )
+    return DagSpec(
+        name=name,
+        tasks=tuple(tasks),
+        policy=policy,
+        max_workers=max_workers,
+        retry_backoff_secs=backoff,
+        env=env,
+        todo=todo,
+        adaptive=adaptive,
+        notes=tuple(notes),
+    )
+
+
+def _check_skill(skill: Table) -> str | None:
+    """Validate CIS's ``[skill]`` header; returns its name."""
+    skill.reject_unknown(_SKILL_KEYS)
+    for key in _SKILL_KEYS - {"name", "type"}:
+        skill.opt_string(key)
+    kind = skill.opt_string("type")
+    if kind is not None and kind != "dag":
+        skill.fail(f'a DAG file\'s [skill] must have type = "dag", got {kind!r}', "type")
+    return skill.opt_string("name", nonempty=True)
+
+
+def _env(table: Table, key: str) -> dict[str, str]:
+    env = table.string_map(key) or {}
+    for var in env:
+        if "=" in var:
+            table.fail(f"environment variable name {var!r} contains '='", f"{key}.{var}")
+    return env
+
+
+def _dag_env(dag: Table, notes: list[str]) -> dict[str, str]:
+    """``[dag.env]``. CIS's cross_compile_pipeline writes ``dag.env = {...}`` inside ``[dag]``,
+    which TOML reads as ``dag.dag.env`` (and CIS then ignores): read it as the ``[dag.env]`` it
+    was meant to be, and say so."""
+    env = _env(dag, "env")
+    nested = dag.table("dag") if dag.path == "dag" else None
+    if nested is not None:
+        nested.reject_unknown({"env"})
+        for var, value in _env(nested, "env").items():
+            env.setdefault(var, value)
+        notes.append(
+            "'dag.env = ...' inside [dag] is the key dag.dag.env; it was read as [dag.env] "
+            "(write [dag.env] to say so)"
+        )
+    return env
+
+
+def _todo(dag: Table) -> tuple[TodoItem, ...]:
+    items = []
+    for table in dag.table_list("todo") or []:
+        table.reject_unknown(_TODO_KEYS)
+        items.append(
+            TodoItem(
+                id=table.string("id", nonempty=True),
+                description=table.string("description", ""),
+                priority=table.opt_integer("priority"),
+                status=table.string("status", ""),
+                assignee=table.string("assignee", ""),
+            )
+        )
+    return tuple(items)
+
+
+def _adaptive(dag: Table) -> tuple[str, ...]:
+    adaptive = dag.table("adaptive")
+    if adaptive is None:
+        return ()
+    adaptive.reject_unknown({"rules"})
+    return adaptive.string_list("rules") or ()
+
+
+def _parse_tasks(
+    dag: Table,
+    *,
+    agents: Collection[str] | None,
+    default_agent: str,
+    env: Mapping[str, str],
+    skills: SkillLibrary,
+    notes: list[str],
+) -> list[TaskSpec]:
+    double = "[[tasks]]" if dag.path == "" else f"[[{dag.path}.tasks]]"
+    hint = "" if dag.fmt == "json" else f" (write {double}, with double brackets, once per task)"
+    tables = dag.table_list("tasks", hint=hint)
+    if not tables:
+        what = "an empty array" if tables is not None else f"no {double}"
+        dag.fail(f"the DAG has no tasks ({what}); add at least one {double}", "tasks")
+
+    tasks: list[TaskSpec] = []
+    written: dict[str, Written] = {}
+    missing: list[tuple[str, str]] = []
+    position: dict[str, int] = {}
+    for index, table in enumerate(tables):
+        parsed = _parse_task(
+            table, agents=agents, default_agent=default_agent, env=env, skills=skills
+        )
+        task = parsed.task
+        if task.id in position:
+            raise InputError(
+                f"duplicate task id {task.id!r}: tasks #{position[task.id] + 1} and "
+                f"#{index + 1} both use it",
+                file=dag.file,
+                task=task.id,
+                key="id",
+            )
+        position[task.id] = index
+        written[task.id] = parsed.written
+        tasks.append(task)
+        if parsed.missing_skill is not None:
+            missing.append((task.id, parsed.missing_skill))
+        notes.extend(parsed.notes)
+
+    for task in tasks:
+        deps_key = written[task.id].deps_key
+        for dep in task.deps:
+            if dep == task.id:
+                raise InputError(
+                    "a task cannot depend on itself", file=dag.file, task=task.id, key=deps_key
+                )
+            if dep not in position:
+                raise InputError(
+                    f"unknown task {dep!r}{suggestion(dep, position)}",
+                    file=dag.file,
+                    task=task.id,
+                    key=deps_key,
+                )
+    tasks = wire(tasks, written, file=dag.file, check_cycles=_check_cycles, notes=notes)
+    if missing:
+        raise _unknown_skills(missing, skills, dag.file)
+    return tasks
+
+
+def _check_cycles(
+    tasks: Sequence[TaskSpec], written: Mapping[str, Written], file: str | None
+) -> None:
+    try:
+        graphlib.TopologicalSorter({t.id: t.deps for t in tasks}).prepare()
+    except graphlib.CycleError as exc:
+        # graphlib lists each node before the tasks that depend on it; show "depends on" arrows.
+        cycle = [str(node) for node in reversed(exc.args[1])]
+        raise InputError(
+            f"dependency cycle: {' -> '.join(cycle)} (each task depends on the next)",
+            file=file,
+            task=cycle[0],
+            key=written[cycle[0]].deps_key,
+        ) from None
+
+
+def _unknown_skills(
+    missing: Sequence[tuple[str, str]], library: SkillLibrary, file: str | None
+) -> InputError:
+    """One error naming every skill no folder has, and where they were looked for."""
+    names: dict[str, list[str]] = {}
+    for task_id, skill in missing:
+        names.setdefault(skill, []).append(task_id)
+    listed = ", ".join(
+        f"{skill!r} (task{'s' if len(ids) > 1 else ''} {', '.join(ids)})"
+        for skill, ids in names.items()
+    )
+    searched = ", ".join(str(f) for f in library.folders) or "no folder (give [dag] skills_dir)"
+    unreadable = library.unreadable
+    extra = f"; unreadable skill files: {'; '.join(unreadable)}" if unreadable else ""
+    plural = "s" if len(names) > 1 else ""
+    return InputError(
+        f"unknown skill{plural} {listed}; searched: {searched}{extra}",
+        file=file,
+        task=missing[0][0],
+        key="skill",
+    )
+
+
+def task_id_problem(task_id: str) -> str | None:
+    """Why ``task_id`` cannot be a task id, or None. Ids appear in session ids
+    (``run:task:attempt``) and name the files ``<id>.txt`` in ``CIS_UPSTREAM_DIR``."""
+    if not task_id:
+        return "it is empty"
+    if any(ch.isspace() for ch in task_id):
+        return "it contains whitespace"
+    if ":" in task_id:
+        return "it contains ':' (task ids are part of session ids run:task:attempt)"
+    if "/" in task_id or "\\" in task_id:
+        return "it contains a slash (the id names the file holding the task's output)"
+    if task_id in {".", ".."}:
+        return "it is '.' or '..'"
+    if any(unicodedata.category(ch) in {"Cc", "Cs"} for ch in task_id):
+        return "it contains a control character"
+    if len(task_id.encode("utf-8")) > MAX_TASK_ID_BYTES:
+        return f"it is longer than {MAX_TASK_ID_BYTES} bytes"
+    return None
+
+
+def _one_of(table: Table, key: str, alias: str) -> str | None:
+    """Which of two spellings of a key the table uses (at most one)."""
+    if key in table and alias in table:
+        table.fail(f"give either {key!r} or {alias!r}, not both", alias)
+    if alias in table:
+        return alias
+    return key if key in table else None
+
+
+@attrs.frozen
+class _Parsed:
+    task: TaskSpec
+    written: Written
+    missing_skill: str | None = None
+    notes: tuple[str, ...] = ()
+
+
+def _parse_task(
+    table: Table,
+    *,
+    agents: Collection[str] | None,
+    default_agent: str,
+    env: Mapping[str, str],
+    skills: SkillLibrary | None,
+) -> _Parsed:
+    """One task, what its table wrote in so many words, and the skill no folder had."""
+    if "id" not in table:
+        table.fail("missing required key 'id' (every task needs a unique id)", "id")
+    task_id = table.string("id")
+    problem = task_id_problem(task_id)
+    if problem:
+        table.fail(f"invalid task id {task_id!r}: {problem}", "id")
+    t = table.with_task(task_id)
+    t.reject_unknown(_TASK_KEYS, aliases=_TASK_ALIASES, unsupported=_CIS_ELSEWHERE)
+
+    deps_key = _one_of(t, "deps", "depends_on") or "deps"
+    deps = t.string_list(deps_key) or ()
+    seen: set[str] = set()
+    for dep in deps:
+        if dep in seen:
+            t.fail(f"lists {dep!r} twice", deps_key)
+        seen.add(dep)
+
+    command = t.opt_string("command", nonempty=True)
+    prompt = t.opt_string("prompt", nonempty=True)
+    skill_name = t.opt_string("skill", nonempty=True)
+    skill: Skill | None = None
+    missing_skill = None
+    if command is None and prompt is None and skill_name is not None and skills is not None:
+        try:
+            skill = skills.find(skill_name)
+        except UnknownSkill:
+            missing_skill = skill_name
+    task_env = {**env, **(skill.env if skill else {}), **_env(t, "env")}
+
+    level = _parse_level(t)
+    retry = t.opt_integer("retry", minimum=0)
+    if level.retry is not None:
+        retry = level.retry
+    if retry is None:
+        retry = skill.retry if skill and skill.retry is not None else DEFAULT_RETRY
+    config = _parse_agent_config(t, skill)
+    timeout = t.opt_number("timeout_secs", positive=True)
+    if timeout is None and config is not None:
+        timeout = config.timeout_secs
+    reuse = t.opt_string("reuse_agent", nonempty=True)
+    agent, text, template = _resolve_agent(
+        t,
+        agents=agents,
+        default_agent=default_agent,
+        skill=skill,
+        missing_skill=missing_skill is not None,
+        inherited=reuse is not None,
+        provider=config.provider_type if config else None,
+    )
+    if skill is not None and skill.command is not None and command is None:
+        command = skill.command
+    rollback = t.string_list("rollback") or ()
+    spec = TaskSpec(
+        id=task_id,
+        agent=agent,
+        prompt=text,
+        name=t.string("name", ""),
+        deps=deps,
+        command=command,
+        skill=skill_name,
+        work_dir=t.opt_string("work_dir", nonempty=True),
+        env=task_env,
+        retry=retry,
+        timeout_secs=timeout,
+        level=level,
+        trigger=t.choice("trigger", Trigger, Trigger.ALL_SUCCESS),
+        prompt_template=template,
+        on_failure=t.opt_string("on_failure", nonempty=True),
+        rollback=rollback,
+        idempotent=t.boolean("idempotent", True),
+        keep_agent=t.boolean("keep_agent", False),
+        reuse_agent=reuse,
+        agent_config=config,
+    )
+    written = Written(
+        deps_key=deps_key,
+        trigger="trigger" in t,
+        agent=_one_of(t, "agent", "agent_runtime") is not None,
+        work_dir="work_dir" in t,
+        keep_agent=t.opt_boolean("keep_agent"),
+        condition=t.opt_string("condition", nonempty=True),
+    )
+    return _Parsed(spec, written, missing_skill, skill.notes if skill else ())
+
+
+def _resolve_agent(
+    t: Table,
+    *,
+    agents: Collection[str] | None,
+    default_agent: str,
+    skill: Skill | None,
+    missing_skill: bool,
+    inherited: bool,
+    provider: str | None,
+) -> tuple[str, str, bool]:
+    """(agent profile, what it is given, whether that is a template) following the rules in the
+    module docstring. A task that continues another's agent gets its agent later (""); so does
+    one whose skill is missing (reported once every task has been read)."""
+    command = t.opt_string("command", nonempty=True)
+    prompt = t.opt_string("prompt", nonempty=True)
+    template = t.boolean("prompt_template", False)
+    agent_key = _one_of(t, "agent", "agent_runtime")
+    agent = t.opt_string(agent_key, nonempty=True) if agent_key else None
+
+    if command is None and prompt is None:
+        if missing_skill:
+            return agent or "", "", False
+        if skill is None:
+            if "skill" in t:
+                t.fail("a skill needs a folder to be found in: give the DAG's file path", "skill")
+            t.fail(
+                "nothing to run: give a 'command' (run by the shell), a 'prompt' (for an "
+                "agent) or a 'skill'"
+            )
+        command, prompt, template = skill.command, skill.prompt, skill.prompt is not None
+    if agent is None and provider is not None:
+        agent, agent_key = provider, "agent_config.provider_type"
+    if agent is None:
+        if inherited:
+            text = prompt if prompt is not None else command
+            assert text is not None
+            return "", text, template
+        if command is not None and prompt is not None:
+            t.fail(
+                "both 'command' and 'prompt' but no 'agent': say which agent runs the task, or "
+                "drop one ('command' alone runs in the shell, 'prompt' alone goes to the "
+                f"default agent {default_agent!r})"
+            )
+        if command is not None:
+            if agents is not None and SHELL_AGENT not in agents:
+                t.fail(
+                    f"a 'command' needs the {SHELL_AGENT!r} agent profile, which is not configured"
+                )
+            return SHELL_AGENT, command, False
+        assert prompt is not None
+        if agents is not None and default_agent not in agents:
+            t.fail(
+                f"the config's default agent {default_agent!r} ([dag.local] default_agent) is "
+                f"not a known agent profile{suggestion(default_agent, agents)}; give 'agent'",
+                "prompt",
+            )
+        return default_agent, prompt, template
+
+    assert agent_key is not None
+    if agent == DEFAULT_AGENT_ALIAS and (agents is None or agent not in agents):
+        agent = default_agent
+    if agents is not None and agent not in agents:
+        t.fail(
+            f"unknown agent profile {agent!r}{suggestion(agent, agents)}; "
+            f"known profiles: {', '.join(sorted(agents)) or '(none)'}",
+            agent_key,
+        )
+    text = prompt if prompt is not None else command
+    assert text is not None
+    return agent, text, template and prompt is not None
+
+
+def _parse_agent_config(t: Table, skill: Skill | None) -> AgentConfig | None:
+    """The task's ``agent_config`` over its skill's ``[agent]`` model and max_tokens."""
+    base = AgentConfig(
+        model=skill.model if skill else None, max_tokens=skill.max_tokens if skill else None
+    )
+    table = t.table("agent_config")
+    if table is None:
+        return None if base == AgentConfig() else base
+    table.reject_unknown(
+        _AGENT_CONFIG_KEYS,
+        unsupported={
+            key: f"agent_config.{key}: credentials and endpoints belong in the agent profile's "
+            "env ([agents.NAME] env in the config), not in the DAG"
+            for key in ("api_key", "base_url")
+        },
+    )
+    model = table.opt_string("model", nonempty=True)
+    max_tokens = table.opt_integer("max_tokens", minimum=1)
+    return AgentConfig(
+        model=model if model is not None else base.model,
+        max_tokens=max_tokens if max_tokens is not None else base.max_tokens,
+        temperature=table.opt_number("temperature", minimum=0),
+        timeout_secs=table.opt_number("timeout_secs", positive=True),
+        provider_type=table.opt_string("provider_type", nonempty=True),
+    )
+
+
+_ARBITRATED_EXAMPLE = 'level = { type = "arbitrated", stakeholders = ["@alice:example.org"] }'
+
+
+def _parse_level(t: Table) -> Level:
+    if "level" not in t:
+        return Level()
+    raw = t.data["level"]
+    if isinstance(raw, str):
+        kind = t.enum_value("level", raw, LevelKind)
+        if kind is LevelKind.RECOMMENDED:
+            return Level(kind=kind, timeout_secs=DEFAULT_RECOMMENDED_TIMEOUT_SECS)
+        return Level(kind=kind)
+    if not isinstance(raw, Mapping):
+        t.fail(
+            'expected a table such as { type = "mechanical", retry = 3 } or a level name, '
+            f"got {type_name(raw, t.fmt)}",
+            "level",
+        )
+    level = t.table("level")
+    assert level is not None
+    if "type" not in level:
+        level.fail(
+            "missing required key 'type' (mechanical, recommended, confirmed or arbitrated)",
+            "type",
+        )
+    kind = level.choice("type", LevelKind, LevelKind.MECHANICAL)
+    level.reject_unknown(_LEVEL_KEYS[kind])
+    retry = level.opt_integer("retry", minimum=0)
+    if kind is LevelKind.RECOMMENDED:
+        timeout_key = _one_of(level, "timeout", "timeout_secs") or "timeout"
+        timeout = level.number(timeout_key, DEFAULT_RECOMMENDED_TIMEOUT_SECS, positive=True)
+        action = level.choice("default_action", DefaultAction, DefaultAction.EXECUTE)
+        return Level(kind=kind, retry=retry, timeout_secs=timeout, default_action=action)
+    if kind is not LevelKind.ARBITRATED:
+        return Level(kind=kind, retry=retry)
+    stakeholders = level.string_list("stakeholders") or ()
+    seen: set[str] = set()
+    for i, user in enumerate(stakeholders):
+        if not (_MATRIX_USER_ID.fullmatch(user) or _USER_NAME.fullmatch(user)):
+            level.fail(
+                f"{user!r} is neither a Matrix user id (like '@alice:example.org') nor a user "
+                "name (lower-case letters, digits and ._=/+-)",
+                f"stakeholders[{i}]",
+            )
+        if user in seen:
+            level.fail(f"lists {user!r} twice", "stakeholders")
+        seen.add(user)
+    return Level(kind=kind, retry=retry, stakeholders=stakeholders)
+
+
+def read_task_table(
+    doc: Mapping[str, Any], *, file: str, agents: Collection[str] | None
+) -> TaskSpec:
+    """A resolved task table (as ``dag/document.py`` writes it), validated alone: its deps name
+    tasks of a DAG the reader may not have."""
+    table = Table(dict(doc), file=file, fmt="json", path="task")
+    parsed = _parse_task(table, agents=agents, default_agent="", env={}, skills=None)
+    task, text = parsed.task, parsed.written.condition
+    if text is None:
+        return task
+    try:
+        return attrs.evolve(task, condition=parse_condition(text, deps=task.deps))
+    except ConditionError as exc:
+        raise InputError(f"{text!r}: {exc}", file=file, task=task.id, key="condition") from None

@@ -72,6 +72,8 @@ class PlainProgress:
                     why = "" if ok or not error else f" ({error})"
                     self._line(tid, f"rollback {'completed' if ok else 'failed'}{why}")
                     return
+                if record.held is not None:
+                    return  # its approval request says why it waits
                 detail = f" ({record.reason})" if record.reason else ""
                 status = record.status
                 if status is TaskStatus.READY:

@@ -88,7 +88,7 @@ class AgentKeeper:
             return attrs.evolve(
                 spec, options=(*spec.options, *resume), conversation=agent.conversation
             )
-        self._agents.pop(key, None)
+        self._forget(key, gone)
         if attempt == 1:
             return attrs.evolve(
                 spec,

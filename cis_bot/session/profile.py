@@ -58,6 +58,13 @@ class AgentProfile:
     #: it as text: Claude Code runs a leading "/" as a slash command ("/tmp/x is broken" would
     #: be an unknown command).
     prompt_escapes: tuple[str, ...] = ()
+    #: What to type for a newline of a prompt typed into the agent (``prompt_via = "pty"``, a
+    #: continued kept agent); empty: the prompt goes in as one bracketed paste when the agent
+    #: asks for those (Claude Code marks pasted text as such, so its profile types
+    #: backslash-Enter, its line continuation, instead).
+    typed_newline: str = ""
+    #: With ``typed_newline``: the prompt is typed this many bytes at a time (0: at once).
+    typed_chunk_bytes: int = 0
     #: ``prompt_via = "pty"``: a regex on those lines saying the agent is ready for the prompt.
     #: Without it, ready means the terminal is being read, or output has started and settled.
     ready_pattern: str | None = None

@@ -174,8 +174,13 @@ _CLAUDE_INTERACTIVE = AgentProfile(
     prompt_escapes=("/",),
     output="claude-interactive",
     provider="claude",
-    # A kept TUI stays at its prompt when its turn is over; the next task's prompt is typed in.
+    # A kept TUI stays at its prompt when its turn is over; the next task's prompt is typed in,
+    # a newline as backslash-Enter, 16 bytes at a time: input that comes as a paste (bracketed,
+    # or a burst) reaches the model wrapped as <pasted_content>, and so does typed input over
+    # about 3 KB (measured on 2.1.332).
     continue_via=ContinueVia.PTY,
+    typed_newline="\\\r",
+    typed_chunk_bytes=16,
     config_args=_CLAUDE_CONFIG_ARGS,
     config_env=_CLAUDE_CONFIG_ENV,
 )

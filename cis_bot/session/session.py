@@ -20,6 +20,7 @@ PTY, with its own id, transcript and events. A parked agent that is not taken ov
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import os
@@ -90,6 +91,8 @@ class SessionSettings:
     output_interval: float = 0.5
     #: kill(): SIGTERM, then SIGKILL after this long.
     kill_grace_secs: float = 5.0
+    #: Between two pieces of a prompt typed a few bytes at a time (``typed_chunk_bytes``).
+    typing_interval_secs: float = 0.02
     #: A profile's exit_input was typed: if the agent is still running after this long, it is
     #: terminated (its turn is over, so the session still ends on what the agent produced).
     exit_grace_secs: float = 15.0
@@ -154,8 +157,13 @@ class AgentSession:
         self.parked = False
         #: Why a kept agent is gone (it exited, it was released), once it is.
         self.agent_ended: str | None = None
+        #: The session whose kept agent this one took over.
+        self._took_over: str | None = None
         self._agent_gone: asyncio.Future[None] | None = None
         self._release_timer: asyncio.TimerHandle | None = None
+        #: What is left to type of the prompt (profiles with ``typed_chunk_bytes``).
+        self._typing: collections.deque[bytes] = collections.deque()
+        self._typing_timer: asyncio.TimerHandle | None = None
 
         self.state = SessionState.SPAWNING
         self.pid: int | None = None
@@ -379,7 +387,7 @@ class AgentSession:
         self._publish(
             SessionCreated(self.session_id, self.profile.name, proc.pid, self.transcript_path)
         )
-        self._change_state(SessionState.RUNNING, None)
+        self._change_state(SessionState.RUNNING, self._notice)
         if self.profile.prompt_via is PromptVia.STDIN:
             self._write(stdin_payload(self.prompt, _termios_of(self._fd)))
         self._arm_quiet()
@@ -606,11 +614,40 @@ class AgentSession:
         self._kill_timer = self._loop.call_later(self.settings.kill_grace_secs, self._escalate_kill)
 
     def _type_prompt(self) -> None:
-        text = escaped_prompt(self.profile, self.prompt).encode("utf-8")
-        if self._bracketed_paste:
-            text = b"\x1b[200~" + text + b"\x1b[201~"
-        log.debug("session.prompt_typed", session_id=self.session_id, bytes=len(text))
-        self._write(text + b"\r")
+        prompt = escaped_prompt(self.profile, self.prompt)
+        newline = self.profile.typed_newline
+        if not newline:
+            text = prompt.encode("utf-8")
+            if self._bracketed_paste:
+                text = b"\x1b[200~" + text + b"\x1b[201~"
+            self._write(text)
+            self._press_enter(len(text))
+            return
+        # Typed as a person types: a line continuation for each newline, a few bytes at a time
+        # (an agent that takes a burst of input for a paste marks it as pasted content), then
+        # Enter once it has all gone in.
+        lines = prompt.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        text = newline.join(lines).encode("utf-8")
+        size = self.profile.typed_chunk_bytes or len(text) or 1
+        self._typing = collections.deque(text[i : i + size] for i in range(0, len(text), size))
+        self._type_next(len(text))
+
+    def _type_next(self, size: int) -> None:
+        self._typing_timer = None
+        if self._finished or self._exited:
+            return
+        if self._typing:
+            self._write(self._typing.popleft())
+            delay = self.settings.typing_interval_secs
+            if not self._typing:
+                delay = max(delay, self.settings.settle_secs)  # all of it in before Enter
+            self._typing_timer = self._loop.call_later(delay, self._type_next, size)
+            return
+        self._press_enter(size)
+
+    def _press_enter(self, size: int) -> None:
+        log.debug("session.prompt_typed", session_id=self.session_id, bytes=size)
+        self._write(b"\r")
         recheck = self._watcher.prompt_typed(self._loop.time())
         if recheck is not None:
             self._arm_poll(recheck)
@@ -694,6 +731,7 @@ class AgentSession:
         self._via_setsid, self._view, self._probe = parked._via_setsid, view, parked._probe
         self._bracketed_paste = parked._bracketed_paste
         self.conversation = parked.conversation
+        self._took_over = parked.session_id
         parked._hand_over()
         self._watcher.tty_probe = self._probe is not None
         self._loop.add_reader(self._fd, self._on_readable)
@@ -843,6 +881,7 @@ class AgentSession:
             self._exit_poll_timer,
             self._output_timer,
             self._exit_timer,
+            self._typing_timer,
         ):
             if timer is not None:
                 timer.cancel()
@@ -883,13 +922,16 @@ class AgentSession:
         if self._via_setsid and exit_code is not None:
             why = setsid_failure(exit_code, bytes(self._tail[:512]))
             spawn_failure = self._cannot_execute(why) if why is not None else None
-        return outcome(
+        state, code, error = outcome(
             exit_code,
             killed=self._kill_state,
             kill_reason=self._kill_reason,
             spawn_failure=spawn_failure,
             exit_overdue=self._exit_overdue,
         )
+        if self._took_over is not None and state is SessionState.FAILED:
+            error = f"the kept agent of {self._took_over} {error}"
+        return state, code, error
 
     def _complete(
         self, state: SessionState, exit_code: int | None, error: str | None, output: str | None

@@ -235,7 +235,7 @@ def parse_dag(
         env=env,
         todo=todo,
         adaptive=adaptive,
-        notes=tuple(notes),
+        notes=tuple(dict.fromkeys(notes)),
     )
 
 

@@ -29,7 +29,6 @@ Task resolution (who runs a task, and with what):
 from __future__ import annotations
 
 import graphlib
-import re
 import unicodedata
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
@@ -38,22 +37,25 @@ from typing import Any, Literal
 import attrs
 
 from cis_bot.dag.condition import ConditionError, parse_condition
+from cis_bot.dag.keys import (
+    one_of,
+    read_adaptive,
+    read_agent_config,
+    read_dag_env,
+    read_env,
+    read_level,
+    read_todo,
+)
 from cis_bot.dag.skills import Skill, SkillLibrary, UnknownSkill
 from cis_bot.dag.spec import (
     DEFAULT_AGENT_ALIAS,
-    DEFAULT_RECOMMENDED_TIMEOUT_SECS,
     DEFAULT_RETRY,
     DEFAULT_RETRY_BACKOFF_SECS,
     MAX_TASK_ID_BYTES,
     SHELL_AGENT,
-    AgentConfig,
     DagSpec,
-    DefaultAction,
-    Level,
-    LevelKind,
     Policy,
     TaskSpec,
-    TodoItem,
     Trigger,
 )
 from cis_bot.dag.wiring import Written, wire
@@ -64,7 +66,6 @@ from cis_bot.validation import (
     parse_document,
     read_text,
     suggestion,
-    type_name,
 )
 
 _DAG_KEYS = frozenset(
@@ -134,21 +135,6 @@ _CIS_ELSEWHERE = {
     key: f"CIS's {key!r} (placing a task on a node) is not supported by cis_bot yet; remove it"
     for key in ("target_node", "node_selector")
 }
-_LEVEL_KEYS: Mapping[LevelKind, frozenset[str]] = {
-    LevelKind.MECHANICAL: frozenset({"type", "retry"}),
-    LevelKind.RECOMMENDED: frozenset(
-        {"type", "retry", "timeout", "timeout_secs", "default_action"}
-    ),
-    LevelKind.CONFIRMED: frozenset({"type", "retry"}),
-    LevelKind.ARBITRATED: frozenset({"type", "retry", "stakeholders"}),
-}
-_AGENT_CONFIG_KEYS = frozenset(
-    {"model", "max_tokens", "temperature", "timeout_secs", "provider_type"}
-)
-_TODO_KEYS = frozenset({"id", "description", "priority", "status", "assignee"})
-_MATRIX_USER_ID = re.compile(r"@[^\s:]+:\S+")
-#: A stakeholder given by name: a Matrix localpart, resolved on the coordinator's homeserver.
-_USER_NAME = re.compile(r"[a-z0-9._=/+-]+")
 
 
 def load_dag(
@@ -210,9 +196,9 @@ def parse_dag(
     policy = dag.choice("policy", Policy, Policy.ALL_SUCCESS)
     max_workers = dag.opt_integer("max_workers", minimum=1)
     backoff = dag.number("retry_backoff_secs", DEFAULT_RETRY_BACKOFF_SECS, positive=True)
-    env = _dag_env(dag, notes)
-    todo = _todo(dag)
-    adaptive = _adaptive(dag)
+    env = read_dag_env(dag, notes)
+    todo = read_todo(dag)
+    adaptive = read_adaptive(dag)
     if todo:
         notes.append(
             f"[[dag.todo]]: {len(todo)} items, shown with the DAG; they do not change the run"
@@ -248,55 +234,6 @@ def _check_skill(skill: Table) -> str | None:
     if kind is not None and kind != "dag":
         skill.fail(f'a DAG file\'s [skill] must have type = "dag", got {kind!r}', "type")
     return skill.opt_string("name", nonempty=True)
-
-
-def _env(table: Table, key: str) -> dict[str, str]:
-    env = table.string_map(key) or {}
-    for var in env:
-        if "=" in var:
-            table.fail(f"environment variable name {var!r} contains '='", f"{key}.{var}")
-    return env
-
-
-def _dag_env(dag: Table, notes: list[str]) -> dict[str, str]:
-    """``[dag.env]``. CIS's cross_compile_pipeline writes ``dag.env = {...}`` inside ``[dag]``,
-    which TOML reads as ``dag.dag.env`` (and CIS then ignores): read it as the ``[dag.env]`` it
-    was meant to be, and say so."""
-    env = _env(dag, "env")
-    nested = dag.table("dag") if dag.path == "dag" else None
-    if nested is not None:
-        nested.reject_unknown({"env"})
-        for var, value in _env(nested, "env").items():
-            env.setdefault(var, value)
-        notes.append(
-            "'dag.env = ...' inside [dag] is the key dag.dag.env; it was read as [dag.env] "
-            "(write [dag.env] to say so)"
-        )
-    return env
-
-
-def _todo(dag: Table) -> tuple[TodoItem, ...]:
-    items = []
-    for table in dag.table_list("todo") or []:
-        table.reject_unknown(_TODO_KEYS)
-        items.append(
-            TodoItem(
-                id=table.string("id", nonempty=True),
-                description=table.string("description", ""),
-                priority=table.opt_integer("priority"),
-                status=table.string("status", ""),
-                assignee=table.string("assignee", ""),
-            )
-        )
-    return tuple(items)
-
-
-def _adaptive(dag: Table) -> tuple[str, ...]:
-    adaptive = dag.table("adaptive")
-    if adaptive is None:
-        return ()
-    adaptive.reject_unknown({"rules"})
-    return adaptive.string_list("rules") or ()
 
 
 def _parse_tasks(
@@ -418,15 +355,6 @@ def task_id_problem(task_id: str) -> str | None:
     return None
 
 
-def _one_of(table: Table, key: str, alias: str) -> str | None:
-    """Which of two spellings of a key the table uses (at most one)."""
-    if key in table and alias in table:
-        table.fail(f"give either {key!r} or {alias!r}, not both", alias)
-    if alias in table:
-        return alias
-    return key if key in table else None
-
-
 @attrs.frozen
 class _Parsed:
     task: TaskSpec
@@ -453,7 +381,7 @@ def _parse_task(
     t = table.with_task(task_id)
     t.reject_unknown(_TASK_KEYS, aliases=_TASK_ALIASES, unsupported=_CIS_ELSEWHERE)
 
-    deps_key = _one_of(t, "deps", "depends_on") or "deps"
+    deps_key = one_of(t, "deps", "depends_on") or "deps"
     deps = t.string_list(deps_key) or ()
     seen: set[str] = set()
     for dep in deps:
@@ -471,15 +399,15 @@ def _parse_task(
             skill = skills.find(skill_name)
         except UnknownSkill:
             missing_skill = skill_name
-    task_env = {**env, **(skill.env if skill else {}), **_env(t, "env")}
+    task_env = {**env, **(skill.env if skill else {}), **read_env(t, "env")}
 
-    level = _parse_level(t)
+    level = read_level(t)
     retry = t.opt_integer("retry", minimum=0)
     if level.retry is not None:
         retry = level.retry
     if retry is None:
         retry = skill.retry if skill and skill.retry is not None else DEFAULT_RETRY
-    config = _parse_agent_config(t, skill)
+    config = read_agent_config(t, skill)
     timeout = t.opt_number("timeout_secs", positive=True)
     if timeout is None and config is not None:
         timeout = config.timeout_secs
@@ -521,7 +449,7 @@ def _parse_task(
     written = Written(
         deps_key=deps_key,
         trigger="trigger" in t,
-        agent=_one_of(t, "agent", "agent_runtime") is not None,
+        agent=one_of(t, "agent", "agent_runtime") is not None,
         work_dir="work_dir" in t,
         keep_agent=t.opt_boolean("keep_agent"),
         condition=t.opt_string("condition", nonempty=True),
@@ -545,7 +473,7 @@ def _resolve_agent(
     command = t.opt_string("command", nonempty=True)
     prompt = t.opt_string("prompt", nonempty=True)
     template = t.boolean("prompt_template", False)
-    agent_key = _one_of(t, "agent", "agent_runtime")
+    agent_key = one_of(t, "agent", "agent_runtime")
     agent = t.opt_string(agent_key, nonempty=True) if agent_key else None
 
     if command is None and prompt is None:
@@ -599,83 +527,6 @@ def _resolve_agent(
     text = prompt if prompt is not None else command
     assert text is not None
     return agent, text, template and prompt is not None
-
-
-def _parse_agent_config(t: Table, skill: Skill | None) -> AgentConfig | None:
-    """The task's ``agent_config`` over its skill's ``[agent]`` model and max_tokens."""
-    base = AgentConfig(
-        model=skill.model if skill else None, max_tokens=skill.max_tokens if skill else None
-    )
-    table = t.table("agent_config")
-    if table is None:
-        return None if base == AgentConfig() else base
-    table.reject_unknown(
-        _AGENT_CONFIG_KEYS,
-        unsupported={
-            key: f"agent_config.{key}: credentials and endpoints belong in the agent profile's "
-            "env ([agents.NAME] env in the config), not in the DAG"
-            for key in ("api_key", "base_url")
-        },
-    )
-    model = table.opt_string("model", nonempty=True)
-    max_tokens = table.opt_integer("max_tokens", minimum=1)
-    return AgentConfig(
-        model=model if model is not None else base.model,
-        max_tokens=max_tokens if max_tokens is not None else base.max_tokens,
-        temperature=table.opt_number("temperature", minimum=0),
-        timeout_secs=table.opt_number("timeout_secs", positive=True),
-        provider_type=table.opt_string("provider_type", nonempty=True),
-    )
-
-
-_ARBITRATED_EXAMPLE = 'level = { type = "arbitrated", stakeholders = ["@alice:example.org"] }'
-
-
-def _parse_level(t: Table) -> Level:
-    if "level" not in t:
-        return Level()
-    raw = t.data["level"]
-    if isinstance(raw, str):
-        kind = t.enum_value("level", raw, LevelKind)
-        if kind is LevelKind.RECOMMENDED:
-            return Level(kind=kind, timeout_secs=DEFAULT_RECOMMENDED_TIMEOUT_SECS)
-        return Level(kind=kind)
-    if not isinstance(raw, Mapping):
-        t.fail(
-            'expected a table such as { type = "mechanical", retry = 3 } or a level name, '
-            f"got {type_name(raw, t.fmt)}",
-            "level",
-        )
-    level = t.table("level")
-    assert level is not None
-    if "type" not in level:
-        level.fail(
-            "missing required key 'type' (mechanical, recommended, confirmed or arbitrated)",
-            "type",
-        )
-    kind = level.choice("type", LevelKind, LevelKind.MECHANICAL)
-    level.reject_unknown(_LEVEL_KEYS[kind])
-    retry = level.opt_integer("retry", minimum=0)
-    if kind is LevelKind.RECOMMENDED:
-        timeout_key = _one_of(level, "timeout", "timeout_secs") or "timeout"
-        timeout = level.number(timeout_key, DEFAULT_RECOMMENDED_TIMEOUT_SECS, positive=True)
-        action = level.choice("default_action", DefaultAction, DefaultAction.EXECUTE)
-        return Level(kind=kind, retry=retry, timeout_secs=timeout, default_action=action)
-    if kind is not LevelKind.ARBITRATED:
-        return Level(kind=kind, retry=retry)
-    stakeholders = level.string_list("stakeholders") or ()
-    seen: set[str] = set()
-    for i, user in enumerate(stakeholders):
-        if not (_MATRIX_USER_ID.fullmatch(user) or _USER_NAME.fullmatch(user)):
-            level.fail(
-                f"{user!r} is neither a Matrix user id (like '@alice:example.org') nor a user "
-                "name (lower-case letters, digits and ._=/+-)",
-                f"stakeholders[{i}]",
-            )
-        if user in seen:
-            level.fail(f"lists {user!r} twice", "stakeholders")
-        seen.add(user)
-    return Level(kind=kind, retry=retry, stakeholders=stakeholders)
 
 
 def read_task_table(

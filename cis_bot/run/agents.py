@@ -75,7 +75,8 @@ class AgentKeeper:
         key = (run_id, owner)
         agent = self._agents.get(key)
         gone = agent.gone() if agent else self._ended.get(key, f"task {owner} kept none here")
-        if gone is None and agent is not None:
+        if gone is None:
+            assert agent is not None
             log.info("agent.continued", session_id=spec.session_id, conversation=agent.conversation)
             if via is ContinueVia.PTY:
                 return attrs.evolve(

@@ -102,7 +102,7 @@ async def bench(
 
             async def ready() -> bool:
                 members, beats = await joined_members(admin, room), await heartbeats(admin, room)
-                return all(w.user_id in members and w.node_id in beats for w in workers)
+                return all(w.user_id in members and w.user_id in beats for w in workers)
 
             await wait_for(ready, what="workers in the room")
             dag = root / "bench.toml"

@@ -13,9 +13,10 @@ ran (from process start to the newest transcript); the ratio and the overhead pe
 ((cis - baseline) / N) of each; cis_bot's peak RSS and the memory each task adds to it.
 
 A run counts only if all N tasks ran (one transcript each). A run that ends with an error after
-they did (exit status other than 0, no JSON report: today, runs of 2,500 tasks and more, whose
-`cis.dag.run.completed` is too large for a Matrix event) is still timed, and marked: its whole
-process time then leaves out the room events still queued when it failed.
+they did (exit status other than 0, no JSON report: before item 6 of the security review, runs
+of 2,500 tasks and more, whose `cis.dag.run.completed` was too large for a Matrix event) is
+still timed, and marked: its whole process time then leaves out the room events still queued
+when it failed.
 Usage: python bench/scale.py [--sizes 200,1000,5000,10000] [--workloads fan,chain] [--repeat 1]
 [--json]. One repeat takes about 13 minutes on the 2-core machine (the chain baseline alone, 6).
 """

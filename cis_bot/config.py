@@ -7,6 +7,7 @@ Sections (every key optional; unknown keys are errors)::
     [dag.local]   max_workers = 4, default_agent = "claude"
     [dag.matrix]  room_prefix = "!dag-", home_server = "cis.local", broadcast_interval_ms = 500
     [dag.hybrid]  broadcast_status = true, broadcast_output = false, accept_remote_tasks = true
+    [chat]        enabled, prefix = "!cis", dags_dir = "dags", command_power_level = 50, ...
     [agents.NAME] argv, prompt_via, prompt_escapes, env, blocked_patterns, idle_patterns,
                   exit_input, pattern_lines, ready_pattern, quiet_secs, detect_tty_read, screen,
                   upstream_in_prompt, output, provider, continue_via, keep_args, resume_args,
@@ -29,6 +30,7 @@ import os
 import re
 import types
 import typing
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
@@ -36,7 +38,10 @@ from typing import Any
 
 import attrs
 
-from cis_bot.errors import InputError
+from cis_bot import private
+from cis_bot.errors import InputError, UserError
+from cis_bot.ids import localpart_problem, server_name_problem, user_id_problem
+from cis_bot.session.output import extractors
 from cis_bot.session.profile import AgentProfile, PromptVia
 from cis_bot.session.profiles import BUILTIN_PROFILES, PROMPT_TOKEN
 from cis_bot.validation import Table, format_for, parse_document, read_text, suggestion
@@ -58,6 +63,74 @@ class ExecutionMode(StrEnum):
     FEDERATION = "federation"
 
 
+# -- checks of single values (a field's metadata "check"): why a value is wrong, or None ---------
+
+
+def _each(problem_of: Callable[[str], str | None]) -> Callable[[object], str | None]:
+    """A check of every item of a list of strings."""
+
+    def check(values: object) -> str | None:
+        assert isinstance(values, tuple)
+        for i, value in enumerate(values):
+            problem = problem_of(value)
+            if problem:
+                return f"item {i} ({value!r}): {problem}"
+        return None
+
+    return check
+
+
+def _text(problem_of: Callable[[str], str | None]) -> Callable[[object], str | None]:
+    """A check of a string that may be left empty (meaning: the default)."""
+
+    def check(value: object) -> str | None:
+        assert isinstance(value, str)
+        problem = problem_of(value) if value else None
+        return f"{value!r}: {problem}" if problem else None
+
+    return check
+
+
+def _node_id_problem(node_id: str) -> str | None:
+    # It names the bot (cis_<id>), the registration (cis-<id>) and files: Matrix's safe letters.
+    if not re.fullmatch(r"[a-z0-9._=-]+", node_id):
+        return "a node id holds only a-z, 0-9 and . _ = -"
+    return None
+
+
+def _homeserver_url_problem(url: str) -> str | None:
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return "expected the homeserver's client-server URL, like 'http://127.0.0.1:8008'"
+    try:
+        parsed.port  # noqa: B018  (raises ValueError for a bad port)
+    except ValueError as exc:
+        return str(exc)
+    if parsed.query or parsed.fragment:
+        return "a homeserver URL has no query or fragment"
+    return None
+
+
+def _room_prefix_problem(prefix: str) -> str | None:
+    # Local run rooms are #<prefix><run_id>:<server>: an alias the appservice's namespace holds.
+    if not re.fullmatch(r"[A-Za-z0-9._=/+-]{0,64}", prefix.lstrip("!#")):
+        return (
+            "after a leading '!' or '#', at most 64 of A-Z a-z 0-9 . _ = / + - "
+            "(it begins room aliases: #<prefix><run_id>:<server>)"
+        )
+    return None
+
+
+def _server_problem(name: str) -> str | None:
+    problem = server_name_problem(name)
+    return f"not a Matrix server name (host[:port]): {problem}" if problem else None
+
+
+def _port_problem(port: object) -> str | None:
+    assert isinstance(port, int)
+    return f"must be a port number, 0-65535, got {port}" if port > 65535 else None
+
+
 @attrs.frozen
 class LocalConfig:
     """``[dag.local]``: running tasks on this machine."""
@@ -66,14 +139,22 @@ class LocalConfig:
     max_workers: int = attrs.field(default=4, metadata={"min": 1})
     #: Agent profile for tasks that give a ``prompt`` and no ``agent``.
     default_agent: str = attrs.field(default="claude", metadata={"nonempty": True})
+    #: Who is invited into each local run's room to follow it (Matrix user ids); None: every
+    #: person's account on the local homeserver (``cis homeserver add-user``'s).
+    watchers: tuple[str, ...] | None = attrs.field(
+        default=None, metadata={"check": _each(user_id_problem)}
+    )
 
 
 @attrs.frozen
 class MatrixConfig:
     """``[dag.matrix]``: where runs' rooms live."""
 
-    room_prefix: str = "!dag-"
-    home_server: str = attrs.field(default="cis.local", metadata={"nonempty": True})
+    room_prefix: str = attrs.field(default="!dag-", metadata={"check": _text(_room_prefix_problem)})
+    home_server: str = attrs.field(
+        default="cis.local",
+        metadata={"nonempty": True, "check": _text(_server_problem)},
+    )
     #: Least time between two status broadcasts of one session.
     broadcast_interval_ms: int = attrs.field(default=500, metadata={"min": 0})
     #: After a run, how long to wait for an unreachable homeserver to take the queued events.
@@ -116,22 +197,33 @@ class NodeConfig:
     """
 
     #: This node's name in assignments (``assigned_to``) and heartbeats.
-    id: str = attrs.field(default="", metadata={"nonempty": True})
+    id: str = attrs.field(default="", metadata={"nonempty": True, "check": _text(_node_id_problem)})
     #: Client-server API base URL of the homeserver, e.g. ``http://127.0.0.1:8008``.
-    homeserver: str = ""
+    homeserver: str = attrs.field(default="", metadata={"check": _text(_homeserver_url_problem)})
     #: The server name in user ids, after ":" (default: dag.matrix.home_server).
-    server_name: str = ""
+    server_name: str = attrs.field(default="", metadata={"check": _text(_server_problem)})
     #: The bot's localpart (default ``cis_<id>``); its exclusive namespace is ``<localpart>(_.*)?``.
-    bot_localpart: str = ""
+    bot_localpart: str = attrs.field(default="", metadata={"check": _text(localpart_problem)})
     #: Where this node's appservice HTTP server listens; the registration's ``url`` points here.
     listen_host: str = "127.0.0.1"
-    listen_port: int = attrs.field(default=29333, metadata={"min": 0})
+    listen_port: int = attrs.field(default=29333, metadata={"min": 0, "check": _port_problem})
     as_token: str = ""
     hs_token: str = ""
     #: Users who may invite the bot and give it orders (besides those at assign_power_level).
-    allowed_users: tuple[str, ...] = ()
-    #: Senders at or above this power level in a room may assign tasks to this node.
+    allowed_users: tuple[str, ...] = attrs.field(
+        default=(), metadata={"check": _each(user_id_problem)}
+    )
+    #: Room members at or above this power level are trusted in that room: they may assign this
+    #: node tasks and control it, and a coordinator hands them tasks.
     assign_power_level: int = 50
+    #: Users, besides this node's own, trusted to coordinate runs: their runs are this node's
+    #: to list, show and re-run (``cis dag list / status / resume``). Runs created by anyone
+    #: else do not exist for this node.
+    coordinators: tuple[str, ...] = attrs.field(
+        default=(), metadata={"check": _each(user_id_problem)}
+    )
+    #: Users this node, coordinating a run, hands tasks to even without the power level above.
+    workers: tuple[str, ...] = attrs.field(default=(), metadata={"check": _each(user_id_problem)})
     #: Agent profiles this node runs for others; None: every profile but ``shell`` (a raw
     #: command from the room runs only where the worker's owner allowed it).
     accept_agents: tuple[str, ...] | None = None
@@ -142,6 +234,29 @@ class NodeConfig:
     @property
     def localpart(self) -> str:
         return self.bot_localpart or f"cis_{self.id}"
+
+
+@attrs.frozen
+class ChatConfig:
+    """``[chat]``: commands people type in a room (docs/chat.md)."""
+
+    #: Answer commands; None (unset): on for ``cis node --coordinator`` and for a ``cis dag
+    #: execute`` run in its own run's room, off for other nodes.
+    enabled: bool | None = None
+    #: What starts a command; in a direct chat (the bot and one person) it may be left out.
+    prefix: str = attrs.field(default="!cis", metadata={"nonempty": True})
+    #: ``run NAME`` runs ``<dags_dir>/NAME.toml`` (or ``.json``); relative to the config file.
+    dags_dir: str = attrs.field(default="dags", metadata={"nonempty": True})
+    #: Acting commands (run, input, approve, cancel, kill, resume): ``[node] allowed_users``,
+    #: or members at this power level in the room (its creators count as above any level).
+    command_power_level: int = 50
+    #: Senders whose attached DAG files may hold raw ``command`` tasks (shell) on this node.
+    shell_users: tuple[str, ...] = ()
+    #: Per sender: ``rate_burst`` commands at once, then ``rate_per_minute``.
+    rate_burst: int = attrs.field(default=10, metadata={"min": 1})
+    rate_per_minute: float = attrs.field(default=30.0, metadata={"gt": 0})
+    #: Lines of a log shown in the room by default; a longer log comes as a file too.
+    log_lines: int = attrs.field(default=40, metadata={"min": 1})
 
 
 def _builtin_agents() -> Mapping[str, AgentProfile]:
@@ -233,8 +348,28 @@ def _check_config_keys(value: object) -> str | None:
     return None
 
 
+def _check_output(name: object) -> str | None:
+    assert isinstance(name, str)
+    known = extractors()
+    if name not in known:
+        return f"unknown output extractor {name!r}{suggestion(name, known)}; known: " + ", ".join(
+            sorted(known)
+        )
+    return None
+
+
+def _check_env(env: object) -> str | None:
+    assert isinstance(env, Mapping)
+    for name in env:
+        if "=" in name:
+            return f"environment variable name {name!r} contains '='"
+    return None
+
+
 _PROFILE_CHECKS: Mapping[str, Callable[[object], str | None]] = {
     "argv": _check_argv,
+    "output": _check_output,
+    "env": _check_env,
     "blocked_patterns": _check_patterns,
     "idle_patterns": _check_patterns,
     "ready_pattern": _check_pattern,
@@ -249,6 +384,7 @@ _PROFILE_CHECKS: Mapping[str, Callable[[object], str | None]] = {
 class Config:
     dag: DagConfig = attrs.field(factory=DagConfig)
     node: NodeConfig = attrs.field(factory=NodeConfig)
+    chat: ChatConfig = attrs.field(factory=ChatConfig)
     #: Every agent profile by name: the built-ins merged with the file's ``[agents.NAME]``.
     agents: Mapping[str, AgentProfile] = attrs.field(
         factory=_builtin_agents, metadata={"read": _read_agents}
@@ -269,6 +405,13 @@ class Config:
         if not folder.is_absolute() and self.source is not None:
             folder = self.source.parent / folder
         return (folder,)
+
+    @property
+    def dags_dir(self) -> Path:
+        """Where ``!cis run NAME`` finds DAGs: ``[chat] dags_dir``, relative to the config file
+        (to the working directory without one)."""
+        base = self.source.parent if self.source is not None else Path.cwd()
+        return base / self.chat.dags_dir
 
 
 # -- reading sections from their attrs classes ------------------------------------------------
@@ -345,8 +488,8 @@ def read_values(
             values[f.name] = tp(**read_values(tp, sub, skip=()))
         else:
             values[f.name] = _read_value(table, f.name, tp, f.metadata)
-        check = (checks or {}).get(f.name)
-        problem = check(values[f.name]) if check else None
+        check = (checks or {}).get(f.name) or f.metadata.get("check")
+        problem = check(values[f.name]) if check and values[f.name] is not None else None
         if problem:
             table.fail(problem, f.name)
     return values
@@ -374,6 +517,29 @@ def default_state_dir() -> Path:
     return Path(base) / "cis"
 
 
+#: In a state directory whose modes cis has made owner-only (older versions left some 0644).
+STATE_DIR_MARKER = ".private"
+
+
+def open_state_dir(given: Path | None) -> Path:
+    """The state directory (``given``, else the default), made if need be: for its owner only,
+    whatever the umask (see ``private.py``). The first time, the modes of what an older cis left
+    there are fixed too. UserError when it cannot be used (not a directory, no permission)."""
+    path = given or default_state_dir()
+    try:
+        private.make_dirs(path)
+        marker = path / STATE_DIR_MARKER
+        if not marker.exists():
+            private.fix_tree(path)
+            private.write_file(marker, "cis keeps this directory for its owner only (0700/0600)\n")
+    except OSError as exc:
+        raise UserError(
+            f"cannot use {path} as the state directory: {exc.strerror or exc}"
+            + (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else "")
+        ) from None
+    return path
+
+
 def load_config(path: Path | None = None) -> Config:
     """Read a config file; ``None`` means ``$CIS_CONFIG``, else ``$XDG_CONFIG_HOME/cis/config.toml``
     (``~/.config/cis/config.toml``) if it exists, else the defaults. Raises InputError."""
@@ -388,6 +554,20 @@ def parse_config(text: str, *, file: str) -> Config:
     """Validate config text (TOML; JSON when ``file`` ends in ``.json``)."""
     root = parse_document(text, file=file, fmt=format_for(file))
     config = Config(**read_values(Config, root, skip=()))
+    if any(ch.isspace() for ch in config.chat.prefix):
+        raise InputError(
+            f"the chat prefix {config.chat.prefix!r} must not contain whitespace",
+            file=file,
+            key="chat.prefix",
+        )
+    for i, agent in enumerate(config.node.accept_agents or ()):
+        if agent not in config.agents:
+            raise InputError(
+                f"unknown agent profile {agent!r}{suggestion(agent, config.agents)}; "
+                f"known profiles: {', '.join(sorted(config.agents))}",
+                file=file,
+                key=f"node.accept_agents[{i}]",
+            )
     default_agent = config.dag.local.default_agent
     if default_agent not in config.agents:
         raise InputError(

@@ -1,5 +1,6 @@
-"""The identifiers people see and type: run ids and session ids. They are made, parsed and
-matched here and nowhere else.
+"""The identifiers people see and type: run ids and session ids, and the Matrix names a config
+gives (user ids, server names, localparts). They are made, parsed, matched and checked here and
+nowhere else.
 
 - A run id is ``YYYYmmdd-HHMMSS-xxxx``: when the run was created, and four random hex digits.
   People may name a run by its id or by any prefix that only it has (:func:`match_run`).
@@ -10,6 +11,8 @@ matched here and nowhere else.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import secrets
 import time
 from collections.abc import Iterable
@@ -108,3 +111,58 @@ class SessionRef:
 
     def matches_run(self, run_id: str) -> bool:
         return self.run is None or run_id.startswith(self.run)
+
+
+# --- Matrix names (https://spec.matrix.org/latest/appendices/#identifier-grammar) ---------------
+
+#: A user id (``@localpart:server``) is at most this long.
+MAX_USER_ID_BYTES = 255
+_NEW_LOCALPART = re.compile(r"[a-z0-9._=/+-]+")
+#: Historical localparts (users of other servers may have one): printable ASCII but ':'.
+_ANY_LOCALPART = re.compile(r"[\x21-\x39\x3b-\x7e]+")
+_DNS_NAME = re.compile(r"[A-Za-z0-9.-]{1,255}")
+
+
+def server_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a Matrix server name (``host[:port]``), or None."""
+    host, port = name, ""
+    if name.startswith("["):
+        host, sep, rest = name[1:].partition("]")
+        if not sep:
+            return "an IPv6 address must be closed with ']'"
+        if rest and not rest.startswith(":"):
+            return "only ':port' may follow the IPv6 address"
+        port = rest[1:] if rest else ""
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"{host!r} is not an IPv6 address"
+    else:
+        host, sep, port = name.partition(":")
+        if sep and not port:
+            return "a ':' must be followed by a port"
+        if not _DNS_NAME.fullmatch(host):
+            return "the host may hold only letters, digits, '.' and '-'"
+    if port and not (port.isdigit() and len(port) <= 5 and 0 < int(port) <= 65535):
+        return f"{port!r} is not a port (1-65535)"
+    return None
+
+
+def localpart_problem(localpart: str) -> str | None:
+    """Why ``localpart`` cannot name a new Matrix user (a node's bot), or None."""
+    if not _NEW_LOCALPART.fullmatch(localpart):
+        return "a Matrix user name holds only a-z, 0-9 and . _ = - / +"
+    return None
+
+
+def user_id_problem(user_id: str) -> str | None:
+    """Why ``user_id`` is not a Matrix user id (``@alice:example.org``), or None."""
+    localpart, sep, server = user_id[1:].partition(":")
+    if not user_id.startswith("@") or not sep or not localpart:
+        return "a Matrix user id looks like '@alice:example.org'"
+    if len(user_id.encode()) > MAX_USER_ID_BYTES:
+        return f"a Matrix user id is at most {MAX_USER_ID_BYTES} bytes"
+    if not _ANY_LOCALPART.fullmatch(localpart):
+        return "the part before ':' holds only printable ASCII characters"
+    problem = server_name_problem(server)
+    return f"its server name {server!r} is not valid: {problem}" if problem else None

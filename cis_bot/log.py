@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from typing import Any, TextIO, cast
 
 import structlog
+
+
+class _Stderr:
+    """stderr for logs: a reader that went away (``2>&1 | head``) ends the logs, not the run."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stderr.write(text)
+        except BrokenPipeError:
+            return 0
+
+    def flush(self) -> None:
+        with contextlib.suppress(BrokenPipeError):
+            sys.stderr.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(sys.stderr, name)
 
 
 def configure(level: str = "warning", *, json: bool = False) -> None:
@@ -25,9 +44,9 @@ def configure(level: str = "warning", *, json: bool = False) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _Stderr())),
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(
-        level=numeric, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s"
+        level=numeric, stream=_Stderr(), format="%(levelname)s %(name)s %(message)s"
     )

@@ -29,6 +29,11 @@ Format = Literal["toml", "json"]
 E = TypeVar("E", bound=StrEnum)
 
 _MAX_SHOWN_VALUE = 40
+#: Matrix's JSON carries integers up to this (canonical JSON): larger ones would be refused at
+#: run time, in an event.
+MAX_INTEGER = 2**53 - 1
+#: Numbers are durations in seconds, sent as milliseconds: they must fit MAX_INTEGER then.
+MAX_NUMBER = MAX_INTEGER // 1000
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
@@ -237,6 +242,8 @@ class Table:
             self._type_error(key, "an integer", value)
         if minimum is not None and value < minimum:
             self.fail(f"must be at least {minimum}, got {value}", key)
+        if abs(value) > MAX_INTEGER:
+            self.fail(f"must be at most {MAX_INTEGER} (2^53 - 1), got {value}", key)
         return value
 
     def integer(self, key: str, default: int, *, minimum: int | None = None) -> int:
@@ -259,6 +266,8 @@ class Table:
             self.fail(f"must be greater than 0, got {value}", key)
         if minimum is not None and number < minimum:
             self.fail(f"must be at least {minimum:g}, got {value}", key)
+        if abs(number) > MAX_NUMBER:
+            self.fail(f"must be at most {MAX_NUMBER} (seconds), got {value}", key)
         return number
 
     def number(self, key: str, default: float, *, positive: bool = False) -> float:
@@ -312,17 +321,29 @@ class Table:
 # -- reading and parsing files ----------------------------------------------------------------
 
 
+#: Largest DAG or config file read (a 10,000-task DAG is about 500 KB); a device such as
+#: /dev/zero would otherwise be read forever.
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+
+
 def read_text(path: str | Path) -> str:
-    """The file's text, decoded as UTF-8 (a leading byte-order mark is allowed)."""
+    """The file's text, decoded as UTF-8 (a leading byte-order mark is allowed), at most
+    ``MAX_DOCUMENT_BYTES``."""
     name = str(path)
     try:
-        data = Path(path).read_bytes()
+        with Path(path).open("rb") as f:
+            data = f.read(MAX_DOCUMENT_BYTES + 1)
     except FileNotFoundError:
         raise InputError("file not found", file=name) from None
     except IsADirectoryError:
         raise InputError("is a directory, not a file", file=name) from None
     except OSError as exc:
         raise InputError(f"cannot read the file: {exc.strerror or exc}", file=name) from None
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise InputError(
+            f"larger than {MAX_DOCUMENT_BYTES // (1024 * 1024)} MiB: not a DAG or config file",
+            file=name,
+        )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

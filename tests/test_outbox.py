@@ -160,6 +160,31 @@ async def test_flush_times_out_while_the_homeserver_is_away(concurrency: int) ->
     await box.close()
 
 
+async def test_flush_waits_as_long_as_deliveries_go_on() -> None:
+    """A large run's backlog takes longer than the flush timeout to deliver: the timeout is for
+    a homeserver that stopped taking events, not for one that is busy taking them."""
+    r = Recorder()
+    names = [f"e{i}" for i in range(20)]
+    for name in names:
+        r.gates[name] = asyncio.Event()
+    box = Outbox(r.send, concurrency=1)
+    box.start()
+    for name in names:
+        box.post(item(name))
+
+    async def deliver_slowly() -> None:
+        for name in names:  # one every 20 ms: 0.4 s in all, four times the timeout
+            await r.until(lambda name=name: name in r.started)
+            await asyncio.sleep(0.02)
+            r.gates[name].set()
+
+    deliverer = asyncio.create_task(deliver_slowly())
+    assert await box.flush(timeout=0.1)
+    assert r.done == names
+    await deliverer
+    await box.close()
+
+
 class QueueModel:
     """The outbox's rules as first written: the queue as a list, walked for every delivery."""
 

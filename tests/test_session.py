@@ -32,7 +32,7 @@ from cis_bot.session.spawn import SETSID, setsid_failure
 from tests.support.claude import require_claude
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Iterator
 
 SHELL = BUILTIN_PROFILES["shell"]
 FAKE_AGENT = (sys.executable, "-m", "cis_bot.testing.fake_agent")
@@ -263,6 +263,38 @@ async def test_agent_starts_with_default_signal_dispositions(either: Spawner) ->
     lines = done.output.splitlines()
     assert lines[:2] == ["y", "y"]
     assert lines[2].split() == ["SigIgn:", "0000000000000000"]
+
+
+@pytest.fixture
+def parent_ignores_hangups() -> Iterator[None]:
+    """This process as a `cis` started under nohup or as a background job: the signals that
+    survive exec as "ignored"."""
+    signals = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)
+    before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.usefixtures("parent_ignores_hangups")
+async def test_agent_of_a_nohup_parent_starts_with_default_dispositions(either: Spawner) -> None:
+    done = await either.run("grep SigIgn /proc/$$/status")
+    assert done.state is SessionState.COMPLETED
+    assert done.output.split() == ["SigIgn:", "0000000000000000"]
+
+
+@pytest.mark.usefixtures("parent_ignores_hangups")
+async def test_exec_failure_of_a_nohup_parents_agent_is_reported(
+    either: Spawner, tmp_path: Path
+) -> None:
+    script = tmp_path / "agent"
+    script.write_text("#!/nonexistent/interpreter\n")
+    script.chmod(0o755)
+    done = await either.run("x", attrs.evolve(SHELL, argv=(str(script), "{prompt}")))
+    assert done.state is SessionState.FAILED
+    assert done.error is not None
+    assert done.error.startswith(f"cannot execute {str(script)!r}: ")
+    assert "No such file or directory" in done.error
 
 
 # ------------------------------------------------------------------------------- the prompt

@@ -75,7 +75,12 @@ async def test_remote_input_logs_kill_approve_cancel_and_refusals(
     coord, wa, ops, outsider = plans
     admin_id, token = await hs.create_user("admin", admin=True)
     admin = MatrixClient(http, hs.base_url, user_id=admin_id, token=token)
-    write_configs([coord, ops, outsider], hs.base_url, allowed_users=[admin_id, ops.user_id])
+    write_configs([coord], hs.base_url, allowed_users=[admin_id, ops.user_id])
+    # Both read the coordinator's runs; only ops may give the worker orders.
+    write_configs(
+        [ops, outsider], hs.base_url, allowed_users=[admin_id, ops.user_id],
+        coordinators=[coord.user_id],
+    )  # fmt: skip
     write_configs(
         [wa], hs.base_url, allowed_users=[admin_id, coord.user_id, ops.user_id],
         accept_agents=["shell"],
@@ -83,12 +88,13 @@ async def test_remote_input_logs_kill_approve_cancel_and_refusals(
     worker = NodeProcess(wa).start()
     processes: list[Background] = []
     try:
-        room = await run_room(admin, [p.user_id for p in plans])
+        room = await run_room(
+            admin, [p.user_id for p in plans], trusted=[coord.user_id, wa.user_id]
+        )
 
         async def worker_ready() -> bool:
-            return wa.user_id in await joined_members(admin, room) and "wa" in await heartbeats(
-                admin, room
-            )
+            members, beats = await joined_members(admin, room), await heartbeats(admin, room)
+            return wa.user_id in members and wa.user_id in beats
 
         await wait_for(worker_ready, what="the worker to join and heartbeat")
         dag = tmp_path / "dag.toml"

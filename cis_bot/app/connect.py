@@ -7,15 +7,17 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import attrs
+import structlog
 
 from cis_bot.app.localhs import InUse, LocalHomeserverDir
 from cis_bot.config import Config, ExecutionMode
-from cis_bot.errors import UserError
 from cis_bot.matrix.identity import NodeIdentity
-from cis_bot.matrix.node import Node
+from cis_bot.matrix.node import Node, PortInUse
 
 if TYPE_CHECKING:
     from cis_bot.homeserver.server import EmbeddedHomeserver
+
+log = structlog.get_logger(__name__)
 
 
 @attrs.define
@@ -52,7 +54,11 @@ async def open_connection(
     appservice)."""
     if mode is ExecutionMode.LOCAL:
         return await connect_local(
-            state_dir, config.dag.matrix.home_server, run_alias_prefix(config), serve=serve
+            state_dir,
+            config.dag.matrix.home_server,
+            run_alias_prefix(config),
+            serve=serve,
+            allowed_users=config.node.allowed_users,
         )
     return await connect_configured(config, serve=serve)
 
@@ -64,7 +70,12 @@ async def connect_configured(config: Config, *, serve: bool = True) -> Connectio
 
 
 async def connect_local(
-    state_dir: Path, server_name: str, alias_prefix: str, *, serve: bool = True
+    state_dir: Path,
+    server_name: str,
+    alias_prefix: str,
+    *,
+    serve: bool = True,
+    allowed_users: tuple[str, ...] = (),
 ) -> Connection:
     """The local node on the local homeserver in ``state_dir/homeserver``.
 
@@ -72,11 +83,19 @@ async def connect_local(
     anything, another run's only to read (``serve=False``), since it ends with that run. Else
     start it here: the appservice listens first (the registration names its port), then the
     homeserver starts with the registrations in its directory, and says where it answers.
+    ``allowed_users`` (the config's ``[node] allowed_users``) may give the local node orders, as
+    they may any node: from a chat client, commands in a local run's room.
+
+    Local runs share the local node's identity, so on a standalone homeserver one of them at a
+    time receives the node's events: the others run without (a local run needs none: its tasks
+    run here and it is controlled through its socket).
     """
     from cis_bot.homeserver.server import EmbeddedHomeserver
 
     directory = LocalHomeserverDir.of(state_dir)
-    identity = directory.local_identity(server_name, alias_prefix)
+    identity = attrs.evolve(
+        directory.local_identity(server_name, alias_prefix), allowed_users=allowed_users
+    )
     try:
         lock = directory.lock("cis")
     except InUse:
@@ -85,7 +104,14 @@ async def connect_local(
             raise
         node = Node(identity)
         if serve:
-            await node.listen()  # the standalone homeserver knows this port from its start
+            try:
+                await node.listen()  # the standalone homeserver knows this port from its start
+            except PortInUse:
+                log.info(
+                    "local.events_elsewhere",
+                    hint="another local run receives the local node's room events; this one "
+                    "needs none",
+                )
         await node.connect(running[0])
         return Connection(node)
     node = Node(identity)
@@ -98,7 +124,7 @@ async def connect_local(
         if serve:
             try:
                 await node.listen()
-            except UserError:  # the port we used last time is taken now: take another one
+            except PortInUse:  # the port we used last time is taken now: take another one
                 node.identity = attrs.evolve(identity, listen_port=0)
                 node.identity = attrs.evolve(identity, listen_port=await node.listen())
             directory.save_registration(node.identity, alias_prefix)

@@ -20,6 +20,9 @@ from typing import Any
 import attrs
 import structlog
 
+from cis_bot import private
+from cis_bot.app.chat.notices import NoticeSettings, RunNotices
+from cis_bot.app.chat.service import ChatScope, ChatService
 from cis_bot.config import Config, ExecutionMode
 from cis_bot.control.operations import ControlPlane, RunHandle
 from cis_bot.control.service import start_control
@@ -27,9 +30,10 @@ from cis_bot.dag.document import spec_to_document
 from cis_bot.dag.engine import Fact, Outcome, RunEngine, RunEvent, TaskDispatched, TaskFinished
 from cis_bot.dag.report import build_report
 from cis_bot.dag.spec import DagSpec
+from cis_bot.errors import UserError
 from cis_bot.ids import SessionId
 from cis_bot.matrix import events as ev
-from cis_bot.matrix.broadcast import RunRecorder, SessionReporter, Upload
+from cis_bot.matrix.broadcast import RunRecorder, SessionReporter
 from cis_bot.matrix.coordinator import RoomExecutor
 from cis_bot.matrix.node import Node
 from cis_bot.matrix.runs import RoomRun
@@ -76,8 +80,11 @@ class RunPlan:
         )
 
 
-async def announce(node: Node, plan: RunPlan, *, resumed_from: str | None = None) -> None:
-    """Post the run's ``cis.dag.run.created`` (the spec in media when too big for an event)."""
+async def announce(
+    node: Node, plan: RunPlan, *, resumed_from: str | None = None, chat: bool = False
+) -> None:
+    """Post the run's ``cis.dag.run.created`` (the spec in media when too big for an event);
+    ``chat``: the process driving it answers chat commands about it."""
     text = json.dumps(spec_to_document(plan.spec))
     created = ev.RunCreatedContent(
         run_id=plan.run_id,
@@ -87,14 +94,8 @@ async def announce(node: Node, plan: RunPlan, *, resumed_from: str | None = None
         max_workers=plan.max_workers,
         coordinator=node.identity.node_id,
         resumed_from=resumed_from,
+        chat=chat or None,
     )
-    try:
-        ev.encode(created)
-    except ValueError:
-        mxc = await node.upload(
-            text.encode(), mime_type="application/json", filename=f"{plan.run_id}.dag.json"
-        )
-        created = attrs.evolve(created, spec=None, spec_mxc=mxc)
     await node.send(plan.room_id, created)
 
 
@@ -109,13 +110,17 @@ async def drive_run(
     on_started: OnStarted | None = None,
     control: ControlPlane | None = None,
     kind: str = "execute",
+    chat: ChatScope | None = None,
+    own_worker: bool = True,
 ) -> dict[str, Any]:
     """Drive the run to its end; returns its report. Its sessions and the run itself are served
     on ``control`` (this process's control API; without one, the run serves its own as
-    ``kind``)."""
+    ``kind``). ``chat``: answer chat commands in the run's room while it runs (a node answers
+    through its own chat service). ``own_worker``: in hybrid mode, a worker for the tasks others
+    assign to this node (a node that has its worker already says False)."""
     matrix = config.dag.matrix
     paths = RunPaths.of(state_dir, plan.run_id)
-    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    private.make_dirs(paths.run_dir)
     manager = SessionManager()
     worker: Worker | None = None
     started = time.monotonic()
@@ -124,14 +129,21 @@ async def drive_run(
         control = await start_control(node, state_dir, kind=kind)
     unregister: list[Callable[[], None]] = []
     outbox = node.outbox(plan.room_id)
+    service: ChatService | None = None
+    notices: RunNotices | None = None
     try:
+        if chat is not None:
+            service = ChatService(node, control, config, scope=chat)
+            notices = run_notices(node, plan, config, service)
+            observers = [*observers, notices]
+            service.start()
         runs_here = plan.mode is not ExecutionMode.MATRIX
         reporter = None
         if runs_here:
             reporter = SessionReporter(
                 outbox,
                 node_id=node.identity.node_id,
-                upload=uploader(node),
+                upload=node.upload_for_events,
                 interval_ms=matrix.broadcast_interval_ms,
                 broadcast_status=config.dag.hybrid.broadcast_status,
                 broadcast_output=config.dag.hybrid.broadcast_output,
@@ -142,6 +154,7 @@ async def drive_run(
             node_id=node.identity.node_id,
             user_id=node.user_id,
             record_local_dispatch=runs_here,
+            upload=node.upload_for_events,
             reporter=reporter,
         )
         engine = RunEngine.replay(plan.spec, plan.history, max_workers=plan.max_workers)
@@ -155,7 +168,11 @@ async def drive_run(
                 profiles=config.agents,
                 work_dir=work_dir,
             )
-            if plan.mode is ExecutionMode.HYBRID and config.dag.hybrid.accept_remote_tasks:
+            if (
+                plan.mode is ExecutionMode.HYBRID
+                and config.dag.hybrid.accept_remote_tasks
+                and own_worker
+            ):
                 worker = make_worker(node, manager, config, state_dir=state_dir, work_dir=work_dir)
                 worker.start()
         else:
@@ -190,7 +207,7 @@ async def drive_run(
             duration_s=round(time.monotonic() - started, 3),
         )
         report["room_id"] = plan.room_id
-        paths.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        unwritten = _write_report(paths.report, report)
         if worker:
             await worker.stop()
             worker = None
@@ -201,8 +218,14 @@ async def drive_run(
                 pending=outbox.pending,
                 hint="the homeserver did not come back in time; the run itself is complete",
             )
+        if unwritten is not None:
+            raise RunNotRecorded(report, unwritten)
         return report
     finally:
+        if service is not None:
+            await service.close()
+        if notices is not None:
+            await notices.close(timeout=matrix.flush_timeout_secs)
         await outbox.close()
         await manager.close()
         if worker:  # the run failed: stop working for others too
@@ -211,6 +234,49 @@ async def drive_run(
             remove()
         if owned_control:
             await control.close()
+
+
+def chat_scope(config: Config, plan: RunPlan, *, own_room: bool) -> ChatScope | None:
+    """What a run process answers in the chat: its run, in its room (None: chat is off)."""
+    if config.chat.enabled is False:
+        return None
+    return ChatScope(run_id=plan.run_id, room_id=plan.room_id, own_room=own_room)
+
+
+def run_notices(node: Node, plan: RunPlan, config: Config, service: ChatService) -> RunNotices:
+    """The notices of a run driven here, answered through ``service``."""
+    chat = config.chat
+    return RunNotices(
+        node,
+        room_id=plan.room_id,
+        run_id=plan.run_id,
+        index=service.index,
+        settings=NoticeSettings(chat.prefix, chat.command_power_level, node.identity.allowed_users),
+        people=service.facts,
+    )
+
+
+class RunNotRecorded(UserError):
+    """The run ended, but its report could not be written (a full disk): the report is here."""
+
+    exit_code = 1
+
+    def __init__(self, report: dict[str, Any], message: str) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def _write_report(path: Path, report: dict[str, Any]) -> str | None:
+    """Write the report; why it could not be, or None."""
+    try:
+        private.write_file(path, json.dumps(report, indent=2) + "\n")
+    except OSError as exc:
+        log.error("run.report_unwritten", path=str(path), error=str(exc))
+        return (
+            f"run {report['run_id']} {report['status']}, but its report could not be written to "
+            f"{path}: {exc.strerror or exc}"
+        )
+    return None
 
 
 def _room_of_session(plan: RunPlan, worker: Worker | None) -> Callable[[str], str | None]:
@@ -259,18 +325,16 @@ def _pick_up_open_attempts(
             )
 
 
-def uploader(node: Node) -> Upload:
-    """The node's media upload, as the session reporter calls it."""
-
-    async def upload(data: bytes, mime_type: str, filename: str) -> str:
-        return await node.upload(data, mime_type=mime_type, filename=filename)
-
-    return upload
-
-
 def make_worker(
-    node: Node, manager: SessionManager, config: Config, *, state_dir: Path, work_dir: Path
+    node: Node,
+    manager: SessionManager,
+    config: Config,
+    *,
+    state_dir: Path,
+    work_dir: Path,
+    chat: bool = False,
 ) -> Worker:
+    """The node's worker; ``chat``: its heartbeats say the node answers chat commands."""
     return Worker(
         node,
         manager,
@@ -282,4 +346,5 @@ def make_worker(
         interval_ms=config.dag.matrix.broadcast_interval_ms,
         broadcast_output=config.dag.hybrid.broadcast_output,
         heartbeat_secs=config.node.heartbeat_secs,
+        chat=chat,
     )

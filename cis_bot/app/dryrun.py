@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import attrs
 import structlog
 
+from cis_bot import private
 from cis_bot.errors import UserError
 from cis_bot.session.profiles import BUILTIN_PROFILES
 from cis_bot.testing.claude_home import find_claude, prepare_claude_home
@@ -109,6 +110,7 @@ async def dry_run(
     work_dirs = {work_dir, *(work_dir / t.work_dir for t in spec.tasks if t.work_dir)}
     async with FakeAnthropic(default=EchoReply(ECHO_PREFIX)) as fake:
         try:
+            private.make_dirs(base)
             home = prepare_claude_home(
                 base / "home", base_url=fake.url, work_dirs=sorted(work_dirs), max_retries=0
             )

@@ -9,7 +9,8 @@ from typing import Any
 import attrs
 
 from cis_bot.app.connect import open_connection, run_alias_prefix
-from cis_bot.app.drive import OnStarted, RunPlan, announce, drive_run
+from cis_bot.app.drive import OnStarted, RunPlan, announce, chat_scope, drive_run
+from cis_bot.app.localhs import LocalHomeserverDir
 from cis_bot.config import Config, ExecutionMode
 from cis_bot.dag.spec import DagSpec, resolve_stakeholders
 from cis_bot.ids import new_run_id
@@ -40,10 +41,13 @@ async def execute(
         node = connection.node
         run_id = new_run_id()
         if request.mode is ExecutionMode.LOCAL:
+            watchers = request.config.dag.local.watchers
+            if watchers is None:
+                watchers = tuple(LocalHomeserverDir.of(request.state_dir).human_accounts())
             room_id = await node.create_room(
                 name=f"DAG {request.spec.name} · run {run_id}",
                 alias=f"{run_alias_prefix(request.config)}{run_id}",
-                public=True,
+                invite=watchers,
             )
         else:
             assert request.room is not None
@@ -51,7 +55,8 @@ async def execute(
         # Stakeholders CIS names by user name are users of the coordinator's homeserver.
         spec = resolve_stakeholders(request.spec, node.user_id.partition(":")[2])
         plan = RunPlan(run_id, room_id, spec, request.mode, request.max_workers)
-        await announce(node, plan)
+        chat = chat_scope(request.config, plan, own_room=request.mode is ExecutionMode.LOCAL)
+        await announce(node, plan, chat=chat is not None)
         return await drive_run(
             node,
             plan,
@@ -60,6 +65,7 @@ async def execute(
             work_dir=request.work_dir,
             observers=observers,
             on_started=on_started,
+            chat=chat,
         )
     finally:
         await connection.close()

@@ -23,6 +23,7 @@ from typing import IO, Any
 import attrs
 import yaml
 
+from cis_bot import private
 from cis_bot.errors import UserError
 from cis_bot.matrix.identity import NodeIdentity
 
@@ -56,6 +57,12 @@ class LocalHomeserverDir:
     def endpoint(self) -> Path:
         return self.path / "endpoint.json"
 
+    def human_accounts(self) -> list[str]:
+        """The people's accounts on this homeserver (``cis homeserver add-user``'s)."""
+        from cis_bot.homeserver.server import DB_NAME, human_accounts
+
+        return human_accounts(self.path / DB_NAME)
+
     def registrations(self) -> list[Path]:
         return sorted((self.path / "appservices").glob("*.yaml"))
 
@@ -86,18 +93,16 @@ class LocalHomeserverDir:
         return identity
 
     def save_registration(self, identity: NodeIdentity, alias_prefix: str) -> None:
-        self.registration.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private.make_dirs(self.registration.parent)
         url = f"http://127.0.0.1:{identity.listen_port}"
         text = yaml.safe_dump(identity.registration(url=url, room_alias_prefix=alias_prefix))
-        tmp = self.registration.with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.chmod(0o600)
-        tmp.replace(self.registration)
+        private.write_file(self.registration, text)
 
     def lock(self, what: str) -> IO[str]:
         """Hold the directory (released when the returned file is closed); InUse if taken."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        handle = (self.path / "lock").open("a+")
+        private.make_dirs(self.path)
+        fd = private.open_file(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_APPEND)
+        handle = os.fdopen(fd, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -115,7 +120,7 @@ class LocalHomeserverDir:
         """Say where the homeserver on this directory answers: ``standalone`` for ``cis
         homeserver`` (local runs may use it), else a run's own (for readers only)."""
         data = {"base_url": base_url, "pid": os.getpid(), "standalone": standalone}
-        self.endpoint.write_text(json.dumps(data))
+        private.write_file(self.endpoint, json.dumps(data))
 
     def withdraw_endpoint(self) -> None:
         self.endpoint.unlink(missing_ok=True)

@@ -7,6 +7,8 @@ Modules import their heavy dependencies inside the handler, so ``cis homeserver`
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -66,3 +68,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
+    except OSError as exc:  # the machine said no (a full disk, a vanished directory)
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"cis: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+
+
+def _reader_gone() -> int:
+    """Whoever read our output went away (``cis dag status | head``): stop without a word, as
+    Unix tools do when SIGPIPE ends them, and with their exit status."""
+    # What is still buffered would fail again when Python flushes stdout at exit.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE

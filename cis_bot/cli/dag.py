@@ -9,7 +9,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -174,7 +174,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _execute(args: argparse.Namespace) -> int:
     from cis_bot.app.execute import RunRequest
-    from cis_bot.config import ExecutionMode, default_state_dir
+    from cis_bot.config import ExecutionMode, open_state_dir
 
     parser: argparse.ArgumentParser = args.parser
     if args.workers:
@@ -204,15 +204,28 @@ def _execute(args: argparse.Namespace) -> int:
         config=config,
         mode=mode,
         max_workers=args.max_workers or spec.max_workers or config.dag.local.max_workers,
-        state_dir=args.state_dir or default_state_dir(),
+        state_dir=open_state_dir(args.state_dir),
         work_dir=Path.cwd(),
         room=args.room,
     )
-    report = asyncio.run(_run(request, as_json=args.json, dry_run=args.dry_run))
-    if args.json:
+    return _finish(lambda: _run(request, as_json=args.json, dry_run=args.dry_run), args.json)
+
+
+def _finish(run: Callable[[], Coroutine[Any, Any, dict[str, Any]]], as_json: bool) -> int:
+    """Run, print the report, exit 0 when the run completed (and was recorded), else 1."""
+    from cis_bot.app.drive import RunNotRecorded
+
+    problem = None
+    try:
+        report = asyncio.run(run())
+    except RunNotRecorded as exc:
+        report, problem = exc.report, exc
+    if as_json:
         print(json.dumps(report, indent=2))
     else:
         print(f"run {report['run_id']} {report['status']} in {report['duration_s']:.2f}s")
+    if problem is not None:
+        raise problem
     return 0 if report["status"] == "completed" else 1
 
 
@@ -278,12 +291,12 @@ async def _with_progress(
 
 
 def _reader_mode(args: argparse.Namespace) -> tuple[Config, ExecutionMode, Path]:
-    from cis_bot.config import ExecutionMode, default_state_dir, load_config
+    from cis_bot.config import ExecutionMode, load_config, open_state_dir
 
     config = load_config(args.config)
     local = args.local or not config.node.homeserver
     mode = ExecutionMode.LOCAL if local else ExecutionMode(config.dag.execution_mode)
-    return config, mode, args.state_dir or default_state_dir()
+    return config, mode, open_state_dir(args.state_dir)
 
 
 async def _read(args: argparse.Namespace) -> list[RoomRun]:
@@ -294,7 +307,8 @@ async def _read(args: argparse.Namespace) -> list[RoomRun]:
     connection = await open_connection(config, mode, state_dir, serve=False)
     try:
         node = connection.node
-        return await read_runs(node, await joined_rooms(node, args.room))
+        rooms = await joined_rooms(node, args.room)
+        return await read_runs(node, rooms, node.identity.trusted_coordinators)
     finally:
         await connection.close()
 
@@ -335,12 +349,7 @@ def _created_at(summary: dict[str, Any]) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    report = asyncio.run(_resume_run(args))
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(f"run {report['run_id']} {report['status']} in {report['duration_s']:.2f}s")
-    return 0 if report["status"] == "completed" else 1
+    return _finish(lambda: _resume_run(args), args.json)
 
 
 async def _resume_run(args: argparse.Namespace) -> dict[str, Any]:

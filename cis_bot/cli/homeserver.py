@@ -4,7 +4,8 @@ account to its database (``cis homeserver add-user``, safe while the server runs
 ``--state-dir`` is cis's state directory, as for every command: the homeserver lives in its
 ``homeserver/`` (see ``cis_bot/app/localhs.py``), the one local runs use. While ``cis homeserver``
 runs there, local runs use it instead of starting their own, so a Matrix client pointed at it
-sees their rooms live (they are public: join ``#dag-<run_id>:<server>``).
+sees their rooms live (each run invites the accounts ``add-user`` made; see docs/matrix.md's
+trust model).
 
 Nothing heavy is imported until a handler runs, and the server path avoids rich/mautrix so the
 first ``/versions`` answers within half a second of process start.
@@ -142,17 +143,17 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _state_dir(given: Path | None) -> Path:
-    from cis_bot.config import default_state_dir
+    from cis_bot.config import open_state_dir
 
-    return given or default_state_dir()
+    return open_state_dir(given)
 
 
 def run_add_user(args: argparse.Namespace) -> int:
+    from cis_bot import private
     from cis_bot.homeserver.server import new_account, store_account
     from cis_bot.homeserver.storage.store import Store
 
-    state_dir = _state_dir(args.user_state_dir) / "homeserver"
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = private.make_dirs(_state_dir(args.user_state_dir) / "homeserver")
     try:
         store = Store(state_dir / "homeserver.db")
     except Exception as exc:  # sqlite3.Error, or a newer schema

@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     node.add_argument(
         "--coordinator",
         action="store_true",
-        help="also resume coordinating the unfinished runs this node started",
+        help="coordinate: resume the unfinished runs this node started, and answer chat "
+        "commands in its rooms (docs/chat.md)",
     )
     node.add_argument("--state-dir", type=Path, metavar="D", help="where sessions keep files")
     node.add_argument("--log-level", default="info", help=argparse.SUPPRESS)
@@ -42,10 +43,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _node(args: argparse.Namespace) -> int:
     from cis_bot.app.serve import serve_node
-    from cis_bot.config import default_state_dir, load_config
+    from cis_bot.config import load_config, open_state_dir
 
     config = load_config(args.config)
-    state_dir = args.state_dir or default_state_dir()
+    state_dir = open_state_dir(args.state_dir)
 
     async def run() -> None:
         task = asyncio.create_task(
@@ -67,27 +68,36 @@ def _generate(args: argparse.Namespace) -> int:
     import tomlkit
     import yaml
 
+    from cis_bot import private
     from cis_bot.config import load_config
     from cis_bot.matrix.identity import NodeIdentity
 
     config = load_config(args.config)
     if not config.node.id:
         raise UserError(f"{args.config}: [node] needs an id (this node's name) first")
+    output: Path = args.output
+    if output.is_dir():
+        raise UserError(f"-o {output} is a directory: give the registration file's path")
+    if not output.parent.is_dir():
+        raise UserError(f"-o {output}: no directory {output.parent}")
+    if output.exists() and output.samefile(args.config):
+        raise UserError(
+            f"-o {output} is the config itself: the registration goes to a file of its own"
+        )
     document = tomlkit.parse(args.config.read_text(encoding="utf-8"))
     node_table = document.setdefault("node", tomlkit.table())
     for key in ("as_token", "hs_token"):
         if not node_table.get(key):
             node_table[key] = secrets.token_urlsafe(32)
-    args.config.write_text(tomlkit.dumps(document), encoding="utf-8")
-    args.config.chmod(0o600)
+    # The config now holds secrets: for its owner only, written whole or not at all.
+    private.write_file(args.config, tomlkit.dumps(document))
     config = load_config(args.config)
     identity = NodeIdentity.from_config(config, require_homeserver=False)
-    args.output.write_text(
+    private.write_file(
+        output,
         "# Appservice registration for cis_bot node "
         f"{identity.node_id!r}; the homeserver loads it (Synapse: app_service_config_files).\n"
         + yaml.safe_dump(identity.registration(), sort_keys=False),
-        encoding="utf-8",
     )
-    args.output.chmod(0o600)
-    print(f"wrote {args.output} for {identity.user_id}")
+    print(f"wrote {output} for {identity.user_id}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import sys
 import time
 from typing import TYPE_CHECKING, TextIO
@@ -46,19 +47,27 @@ _STYLES = {
 
 
 class PlainProgress:
-    """One line per thing that happened, for logs and pipes."""
+    """One line per thing that happened, for logs and pipes. A reader that goes away (``| head``)
+    ends the lines, not the run."""
 
     def __init__(self, stream: TextIO = sys.stdout) -> None:
         self.stream = stream
+        self.closed = False
 
     def __enter__(self) -> PlainProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stream.flush()
+        with contextlib.suppress(BrokenPipeError):
+            self.stream.flush()
 
     def _line(self, task_id: str, text: str) -> None:
-        print(f"{time.strftime('%H:%M:%S')} {task_id}: {text}", file=self.stream, flush=True)
+        if self.closed:
+            return
+        try:
+            print(f"{time.strftime('%H:%M:%S')} {task_id}: {text}", file=self.stream, flush=True)
+        except BrokenPipeError:
+            self.closed = True
 
     def on_run_event(self, event: RunEvent, engine: RunEngine) -> None:
         match event:

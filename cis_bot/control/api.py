@@ -41,6 +41,7 @@ from cis_bot.control import registry
 from cis_bot.control.operations import ControlPlane, ControlSettings, OperationError, tail_offset
 from cis_bot.errors import UserError
 from cis_bot.session.session import AgentSession, SessionError
+from cis_bot.validation import check_text
 
 log = structlog.get_logger(__name__)
 
@@ -427,7 +428,28 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         raise OperationError("the request body is not JSON", 400) from None
     if not isinstance(body, dict):
         raise OperationError("the request body is not a JSON object", 400)
+    problem = _unicode_problem(body)
+    if problem:
+        raise OperationError(f"the request body {problem}", 400)
     return body
+
+
+def _unicode_problem(value: object) -> str | None:
+    """Why a parsed JSON value cannot be used as text (JSON escapes can spell a lone surrogate,
+    which no text encoding takes), or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            problem = check_text(item)
+            if problem:
+                return problem
+    return None
 
 
 def _optional_str(body: dict[str, Any], key: str) -> str | None:

@@ -254,7 +254,10 @@ class ControlPlane:
 
     async def send_input(self, session_id: str, text: str, *, newline: bool) -> dict[str, Any]:
         session = self.session(session_id)
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise OperationError("the input is not valid Unicode (a lone surrogate)", 400) from None
         if len(data) > self.settings.max_input_bytes:
             raise OperationError(
                 f"input of {len(data)} bytes is over the limit ({self.settings.max_input_bytes})",

@@ -28,6 +28,7 @@ from typing import Any
 import attrs
 import structlog
 
+from cis_bot import private
 from cis_bot.errors import UserError
 
 log = structlog.get_logger(__name__)
@@ -109,7 +110,7 @@ def control_dir(state_dir: Path) -> Path:
 
 def private_dir(path: Path) -> Path:
     """Create ``path`` (0700) or check that an existing one is ours and private."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private.make_dirs(path)
     info = path.stat()
     if info.st_uid != os.getuid():
         raise UserError(f"{path} belongs to another user: refusing to put a control socket there")

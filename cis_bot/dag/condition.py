@@ -22,6 +22,7 @@ of a task that never ran) is unequal to everything and not ordered.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Collection, Mapping
 from enum import StrEnum
 
@@ -322,6 +323,7 @@ class _Parser:
         if word in _KEYWORDS:
             raise self.error(token, f"{word!r} cannot stand here (expected a value)")
         task, dot, name = word.rpartition(".")
+        task = unicodedata.normalize("NFC", task)  # as task ids are compared
         if dot and name in _FIELD_NAMES:
             if task not in self.deps:
                 raise self.error(

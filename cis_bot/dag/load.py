@@ -262,9 +262,11 @@ def _parse_tasks(
         )
         task = parsed.task
         if task.id in position:
+            spelled = tables[position[task.id]].data.get("id") != table.data.get("id")
             raise InputError(
                 f"duplicate task id {task.id!r}: tasks #{position[task.id] + 1} and "
-                f"#{index + 1} both use it",
+                f"#{index + 1} both use it"
+                + (" (spelled differently, the same text in Unicode NFC)" if spelled else ""),
                 file=dag.file,
                 task=task.id,
                 key="id",
@@ -335,9 +337,29 @@ def _unknown_skills(
     )
 
 
+#: Besides letters, marks and digits (any script: CIS DAGs name tasks in Chinese too), the
+#: characters a task id may hold.
+TASK_ID_PUNCTUATION = "._-+=@~#(),[]"
+#: Marks and letters that show nothing: an id holding one looks like another id.
+_INVISIBLE = frozenset(
+    [0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x3164, 0xFFA0]
+    + list(range(0x180B, 0x1810))
+    + list(range(0xFE00, 0xFE10))
+    + list(range(0xE0100, 0xE01F0))
+)
+
+
+def normal_task_id(task_id: str) -> str:
+    """A task id as it is compared and stored: Unicode NFC, so that two spellings of one text
+    (precomposed 'é', or 'e' and a combining accent) are one id, not two that look the same."""
+    return unicodedata.normalize("NFC", task_id)
+
+
 def task_id_problem(task_id: str) -> str | None:
     """Why ``task_id`` cannot be a task id, or None. Ids appear in session ids
-    (``run:task:attempt``) and name the files ``<id>.txt`` in ``CIS_UPSTREAM_DIR``."""
+    (``run:task:attempt``), in room events and tables people read, and name the files
+    ``<id>.txt`` in ``CIS_UPSTREAM_DIR``: letters, marks and digits of any script, and
+    ``TASK_ID_PUNCTUATION``; nothing invisible, nothing that reorders text."""
     if not task_id:
         return "it is empty"
     if any(ch.isspace() for ch in task_id):
@@ -348,11 +370,27 @@ def task_id_problem(task_id: str) -> str | None:
         return "it contains a slash (the id names the file holding the task's output)"
     if task_id in {".", ".."}:
         return "it is '.' or '..'"
-    if any(unicodedata.category(ch) in {"Cc", "Cs"} for ch in task_id):
-        return "it contains a control character"
-    if len(task_id.encode("utf-8")) > MAX_TASK_ID_BYTES:
+    if len(task_id.encode("utf-8", "surrogatepass")) > MAX_TASK_ID_BYTES:
         return f"it is longer than {MAX_TASK_ID_BYTES} bytes"
+    for ch in task_id:
+        category = unicodedata.category(ch)
+        if category in ("Cc", "Cs"):
+            return f"it contains a control character ({_described(ch)})"
+        if ord(ch) in _INVISIBLE or category in ("Cf", "Co", "Cn"):
+            return f"it contains {_described(ch)}, which is invisible or reorders text"
+        if category[0] not in "LMN" and ch not in TASK_ID_PUNCTUATION:
+            return (
+                f"it contains {_described(ch)}; task ids hold letters, digits and "
+                f"{' '.join(TASK_ID_PUNCTUATION)}"
+            )
+    if unicodedata.category(task_id[0]).startswith("M"):
+        return f"it starts with {_described(task_id[0])}, a mark that belongs to a letter"
     return None
+
+
+def _described(ch: str) -> str:
+    name = unicodedata.name(ch, "")
+    return f"U+{ord(ch):04X}" + (f" ({name})" if name else "")
 
 
 @attrs.frozen
@@ -374,7 +412,7 @@ def _parse_task(
     """One task, what its table wrote in so many words, and the skill no folder had."""
     if "id" not in table:
         table.fail("missing required key 'id' (every task needs a unique id)", "id")
-    task_id = table.string("id")
+    task_id = normal_task_id(table.string("id"))
     problem = task_id_problem(task_id)
     if problem:
         table.fail(f"invalid task id {task_id!r}: {problem}", "id")
@@ -382,7 +420,7 @@ def _parse_task(
     t.reject_unknown(_TASK_KEYS, aliases=_TASK_ALIASES, unsupported=_CIS_ELSEWHERE)
 
     deps_key = one_of(t, "deps", "depends_on") or "deps"
-    deps = t.string_list(deps_key) or ()
+    deps = tuple(normal_task_id(dep) for dep in t.string_list(deps_key) or ())
     seen: set[str] = set()
     for dep in deps:
         if dep in seen:
@@ -411,7 +449,7 @@ def _parse_task(
     timeout = t.opt_number("timeout_secs", positive=True)
     if timeout is None and config is not None:
         timeout = config.timeout_secs
-    reuse = t.opt_string("reuse_agent", nonempty=True)
+    reuse = _task_reference(t, "reuse_agent")
     agent, text, template = _resolve_agent(
         t,
         agents=agents,
@@ -439,7 +477,7 @@ def _parse_task(
         level=level,
         trigger=t.choice("trigger", Trigger, Trigger.ALL_SUCCESS),
         prompt_template=template,
-        on_failure=t.opt_string("on_failure", nonempty=True),
+        on_failure=_task_reference(t, "on_failure"),
         rollback=rollback,
         idempotent=t.boolean("idempotent", True),
         keep_agent=t.boolean("keep_agent", False),
@@ -455,6 +493,12 @@ def _parse_task(
         condition=t.opt_string("condition", nonempty=True),
     )
     return _Parsed(spec, written, missing_skill, skill.notes if skill else ())
+
+
+def _task_reference(t: Table, key: str) -> str | None:
+    """A key whose value names another task (compared as task ids are)."""
+    value = t.opt_string(key, nonempty=True)
+    return None if value is None else normal_task_id(value)
 
 
 def _resolve_agent(

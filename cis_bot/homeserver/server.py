@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sqlite3
 from typing import TYPE_CHECKING
 
 import structlog
 
-from cis_bot.errors import InputError
+from cis_bot import private
+from cis_bot.errors import InputError, UserError
 from cis_bot.homeserver.appservice.registration import load_registrations
 from cis_bot.homeserver.config import CONFIG_NAME, HomeserverConfig
 from cis_bot.homeserver.errors import TOO_LARGE, MatrixError
@@ -209,6 +211,17 @@ def store_account(store: Store, user_id: str, password_hash: str, admin: bool) -
         raise ValueError(f"user {user_id} already exists") from None
 
 
+def human_accounts(database: Path) -> list[str]:
+    """The people's accounts in a homeserver database (none when it does not exist yet)."""
+    if not database.exists():
+        return []
+    store = Store(database)
+    try:
+        return store.human_users()
+    finally:
+        store.close()
+
+
 class EmbeddedHomeserver:
     """A loopback Matrix homeserver on SQLite, started inside the caller's event loop."""
 
@@ -256,14 +269,19 @@ class EmbeddedHomeserver:
             raise RuntimeError("the homeserver is already started")
         appservices = load_registrations(self.appservice_files, self.server_name)
         config = self.config or HomeserverConfig.load(self.state_dir / CONFIG_NAME)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        hs = Homeserver(
-            state_dir=self.state_dir,
-            server_name=self.server_name,
-            appservices=appservices,
-            config=config,
-            max_upload_size=self.max_upload_size,
-        )
+        try:
+            private.make_dirs(self.state_dir)
+            hs = Homeserver(
+                state_dir=self.state_dir,
+                server_name=self.server_name,
+                appservices=appservices,
+                config=config,
+                max_upload_size=self.max_upload_size,
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise UserError(
+                f"cannot open the homeserver's database in {self.state_dir}: {exc}"
+            ) from None
         self.hs = hs
         try:
             http = HttpServer(

@@ -6,7 +6,8 @@ as media when the session ends). Used by the worker and by local execution alike
 
 ``RunRecorder``: the engine's events -> the run log (assignments, claims, decisions, the run's
 end), plus one human-readable ``m.notice`` table per run, edited in place with ``m.replace`` so a
-person in Element sees progress.
+person in Element sees progress. A large run's table is summarised in the notice (counts per
+status, the tasks that need a look first); at its end the full table follows as a file.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import structlog
@@ -32,7 +32,7 @@ from cis_bot.dag.engine import (
 )
 from cis_bot.dag.spec import TaskSpec
 from cis_bot.matrix import events as ev
-from cis_bot.matrix.node import outgoing
+from cis_bot.matrix.node import Upload, outgoing
 from cis_bot.matrix.outbox import Outbox, Outgoing
 from cis_bot.matrix.runlog import decision_content, ms
 from cis_bot.run.attempt import rollback_task
@@ -46,8 +46,6 @@ from cis_bot.session.events import (
 )
 
 log = structlog.get_logger(__name__)
-
-Upload = Callable[[bytes, str, str], Awaitable[str]]
 
 #: Transcripts larger than this are uploaded by their end only.
 TRANSCRIPT_UPLOAD_LIMIT = 8 * 1024 * 1024
@@ -163,7 +161,7 @@ class SessionReporter:
             self._flush_handle = loop.call_later(self.interval_s, self.flush)
 
     def _post(self, payload: ev.EventContent, *, droppable: bool = False) -> None:
-        self.outbox.post(outgoing(payload, droppable=droppable))
+        self.outbox.post(outgoing(payload, droppable=droppable, upload=self.upload))
 
     def _post_completed(
         self, event: SessionCompleted, run_id: str, task_id: str, attempt: int
@@ -176,11 +174,12 @@ class SessionReporter:
             status=str(event.state),
             exit_code=event.exit_code,
             error=ev.clip(event.error, ev.REASON_CHARS),
-            output=ev.clip(event.output, ev.OUTPUT_SUMMARY_CHARS) or "",
+            output=ev.clip(event.output, ev.OUTPUT_SUMMARY_CHARS, max_bytes=ev.OUTPUT_SUMMARY_BYTES)
+            or "",
             duration_ms=round(event.duration_s * 1000),
         )
-        item = outgoing(payload)
         upload = self.upload
+        item = outgoing(payload, upload=upload)
         if upload is not None:
             transcript = event.transcript_path
 
@@ -230,11 +229,14 @@ class RunRecorder:
         node_id: str,
         user_id: str,
         record_local_dispatch: bool,
+        upload: Upload | None = None,
         reporter: SessionReporter | None = None,
         lease_ms: int = 60_000,
         notice_interval_s: float = 2.0,
     ) -> None:
         self.outbox = outbox
+        #: Where documents too large for an event go (a long prompt, a large run's table).
+        self.upload = upload
         self.run_id = run_id
         self.node_id = node_id
         self.user_id = user_id
@@ -243,7 +245,9 @@ class RunRecorder:
         #: Reports this node's own sessions (local execution).
         self.reporter = reporter
         self.lease_ms = lease_ms
-        self.notice = StatusNotice(outbox, run_id=run_id, interval_s=notice_interval_s)
+        self.notice = StatusNotice(
+            outbox, run_id=run_id, interval_s=notice_interval_s, upload=upload
+        )
 
     def on_run_event(self, event: RunEvent, engine: RunEngine) -> None:
         rid = self.run_id
@@ -273,6 +277,7 @@ class RunRecorder:
                 upstream_tasks=task.deps,
                 task=json.dumps(task_to_document(task)),
                 timestamp=ms(at),
+                local=True,
             )
         )
 
@@ -297,7 +302,7 @@ class RunRecorder:
             self.notice.blocked.pop(task_id, None)
 
     def _post(self, payload: ev.EventContent) -> None:
-        self.outbox.post(outgoing(payload))
+        self.outbox.post(outgoing(payload, upload=self.upload))
 
 
 _ICONS = {
@@ -312,25 +317,66 @@ _ICONS = {
 }
 
 
-def status_table(engine: RunEngine, run_id: str, blocked: dict[str, str]) -> tuple[str, str]:
-    """(plain text, HTML) of a run's status, for people reading the room."""
-    head = f"DAG {engine.spec.name} — run {run_id}: {engine.status}"
-    lines, rows = [head], []
-    for tid, record in engine.tasks.items():
+#: A notice lists every task up to this many; a larger run's lists the first ones (those that
+#: need a look first) and counts the rest. With the detail's bound, the notice stays far below
+#: the event size limit, even as an edit (which carries it twice).
+NOTICE_ROWS = 30
+NOTICE_DETAIL_CHARS = 100
+
+
+def status_table(
+    engine: RunEngine, run_id: str, blocked: dict[str, str], *, rows: int = NOTICE_ROWS
+) -> tuple[str, str]:
+    """(plain text, HTML) of a run's status, for people reading the room: every task, or for a
+    run of more than ``rows`` tasks, the counts per status and the first ``rows`` tasks, the
+    blocked, failed and unfinished first."""
+    head = f"DAG {ev.clip(engine.spec.name, 200)} — run {run_id}: {engine.status}"
+    tasks = list(engine.tasks.items())
+    lines, cells = [head], []
+    if len(tasks) > rows:
+        counts: dict[str, int] = {}
+        for tid, record in tasks:
+            status = "blocked" if tid in blocked else str(record.status)
+            counts[status] = counts.get(status, 0) + 1
+        summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        lines.append(f"{len(tasks)} tasks: {summary}")
+        tasks = sorted(tasks, key=lambda item: _look_first(item[0], item[1].status, blocked))
+    for tid, record in tasks[:rows]:
         status = "blocked" if tid in blocked else str(record.status)
         icon = "⛔" if tid in blocked else _ICONS.get(record.status, "⏳")
-        detail = blocked.get(tid) or record.reason or ""
+        detail = ev.clip(blocked.get(tid) or record.reason or "", NOTICE_DETAIL_CHARS) or ""
         attempts = len(record.attempts)
         lines.append(f"{icon} {tid}: {status} (attempt {attempts}) {detail}".rstrip())
-        rows.append(
+        cells.append(
             f"<tr><td>{icon}</td><td><code>{_html(tid)}</code></td><td>{status}</td>"
             f"<td>{attempts}</td><td>{_html(detail)}</td></tr>"
         )
+    more = ""
+    if len(tasks) > rows:
+        more = f"… and {len(tasks) - rows} more tasks"
+        lines.append(more)
+        more = f"<p>{more}</p>"
+    intro = "".join(f"<p>{_html(line)}</p>" for line in lines[1:2] if len(engine.tasks) > rows)
     html = (
-        f"<p><b>{_html(head)}</b></p><table><tr><th></th><th>task</th><th>status</th>"
-        f"<th>attempts</th><th>detail</th></tr>{''.join(rows)}</table>"
+        f"<p><b>{_html(head)}</b></p>{intro}<table><tr><th></th><th>task</th><th>status</th>"
+        f"<th>attempts</th><th>detail</th></tr>{''.join(cells)}</table>{more}"
     )
     return "\n".join(lines), html
+
+
+def _look_first(task_id: str, status: TaskStatus, blocked: dict[str, str]) -> int:
+    if task_id in blocked:
+        return 0
+    if status.is_failure or status is TaskStatus.CANCELLED:
+        return 1
+    if not status.is_terminal:
+        return 2
+    return 3 if status is TaskStatus.SKIPPED else 4
+
+
+def full_table(engine: RunEngine, run_id: str) -> str:
+    """Every task's line, as text (a large run's notice links it as a file)."""
+    return status_table(engine, run_id, {}, rows=len(engine.tasks))[0] + "\n"
 
 
 def _html(text: str) -> str:
@@ -338,12 +384,16 @@ def _html(text: str) -> str:
 
 
 class StatusNotice:
-    """One m.notice per run, sent once and then edited in place (throttled)."""
+    """One m.notice per run, sent once and then edited in place (throttled). At the end of a run
+    too large for the notice to list every task, the full table follows as a file."""
 
-    def __init__(self, outbox: Outbox, *, run_id: str, interval_s: float) -> None:
+    def __init__(
+        self, outbox: Outbox, *, run_id: str, interval_s: float, upload: Upload | None = None
+    ) -> None:
         self.outbox = outbox
         self.run_id = run_id
         self.interval_s = interval_s
+        self.upload = upload
         self.blocked: dict[str, str] = {}
         self._event_id: str | None = None
         self._in_flight = False
@@ -361,6 +411,26 @@ class StatusNotice:
                 self._timer = None
             self._last_sent = 0.0
         self._maybe_send()
+        if final and len(engine.tasks) > NOTICE_ROWS and self.upload is not None:
+            self._post_full_table(engine, self.upload)
+
+    def _post_full_table(self, engine: RunEngine, upload: Upload) -> None:
+        data = full_table(engine, self.run_id).encode()
+        filename = f"run-{self.run_id}.tasks.txt"
+        content: dict[str, object] = {
+            "msgtype": "m.file",
+            "body": filename,
+            "filename": filename,
+            "info": {"mimetype": "text/plain", "size": len(data)},
+        }
+
+        async def attach(item: Outgoing) -> None:
+            item.content["url"] = await upload(data, "text/plain; charset=utf-8", filename)
+
+        # After the final notice (same key), which says the file follows.
+        self.outbox.post(
+            Outgoing("m.room.message", content, prepare=attach, key=f"notice:{self.run_id}")
+        )
 
     def _maybe_send(self) -> None:
         if not self._dirty or self._in_flight or self._engine is None:
@@ -371,6 +441,11 @@ class StatusNotice:
                 self._timer = asyncio.get_running_loop().call_later(wait, self._on_timer)
             return
         text, html = status_table(self._engine, self.run_id, self.blocked)
+        if self._engine.finished and len(self._engine.tasks) > NOTICE_ROWS and self.upload:
+            text += f"\nEvery task: run-{self.run_id}.tasks.txt, next in the room."
+            html += (
+                f"<p>Every task: <code>run-{self.run_id}.tasks.txt</code>, next in the room.</p>"
+            )
         content: dict[str, object] = {
             "msgtype": "m.notice",
             "body": text,

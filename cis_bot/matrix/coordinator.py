@@ -1,10 +1,15 @@
 """The coordinator's executor for matrix mode: dispatches become assignments to worker nodes.
 
-Workers announce themselves with ``cis.node.heartbeat`` state events (agents, capacity, load).
-A dispatch goes to a live worker that runs the task's agent, chosen round-robin or least-loaded
-(its reported load plus what we assigned it since). With no such worker the dispatch waits for
-one to appear, and fails after ``no_worker_timeout``. Claims and completions come back through
-the room and count only from the worker the attempt was assigned to.
+Workers announce themselves with ``cis.node.heartbeat`` state events (agents, capacity, load),
+each keyed by the worker's own Matrix user id: the user is the worker's identity, its node id a
+name. A heartbeat counts only from a user this node trusts to work for it (``Node.trusts_worker``:
+itself, ``[node] workers``, an allowed user, or a member at ``assign_power_level`` in the room);
+a member at power level 0 announcing itself gets no work, and cannot speak for another user.
+
+A dispatch goes to a live trusted worker that runs the task's agent, chosen round-robin or
+least-loaded (its reported load plus what we assigned it since). With no such worker the dispatch
+waits for one to appear, and fails after ``no_worker_timeout``. Claims and completions come back
+through the room and count only from the user the attempt was assigned to.
 """
 
 from __future__ import annotations
@@ -28,19 +33,18 @@ from cis_bot.ids import SessionId
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.node import Node, outgoing
 from cis_bot.matrix.outbox import Outbox
-from cis_bot.matrix.runlog import finished_fact, parse_room_event, started_fact
+from cis_bot.matrix.runlog import RoomEvent, finished_fact, parse_room_event, started_fact
 from cis_bot.run.driver import RunDriver
+from cis_bot.session.events import SessionBlocked, SessionState, SessionStateChanged
 
 log = structlog.get_logger(__name__)
-
-#: Upstream outputs bigger than this (JSON bytes) travel as a media upload, not in the event.
-INLINE_UPSTREAM_BYTES = 24 * 1024
 
 
 @attrs.define
 class WorkerInfo:
+    #: The worker's identity.
     user_id: str
-    #: Its newest heartbeat.
+    #: Its newest heartbeat (its node id, for display and assignments' ``assigned_to``).
     beat: ev.NodeHeartbeatContent
     #: Attempts we assigned it that have not completed.
     in_flight: set[str] = attrs.Factory(set)
@@ -55,7 +59,7 @@ class _Attempt:
     task: TaskSpec
     dispatch: TaskDispatched
     upstream: dict[str, str]
-    worker: str | None = None
+    #: The user id of the worker it was assigned to.
     worker_user: str | None = None
     waiting_since: float = attrs.Factory(time.monotonic)
     done: bool = False
@@ -84,7 +88,10 @@ class RoomExecutor:
         self.lease_ms = lease_ms
         self.no_worker_timeout = no_worker_timeout
         self.drain_timeout = drain_timeout
+        #: Trusted workers by user id.
         self.workers: dict[str, WorkerInfo] = {}
+        #: Heartbeats already refused: (sender, why), logged once each.
+        self._refused: set[tuple[str, str]] = set()
         self._attempts: dict[tuple[str, int], _Attempt] = {}
         self._waiting: list[_Attempt] = []
         self._rr = itertools.count()
@@ -107,7 +114,7 @@ class RoomExecutor:
     def adopt(self, task: TaskSpec, dispatch: TaskDispatched, worker_user: str) -> None:
         """An attempt assigned before a restart, still out on a worker (from the run log)."""
         self._attempts[(task.id, dispatch.attempt)] = _Attempt(
-            task, dispatch, {}, worker=None, worker_user=worker_user
+            task, dispatch, {}, worker_user=worker_user
         )
 
     # --- Executor --------------------------------------------------------------------------------
@@ -147,14 +154,14 @@ class RoomExecutor:
 
     # --- assignment ------------------------------------------------------------------------------
 
-    def _candidates(self, agent: str, node: str | None) -> list[tuple[str, WorkerInfo]]:
+    def _candidates(self, agent: str, node: str | None) -> list[WorkerInfo]:
         now = ev.now_ms()
         return [
-            (node_id, info)
-            for node_id, info in self.workers.items()
+            info
+            for info in self.workers.values()
             if info.beat.alive_at(now)
             and agent in info.beat.agents
-            and (node is None or node_id == node)
+            and (node is None or info.beat.node_id == node)
         ]
 
     def _requirement(self, task: TaskSpec) -> str:
@@ -179,20 +186,13 @@ class RoomExecutor:
         turn = next(self._rr) % len(candidates)
         candidates = candidates[turn:] + candidates[:turn]
         if self.policy is Assignment.ROUND_ROBIN:
-            node_id, info = candidates[0]
+            info = candidates[0]
         else:
-            node_id, info = min(candidates, key=lambda c: c[1].load)
+            info = min(candidates, key=lambda c: c.load)
+        node_id = info.beat.node_id
         task, dispatch = attempt.task, attempt.dispatch
         sid = str(SessionId(self.run_id, task.id, dispatch.attempt))
-        upstream: dict[str, str] | None = dict(attempt.upstream)
-        upstream_mxc = None
-        if len(json.dumps(upstream).encode()) > INLINE_UPSTREAM_BYTES:
-            data = json.dumps(upstream).encode()
-            upstream_mxc = await self.node.upload(
-                data, mime_type="application/json", filename=f"{sid}.upstream.json"
-            )
-            upstream = None
-        attempt.worker, attempt.worker_user = node_id, info.user_id
+        attempt.worker_user = info.user_id
         info.in_flight.add(sid)
         self.outbox.post(
             outgoing(
@@ -207,12 +207,13 @@ class RoomExecutor:
                     lease_ms=self.lease_ms,
                     upstream_tasks=task.deps,
                     task=json.dumps(task_to_document(task)),
-                    upstream=upstream,
-                    upstream_mxc=upstream_mxc,
-                )
+                    upstream=dict(attempt.upstream),
+                ),
+                # Upstream outputs, then a long task, go to media when they make it too large.
+                upload=self.node.upload_for_events,
             )
         )
-        log.info("coordinator.assigned", session_id=sid, worker=node_id)
+        log.info("coordinator.assigned", session_id=sid, worker=node_id, user=info.user_id)
         return True
 
     async def _retry_waiting(self) -> None:
@@ -247,7 +248,7 @@ class RoomExecutor:
             return
         payload = event.content
         if isinstance(payload, ev.NodeHeartbeatContent):
-            self._on_heartbeat(event.sender, payload)
+            await self._on_heartbeat(event, payload)
         elif isinstance(payload, ev.TaskClaimedContent | ev.SessionCompletedContent):
             if payload.run_id != self.run_id:
                 return
@@ -263,21 +264,76 @@ class RoomExecutor:
                 record.done = True
                 if payload.transcript:
                     self.transcripts[(payload.task_id, payload.attempt)] = payload.transcript
-                if record.worker in self.workers:
-                    self.workers[record.worker].in_flight.discard(payload.session_id)
+                if record.worker_user in self.workers:
+                    self.workers[record.worker_user].in_flight.discard(payload.session_id)
                 self.driver.submit(finished_fact(payload))
+        elif isinstance(payload, ev.SessionBlockedContent | ev.SessionStateContent):
+            self._tell_observers(event.sender, payload)
         self._wake()
+
+    def _tell_observers(
+        self, sender: str, payload: ev.SessionBlockedContent | ev.SessionStateContent
+    ) -> None:
+        """A worker says one of our attempts is blocked, or running again: the observers (the
+        status notice, the chat's notices) hear it as they would of a session run here."""
+        sid = SessionId.parse_or_none(payload.session_id)
+        if payload.run_id != self.run_id or sid is None or sid.run_id != self.run_id:
+            return
+        record = self._attempts.get((sid.task_id, sid.attempt))
+        if record is None or record.worker_user != sender or record.done:
+            return
+        event: SessionBlocked | SessionStateChanged
+        if isinstance(payload, ev.SessionBlockedContent):
+            event = SessionBlocked(payload.session_id, payload.reason, payload.output_preview)
+        else:
+            try:
+                old, new = SessionState(payload.old_state), SessionState(payload.new_state)
+            except ValueError:
+                return
+            event = SessionStateChanged(payload.session_id, old, new, payload.reason)
+        for observer in self.driver.observers:
+            observer.on_session_event(event, sid.task_id, sid.attempt)
 
     def _wake(self) -> None:
         self._retry_wake.set()
         self._drain_wake.set()
 
-    def _on_heartbeat(self, sender: str, beat: ev.NodeHeartbeatContent) -> None:
-        known = self.workers.get(beat.node_id)
-        if known is not None and known.user_id != sender:
-            log.warning("heartbeat.impostor", node=beat.node_id, sender=sender, owner=known.user_id)
+    async def _on_heartbeat(self, event: RoomEvent, beat: ev.NodeHeartbeatContent) -> None:
+        sender = event.sender
+        if event.state_key != sender:
+            # A heartbeat keyed by a node id is from a room cis_bot used before heartbeats were
+            # bound to their sender: anyone could have written it.
+            self._refuse(
+                sender,
+                "heartbeat.not_own_key",
+                state_key=event.state_key,
+                node=beat.node_id,
+                hint="a heartbeat counts only under its sender's own user id as state key; "
+                "old nodes keyed it by node id: upgrade them",
+            )
             return
+        if not await self.node.trusts_worker(self.room_id, sender):
+            # Checked at every beat: a worker whose power was taken away gets no more work.
+            self.workers.pop(sender, None)
+            self._refuse(
+                sender,
+                "heartbeat.untrusted",
+                node=beat.node_id,
+                hint=f"to let it work for this coordinator, give {sender} power level "
+                f"{self.node.identity.assign_power_level} in the room, or list it in the "
+                "coordinator's [node] workers",
+            )
+            return
+        self._refused.discard((sender, "heartbeat.untrusted"))
+        known = self.workers.get(sender)
         if known is None:
-            self.workers[beat.node_id] = WorkerInfo(sender, beat)
+            self.workers[sender] = WorkerInfo(sender, beat)
+            log.info("coordinator.worker_joined", user=sender, node=beat.node_id)
         elif beat.timestamp >= known.beat.timestamp:
             known.beat = beat
+
+    def _refuse(self, sender: str, event_name: str, **fields: object) -> None:
+        """Log a refused heartbeat once per sender and reason (they repeat every few seconds)."""
+        if (sender, event_name) not in self._refused:
+            self._refused.add((sender, event_name))
+            log.warning(event_name, room_id=self.room_id, sender=sender, **fields)

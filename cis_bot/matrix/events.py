@@ -11,8 +11,11 @@ Every content carries ``"v": 1``, ``run_id`` (except the node heartbeat and the 
 requests and replies, which belong to no run's log) and ``timestamp`` (ms).
 ``decode(event_type, content)`` turns a room event's content into its class or raises
 :class:`InvalidEvent` naming the type and the key; handlers log and drop those, never crash.
-``content.content()`` is what goes on the wire. Sizes are bounded so no event nears Matrix's
-65,536-byte limit: long texts are cut (keeping their end) before they are sent.
+``content.content()`` is what goes on the wire. No event may near Matrix's 65,536-byte limit:
+long texts are cut (keeping their end, within a budget of encoded bytes) before they are sent;
+a content whose documents make it too large moves them to media (``fit``: the run's spec, a
+task's document and upstream outputs, a run's full task table); ``encode`` refuses anything
+still over ``MAX_CONTENT_BYTES`` with :class:`ContentTooLarge`, whatever its type.
 
 The first block is the run's own story (creation, assignments, claims, sessions, its end) and
 the workers' heartbeats; the second holds the coordinator's decisions, so that the room alone
@@ -41,19 +44,59 @@ PREVIEW_CHARS = 2_000
 REASON_CHARS = 500
 
 
+#: A task's output in an event, as JSON-encoded bytes (it reaches downstream tasks).
+OUTPUT_SUMMARY_BYTES = 24 * 1024
+#: How many tasks a summarised run.completed lists.
+SUMMARY_TASKS = 100
+
+
 class InvalidEvent(Exception):
     """A ``cis.*`` event whose content does not match the catalogue."""
+
+
+class ContentTooLarge(ValueError):
+    """A content that cannot be sent: over ``MAX_CONTENT_BYTES`` even with its documents in
+    media."""
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def clip(text: str | None, limit: int) -> str | None:
-    """Keep the end of a long text (the end of an output is where conclusions and errors are)."""
-    if text is None or len(text) <= limit:
+def clip(text: str | None, limit: int, *, max_bytes: int | None = None) -> str | None:
+    """Keep the end of a long text (the end of an output is where conclusions and errors are):
+    at most ``limit`` characters and, with ``max_bytes``, at most that many bytes once JSON-encoded
+    (a control character takes six)."""
+    if text is None:
+        return None
+    if len(text) > limit:
+        text = "…" + text[-(limit - 1) :]
+    if max_bytes is None or _json_bytes(text) <= max_bytes:
         return text
-    return "…" + text[-(limit - 1) :]
+    kept, size = 0, len("…".encode())
+    for ch in reversed(text):
+        size += _json_char_bytes(ch)
+        if size > max_bytes:
+            break
+        kept += 1
+    return "…" + text[len(text) - kept :]
+
+
+def _json_bytes(text: str) -> int:
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass")) - 2
+
+
+def _json_char_bytes(ch: str) -> int:
+    if ch in '"\\\b\f\n\r\t':
+        return 2
+    if ch < " " or "\ud800" <= ch <= "\udfff":
+        return 6
+    return len(ch.encode())
+
+
+#: What ``fit`` moves out of a content: the field that will hold the upload's mxc URI, and the
+#: document (its bytes, a file name).
+Media = dict[str, tuple[bytes, str]]
 
 
 P = TypeVar("P", bound="EventContent")
@@ -62,6 +105,9 @@ P = TypeVar("P", bound="EventContent")
 @attrs.frozen(kw_only=True)
 class EventContent(abc.ABC):
     TYPE: ClassVar[str] = ""
+    #: A state event type: sent with a state key (the sender's own user id, see
+    #: NodeHeartbeatContent), which the content does not carry.
+    IS_STATE: ClassVar[bool] = False
 
     timestamp: int = attrs.field(factory=now_ms)
 
@@ -72,10 +118,10 @@ class EventContent(abc.ABC):
             **{k: list(v) if isinstance(v, tuple) else v for k, v in body.items() if v is not None},
         }
 
-    @property
-    def state_key(self) -> str | None:
-        """The key of a state event; None for message events."""
-        return None
+    def fit(self) -> tuple[EventContent, Media]:
+        """This content with its documents moved to media, for when it is too large to send
+        (the caller uploads each and sets its field); as it is for types without documents."""
+        return self, {}
 
     @classmethod
     @abc.abstractmethod
@@ -115,6 +161,14 @@ class RunCreatedContent(RunContent):
     coordinator: str
     #: The run this one resumes (its completed tasks are carried over).
     resumed_from: str | None = None
+    #: Its coordinator answers chat commands about it in the room while it runs (docs/chat.md).
+    chat: bool | None = None
+
+    def fit(self) -> tuple[RunCreatedContent, Media]:
+        if self.spec is None:
+            return self, {}
+        media = {"spec_mxc": (self.spec.encode(), f"{self.run_id}.dag.json")}
+        return attrs.evolve(self, spec=None), media
 
     @classmethod
     def from_table(cls, t: Table) -> RunCreatedContent:
@@ -131,6 +185,7 @@ class RunCreatedContent(RunContent):
             max_workers=_required_int(t, "max_workers", minimum=1),
             coordinator=_required_string(t, "coordinator"),
             resumed_from=t.opt_string("resumed_from", nonempty=True),
+            chat=t.opt_boolean("chat"),
         )
 
 
@@ -151,17 +206,35 @@ class TaskAssignedContent(RunContent):
     lease_ms: int
     upstream_tasks: tuple[str, ...] = ()
     #: The task as JSON text (see RunCreatedContent.spec) of a table in dag.json's layout,
-    #: resolved (its agent and prompt explicit).
-    task: str = "{}"
+    #: resolved (its agent and prompt explicit); in a media upload (``task_mxc``) when large.
+    task: str | None = "{}"
+    task_mxc: str | None = None
     #: Upstream outputs inline when small, else in a JSON media upload.
     upstream: dict[str, str] | None = None
     upstream_mxc: str | None = None
+    #: The coordinator runs the attempt itself (local and hybrid execution): a record of the
+    #: dispatch for the log, not an order; no worker claims it (not even the coordinator's own).
+    local: bool | None = None
+
+    def fit(self) -> tuple[TaskAssignedContent, Media]:
+        """Upstream outputs first, then the task's document (its prompt may be long), go to
+        media; ``upstream_tasks``, which the document repeats, goes."""
+        sid = f"{self.run_id}_{self.task_id}_{self.attempt}"
+        media: Media = {}
+        fitted = self
+        if self.upstream:
+            media["upstream_mxc"] = (json.dumps(self.upstream).encode(), f"{sid}.upstream.json")
+            fitted = attrs.evolve(fitted, upstream=None)
+        if _size(fitted.content()) > MAX_CONTENT_BYTES and self.task is not None:
+            media["task_mxc"] = (self.task.encode(), f"{sid}.task.json")
+            fitted = attrs.evolve(fitted, task=None, upstream_tasks=())
+        return fitted, media
 
     @classmethod
     def from_table(cls, t: Table) -> TaskAssignedContent:
         fields = cls.fields_of(t)
-        task = _json_object_text(t, "task", required=True)
-        assert task is not None
+        task_mxc = t.opt_string("task_mxc", nonempty=True)
+        task = _json_object_text(t, "task", required=task_mxc is None)
         return cls(
             **fields,
             task_id=_required_string(t, "task_id"),
@@ -173,8 +246,10 @@ class TaskAssignedContent(RunContent):
             lease_ms=_required_int(t, "lease_ms", minimum=1),
             upstream_tasks=t.string_list("upstream_tasks") or (),
             task=task,
+            task_mxc=task_mxc,
             upstream=t.string_map("upstream"),
             upstream_mxc=t.opt_string("upstream_mxc", nonempty=True),
+            local=t.opt_boolean("local"),
         )
 
 
@@ -322,8 +397,28 @@ class RunCompletedContent(RunContent):
     TYPE = "cis.dag.run.completed"
 
     status: str
-    #: task id -> final status
+    #: task id -> final status: every task, or (``counts`` set) the first ones of a large run,
+    #: the failed and unfinished first.
     tasks: dict[str, str] = attrs.field(factory=dict)
+    #: A large run's summary: how many tasks ended in each status...
+    counts: dict[str, int] | None = None
+    #: ... and every task's status (a JSON object, as ``tasks``) in a media upload.
+    tasks_mxc: str | None = None
+
+    def fit(self) -> tuple[RunCompletedContent, Media]:
+        counts: dict[str, int] = {}
+        for status in self.tasks.values():
+            counts[status] = counts.get(status, 0) + 1
+        first = sorted(self.tasks.items(), key=lambda item: _SUMMARY_ORDER.get(item[1], 0))
+        shown: dict[str, str] = {}
+        budget = MAX_CONTENT_BYTES // 2
+        for task_id, status in first[:SUMMARY_TASKS]:
+            budget -= len(task_id.encode()) + len(status) + 8
+            if budget < 0:
+                break
+            shown[task_id] = status
+        media = {"tasks_mxc": (json.dumps(self.tasks).encode(), f"{self.run_id}.tasks.json")}
+        return attrs.evolve(self, tasks=shown, counts=counts), media
 
     @classmethod
     def from_table(cls, t: Table) -> RunCompletedContent:
@@ -334,12 +429,34 @@ class RunCompletedContent(RunContent):
             **cls.fields_of(t),
             status=status,
             tasks=t.string_map("tasks") or {},
+            counts=_count_map(t, "counts"),
+            tasks_mxc=t.opt_string("tasks_mxc", nonempty=True),
         )
+
+
+#: A summary lists the tasks that need a look first: failed, then unfinished, then the rest.
+_SUMMARY_ORDER = {
+    "failed": -9,
+    "timeout": -8,
+    "cancelled": -7,
+    "running": -6,
+    "dispatched": -5,
+    "awaiting_approval": -4,
+    "ready": -3,
+    "pending": -2,
+    "skipped": -1,
+}
 
 
 @attrs.frozen(kw_only=True)
 class NodeHeartbeatContent(EventContent):
+    """A worker's presence, as a state event whose key is the worker's own Matrix user id: the
+    Matrix auth rules (every room version) let only that user set a state key that starts with
+    its ``@user``, so a heartbeat cannot be forged for another user. The user is the worker's
+    identity; ``node_id`` is its name, for display and for people to address it."""
+
     TYPE = "cis.node.heartbeat"
+    IS_STATE = True
 
     node_id: str
     #: Agent profiles this node will run.
@@ -349,10 +466,8 @@ class NodeHeartbeatContent(EventContent):
     load: int
     #: A node whose last heartbeat is older than this is presumed gone.
     ttl_ms: int
-
-    @property
-    def state_key(self) -> str:
-        return self.node_id
+    #: It answers chat commands in the room (docs/chat.md: who answers).
+    chat: bool | None = None
 
     @property
     def expires_at(self) -> int:
@@ -371,6 +486,7 @@ class NodeHeartbeatContent(EventContent):
             max_workers=_required_int(t, "max_workers", minimum=1),
             load=_required_int(t, "load", minimum=0),
             ttl_ms=_required_int(t, "ttl_ms", minimum=1),
+            chat=t.opt_boolean("chat"),
         )
 
 
@@ -667,11 +783,16 @@ def decode(event_type: str, content: object) -> EventContent:
 
 
 def encode(payload: EventContent) -> tuple[str, dict[str, Any]]:
-    """(event type, content) ready to send; refuses content over the size bound."""
+    """(event type, content) ready to send; ContentTooLarge, naming the largest field, for a
+    content over the size bound (``fit`` first moves what it can to media)."""
     content = payload.content()
     size = _size(content)
     if size > MAX_CONTENT_BYTES:
-        raise ValueError(f"{payload.TYPE} content is {size} bytes, over {MAX_CONTENT_BYTES}")
+        largest = max(content, key=lambda key: _size({key: content[key]}))
+        raise ContentTooLarge(
+            f"{payload.TYPE} content is {size} bytes, over the {MAX_CONTENT_BYTES}-byte bound "
+            f"(its largest field is {largest!r})"
+        )
     return payload.TYPE, content
 
 
@@ -680,6 +801,13 @@ def _size(content: Mapping[str, Any]) -> int:
         return len(json.dumps(content, ensure_ascii=False).encode())
     except (TypeError, ValueError):
         return MAX_CONTENT_BYTES + 1
+
+
+def _count_map(t: Table, key: str) -> dict[str, int] | None:
+    sub = t.table(key)
+    if sub is None:
+        return None
+    return {name: sub.integer(name, 0, minimum=0) for name in sub.data}
 
 
 def _json_object_text(t: Table, key: str, *, required: bool) -> str | None:

@@ -31,10 +31,20 @@ class NodeIdentity:
     listen_port: int = 0
     allowed_users: tuple[str, ...] = ()
     assign_power_level: int = 50
+    #: Users, besides this node's own, whose runs it reads as theirs to coordinate.
+    coordinators: tuple[str, ...] = ()
+    #: Users this node, coordinating, hands tasks to without a power level in the room.
+    workers: tuple[str, ...] = ()
 
     @property
     def user_id(self) -> str:
         return f"@{self.localpart}:{self.server_name}"
+
+    @property
+    def trusted_coordinators(self) -> frozenset[str]:
+        """Whose ``cis.dag.run.created`` makes a run for this node: its own user, and the
+        ``[node] coordinators`` of its config."""
+        return frozenset((self.user_id, *self.coordinators))
 
     @property
     def registration_id(self) -> str:
@@ -64,6 +74,8 @@ class NodeIdentity:
             listen_port=node.listen_port,
             allowed_users=node.allowed_users,
             assign_power_level=node.assign_power_level,
+            coordinators=node.coordinators,
+            workers=node.workers,
         )
 
     def registration(

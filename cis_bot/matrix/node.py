@@ -36,9 +36,11 @@ from mautrix.types import (
     DeviceID,
     DeviceLists,
     DeviceOTKCount,
+    PowerLevelStateEventContent,
     RoomAlias,
     RoomCreatePreset,
     RoomID,
+    StateEvent,
     UserID,
 )
 from yarl import URL
@@ -56,6 +58,33 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 Listener = Callable[[str, Mapping[str, Any]], Awaitable[None]]
+#: A media upload: (data, mime type, file name) -> mxc URI.
+Upload = Callable[[bytes, str, str], Awaitable[str]]
+
+#: In rooms a node creates, the power level needed to post the run log's events (every
+#: ``cis.dag.*`` type but the control requests): a level a member at 0 does not have.
+RUN_LOG_POWER_LEVEL = 50
+
+
+def run_room_event_levels() -> dict[str, int]:
+    """Power levels of our event types in the rooms a node creates.
+
+    The run log is for the node alone (``RUN_LOG_POWER_LEVEL``). Heartbeats stay at 0: workers
+    need not be moderators to announce themselves, and the auth rules let a user set only its
+    own ``@user`` state key. Control requests and replies stay at 0 too: whoever may give a node
+    orders (an allowed user, who may have no power in the room) must be able to ask, and the
+    node checks the sender of each (``Node.authorised``).
+    """
+    levels = {}
+    for event_type, cls in ev.CATALOGUE.items():
+        control = issubclass(cls, ev.ControlRequestContent | ev.ControlReplyContent)
+        open_to_members = control or cls is ev.NodeHeartbeatContent
+        levels[event_type] = 0 if open_to_members else RUN_LOG_POWER_LEVEL
+    return levels
+
+
+class PortInUse(UserError):
+    """The appservice's port is taken (another process serves this node)."""
 
 
 class MemoryASStateStore(MemoryStateStore, ASStateStore):
@@ -114,6 +143,8 @@ class Node:
         # after its answer was lost).
         self._seen: set[str] = set()
         self._seen_order: collections.deque[str] = collections.deque()
+        # Each room's power levels and creation event, kept current from the pushed events.
+        self._powers: dict[str, tuple[PowerLevelStateEventContent, StateEvent | None]] = {}
 
     @property
     def user_id(self) -> str:
@@ -140,7 +171,7 @@ class Node:
         try:
             sock = socket.create_server((host, port))
         except OSError as exc:
-            raise UserError(
+            raise PortInUse(
                 f"cannot listen on {host}:{port} for the appservice ({exc.strerror}); is "
                 "another `cis node` running with this config?"
             ) from None
@@ -201,6 +232,7 @@ class Node:
             room_id = event.get("room_id")
             if not isinstance(room_id, str) or self._already_seen(event.get("event_id")):
                 continue
+            self._follow_power_levels(room_id, event)
             if self._is_invite_for_me(event):
                 await self._on_invite(room_id, event)
                 continue
@@ -261,32 +293,38 @@ class Node:
         return str(room_id)
 
     async def create_room(
-        self,
-        *,
-        name: str,
-        alias: str | None = None,
-        public: bool = False,
-        invite: tuple[str, ...] = (),
+        self, *, name: str, alias: str | None = None, invite: tuple[str, ...] = ()
     ) -> str:
-        """A room for runs, created by this node (so it holds the top power level); anyone
-        joined may post heartbeats (a state event, which rooms otherwise reserve for moderators).
+        """A room for runs, created by this node (so it holds the top power level): invite
+        only, out of the room directory, the run log for the node alone (see
+        ``run_room_event_levels``); ``invite`` are people who may read it, at power level 0
+        (they are invited one by one: one that cannot be invited is logged, not fatal).
         """
         room_id = await self.intent.create_room(
             alias_localpart=alias,
-            preset=RoomCreatePreset.PUBLIC if public else RoomCreatePreset.PRIVATE,
+            preset=RoomCreatePreset.PRIVATE,
             name=name,
-            invitees=[UserID(u) for u in invite],
             power_level_override={
-                # Room version 12 forbids listing the creator here: creators outrank everyone.
-                "users": {u: 50 for u in invite},
-                "events": {ev.NodeHeartbeatContent.TYPE: 0},
+                # Room version 12 forbids listing the creator in "users": creators outrank
+                # everyone. Who reads the room is the owner's choice: members do not invite.
+                "invite": RUN_LOG_POWER_LEVEL,
+                "events": run_room_event_levels(),
             },
         )
+        for user_id in invite:
+            try:
+                await self.intent.invite_user(room_id, UserID(user_id))
+            except MatrixRequestError as exc:
+                log.warning("room.invite_failed", room_id=room_id, user=user_id, error=exc.message)
         return str(room_id)
 
     async def send(self, room_id: str, payload: ev.EventContent) -> str:
-        """Send now (raises on failure); most callers post through an ``outbox`` instead."""
-        return await self.send_outgoing(room_id, outgoing(payload))
+        """Send now (raises on failure; documents too large for the event go to media first);
+        most callers post through an ``outbox`` instead."""
+        item = outgoing(payload, upload=self.upload_for_events)
+        if item.prepare is not None:
+            await item.prepare(item)
+        return await self.send_outgoing(room_id, item)
 
     async def send_outgoing(self, room_id: str, item: Outgoing) -> str:
         # Straight to the client-server API, on the node's HTTP session: mautrix's IntentAPI
@@ -331,17 +369,37 @@ class Node:
         return box
 
     async def power_level(self, room_id: str, user_id: str) -> int:
-        levels = await self.intent.get_power_levels(RoomID(room_id))
-        return int(levels.get_user_level(UserID(user_id)))
+        """``user_id``'s power level in the room (a creator of a room version 12 room outranks
+        every level)."""
+        powers = self._powers.get(room_id)
+        if powers is None:
+            powers = self._powers[room_id] = _room_powers(await self.room_state(room_id))
+        levels, create = powers
+        return int(levels.get_user_level(UserID(user_id), create))
 
-    async def authorised(self, room_id: str, user_id: str) -> bool:
-        """May ``user_id`` give this node orders in this room?"""
+    def _follow_power_levels(self, room_id: str, event: Mapping[str, Any]) -> None:
+        """A power level change takes effect at once: a demoted user loses its say."""
+        if event.get("type") == "m.room.power_levels" and event.get("state_key") == "":
+            known = self._powers.get(room_id)
+            if known is not None:
+                self._powers[room_id] = (_power_levels(event.get("content")), known[1])
+
+    async def authorised(self, room_id: str, user_id: str, *, level: int | None = None) -> bool:
+        """May ``user_id`` give this node orders in this room: itself, an allowed user, or a
+        member at ``level`` (default: ``assign_power_level``; chat commands pass theirs)?"""
         if user_id == self.user_id or user_id in self.identity.allowed_users:
             return True
+        needed = self.identity.assign_power_level if level is None else level
         try:
-            return await self.power_level(room_id, user_id) >= self.identity.assign_power_level
+            return await self.power_level(room_id, user_id) >= needed
         except MatrixRequestError:
             return False
+
+    async def trusts_worker(self, room_id: str, user_id: str) -> bool:
+        """May this node, coordinating a run in this room, hand ``user_id`` tasks (their
+        upstream outputs with them) and take its results? Itself, a user of ``[node] workers``,
+        and whoever it takes orders from in the room."""
+        return user_id in self.identity.workers or await self.authorised(room_id, user_id)
 
     async def history(self, room_id: str, *, page: int = 500) -> AsyncIterator[dict[str, Any]]:
         """The room's events, oldest first (read backwards from now, then reversed per page)."""
@@ -365,6 +423,10 @@ class Node:
 
     async def upload(self, data: bytes, *, mime_type: str, filename: str) -> str:
         return str(await self.intent.upload_media(data, mime_type=mime_type, filename=filename))
+
+    async def upload_for_events(self, data: bytes, mime_type: str, filename: str) -> str:
+        """``upload`` as an :data:`Upload` (what events' documents and transcripts use)."""
+        return await self.upload(data, mime_type=mime_type, filename=filename)
 
     async def download(self, mxc: str) -> bytes:
         data: bytes = await self.intent.download_media(ContentURI(mxc))
@@ -391,16 +453,76 @@ async def _request_error(response: aiohttp.ClientResponse) -> MatrixRequestError
     )
 
 
-def outgoing(payload: ev.EventContent, *, droppable: bool = False) -> Outgoing:
+def _power_levels(content: object) -> PowerLevelStateEventContent:
+    try:
+        return PowerLevelStateEventContent.deserialize(
+            JSON(content if isinstance(content, dict) else {})
+        )
+    except Exception:  # malformed levels: nobody gets more than the defaults
+        log.warning("room.power_levels_invalid")
+        return PowerLevelStateEventContent()
+
+
+def _room_powers(
+    state: list[dict[str, Any]],
+) -> tuple[PowerLevelStateEventContent, StateEvent | None]:
+    levels = PowerLevelStateEventContent()
+    create: StateEvent | None = None
+    for raw in state:
+        if raw.get("state_key") != "":
+            continue
+        if raw.get("type") == "m.room.power_levels":
+            levels = _power_levels(raw.get("content"))
+        elif raw.get("type") == "m.room.create":
+            try:
+                create = StateEvent.deserialize(JSON(raw))
+            except Exception:
+                log.warning("room.create_event_invalid", event_id=raw.get("event_id"))
+    return levels, create
+
+
+def outgoing(
+    payload: ev.EventContent,
+    *,
+    droppable: bool = False,
+    state_key: str | None = None,
+    upload: Upload | None = None,
+) -> Outgoing:
     """An event to post; its ordering key keeps each task's events in order (run-wide events
-    order against everything, see Outbox)."""
-    event_type, content = ev.encode(payload)
+    order against everything, see Outbox). A state event type needs its ``state_key``.
+
+    A content too large for an event has its documents moved to media (``EventContent.fit``):
+    they are uploaded through ``upload`` just before the event is first sent. ContentTooLarge
+    when that is not enough, or there is no ``upload``."""
+    if (state_key is not None) != payload.IS_STATE:
+        raise ValueError(f"{payload.TYPE}: a state key goes with state event types, and only them")
+    media: ev.Media = {}
+    try:
+        event_type, content = ev.encode(payload)
+    except ev.ContentTooLarge:
+        payload, media = payload.fit()
+        if media and upload is None:
+            raise
+        event_type, content = ev.encode(payload)
     key: str | None = None
     if isinstance(payload, ev.NodeHeartbeatContent):
-        key = f"heartbeat:{payload.node_id}"
+        key = f"heartbeat:{state_key}"
     elif isinstance(payload, ev.RunContent) and isinstance(task_id := content.get("task_id"), str):
         key = task_key(payload.run_id, task_id)
     elif isinstance(payload, ev.SessionContent):
         sid = SessionId.parse_or_none(payload.session_id)
         key = sid.task_key if sid else payload.session_id
-    return Outgoing(event_type, content, state_key=payload.state_key, droppable=droppable, key=key)
+    item = Outgoing(event_type, content, state_key=state_key, droppable=droppable, key=key)
+    if media:
+        assert upload is not None
+        item.prepare = _uploading(media, upload)
+    return item
+
+
+def _uploading(media: ev.Media, upload: Upload) -> Callable[[Outgoing], Awaitable[None]]:
+    async def prepare(item: Outgoing) -> None:
+        for field, (data, filename) in media.items():
+            if field not in item.content:  # not uploaded by an earlier try
+                item.content[field] = await upload(data, "application/json", filename)
+
+    return prepare

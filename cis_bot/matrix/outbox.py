@@ -9,7 +9,8 @@ While the homeserver is unreachable (connection errors, 5xx, 429) sending pauses
 with backoff, reusing each event's transaction id so a retry cannot duplicate it. The queue is
 bounded: when it is full, droppable events (output samples) are dropped first, oldest first;
 other events are never dropped. A 4xx answer (forbidden, too large) is logged and the event
-skipped: retrying would not help.
+skipped: retrying would not help. An event that repeats (a heartbeat) may take the refusal itself
+(``on_rejected``), to say it once rather than at every repetition.
 
 Finding the next events to send costs O(log n) however long the queue: the queue is kept as
 stretches between barriers, each with a FIFO per key and a heap of the keys whose next event is
@@ -45,6 +46,8 @@ class Outgoing:
     #: Runs just before the first send attempt and may fill in the content (an upload's mxc).
     prepare: Callable[[Outgoing], Awaitable[None]] | None = None
     on_sent: Callable[[str], None] | None = None
+    #: Told of a 4xx refusal instead of the log.
+    on_rejected: Callable[[MatrixRequestError], None] | None = None
     txn_id: str = attrs.Factory(lambda: secrets.token_hex(8))
     prepared: bool = False
     in_flight: bool = False
@@ -204,12 +207,18 @@ class Outbox:
         return self._queued
 
     async def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything posted so far is delivered; False if ``timeout`` ran out."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        """Wait until everything posted so far is delivered, for as long as deliveries go on:
+        False once ``timeout`` passes without one (the homeserver is away), however long the
+        queue (a large run's last events take their time, and must not be cut off)."""
+        while True:
+            settled = self.sent + self.rejected + self.dropped
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                if self.sent + self.rejected + self.dropped == settled:
+                    return False
+                continue
+            return True
 
     async def close(self) -> None:
         for task in [self._task, *self._workers]:
@@ -294,13 +303,16 @@ class Outbox:
             if exc.http_status == 429 or exc.http_status >= 500:
                 raise _Offline from exc
             self.rejected += 1
-            log.error(
-                "outbox.rejected",
-                type=item.event_type,
-                status=exc.http_status,
-                errcode=exc.errcode,
-                error=exc.message,
-            )
+            if item.on_rejected is not None:
+                item.on_rejected(exc)
+            else:
+                log.error(
+                    "outbox.rejected",
+                    type=item.event_type,
+                    status=exc.http_status,
+                    errcode=exc.errcode,
+                    error=exc.message,
+                )
         except (MatrixConnectionError, aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise _Offline from exc
         except Exception:  # a bug must cost one event, not every event after it

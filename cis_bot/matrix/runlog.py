@@ -1,13 +1,21 @@
 """The run log: engine events as room payloads, and a room's events folded back into an engine.
 
-The coordinator is the only writer of decisions; workers write the facts about the attempts they
-were assigned. Folding a room accepts each event only from its rightful sender, so a stranger in
-the room cannot complete a task, and a late answer from a reassigned worker is fenced off.
+Trust the sender, never the content. Folding a room takes, as an explicit input, the Matrix
+users the reader trusts to coordinate runs (:func:`fold_runs`' ``coordinators``):
+
+- a run exists only when its ``cis.dag.run.created`` comes from one of them; its sender is the
+  run's coordinator (the content's ``coordinator`` field is a node id, for display only);
+- the coordinator is the only writer of decisions (assignments, skips, cancellations, the end);
+- the facts of an attempt (claim, session events, result) count only from the Matrix user the
+  coordinator assigned it to, so a stranger in the room cannot complete a task, and a late answer
+  from a reassigned worker is fenced off by its attempt number.
+
+Every event that fails these checks is counted in ``RunLog.rejected`` and dropped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -35,6 +43,7 @@ from cis_bot.dag.engine import (
 from cis_bot.dag.load import parse_dag
 from cis_bot.dag.spec import DagSpec
 from cis_bot.errors import InputError
+from cis_bot.ids import SessionId
 from cis_bot.matrix import events as ev
 
 log = structlog.get_logger(__name__)
@@ -95,7 +104,8 @@ def decision_content(run_id: str, decision: RunEvent, engine: RunEngine) -> ev.E
                 run_id=run_id,
                 task_id=tid,
                 from_run=from_run,
-                output=ev.clip(output, ev.OUTPUT_SUMMARY_CHARS) or "",
+                output=ev.clip(output, ev.OUTPUT_SUMMARY_CHARS, max_bytes=ev.OUTPUT_SUMMARY_BYTES)
+                or "",
                 timestamp=ms(at),
             )
         case TaskFinished(task_id=tid, attempt=attempt, outcome=Outcome.LOST, at=at):
@@ -143,6 +153,8 @@ class RoomEvent:
     sender: str
     content: ev.EventContent
     event_id: str = ""
+    #: A state event's key (heartbeats: the sender's own user id); None for message events.
+    state_key: str | None = None
 
 
 def parse_room_event(raw: Mapping[str, Any]) -> RoomEvent | None:
@@ -159,14 +171,28 @@ def parse_room_event(raw: Mapping[str, Any]) -> RoomEvent | None:
     except ev.InvalidEvent as exc:
         log.warning("event.dropped", event_id=raw.get("event_id"), sender=sender, error=str(exc))
         return None
-    return RoomEvent(sender=sender, content=payload, event_id=str(raw.get("event_id", "")))
+    state_key = raw.get("state_key")
+    return RoomEvent(
+        sender=sender,
+        content=payload,
+        event_id=str(raw.get("event_id", "")),
+        state_key=state_key if isinstance(state_key, str) else None,
+    )
 
 
 @attrs.define
 class RunLog:
-    """Everything the room says about one run, authorised, in room order."""
+    """Everything the room says about one run, authorised, in room order.
+
+    ``coordinators`` are the users the reader trusts to coordinate (see the module docstring);
+    ``coordinator_user`` is the one of them that created this run, and every decision is checked
+    against it alone. (A takeover by another trusted coordinator, which federation's failover
+    will add, is an event from another member of ``coordinators`` that moves
+    ``coordinator_user``, fenced by an epoch: every check below goes through that one field.)
+    """
 
     run_id: str
+    coordinators: frozenset[str]
     created: ev.RunCreatedContent | None = None
     coordinator_user: str | None = None
     spec: DagSpec | None = None
@@ -175,7 +201,7 @@ class RunLog:
     #: (task, attempt) -> the worker's user id, from the assignment.
     assignees: dict[tuple[str, int], str] = attrs.Factory(dict)
     completed: ev.RunCompletedContent | None = None
-    #: Session events (created/state/blocked/output/completed) for display.
+    #: The attempts' events (claims, session events, results), from their workers, in order.
     sessions: list[RoomEvent] = attrs.Factory(list)
     rejected: int = 0
 
@@ -184,21 +210,30 @@ class RunLog:
         if not isinstance(payload, ev.RunContent) or payload.run_id != self.run_id:
             return
         if isinstance(payload, ev.RunCreatedContent):
-            if self.created is None:
+            if self.created is None and event.sender in self.coordinators:
                 self._created(event.sender, payload)
+            elif self.created is None or event.sender != self.coordinator_user:
+                self._reject(event, "not a trusted coordinator")
             return
         if self.coordinator_user is None:
-            self.rejected += 1
-            return
-        if isinstance(payload, ev.SessionContent | ev.TaskClaimedContent):
+            self._reject(event, "the run has no trusted creation event")
+        elif isinstance(payload, ev.SessionContent | ev.TaskClaimedContent):
             self._from_worker(event)
         elif event.sender == self.coordinator_user:
             self._from_coordinator(payload)
         else:
-            self.rejected += 1
-            log.warning(
-                "event.unauthorised", run_id=self.run_id, type=payload.TYPE, sender=event.sender
-            )
+            self._reject(event, "not the run's coordinator")
+
+    def _reject(self, event: RoomEvent, why: str, **fields: object) -> None:
+        self.rejected += 1
+        log.info(
+            "event.unauthorised",
+            run_id=self.run_id,
+            type=event.content.TYPE,
+            sender=event.sender,
+            why=why,
+            **fields,
+        )
 
     def _created(self, sender: str, payload: ev.RunCreatedContent) -> None:
         self.created = payload
@@ -208,23 +243,15 @@ class RunLog:
 
     def _from_worker(self, event: RoomEvent) -> None:
         payload = event.content
-        assert isinstance(payload, ev.SessionContent | ev.TaskClaimedContent)
-        if isinstance(payload, ev.TaskClaimedContent | ev.SessionCompletedContent):
-            owner = self.assignees.get((payload.task_id, payload.attempt))
-            if owner != event.sender:
-                self.rejected += 1
-                log.warning(
-                    "event.unauthorised",
-                    run_id=self.run_id,
-                    type=payload.TYPE,
-                    sender=event.sender,
-                    assignee=owner,
-                )
-                return
-            if isinstance(payload, ev.TaskClaimedContent):
-                self.events.append(started_fact(payload))
-            else:
-                self.events.append(finished_fact(payload))
+        attempt = _attempt_of(payload)
+        owner = self.assignees.get(attempt) if attempt else None
+        if owner is None or owner != event.sender:
+            self._reject(event, "not the attempt's worker", assignee=owner)
+            return
+        if isinstance(payload, ev.TaskClaimedContent):
+            self.events.append(started_fact(payload))
+        elif isinstance(payload, ev.SessionCompletedContent):
+            self.events.append(finished_fact(payload))
         self.sessions.append(event)
 
     def _from_coordinator(self, payload: ev.EventContent) -> None:
@@ -275,8 +302,24 @@ def spec_from_text(text: str, *, run_id: str) -> DagSpec | None:
         return None
 
 
-def fold_runs(events: Iterable[RoomEvent]) -> dict[str, RunLog]:
-    """Every run a room's events speak of, keyed by run id, in the order they were created."""
+def _attempt_of(payload: ev.EventContent) -> tuple[str, int] | None:
+    """(task, attempt) an attempt's event is about: from its fields, or its session id."""
+    if isinstance(payload, ev.TaskClaimedContent | ev.SessionCompletedContent):
+        return payload.task_id, payload.attempt
+    if isinstance(payload, ev.SessionCreatedContent):
+        return payload.task_id, payload.attempt
+    if isinstance(payload, ev.SessionContent):
+        sid = SessionId.parse_or_none(payload.session_id)
+        if sid is not None and sid.run_id == payload.run_id:
+            return sid.task_id, sid.attempt
+    return None
+
+
+def fold_runs(events: Iterable[RoomEvent], coordinators: Collection[str]) -> dict[str, RunLog]:
+    """Every run a room's events speak of that one of ``coordinators`` (Matrix user ids) created,
+    keyed by run id, in the order they were created. Pure: the same events and trust give the
+    same logs."""
+    trusted = frozenset(coordinators)
     runs: dict[str, RunLog] = {}
     for event in events:
         payload = event.content
@@ -286,6 +329,6 @@ def fold_runs(events: Iterable[RoomEvent]) -> dict[str, RunLog]:
         if run is None:
             if not isinstance(payload, ev.RunCreatedContent):
                 continue
-            run = runs[payload.run_id] = RunLog(payload.run_id)
+            run = runs[payload.run_id] = RunLog(payload.run_id, trusted)
         run.add(event)
     return {run_id: run for run_id, run in runs.items() if run.created is not None}

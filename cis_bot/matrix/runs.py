@@ -1,13 +1,14 @@
 """Runs read back from their rooms: what ``cis dag list / status / resume`` show and pick up, and
 what a coordinator node finds it was coordinating when it starts.
 
-A room's history is folded into run logs (``runlog.py``); a run whose spec cannot be read (not
-in the event, its media gone or invalid) is left out.
+A room's history is folded into run logs (``runlog.py``), trusting as coordinators only the users
+the caller names; a run whose spec cannot be read (not in the event, its media gone or invalid) is
+left out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -18,7 +19,7 @@ from cis_bot.dag.spec import DagSpec
 from cis_bot.errors import UserError
 from cis_bot.ids import match_run
 from cis_bot.matrix import events as ev
-from cis_bot.matrix.runlog import RunLog, fold_runs, parse_room_event, spec_from_text
+from cis_bot.matrix.runlog import RoomEvent, RunLog, fold_runs, parse_room_event, spec_from_text
 
 if TYPE_CHECKING:
     from cis_bot.matrix.node import Node
@@ -36,6 +37,12 @@ class RoomRun:
     @property
     def run_id(self) -> str:
         return self.log.run_id
+
+    @property
+    def coordinator_user(self) -> str:
+        """The Matrix user that created the run, and alone decides for it."""
+        assert self.log.coordinator_user is not None  # read_runs keeps trusted runs only
+        return self.log.coordinator_user
 
     def replay(self) -> RunEngine:
         """The engine in the state the room's events leave it in."""
@@ -70,24 +77,42 @@ async def joined_rooms(node: Node, room: str | None = None) -> list[str]:
     return [str(r) for r in await node.intent.get_joined_rooms()]
 
 
-async def read_runs(node: Node, rooms: Sequence[str]) -> list[RoomRun]:
-    """Every run the rooms' logs hold, oldest first per room."""
+async def read_runs(
+    node: Node, rooms: Sequence[str], coordinators: Collection[str]
+) -> list[RoomRun]:
+    """Every run the rooms' logs hold that one of ``coordinators`` (Matrix user ids) created,
+    oldest first per room."""
     found: list[RoomRun] = []
     for room_id in rooms:
-        events = []
-        async for raw in node.history(room_id):
-            event = parse_room_event(raw)
-            if event is not None:
-                events.append(event)
-        for log in fold_runs(events).values():
-            created = log.created
-            if created is None:
-                continue
-            if log.spec is None and created.spec_mxc:
-                text = (await node.download(created.spec_mxc)).decode("utf-8", "replace")
-                log.spec = spec_from_text(text, run_id=log.run_id)
-            if log.spec is not None:
-                found.append(RoomRun(room_id, log, log.spec, created))
+        found += await runs_in(node, room_id, await room_log(node, room_id), coordinators)
+    return found
+
+
+async def room_log(node: Node, room_id: str) -> list[RoomEvent]:
+    """The room's ``cis.*`` events, oldest first (malformed ones left out)."""
+    events = []
+    async for raw in node.history(room_id):
+        event = parse_room_event(raw)
+        if event is not None:
+            events.append(event)
+    return events
+
+
+async def runs_in(
+    node: Node, room_id: str, events: Sequence[RoomEvent], coordinators: Collection[str]
+) -> list[RoomRun]:
+    """The runs ``events`` (a room's, from ``room_log``) hold that one of ``coordinators``
+    created, with their specs (fetched from media when they are there)."""
+    found: list[RoomRun] = []
+    for log in fold_runs(events, coordinators).values():
+        created = log.created
+        if created is None:
+            continue
+        if log.spec is None and created.spec_mxc:
+            text = (await node.download(created.spec_mxc)).decode("utf-8", "replace")
+            log.spec = spec_from_text(text, run_id=log.run_id)
+        if log.spec is not None:
+            found.append(RoomRun(room_id, log, log.spec, created))
     return found
 
 

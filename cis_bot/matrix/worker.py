@@ -1,10 +1,12 @@
 """The worker: claims assignments addressed to this node, runs them, reports through the room.
 
-An assignment is obeyed only when it names this node and this node's user, comes from a sender
-this node trusts (an allowed user, or one at the configured power level in the room), and asks for
-an agent profile this node accepts (a raw shell command only where the owner allowed ``shell``).
-The claim goes out at once; the session's events follow through the SessionReporter. The run's
-coordinator can end an attempt early with ``cis.dag.task.cancelled`` / ``timed_out``.
+A worker is its Matrix user: its heartbeat (``cis.node.heartbeat``) is a state event keyed by
+that user id, and an assignment is for it when it names that user (``assigned_user``; the node id
+is a name). An assignment is obeyed only when it comes from a sender this node trusts (an allowed
+user, or one at the configured power level in the room), and asks for an agent profile this node
+accepts (a raw shell command only where the owner allowed ``shell``). The claim goes out at once;
+the session's events follow through the SessionReporter. The run's coordinator can end an attempt
+early with ``cis.dag.task.cancelled`` / ``timed_out``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,7 @@ class Worker:
         interval_ms: int = 500,
         broadcast_output: bool = False,
         heartbeat_secs: float = 15.0,
+        chat: bool = False,
     ) -> None:
         self.node = node
         self.manager = manager
@@ -76,6 +79,8 @@ class Worker:
         self.interval_ms = interval_ms
         self.broadcast_output = broadcast_output
         self.heartbeat_secs = heartbeat_secs
+        #: Its heartbeats say the node answers chat commands (docs/chat.md, who answers).
+        self.chat = chat
         self._outboxes: dict[str, Outbox] = {}
         self._reporters: dict[str, SessionReporter] = {}
         self._running: dict[str, _Running] = {}
@@ -86,6 +91,9 @@ class Worker:
         #: each of those runs (whose cis.dag.run.completed ends them).
         self.keeper = AgentKeeper(manager)
         self._coordinators: dict[str, str] = {}
+        self._joined_new_room = False
+        #: Rooms whose refusal of our heartbeats was logged.
+        self._beat_refused: set[str] = set()
         self._subscription = manager.subscribe()
 
     @property
@@ -145,11 +153,20 @@ class Worker:
     # --- room events -----------------------------------------------------------------------------
 
     async def on_event(self, room_id: str, raw: Mapping[str, Any]) -> None:
+        if _joined(raw, self.node.user_id):
+            # Coordinators in a room learn of workers from their heartbeats: say it at once.
+            self._joined_new_room = True
+            self._heartbeat_now.set()
+            return
         event = parse_room_event(raw)
         if event is None:
             return
         payload = event.content
-        if isinstance(payload, ev.TaskAssignedContent) and payload.assigned_to == self.node_id:
+        if (
+            isinstance(payload, ev.TaskAssignedContent)
+            and payload.assigned_user == self.node.user_id
+            and not payload.local
+        ):
             sent = raw.get("origin_server_ts")
             if isinstance(sent, int):
                 log.debug("assignment.received", lag_ms=int(time.time() * 1000) - sent)
@@ -168,7 +185,7 @@ class Worker:
 
     async def _on_assigned(self, room_id: str, event: RoomEvent, a: ev.TaskAssignedContent) -> None:
         key = (a.run_id, a.task_id, a.attempt)
-        if a.assigned_user != self.node.user_id or key in self._seen:
+        if key in self._seen:
             return
         if not await self.node.authorised(room_id, event.sender):
             log.warning(
@@ -178,7 +195,7 @@ class Worker:
         self._seen.add(key)
         sid = str(SessionId(a.run_id, a.task_id, a.attempt))
         outbox = self.outbox(room_id)
-        task = self._accept(a)
+        task = await self._accept(a)
         if isinstance(task, str):
             log.warning("assignment.refused", session_id=sid, reason=task)
             outbox.post(outgoing(_refused(a, sid, task)))
@@ -217,18 +234,28 @@ class Worker:
         log.info("assignment.claimed", session_id=sid, agent=task.agent)
         await self.manager.start(spec)
 
-    def _accept(self, a: ev.TaskAssignedContent) -> TaskSpec | str:
+    async def _accept(self, a: ev.TaskAssignedContent) -> TaskSpec | str:
         """The task to run, or why this node will not run it."""
         if a.agent not in self.accepted or a.agent not in self.profiles:
             accepted = ", ".join(sorted(self.accepted & set(self.profiles))) or "none"
             return f"node {self.node_id} does not run agent {a.agent!r} (it runs: {accepted})"
         try:
-            task = parse_task_document(json.loads(a.task), file="assignment", agents=self.accepted)
+            document = await self._task_document(a)
+            task = parse_task_document(document, file="assignment", agents=self.accepted)
+        except (MatrixRequestError, OSError, ValueError) as exc:
+            return f"cannot read the task's document ({a.task_mxc}): {exc}"
         except InputError as exc:
             return f"invalid task: {exc}"
         if task.id != a.task_id or task.agent != a.agent:
             return "the task document does not match the assignment"
         return task
+
+    async def _task_document(self, a: ev.TaskAssignedContent) -> Any:
+        """The task's document: in the event, or (a long one) in media."""
+        if a.task is not None:
+            return json.loads(a.task)
+        assert a.task_mxc is not None  # the catalogue requires one of the two
+        return await self.node.download_json(a.task_mxc)
 
     async def _upstream(self, a: ev.TaskAssignedContent) -> dict[str, str]:
         if a.upstream is not None:
@@ -276,6 +303,7 @@ class Worker:
     async def _heartbeats(self) -> None:
         last_load = -1
         while True:
+            self._joined_new_room = False  # the rooms are read just below
             try:
                 rooms = await self.node.intent.get_joined_rooms()
             except Exception as exc:
@@ -287,22 +315,56 @@ class Worker:
                 max_workers=self.max_workers,
                 load=self.load,
                 ttl_ms=int(self.heartbeat_secs * 3000),
+                chat=self.chat or None,
             )
             for room_id in rooms:
-                self.outbox(str(room_id)).post(outgoing(beat))
+                item = outgoing(beat, state_key=self.node.user_id)
+                item.on_rejected = self._heartbeat_refused(str(room_id))
+                item.on_sent = lambda _, room=str(room_id): self._beat_refused.discard(room)
+                self.outbox(str(room_id)).post(item)
             last_load = self.load
-            # Load changes are announced at once, but at most once a second.
+            # Load changes and new rooms are announced at once, but at most once a second.
             await asyncio.sleep(min(1.0, self.heartbeat_secs))
-            self._heartbeat_now.clear()
             deadline = time.monotonic() + self.heartbeat_secs
-            while time.monotonic() < deadline:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._heartbeat_now.wait(), max(0.0, deadline - time.monotonic())
-                    )
-                self._heartbeat_now.clear()
-                if self.load != last_load:
+            while self.load == last_load and not self._joined_new_room:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     break
+                self._heartbeat_now.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._heartbeat_now.wait(), remaining)
+
+    def _heartbeat_refused(self, room_id: str) -> Callable[[MatrixRequestError], None]:
+        beat = ev.NodeHeartbeatContent.TYPE
+
+        def refused(exc: MatrixRequestError) -> None:
+            if room_id in self._beat_refused:
+                return  # said once: it would repeat at every beat
+            self._beat_refused.add(room_id)
+            log.error(
+                "heartbeat.refused",
+                room_id=room_id,
+                status=exc.http_status,
+                errcode=exc.errcode,
+                error=exc.message,
+                hint="the room forbids this node's heartbeats, so no coordinator there sees it; "
+                f"a room admin can allow them: in m.room.power_levels set {beat} to 0 under "
+                f'"events" ({{"events": {{"{beat}": 0}}}}), or raise {self.node.user_id} to the '
+                "room's state_default",
+            )
+
+        return refused
+
+
+def _joined(raw: Mapping[str, Any], user_id: str) -> bool:
+    """Whether ``raw`` is ``user_id`` joining a room."""
+    content = raw.get("content")
+    return (
+        raw.get("type") == "m.room.member"
+        and raw.get("state_key") == user_id
+        and isinstance(content, Mapping)
+        and content.get("membership") == "join"
+    )
 
 
 def _refused(a: ev.TaskAssignedContent, sid: str, reason: str) -> ev.SessionCompletedContent:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import attrs
 
+from cis_bot import private
 from cis_bot.dag.engine import RunEngine
 from cis_bot.dag.skills import render_template, shell_script
 from cis_bot.dag.spec import SHELL_AGENT, TaskSpec
@@ -148,10 +149,9 @@ def attempt_session(
         "CIS_SESSION_ID": sid,
     }
     if task.deps:
-        directory = paths.upstream_dir(task.id)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = private.make_dirs(paths.upstream_dir(task.id))
         for dep, output in upstream.items():
-            (directory / f"{dep}.txt").write_text(output, encoding="utf-8")
+            private.write_file(directory / f"{dep}.txt", output)
         env["CIS_UPSTREAM_DIR"] = str(directory)
     prompt = task.prompt
     if profile.upstream_in_prompt:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import structlog
 
+from cis_bot import private
 from cis_bot.errors import UserError
 from cis_bot.session import procfs
 from cis_bot.session.detect import Blocked, ScreenView, TerminalView, TextView, find_idle
@@ -345,9 +346,9 @@ class AgentSession:
             self._fail_to_start(str(e))
             return
         try:
-            self.transcript_path.parent.mkdir(parents=True, exist_ok=True)
-            self._transcript_fd = os.open(
-                self.transcript_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+            private.make_dirs(self.transcript_path.parent)
+            self._transcript_fd = private.open_file(
+                self.transcript_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND
             )
         except OSError as e:
             self._fail_to_start(f"cannot open transcript {self.transcript_path}: {e}")

@@ -10,8 +10,10 @@ Two ways, same result (a ``PtyProcess`` around the child's pid and the master fd
   there is no ``setsid`` binary.
 
 Exec errors come back as exceptions either way, except one case: with ``vfork``, ``setsid``
-itself execs the agent, and if that exec fails it exits 126/127 after printing
-``setsid: failed to execute ...`` on the terminal; ``setsid_failure`` recognises that.
+itself execs the agent (through coreutils' ``env --default-signal`` when our process ignores
+signals the agent must not), and if that exec fails it exits 126/127 after printing
+``setsid: failed to execute ...`` (or ``env: ...``) on the terminal; ``setsid_failure``
+recognises that.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ SETSID = next(
     (path for path in ("/usr/bin/setsid", "/bin/setsid") if os.access(path, os.X_OK)),
     shutil.which("setsid"),
 )
+ENV = next((path for path in ("/usr/bin/env", "/bin/env") if os.access(path, os.X_OK)), None)
+# How setsid (and env, when it resets signals) start what they say about the agent's exec.
 _SETSID_FAILURE = b"setsid: "
+_ENV_FAILURE = f"{ENV}: ".encode() if ENV else _SETSID_FAILURE
 _TIOCGPTN = 0x80045430  # _IOR('T', 0x30, unsigned int): the pts number of a PTY master
 # Signals whose disposition the agent should start with at the default, whatever ours is:
 # Python ignores SIGPIPE and SIGXFSZ, and a parent run under nohup ignores SIGHUP.
@@ -139,7 +144,7 @@ def _spawn_vfork(
             termios.tcsetattr(slave, termios.TCSANOW, mode)
         slave_path = os.ttyname(slave)
         child = subprocess.Popen(
-            [SETSID, "--ctty", *argv],
+            [SETSID, "--ctty", *_reset_ignored_signals(), *argv],
             stdin=slave,
             stdout=slave,
             stderr=slave,
@@ -157,6 +162,22 @@ def _spawn_vfork(
     # __del__ would otherwise queue the pid for subprocess's own zombie collection).
     child.returncode = 0
     return Spawned(Pty(child.pid, master), slave_path, via_setsid=True)
+
+
+def _reset_ignored_signals() -> list[str]:
+    """A prefix that resets the signals we ignore (and subprocess does not restore) to their
+    defaults in the agent. A disposition of "ignore" survives exec, so a ``cis`` started under
+    nohup, or as a background job of a non-interactive shell, would otherwise hand its agents
+    an ignored SIGHUP/SIGINT/SIGQUIT. Only then does the agent go through coreutils' ``env``."""
+    ignored = [
+        sig.name.removeprefix("SIG")
+        for sig in _DEFAULT_SIGNALS
+        if sig not in (signal.SIGPIPE, signal.SIGXFSZ)  # restore_signals=True resets these
+        and signal.getsignal(sig) is signal.SIG_IGN
+    ]
+    if not ignored or ENV is None:
+        return []
+    return [ENV, f"--default-signal={','.join(ignored)}", "--"]
 
 
 def _spawn_fork(
@@ -209,11 +230,14 @@ def _slave_path(master_fd: int) -> str:
 
 def setsid_failure(exit_code: int | None, output_head: bytes) -> str | None:
     """If ``setsid`` could not exec the agent, why (from its message on the terminal)."""
-    if exit_code in (None, 0) or not output_head.startswith(_SETSID_FAILURE):
+    if exit_code in (None, 0) or not output_head.startswith((_SETSID_FAILURE, _ENV_FAILURE)):
         return None
     line = output_head.split(b"\n", 1)[0].decode("utf-8", errors="replace").strip()
-    _, _, why = line.partition(": ")  # "setsid: failed to execute /x: Exec format error"
-    if why.startswith("failed to execute "):
+    # "setsid: failed to execute /x: Exec format error",
+    # "/usr/bin/env: '/x': No such file or directory"
+    by_env = output_head.startswith(_ENV_FAILURE)
+    why = line[len(_ENV_FAILURE) :] if by_env else line.partition(": ")[2]
+    if by_env or why.startswith("failed to execute "):
         return why.rpartition(": ")[2] or why
     return why
 

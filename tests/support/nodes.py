@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 import yaml
 
+from cis_bot.matrix.events import CATALOGUE
 from cis_bot.matrix.identity import NodeIdentity
 from tests.support.client import MatrixClient
 from tests.support.netns import NetworkNamespace
@@ -95,11 +96,14 @@ def write_configs(
     allowed_users: list[str],
     accept_agents: list[str] | None = None,
     heartbeat_secs: float = 1.0,
+    coordinators: list[str] | None = None,
     extra: str = "",
 ) -> None:
     for plan in plans:
         i = plan.identity
         accept = f"accept_agents = {json.dumps(accept_agents)}\n" if accept_agents else ""
+        if coordinators:
+            accept += f"coordinators = {json.dumps(coordinators)}\n"
         plan.config.write_text(
             f"""
 [dag.matrix]
@@ -195,12 +199,23 @@ async def wait_for(
         await asyncio.sleep(0.1)
 
 
-async def run_room(admin: MatrixClient, invite: list[str]) -> str:
-    """A room like an operator would make for runs: the given bots invited, heartbeats open."""
+async def run_room(
+    admin: MatrixClient, invite: list[str], *, trusted: list[str] | None = None
+) -> str:
+    """A room as docs/matrix.md tells an operator to make one for runs: the given bots invited,
+    the ``trusted`` ones (default: all) at power level 50 (nodes take tasks and orders from
+    each other), heartbeats open to members, every other ``cis.dag.*`` type closed to them."""
+    levels = {
+        event_type: 0 if event_type == "cis.node.heartbeat" or ".control." in event_type else 50
+        for event_type in CATALOGUE
+    }
     return await admin.create_room(
         name="runs",
         invite=invite,
-        power_level_content_override={"events": {"cis.node.heartbeat": 0}},
+        power_level_content_override={
+            "users": {user: 50 for user in trusted or invite},
+            "events": levels,
+        },
     )
 
 
@@ -210,6 +225,7 @@ async def joined_members(admin: MatrixClient, room_id: str) -> set[str]:
 
 
 async def heartbeats(admin: MatrixClient, room_id: str) -> dict[str, dict[str, Any]]:
+    """The room's heartbeats by state key (a worker's user id)."""
     state = await admin.ok("GET", f"/_matrix/client/v3/rooms/{room_id}/state")
     return {e["state_key"]: e["content"] for e in state if e.get("type") == "cis.node.heartbeat"}
 

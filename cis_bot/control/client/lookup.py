@@ -111,7 +111,8 @@ class Lookup:
     async def room_runs(self) -> list[RoomRun]:
         if self._runs is None:
             node = await self.node()
-            self._runs = await read_runs(node, await joined_rooms(node, self.room))
+            rooms = await joined_rooms(node, self.room)
+            self._runs = await read_runs(node, rooms, node.identity.trusted_coordinators)
         return self._runs
 
     async def records(self, *, disk: bool, rooms: bool) -> list[SessionRecord]:
@@ -242,9 +243,9 @@ class Lookup:
         self, record: SessionRecord, *, extra_secs: float = 0, **fields: Any
     ) -> ev.ControlReplyContent:
         """Ask the session's node, through the room, to act on it."""
-        if record.room_id is None or record.node is None:
+        if record.room_id is None or record.node is None or record.node_user is None:
             raise UserError(f"session {record.session_id}: its node is not known")
-        await self.check_node(record.room_id, record.node)
+        await self.check_node(record.room_id, record.node, record.node_user)
         requester = RoomRequester(await self.node(), timeout=self.timeout + extra_secs)
         return await requester.request(
             record.room_id,
@@ -255,16 +256,17 @@ class Lookup:
             **fields,
         )
 
-    async def check_node(self, room_id: str, node_id: str) -> None:
-        """Fail at once when the room says the node is down (its heartbeat has lapsed), rather
-        than wait out the timeout. A node that does not heartbeat (a coordinator) is asked."""
+    async def check_node(self, room_id: str, node_id: str, node_user: str) -> None:
+        """Fail at once when the room says the node is down (its heartbeat, keyed by its user,
+        has lapsed), rather than wait out the timeout. A node that does not heartbeat (a
+        coordinator) is asked."""
         node = await self.node()
         try:
             state = await node.room_state(room_id)
         except MatrixError:
             return
         for raw in state:
-            if raw.get("type") != ev.NodeHeartbeatContent.TYPE or raw.get("state_key") != node_id:
+            if raw.get("type") != ev.NodeHeartbeatContent.TYPE or raw.get("state_key") != node_user:
                 continue
             try:
                 beat = ev.decode(ev.NodeHeartbeatContent.TYPE, raw.get("content"))
@@ -307,7 +309,7 @@ class Lookup:
             run_id,
             room_id=run.room_id,
             node=run.created.coordinator,
-            node_user=run.log.coordinator_user,
+            node_user=run.coordinator_user,
         )
 
     async def run_request(
@@ -321,7 +323,8 @@ class Lookup:
                 )
             return answer if isinstance(answer, dict) else {}
         assert target.room_id is not None and target.node is not None
-        await self.check_node(target.room_id, target.node)
+        assert target.node_user is not None
+        await self.check_node(target.room_id, target.node, target.node_user)
         requester = RoomRequester(await self.node(), timeout=self.timeout)
         fields = {"task_id": body["task"]} if "task" in body else {}
         await requester.request(

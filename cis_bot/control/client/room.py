@@ -18,6 +18,7 @@ from mautrix.api import Path as ApiPath
 from mautrix.errors import MatrixError
 
 from cis_bot.control.client.process import ControlError
+from cis_bot.errors import UserError
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.node import Node
 from cis_bot.matrix.runlog import parse_room_event
@@ -34,7 +35,7 @@ class RoomRequester:
         self.poll_interval = poll_interval
 
     async def request(
-        self, room_id: str, *, node: str, node_user: str | None, **fields: Any
+        self, room_id: str, *, node: str, node_user: str, **fields: Any
     ) -> ev.ControlReplyContent:
         """Ask ``node`` (whose replies must come from ``node_user``) to act; its reply, or a
         ControlError when it refuses or stays silent."""
@@ -48,6 +49,8 @@ class RoomRequester:
         try:
             token = await self._position(room_id)
             await self.node.send(room_id, request)
+        except ev.ContentTooLarge as exc:
+            raise UserError(f"too large to ask for through the room: {exc}") from None
         except (MatrixError, aiohttp.ClientError, OSError) as exc:
             raise ControlError(f"cannot post the request in {room_id}: {exc}") from None
         while True:
@@ -71,14 +74,14 @@ class RoomRequester:
             await asyncio.sleep(self.poll_interval)
 
     def _match(
-        self, raw: Mapping[str, Any], request_id: str, node_user: str | None
+        self, raw: Mapping[str, Any], request_id: str, node_user: str
     ) -> ev.ControlReplyContent | None:
         event = parse_room_event(raw)
         if event is None or not isinstance(event.content, ev.ControlReplyContent):
             return None
         if event.content.request_id != request_id:
             return None
-        if node_user is not None and event.sender != node_user:
+        if event.sender != node_user:
             log.warning("control.reply_forged", sender=event.sender, expected=node_user)
             return None
         return event.content

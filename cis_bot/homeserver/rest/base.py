@@ -6,9 +6,11 @@ mapping of errors to Matrix error responses. The router is a list of regexes lik
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import re
+import sqlite3
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
@@ -266,6 +268,19 @@ class Router:
         return None
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """A write that failed for want of space (SQLite's "database or disk is full", ENOSPC),
+    itself or as the cause of what was raised."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(seen, sqlite3.OperationalError) and "full" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class HttpFrontend:
     """The HTTP server's handler: route, run, render."""
 
@@ -286,7 +301,13 @@ class HttpFrontend:
             result = await handler(request, **params)
         except MatrixError as error:
             return error_response(error)
-        except Exception:
+        except Exception as exc:
+            if _disk_full(exc):
+                # Not a bug: said in one line, and the client may retry once there is room.
+                log.error("http.disk_full", method=raw.method, path=path, error=str(exc))
+                return json_response(
+                    500, {"errcode": "M_UNKNOWN", "error": "The homeserver's disk is full"}
+                )
             log.exception("http.unhandled_error", method=raw.method, path=path)
             return json_response(500, {"errcode": "M_UNKNOWN", "error": "Internal server error"})
         if isinstance(result, Response):

@@ -18,6 +18,7 @@ import string
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
+from cis_bot import private
 from cis_bot.homeserver.errors import INVALID_PARAM, TOO_LARGE, MatrixError, bad_request, not_found
 from cis_bot.homeserver.http.server import Response
 from cis_bot.homeserver.rest.base import CORS_HEADERS
@@ -114,10 +115,8 @@ async def upload(request: RestRequest) -> tuple[int, Any]:
     path = _media_path(hs.media_dir, media_id)
 
     def write() -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        private.make_dirs(path.parent)
+        private.write_file(path, data)
 
     await asyncio.to_thread(write)
     hs.store.add_media(media_id, requester.user_id, content_type, filename, len(data))

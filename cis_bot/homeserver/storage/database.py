@@ -10,10 +10,14 @@ same file while the server runs; ``busy_timeout`` makes the two wait for each ot
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import time
 from importlib import resources
 from typing import TYPE_CHECKING
+
+from cis_bot import private
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -27,6 +31,13 @@ def now_ms() -> int:
 
 
 def connect(path: Path) -> sqlite3.Connection:
+    # Access tokens and password hashes: for the owner only. SQLite gives the -wal and -shm
+    # files the database's mode, so it is enough to make the database 0600 before SQLite opens
+    # it (and to fix those an older version left readable).
+    os.close(private.open_file(path, os.O_RDWR | os.O_CREAT))
+    for companion in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            private.fix_mode(companion)
     conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
@@ -75,15 +86,21 @@ class Transaction:
             return
         self.store._transaction = None
         if exc_type is not None:
-            self.store.conn.execute("ROLLBACK")
+            self._rollback()
             return
         try:
             self.store.conn.execute("COMMIT")
         except sqlite3.Error:
-            self.store.conn.execute("ROLLBACK")  # COMMIT can fail (disk full), leaving it open
+            self._rollback()  # COMMIT can fail (disk full), leaving it open...
             raise
         for callback in self._after_commit:
             callback()
+
+    def _rollback(self) -> None:
+        # ... or not: SQLite rolls back by itself on some errors (a full disk), and a ROLLBACK
+        # then would fail and hide the error that matters.
+        if self.store.conn.in_transaction:
+            self.store.conn.execute("ROLLBACK")
 
 
 class StoreBase:

@@ -36,6 +36,14 @@ class RegistrationStore(StoreBase):
             return None
         return UserRow(row[0], row[1], bool(row[2]), row[3], row[4], row[5], bool(row[6]))
 
+    def human_users(self) -> list[str]:
+        """Active accounts that belong to no appservice (``cis homeserver add-user``'s)."""
+        rows = self.conn.execute(
+            "SELECT user_id FROM users WHERE appservice_id IS NULL AND deactivated = 0"
+            " ORDER BY user_id"
+        ).fetchall()
+        return [r[0] for r in rows]
+
     def get_user_case_insensitive(self, user_id: str) -> list[str]:
         rows = self.conn.execute(
             "SELECT user_id FROM users WHERE lower(user_id) = lower(?)", (user_id,)

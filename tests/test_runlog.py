@@ -1,0 +1,186 @@
+"""The run-log fold: who may create a run, decide for it and report on its attempts.
+
+The fold is pure and takes the trusted coordinators as an input, so each rule is checked here on
+plain event lists; tests/security/ replays the same attacks through real rooms and processes.
+"""
+
+from __future__ import annotations
+
+import json
+
+from cis_bot.dag.engine import RunEngine, TaskStatus
+from cis_bot.matrix import events as ev
+from cis_bot.matrix.runlog import RoomEvent, fold_runs
+
+COORD = "@cis_coord:cis.local"
+OTHER_COORD = "@cis_other:cis.local"
+WORKER = "@cis_wa:cis.local"
+MALLORY = "@mallory:cis.local"
+RUN = "20260101-000000-abcd"
+
+SPEC = json.dumps({"name": "d", "tasks": [{"id": "a", "agent": "shell", "prompt": "true"}]})
+
+
+def created(
+    sender: str, run_id: str = RUN, *, coordinator: str = "coord", at: int = 1000
+) -> RoomEvent:
+    return RoomEvent(
+        sender,
+        ev.RunCreatedContent(
+            run_id=run_id,
+            dag_name="d",
+            spec=SPEC,
+            mode="matrix",
+            max_workers=1,
+            coordinator=coordinator,
+            timestamp=at,
+        ),
+    )
+
+
+def assigned(sender: str, user: str = WORKER, attempt: int = 1) -> RoomEvent:
+    return RoomEvent(
+        sender,
+        ev.TaskAssignedContent(
+            run_id=RUN,
+            task_id="a",
+            attempt=attempt,
+            assigned_to="wa",
+            assigned_user=user,
+            assigned_by=sender,
+            agent="shell",
+            lease_ms=1000,
+            timestamp=2000,
+        ),
+    )
+
+
+def claimed(sender: str, attempt: int = 1) -> RoomEvent:
+    return RoomEvent(
+        sender,
+        ev.TaskClaimedContent(
+            run_id=RUN,
+            task_id="a",
+            attempt=attempt,
+            claimed_by="wa",
+            session_id=f"{RUN}:a:{attempt}",
+            timestamp=3000,
+        ),
+    )
+
+
+def state(sender: str, attempt: int = 1) -> RoomEvent:
+    return RoomEvent(
+        sender,
+        ev.SessionStateContent(
+            run_id=RUN,
+            session_id=f"{RUN}:a:{attempt}",
+            old_state="running",
+            new_state="blocked",
+            timestamp=3500,
+        ),
+    )
+
+
+def completed(sender: str, status: str = "completed", attempt: int = 1) -> RoomEvent:
+    return RoomEvent(
+        sender,
+        ev.SessionCompletedContent(
+            run_id=RUN,
+            session_id=f"{RUN}:a:{attempt}",
+            task_id="a",
+            attempt=attempt,
+            status=status,
+            exit_code=0 if status == "completed" else 1,
+            output="forged" if sender == MALLORY else "real",
+            timestamp=4000,
+        ),
+    )
+
+
+def run_completed(sender: str) -> RoomEvent:
+    return RoomEvent(
+        sender,
+        ev.RunCompletedContent(
+            run_id=RUN, status="completed", tasks={"a": "completed"}, timestamp=5000
+        ),
+    )
+
+
+def replay(events: list[RoomEvent], coordinators: set[str]) -> RunEngine:
+    log = fold_runs(events, coordinators)[RUN]
+    assert log.spec is not None and log.created is not None
+    return RunEngine.replay(log.spec, log.events, max_workers=log.created.max_workers)
+
+
+def test_a_run_exists_only_when_a_trusted_coordinator_created_it() -> None:
+    forged = [created(MALLORY, coordinator="coord", at=9_999_999_999_999)]
+    assert fold_runs(forged, {COORD}) == {}
+    # The content's coordinator field names a node for display; it confers nothing.
+    assert fold_runs([created(MALLORY, coordinator=COORD)], {COORD}) == {}
+    assert set(fold_runs([created(COORD)], {COORD})) == {RUN}
+    # Another reader who trusts Mallory sees her run: trust is the reader's input.
+    assert set(fold_runs(forged, {MALLORY})) == {RUN}
+
+
+def test_a_forged_creation_first_does_not_take_a_run_over() -> None:
+    events = [created(MALLORY), created(COORD), assigned(MALLORY, user=MALLORY)]
+    log = fold_runs(events, {COORD})[RUN]
+    assert log.coordinator_user == COORD
+    assert log.assignees == {}
+    assert log.rejected == 2
+
+
+def test_decisions_count_only_from_the_runs_coordinator() -> None:
+    # Both are trusted coordinators; the run is COORD's, so OTHER_COORD's decisions are not.
+    events = [created(COORD), assigned(OTHER_COORD, user=OTHER_COORD), run_completed(MALLORY)]
+    log = fold_runs(events, {COORD, OTHER_COORD})[RUN]
+    assert log.assignees == {} and log.completed is None
+    assert replay(events, {COORD, OTHER_COORD}).tasks["a"].status is TaskStatus.PENDING
+
+
+def test_an_attempts_facts_count_only_from_its_worker() -> None:
+    events = [
+        created(COORD),
+        assigned(COORD),
+        claimed(MALLORY),
+        state(MALLORY),
+        completed(MALLORY),
+    ]
+    log = fold_runs(events, {COORD})[RUN]
+    assert log.sessions == [] and log.rejected == 3
+    engine = replay(events, {COORD})
+    assert engine.tasks["a"].status is TaskStatus.DISPATCHED
+
+    honest = [*events, claimed(WORKER), state(WORKER), completed(WORKER)]
+    log = fold_runs(honest, {COORD})[RUN]
+    assert [e.sender for e in log.sessions] == [WORKER] * 3
+    engine = replay(honest, {COORD})
+    assert engine.tasks["a"].status is TaskStatus.COMPLETED
+    assert engine.tasks["a"].output == "real"
+
+
+def test_a_late_result_of_an_earlier_attempt_is_fenced_off() -> None:
+    events = [
+        created(COORD),
+        assigned(COORD, user=WORKER, attempt=1),
+        RoomEvent(
+            COORD,
+            ev.TaskLostContent(run_id=RUN, task_id="a", attempt=1, reason="gone", timestamp=2500),
+        ),
+        assigned(COORD, user=OTHER_COORD, attempt=2),
+        completed(WORKER, status="failed", attempt=2),  # not its attempt: rejected
+        completed(WORKER, status="failed", attempt=1),  # its attempt, but lost: stale
+        completed(OTHER_COORD, attempt=2),
+    ]
+    log = fold_runs(events, {COORD})[RUN]
+    assert log.rejected == 1
+    record = replay(events, {COORD}).tasks["a"]
+    assert record.status is TaskStatus.COMPLETED and len(record.attempts) == 2
+
+
+def test_the_fold_is_pure() -> None:
+    events = [created(COORD), assigned(COORD), claimed(WORKER), completed(MALLORY)]
+    first, second = fold_runs(events, {COORD}), fold_runs(events, {COORD})
+    assert first[RUN].events == second[RUN].events
+    assert first[RUN].rejected == second[RUN].rejected == 1

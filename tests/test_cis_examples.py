@@ -142,7 +142,8 @@ async def test_the_cross_compile_pipeline_builds_fixes_and_releases(
     assert tasks["cuda-fix-and-retry"]["reason"] == "cuda-compile completed: nothing to fix"
     fix = output(report, "metal-fix-and-retry")
     assert "dry run: You fix builds." in fix
-    assert "Project: ml-accelerator" in fix
+    run = report["run_id"]
+    assert f"Project: ml-accelerator (cross-platform-build, run {run}, attempt 1)" in fix
     assert "error: no Xcode at /Applications/Xcode.app/Contents/Developer" in fix
     assert "Task: Build the Metal modules (metal-compile), fixed by Fix the Metal build" in fix
     assert "{{FIX_SUMMARY}}" in fix

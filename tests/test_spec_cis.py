@@ -613,6 +613,12 @@ def test_every_missing_skill_is_named_with_the_folders_searched(tmp_path: Path) 
             "a shell executor cannot hand a prompt to an agent",
         ),
         (
+            '[skill]\nname = "s"\ntype = "executor"\n[executor.steps]\ns1 = "make"\n'
+            '[executor.on_error]\nprompt = "fix it"\ncommand = "make clean"\n',
+            "executor.on_error.prompt",
+            "a shell executor cannot hand a prompt to an agent",
+        ),
+        (
             '[skill]\nname = "s"\ntype = "shell"\n[[commands]]\nname = "a"\ncommand = "x"\n'
             '[hooks]\npost_b = "y"\n',
             "hooks.post_b",

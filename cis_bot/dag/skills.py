@@ -274,10 +274,12 @@ def _executor_skill(root: Table, name: str, path: Path) -> Skill:
         if handler_prompt:
             prompt += f"\n\nIf a step fails:\n{handler_prompt.strip()}"
         return Skill(name=name, kind=SkillKind.EXECUTOR, file=path, prompt=prompt, env=env)
-    if handler_prompt is not None and handler_command is None:
+    if handler_prompt is not None:
+        # Even beside a command: a prompt nothing reads would be dropped without a word.
         on_error.fail(  # type: ignore[union-attr]
-            "a shell executor cannot hand a prompt to an agent: give on_error a 'command', "
-            'make it [executor] type = "claude-agent", or give the task an on_failure fix-up',
+            "a shell executor cannot hand a prompt to an agent: give on_error a 'command' "
+            'alone, make it [executor] type = "claude-agent", or give the task an on_failure '
+            "fix-up",
             "prompt",
         )
     return Skill(

@@ -87,10 +87,11 @@ def rollback_task(task: TaskSpec) -> TaskSpec:
 
 def rendered(task: TaskSpec, engine: RunEngine, *, run_id: str, attempt: int) -> TaskSpec:
     """A task whose prompt is a template (a skill's), with its ``{{VARS}}`` filled in from the
-    task's environment and the run: RUN_ID, TASK_ID, TASK_NAME, ATTEMPT, WORK_DIR (the task's
-    work_dir as the DAG gives it, ``.`` without one), and of the deps that failed FAILED_TASK,
-    FAILED_TASK_NAME and ERROR_LOG (their output's end and why they failed). Rendered once, by
-    the run's coordinator, so values that come from outputs are never read as variables."""
+    task's environment and the run: RUN_ID, DAG_NAME, TASK_ID, TASK_NAME, ATTEMPT, WORK_DIR (the
+    task's work_dir as the DAG gives it, ``.`` without one), and of the deps that failed
+    FAILED_TASK, FAILED_TASK_NAME and ERROR_LOG (their output's end and why they failed).
+    Rendered once, by the run's coordinator, so values that come from outputs are never read as
+    variables."""
     if not task.prompt_template:
         return task
     failed = [dep for dep in task.deps if engine.tasks[dep].status.is_failure]
@@ -104,6 +105,7 @@ def rendered(task: TaskSpec, engine: RunEngine, *, run_id: str, attempt: int) ->
     values = {
         **task.env,
         "RUN_ID": run_id,
+        "DAG_NAME": engine.spec.name,
         "TASK_ID": task.id,
         "TASK_NAME": task.name or task.id,
         "ATTEMPT": str(attempt),

@@ -11,7 +11,11 @@ fresh `claude -p` turn (what a task costs without a kept agent). The fake answer
 the numbers are the agent CLI's own cost; it also records every request, and the script checks
 that the last request of each conversation carries all the earlier turns.
 
-Usage: python bench/agent_turns.py [--turns 5] [--repeat 3] [--json]
+``--prompt-bytes N`` pads each prompt to N bytes (lines of 60 characters, each naming its turn),
+as upstream outputs make prompts long: the TUI's prompt is typed 16 bytes at a time, print mode's
+is an argument.
+
+Usage: python bench/agent_turns.py [--turns 5] [--repeat 3] [--prompt-bytes 0] [--json]
 """
 
 from __future__ import annotations
@@ -39,8 +43,23 @@ def profile(name: str, claude: str, home: ClaudeHome) -> AgentProfile:
     return attrs.evolve(builtin, argv=(claude, *builtin.argv[1:]), env={**builtin.env, **home.env})
 
 
+def padded(text: str, size: int) -> str:
+    """``text`` and lines of filler up to ``size`` bytes, each line naming the turn: a kept TUI's
+    turn is told from the one before by what its screen shows above the turn-over line, and two
+    turns of identical filler would look the same there (real prompts differ)."""
+    lines = [text]
+    while sum(len(line) + 1 for line in lines) < size:
+        lines.append(f"{text}: filler {len(lines)} ".ljust(59, "x"))
+    return "\n".join(lines)
+
+
 async def conversation(
-    manager: SessionManager, agent: AgentProfile, turns: int, work: Path, tag: str
+    manager: SessionManager,
+    agent: AgentProfile,
+    turns: int,
+    work: Path,
+    tag: str,
+    prompt_bytes: int = 0,
 ) -> list[float]:
     """Seconds per turn of one conversation kept over ``turns`` sessions."""
     times: list[float] = []
@@ -62,7 +81,7 @@ async def conversation(
             SessionSpec(
                 session_id=sid,
                 profile=agent,
-                prompt=f"turn {turn} of {tag}",
+                prompt=padded(f"turn {turn} of {tag}", prompt_bytes),
                 work_dir=work,
                 transcript_path=work.parent / "transcripts" / f"{sid.replace(':', '_')}.log",
                 options=options,
@@ -79,7 +98,7 @@ async def conversation(
     return times
 
 
-async def measure(turns: int, repeat: int) -> dict[str, object]:
+async def measure(turns: int, repeat: int, prompt_bytes: int = 0) -> dict[str, object]:
     claude = find_claude()
     if claude is None:
         raise SystemExit("the claude CLI is not installed: run `npm ci`")
@@ -98,10 +117,14 @@ async def measure(turns: int, repeat: int) -> dict[str, object]:
             continued: dict[str, list[float]] = {name: [] for name in agents}
             first: dict[str, list[float]] = {name: [] for name in agents}
             for r in range(repeat):  # interleaved, so drift on a shared machine hits all alike
-                single += await conversation(manager, agents["resume"], 1, work, f"single{r}")
+                single += await conversation(
+                    manager, agents["resume"], 1, work, f"single{r}", prompt_bytes
+                )
                 for name, agent in agents.items():
                     before = len(fake.message_requests)
-                    times = await conversation(manager, agent, turns, work, f"{name}{r}")
+                    times = await conversation(
+                        manager, agent, turns, work, f"{name}{r}", prompt_bytes
+                    )
                     first[name].append(times[0])
                     continued[name] += times[1:]
                     last = fake.message_requests[-1].all_text
@@ -110,7 +133,12 @@ async def measure(turns: int, repeat: int) -> dict[str, object]:
                         raise SystemExit(f"{name}: the last request lacks earlier turns")
             await manager.close(grace_secs=1)
     baseline = statistics.median(single)
-    result: dict[str, object] = {"turns": turns, "repeat": repeat, "single_turn_s": baseline}
+    result: dict[str, object] = {
+        "turns": turns,
+        "repeat": repeat,
+        "prompt_bytes": prompt_bytes,
+        "single_turn_s": baseline,
+    }
     for name in agents:
         median = statistics.median(continued[name])
         result[name] = {
@@ -125,9 +153,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--prompt-bytes", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = asyncio.run(measure(args.turns, args.repeat))
+    result = asyncio.run(measure(args.turns, args.repeat, args.prompt_bytes))
     if args.json:
         print(json.dumps(result, indent=2))
         return

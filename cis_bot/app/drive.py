@@ -45,9 +45,20 @@ from cis_bot.session.manager import SessionManager
 
 log = structlog.get_logger(__name__)
 
-#: Called once the run is under way, with its driver (submit RunCancelled to cancel) and the
-#: session manager its tasks run on.
-OnStarted = Callable[[RunDriver, SessionManager], None]
+
+@attrs.frozen
+class StartedRun:
+    """A run under way, as ``on_started`` hears of it."""
+
+    run_id: str
+    #: Submit RunCancelled to cancel the run.
+    driver: RunDriver
+    #: The sessions of the tasks run here (in matrix mode they run on workers).
+    manager: SessionManager
+
+
+#: Called once the run is under way.
+OnStarted = Callable[[StartedRun], None]
 
 
 @attrs.frozen
@@ -164,6 +175,7 @@ async def drive_run(
                 driver,
                 manager,
                 run_id=plan.run_id,
+                node_id=node.identity.node_id,
                 paths=paths,
                 profiles=config.agents,
                 work_dir=work_dir,
@@ -196,7 +208,7 @@ async def drive_run(
             driver.submit(fact)
         _pick_up_open_attempts(engine, driver, executor, plan)
         if on_started:
-            on_started(driver, manager)
+            on_started(StartedRun(plan.run_id, driver, manager))
         await driver.run(executor)
         await manager.close()
         remote = executor.transcripts if isinstance(executor, RoomExecutor) else {}

@@ -21,9 +21,9 @@ class CommandModule(Protocol):
 
 
 def _modules() -> list[CommandModule]:
-    from cis_bot.cli import dag, homeserver, node
+    from cis_bot.cli import completion, dag, homeserver, node
 
-    return [dag, homeserver, node]
+    return [dag, homeserver, node, completion]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +54,21 @@ def whole_number(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, last: int = 100) -> None:
+    """Rows under a header, in columns two spaces apart; the last column (free text) cut to
+    ``last`` characters and not padded."""
+    lines = [list(header), *([str(cell) for cell in row] for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    for line in lines:
+        cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
+        print("  ".join([*cells, line[-1][:last]]).rstrip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from cis_bot.cli.completion import complete_if_asked
+
     parser = build_parser()
+    complete_if_asked(parser)
     args = parser.parse_args(argv)
     from cis_bot import log
 

@@ -113,6 +113,9 @@ def _sample(cls: type[ev.EventContent]) -> ev.EventContent:
         ),
         ev.RunCompletedContent: ev.RunCompletedContent(run_id="r1", status="completed"),
         ev.TaskCarriedContent: ev.TaskCarriedContent(run_id="r1", task_id="t", from_run="r0"),
+        ev.TaskRollbackContent: ev.TaskRollbackContent(
+            run_id="r1", task_id="t", attempt=2, commands=("undo",)
+        ),
         ev.TaskApprovalRequestedContent: ev.TaskApprovalRequestedContent(run_id="r1", task_id="t"),
         ev.TaskApprovedContent: ev.TaskApprovedContent(run_id="r1", task_id="t"),
         ev.RunCancelledContent: ev.RunCancelledContent(run_id="r1"),

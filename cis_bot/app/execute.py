@@ -12,7 +12,7 @@ from cis_bot.app.connect import open_connection, run_alias_prefix
 from cis_bot.app.drive import OnStarted, RunPlan, announce, chat_scope, drive_run
 from cis_bot.app.localhs import LocalHomeserverDir
 from cis_bot.config import Config, ExecutionMode
-from cis_bot.dag.spec import DagSpec
+from cis_bot.dag.spec import DagSpec, resolve_stakeholders
 from cis_bot.ids import new_run_id
 from cis_bot.run.driver import RunObserver
 
@@ -52,7 +52,9 @@ async def execute(
         else:
             assert request.room is not None
             room_id = await node.resolve_room(request.room)
-        plan = RunPlan(run_id, room_id, request.spec, request.mode, request.max_workers)
+        # Stakeholders CIS names by user name are users of the coordinator's homeserver.
+        spec = resolve_stakeholders(request.spec, node.user_id.partition(":")[2])
+        plan = RunPlan(run_id, room_id, spec, request.mode, request.max_workers)
         chat = chat_scope(request.config, plan, own_room=request.mode is ExecutionMode.LOCAL)
         await announce(node, plan, chat=chat is not None)
         return await drive_run(

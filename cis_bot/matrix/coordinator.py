@@ -26,8 +26,9 @@ import attrs
 import structlog
 
 from cis_bot.config import Assignment
+from cis_bot.dag.document import task_to_document
 from cis_bot.dag.engine import Outcome, TaskDispatched, TaskFinished
-from cis_bot.dag.spec import TaskSpec, task_to_document
+from cis_bot.dag.spec import TaskSpec
 from cis_bot.ids import SessionId
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.node import Node, outgoing
@@ -153,16 +154,32 @@ class RoomExecutor:
 
     # --- assignment ------------------------------------------------------------------------------
 
-    def _candidates(self, agent: str) -> list[WorkerInfo]:
+    def _candidates(self, agent: str, node: str | None) -> list[WorkerInfo]:
         now = ev.now_ms()
         return [
             info
             for info in self.workers.values()
-            if info.beat.alive_at(now) and agent in info.beat.agents
+            if info.beat.alive_at(now)
+            and agent in info.beat.agents
+            and (node is None or info.beat.node_id == node)
         ]
 
+    def _requirement(self, task: TaskSpec) -> str:
+        """What a worker needs to take the task, for the error when none can."""
+        node = self.driver.engine.placement(task.id)
+        if node is None:
+            return f"runs agent {task.agent!r}"
+        why = (
+            f"holds the agent of task {task.reuse_agent}"
+            if task.reuse_agent and not self.driver.engine.tasks[task.id].rollback
+            else "ran the task it undoes"
+        )
+        return f"is node {node!r}, which {why}, and runs agent {task.agent!r}"
+
     async def _assign(self, attempt: _Attempt) -> bool:
-        candidates = self._candidates(attempt.task.agent)
+        # A rollback goes where its task ran; a continued agent is where it was kept.
+        node = self.driver.engine.placement(attempt.task.id)
+        candidates = self._candidates(attempt.task.agent, node)
         if not candidates:
             return False
         # Rotate, so that round-robin takes turns and least-loaded shares out ties.
@@ -210,14 +227,14 @@ class RoomExecutor:
                 elif time.monotonic() - attempt.waiting_since > self.no_worker_timeout:
                     self._waiting.remove(attempt)
                     attempt.done = True
-                    agent = attempt.task.agent
+                    need = self._requirement(attempt.task)
                     self.driver.submit(
                         TaskFinished(
                             attempt.task.id,
                             attempt.dispatch.attempt,
                             time.time(),
                             Outcome.FAILED,
-                            error=f"no live worker in the room runs agent {agent!r}",
+                            error=f"no live worker in the room {need}",
                         )
                     )
 

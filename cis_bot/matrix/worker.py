@@ -23,7 +23,8 @@ import attrs
 import structlog
 from mautrix.errors import MatrixRequestError
 
-from cis_bot.dag.spec import TaskSpec, parse_task_document
+from cis_bot.dag.document import parse_task_document
+from cis_bot.dag.spec import TaskSpec
 from cis_bot.errors import InputError
 from cis_bot.ids import SessionId
 from cis_bot.matrix import events as ev
@@ -31,6 +32,7 @@ from cis_bot.matrix.broadcast import SessionReporter
 from cis_bot.matrix.node import Node, outgoing
 from cis_bot.matrix.outbox import Outbox
 from cis_bot.matrix.runlog import RoomEvent, parse_room_event
+from cis_bot.run.agents import AgentKeeper
 from cis_bot.run.attempt import RunPaths, attempt_session
 from cis_bot.session.events import SessionCompleted, SessionState
 from cis_bot.session.manager import SessionManager
@@ -85,6 +87,10 @@ class Worker:
         self._seen: set[tuple[str, str, int]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat_now = asyncio.Event()
+        #: Agents kept for later tasks of the runs this node works for, and who coordinates
+        #: each of those runs (whose cis.dag.run.completed ends them).
+        self.keeper = AgentKeeper(manager)
+        self._coordinators: dict[str, str] = {}
         self._joined_new_room = False
         #: Set on joining a room: its first beat goes at once, not after the once-a-second floor.
         self._joined_room = asyncio.Event()
@@ -173,6 +179,12 @@ class Worker:
             and payload.attempt
         ):
             await self._on_stop(event, payload)
+        elif (
+            isinstance(payload, ev.RunCompletedContent)
+            and self._coordinators.get(payload.run_id) == event.sender
+        ):
+            del self._coordinators[payload.run_id]
+            self._spawn(self.keeper.release_run(payload.run_id))
 
     async def _on_assigned(self, room_id: str, event: RoomEvent, a: ev.TaskAssignedContent) -> None:
         key = (a.run_id, a.task_id, a.attempt)
@@ -220,6 +232,9 @@ class Worker:
             upstream=upstream,
             work_dir=self.work_dir,
         )
+        spec = self.keeper.prepare(spec, task, a.run_id, a.attempt)
+        if task.keep_agent:
+            self._coordinators[a.run_id] = event.sender
         log.info("assignment.claimed", session_id=sid, agent=task.agent)
         await self.manager.start(spec)
 
@@ -283,6 +298,7 @@ class Worker:
             reporter = self._reporter(running.room_id)
             reporter.report(event, running.run_id, running.task_id, running.attempt)
             if isinstance(event, SessionCompleted):
+                self.keeper.completed(event)
                 del self._running[event.session_id]
                 self._heartbeat_now.set()
 

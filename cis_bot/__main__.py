@@ -1,5 +1,5 @@
 from __future__ import annotations
 
-from cis_bot.cli import main
+from cis_bot.cli import run
 
-raise SystemExit(main())
+run()

@@ -7,11 +7,12 @@ Modules import their heavy dependencies inside the handler, so ``cis homeserver`
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from cis_bot.errors import UserError
 
@@ -80,6 +81,20 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, last: i
     for line in lines:
         cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
         print("  ".join([*cells, line[-1][:last]]).rstrip())
+
+
+def run() -> NoReturn:
+    """The ``cis`` program (its console script, ``python -m cis_bot``): ``main``, then exit.
+
+    As the interpreter shuts down, its garbage collector walks every object still alive for
+    cycles to break: the modules, classes and functions a run loaded and the run's own objects,
+    80 ms of a 0.6 s local run of one task. Nothing there needs collecting as the process ends
+    (files and sockets are closed, logs flushed, exit handlers run before), so the collector is
+    told to leave them (``gc.freeze``) and the memory goes back to the system with the process.
+    ``main`` itself is left alone: tests call it in their own process."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,8 +6,9 @@ Workloads, at each size N:
 
 Both sides spawn every command in a fresh PTY, so the difference is what cis_bot adds: parsing,
 the engine, sessions, transcripts, the run's room on the embedded homeserver, the report. Each
-cis_bot run is a whole process (`--json`, Python start-up included); baselines are measured in
-the same run, interleaved. Reported, as medians: the whole process (until it exits: the run's
+cis_bot run is a whole process (`--json`, Python start-up included), cis_bot compiled to bytecode
+first as an installed package is (see compiled.py); baselines are measured in the same run,
+interleaved. Reported, as medians: the whole process (until it exits: the run's
 room has every event, the report is written) and, for every size, the time until the last task
 ran (from process start to the newest transcript); the ratio and the overhead per task
 ((cis - baseline) / N) of each; cis_bot's peak RSS and the memory each task adds to it.
@@ -34,6 +35,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from compiled import compile_cis_bot
 
 WORKERS = 8
 
@@ -155,6 +158,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
+    compile_cis_bot(sys.executable)
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as tmp:
         for workload in args.workloads.split(","):

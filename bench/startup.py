@@ -5,6 +5,8 @@ Baseline, measured in the same run: the interpreter alone (`python -c pass`). Me
 `cis dag logs --state-dir D <Tab>` as the shell asks for it (argcomplete's environment) in a
 state directory of --runs runs of 5 tasks. With --against PYTHON (another checkout's
 interpreter, e.g. main's .venv/bin/python) the same commands through it, for a before/after.
+Each `cis` is started as `python -m cis_bot`, its cis_bot compiled to bytecode first as an
+installed package is (see compiled.py).
 Goal: completion support adds nothing to a start that does not complete.
 Usage: python bench/startup.py [--repeat 30] [--runs 200] [--against PYTHON] [--json]
 """
@@ -21,15 +23,22 @@ import tempfile
 import time
 from pathlib import Path
 
+from compiled import compile_cis_bot
 
-def medians(commands: dict[str, tuple[list[str], dict[str, str]]], repeat: int) -> dict[str, float]:
+
+def medians(
+    commands: dict[str, tuple[list[str], dict[str, str]]], repeat: int, cwd: Path
+) -> dict[str, float]:
     """Each command's median wall time, the commands taking turns (so that a change in the
-    machine's load touches every figure alike)."""
+    machine's load touches every figure alike). They start in ``cwd``: in a checkout, ``-m``
+    would import that checkout's cis_bot whatever the interpreter."""
     times: dict[str, list[float]] = {label: [] for label in commands}
     for _ in range(repeat):
         for label, (argv, env) in commands.items():
             start = time.perf_counter()
-            subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
             times[label].append(time.perf_counter() - start)
     return {label: statistics.median(values) for label, values in times.items()}
 
@@ -69,13 +78,14 @@ def main() -> None:
             pythons["against"] = args.against
         commands: dict[str, tuple[list[str], dict[str, str]]] = {}
         for name, python in pythons.items():
-            cis = [python, "-c", "from cis_bot.cli import main; main()"]
+            compile_cis_bot(python, cwd=Path(tmp))
+            cis = [python, "-m", "cis_bot"]
             commands[f"{name}: python -c pass"] = ([python, "-c", "pass"], env)
             commands[f"{name}: cis --help"] = ([*cis, "--help"], env)
             commands[f"{name}: cis dag list --help"] = ([*cis, "dag", "list", "--help"], env)
-        this = [sys.executable, "-c", "from cis_bot.cli import main; main()"]
+        this = [sys.executable, "-m", "cis_bot"]
         commands["this: completion (Tab)"] = (this, completing)
-        results = medians(commands, args.repeat)
+        results = medians(commands, args.repeat, Path(tmp))
 
     if args.json:
         print(json.dumps(results, indent=2))

@@ -92,9 +92,10 @@ def run() -> NoReturn:
     (files and sockets are closed, logs flushed, exit handlers run before), so the collector is
     told to leave them (``gc.freeze``) and the memory goes back to the system with the process.
     ``main`` itself is left alone: tests call it in their own process."""
-    code = main()
-    gc.freeze()
-    sys.exit(code)
+    try:
+        sys.exit(main())
+    finally:  # however it ends: --help and usage errors exit inside main
+        gc.freeze()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

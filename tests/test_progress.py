@@ -7,7 +7,7 @@ import io
 from rich.console import Console
 
 from cis_bot.cli.keys import parse_keys
-from cis_bot.cli.progress import LiveProgress
+from cis_bot.cli.live import LiveProgress
 from cis_bot.dag.engine import (
     Outcome,
     RunEngine,

@@ -1,6 +1,7 @@
 """What the ``cis`` command loads before it runs anything: not rich's console and traceback
 renderer, which structlog would load for pretty exceptions we do not use (see
-``cis_bot/cli/__init__.py``); rich comes in only for the live table."""
+``cis_bot/cli/__init__.py``); rich comes in only for the live table (``cli/live.py``), not for
+plain progress lines or ``--json``."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import sys
 
 PROBE = """
 import sys
-import cis_bot.cli, cis_bot.cli.dag, cis_bot.app.execute, cis_bot.homeserver.server
+import cis_bot.cli, cis_bot.cli.dag, cis_bot.cli.progress, cis_bot.app.execute
+import cis_bot.homeserver.server
 import structlog
 print(sorted(m for m in ("rich", "pygments") if m in sys.modules))
 structlog.get_logger("probe").info("probe.logged", ok=True)
-import cis_bot.cli.progress
+import cis_bot.cli.live
 print("rich" in sys.modules)
 """
 

@@ -22,7 +22,7 @@ from cis_bot.errors import UserError
 if TYPE_CHECKING:
     from cis_bot.app.drive import OnStarted, StartedRun
     from cis_bot.app.execute import RunRequest
-    from cis_bot.cli.progress import Attach
+    from cis_bot.cli.live import Attach, LiveProgress
     from cis_bot.config import Config, ExecutionMode
     from cis_bot.dag.spec import DagSpec
     from cis_bot.matrix.runs import RoomRun
@@ -313,12 +313,14 @@ async def _with_progress(
     """Run with a progress display (unless JSON), Ctrl-C cancelling the run: the first
     interrupt cancels it, the second stops waiting for its sessions to end gracefully. On a
     terminal, a live table; keys attach to the run's sessions when we have the keyboard."""
-    from cis_bot.cli.progress import LiveProgress, PlainProgress
+    from cis_bot.cli.progress import PlainProgress
     from cis_bot.dag.engine import RunCancelled
 
     live: LiveProgress | None = None
     plain: PlainProgress | None = None
     if not as_json and sys.stdout.isatty():
+        from cis_bot.cli.live import LiveProgress
+
         attach = _attacher(config, state_dir) if _typing_here() else None
         live = LiveProgress(where=where, attach=attach)
     elif not as_json:

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cis_bot.cli import print_table, whole_number
+from cis_bot.cli import collecting, print_table, whole_number
 from cis_bot.cli.completion import completes, run_ids
 from cis_bot.errors import UserError
 
@@ -94,7 +94,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "spent); shell tasks run as usual",
     )
     execute.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
-    execute.set_defaults(handler=_execute, parser=execute)
+    execute.set_defaults(handler=_execute, parser=execute, collects_when_started=True)
 
     status = commands.add_parser("status", help="a run's tasks, read from its room")
     completes(
@@ -119,7 +119,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     completes(resume.add_argument("run", metavar="RUN", help="run id or unique prefix"), run_ids)
     _room_reader_options(resume)
     resume.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
-    resume.set_defaults(handler=_resume)
+    resume.set_defaults(handler=_resume, collects_when_started=True)
 
     from cis_bot.cli import session
 
@@ -331,6 +331,7 @@ async def _with_progress(
     interrupts: list[asyncio.Task[None] | None] = []
 
     def on_started(run: StartedRun) -> None:
+        collecting()  # start-up is over (see cli.run)
         running.append(run)
         if live is not None:
             live.started(run.run_id, run.manager)

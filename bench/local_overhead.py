@@ -2,8 +2,9 @@
 
 Baseline, measured in the same run: the same DAG through the in-process engine alone (RunDriver
 + LocalExecutor on a SessionManager, no node, no homeserver, no room). Both sides are whole
-processes timed from spawn to exit, so imports and start-up count. Goal (issue 4): local mode at
-most 0.5 s slower. Usage: python bench/local_overhead.py [DAG] [--repeat 7] [--json]
+processes timed from spawn to exit, so imports and start-up count (cis_bot compiled to
+bytecode first, see compiled.py). Goal (issue 4): local mode at most 0.5 s slower.
+Usage: python bench/local_overhead.py [DAG] [--repeat 7] [--json]
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from compiled import compile_cis_bot
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,6 +64,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    compile_cis_bot(sys.executable, cwd=REPO)
     engine_only, local = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeat):

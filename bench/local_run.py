@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from compiled import compile_cis_bot
+
 # What `cis dag execute --local` imports before it runs anything.
 IMPORTS = "import cis_bot.cli.progress, cis_bot.config, cis_bot.run.local, cis_bot.dag.spec"
 
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    compile_cis_bot(sys.executable)
     n = args.tasks
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -160,6 +160,9 @@ class MatrixConfig:
     no_worker_timeout_secs: float = attrs.field(default=60.0, metadata={"gt": 0})
     #: Matrix mode: how the coordinator picks among the live workers that run a task's agent.
     assignment: Assignment = Assignment.LEAST_LOADED
+    #: After a worker lost an attempt (its lease lapsed), the task prefers other workers for
+    #: this long; with no other, it waits for this to pass.
+    lost_exclusion_secs: float = attrs.field(default=30.0, metadata={"min": 0})
 
 
 @attrs.frozen
@@ -221,9 +224,15 @@ class NodeConfig:
     #: Agent profiles this node runs for others; None: every profile but ``shell`` (a raw
     #: command from the room runs only where the worker's owner allowed it).
     accept_agents: tuple[str, ...] | None = None
-    #: How often the node refreshes its ``cis.node.heartbeat`` (a node silent for 3 of these
-    #: is presumed gone).
-    heartbeat_secs: float = attrs.field(default=15.0, metadata={"gt": 0})
+    #: How often the node renews its leases: its ``cis.node.heartbeat`` in a room where it holds
+    #: attempts, and a coordinator's ``cis.dag.run.lease`` (docs/federation.md).
+    heartbeat_secs: float = attrs.field(default=2.0, metadata={"gt": 0})
+    #: A lease not renewed for this long lapses: an attempt it held is lost and runs elsewhere
+    #: (the worker stops it itself: self-fencing); a run's coordinator may be taken over. At
+    #: least twice ``heartbeat_secs``.
+    lease_secs: float = attrs.field(default=5.0, metadata={"gt": 0})
+    #: How often the node heartbeats in a room where it holds nothing (good for three periods).
+    idle_heartbeat_secs: float = attrs.field(default=10.0, metadata={"gt": 0})
 
     @property
     def localpart(self) -> str:
@@ -499,6 +508,14 @@ def parse_config(text: str, *, file: str) -> Config:
                 file=file,
                 key=f"node.accept_agents[{i}]",
             )
+    node = config.node
+    if node.lease_secs < 2 * node.heartbeat_secs:
+        raise InputError(
+            f"must be at least twice heartbeat_secs ({node.heartbeat_secs:g}), got "
+            f"{node.lease_secs:g}: a lease must outlive a late heartbeat",
+            file=file,
+            key="node.lease_secs",
+        )
     default_agent = config.dag.local.default_agent
     if default_agent not in config.agents:
         raise InputError(

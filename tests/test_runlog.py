@@ -184,3 +184,47 @@ def test_the_fold_is_pure() -> None:
     first, second = fold_runs(events, {COORD}), fold_runs(events, {COORD})
     assert first[RUN].events == second[RUN].events
     assert first[RUN].rejected == second[RUN].rejected == 1
+
+
+def lost(attempt: int = 1) -> RoomEvent:
+    return RoomEvent(
+        COORD,
+        ev.TaskLostContent(run_id=RUN, task_id="a", attempt=attempt, reason="gone", timestamp=2500),
+    )
+
+
+def test_a_result_the_room_shows_before_its_attempt_was_declared_lost_is_void() -> None:
+    """The coordinator decided the attempt was lost while its result was on its way: the run
+    went on without that result (the live engine ignored it), so the fold does too, whatever
+    order the room shows them in."""
+    events = [
+        created(COORD),
+        assigned(COORD, user=WORKER, attempt=1),
+        claimed(WORKER, attempt=1),
+        completed(WORKER, attempt=1),  # in the room first...
+        lost(attempt=1),  # ...but the coordinator had not taken it when it decided this
+        assigned(COORD, user=OTHER_COORD, attempt=2),
+        completed(OTHER_COORD, status="failed", attempt=2),
+    ]
+    record = replay(events, {COORD}).tasks["a"]
+    assert record.status is TaskStatus.FAILED and len(record.attempts) == 2
+    assert record.current is not None and record.current.number == 2
+    # The voided result stays in the log of the attempt's events, for people to read.
+    log = fold_runs(events, {COORD})[RUN]
+    assert [e.content.attempt for e in log.sessions if e.sender == WORKER][-1] == 1  # type: ignore[attr-defined]
+
+
+def test_a_cancellation_voids_a_result_the_room_shows_before_it() -> None:
+    cancelled = [
+        RoomEvent(COORD, ev.RunCancelledContent(run_id=RUN, by="@alice:x", timestamp=2600)),
+        RoomEvent(
+            COORD,
+            ev.TaskCancelledContent(
+                run_id=RUN, task_id="a", attempt=1, reason="run cancelled", timestamp=2600
+            ),
+        ),
+    ]
+    before = [created(COORD), assigned(COORD), completed(WORKER), *cancelled]
+    after = [created(COORD), assigned(COORD), *cancelled, completed(WORKER)]
+    for events in (before, after):
+        assert replay(events, {COORD}).tasks["a"].status is TaskStatus.CANCELLED

@@ -161,6 +161,7 @@ async def drive_run(
                 room_id=plan.room_id,
                 run_id=plan.run_id,
                 no_worker_timeout=matrix.no_worker_timeout_secs,
+                lost_exclusion=matrix.lost_exclusion_secs,
                 policy=matrix.assignment,
             )
             await executor.start_listening()
@@ -293,4 +294,6 @@ def make_worker(
         interval_ms=config.dag.matrix.broadcast_interval_ms,
         broadcast_output=config.dag.hybrid.broadcast_output,
         heartbeat_secs=config.node.heartbeat_secs,
+        lease_secs=config.node.lease_secs,
+        idle_heartbeat_secs=config.node.idle_heartbeat_secs,
     )

@@ -455,18 +455,35 @@ class NodeHeartbeatContent(EventContent):
     #: Agent profiles this node will run.
     agents: tuple[str, ...]
     max_workers: int
-    #: Sessions running now.
+    #: Sessions running now (for every room and run).
     load: int
     #: A node whose last heartbeat is older than this is presumed gone.
     ttl_ms: int
+    #: The node's lease: an attempt it holds that no heartbeat of it renews for this long is
+    #: lost, and the node stops it itself if it could not renew for this long. Absent (nodes
+    #: older than leases): ``ttl_ms``.
+    lease_ms: int | None = None
+    #: The attempts it holds in this room, which this heartbeat renews: run id -> task id ->
+    #: attempt. Absent (nodes older than leases): every attempt assigned to it is renewed.
+    holds: dict[str, dict[str, int]] | None = None
 
     @property
     def expires_at(self) -> int:
         """When (ms) the node is presumed gone unless it beats again."""
         return self.timestamp + self.ttl_ms
 
+    @property
+    def lease_period_ms(self) -> int:
+        return self.lease_ms if self.lease_ms is not None else self.ttl_ms
+
     def alive_at(self, now_ms: int) -> bool:
         return now_ms < self.expires_at
+
+    def renews(self, run_id: str, task_id: str, attempt: int) -> bool:
+        """Whether this heartbeat renews the lease of that attempt."""
+        if self.holds is None:
+            return True
+        return self.holds.get(run_id, {}).get(task_id) == attempt
 
     @classmethod
     def from_table(cls, t: Table) -> NodeHeartbeatContent:
@@ -477,6 +494,8 @@ class NodeHeartbeatContent(EventContent):
             max_workers=_required_int(t, "max_workers", minimum=1),
             load=_required_int(t, "load", minimum=0),
             ttl_ms=_required_int(t, "ttl_ms", minimum=1),
+            lease_ms=t.opt_integer("lease_ms", minimum=1),
+            holds=_holds(t, "holds"),
         )
 
 
@@ -766,6 +785,19 @@ def _size(content: Mapping[str, Any]) -> int:
         return len(json.dumps(content, ensure_ascii=False).encode())
     except (TypeError, ValueError):
         return MAX_CONTENT_BYTES + 1
+
+
+def _holds(t: Table, key: str) -> dict[str, dict[str, int]] | None:
+    """run id -> task id -> attempt."""
+    runs = t.table(key)
+    if runs is None:
+        return None
+    holds: dict[str, dict[str, int]] = {}
+    for run_id in runs.data:
+        tasks = runs.table(run_id)
+        assert tasks is not None
+        holds[run_id] = {task: _required_int(tasks, task, minimum=1) for task in tasks.data}
+    return holds
 
 
 def _count_map(t: Table, key: str) -> dict[str, int] | None:

@@ -164,6 +164,26 @@ class Node:
         if serve:
             await self.listen()
         await self.connect()
+        if serve:
+            await self.ping_homeserver()
+
+    async def ping_homeserver(self) -> None:
+        """Have the homeserver reach our appservice (Matrix 1.7's appservice ping): a homeserver
+        that failed to push to us while we were away retries at once, rather than at the end of
+        its backoff (Synapse's grows to 8.5 minutes), so the room's events reach us now. A
+        failure is logged: events will not be pushed until the homeserver can reach us."""
+        try:
+            took = await self.intent.appservice_ping(self.identity.registration_id)
+        except (MatrixRequestError, aiohttp.ClientError, OSError) as exc:
+            log.warning(
+                "node.unreachable",
+                node=self.identity.node_id,
+                error=str(exc),
+                hint=f"the homeserver cannot reach this node's appservice at "
+                f"{self.identity.listen_host}:{self.port}: check the registration's url",
+            )
+        else:
+            log.debug("node.ping", duration_ms=took)
 
     async def listen(self) -> int:
         """Start the appservice HTTP server; returns its port (for a registration's url)."""

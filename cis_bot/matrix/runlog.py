@@ -8,7 +8,10 @@ users the reader trusts to coordinate runs (:func:`fold_runs`' ``coordinators``)
 - the coordinator is the only writer of decisions (assignments, skips, cancellations, the end);
 - the facts of an attempt (claim, session events, result) count only from the Matrix user the
   coordinator assigned it to, so a stranger in the room cannot complete a task, and a late answer
-  from a reassigned worker is fenced off by its attempt number.
+  from a reassigned worker is fenced off by its attempt number;
+- a decision that closes an attempt (lost, timed out, cancelled) voids a result of that attempt
+  the room shows before it: the coordinator decided without having taken that result (it was on
+  its way), so the run went on as though it never came, and the fold must too.
 
 Every event that fails these checks is counted in ``RunLog.rejected`` and dropped.
 """
@@ -194,6 +197,8 @@ class RunLog:
     #: The attempts' events (claims, session events, results), from their workers, in order.
     sessions: list[RoomEvent] = attrs.Factory(list)
     rejected: int = 0
+    #: (task, attempt) of the results in ``events``, to void them (see the module docstring).
+    _results: set[tuple[str, int]] = attrs.Factory(set)
 
     def add(self, event: RoomEvent) -> None:
         payload = event.content
@@ -242,7 +247,23 @@ class RunLog:
             self.events.append(started_fact(payload))
         elif isinstance(payload, ev.SessionCompletedContent):
             self.events.append(finished_fact(payload))
+            self._results.add((payload.task_id, payload.attempt))
         self.sessions.append(event)
+
+    def _close(self, task_id: str, attempt: int) -> None:
+        """The coordinator closed this attempt: a result of it earlier in the room is void."""
+        if (task_id, attempt) not in self._results:
+            return
+        self._results.discard((task_id, attempt))
+        self.events = [
+            e
+            for e in self.events
+            if not (
+                isinstance(e, TaskFinished)
+                and (e.task_id, e.attempt) == (task_id, attempt)
+                and e.outcome is not Outcome.LOST
+            )
+        ]
 
     def _from_coordinator(self, payload: ev.EventContent) -> None:
         at = seconds(payload.timestamp)
@@ -251,8 +272,11 @@ class RunLog:
                 self.assignees[(payload.task_id, payload.attempt)] = payload.assigned_user
                 self.events.append(TaskDispatched(payload.task_id, payload.attempt, at))
             case ev.TaskTimedOutContent(task_id=tid, attempt=int(attempt)):
+                self._close(tid, attempt)
                 self.events.append(TaskTimedOut(tid, attempt, at))
             case ev.TaskCancelledContent(task_id=tid, attempt=attempt, reason=reason):
+                if attempt is not None:
+                    self._close(tid, attempt)
                 self.events.append(TaskCancelled(tid, at, attempt, reason or "run cancelled"))
             case ev.TaskSkippedContent(task_id=tid, reason=reason):
                 self.events.append(TaskSkipped(tid, at, reason or ""))
@@ -268,6 +292,7 @@ class RunLog:
             case ev.TaskCarriedContent(task_id=tid, output=output, from_run=from_run):
                 self.events.append(TaskCarried(tid, at, output, from_run))
             case ev.TaskLostContent(task_id=tid, attempt=int(attempt), reason=reason):
+                self._close(tid, attempt)
                 self.events.append(TaskFinished(tid, attempt, at, Outcome.LOST, error=reason))
             case ev.RunCompletedContent():
                 self.completed = payload

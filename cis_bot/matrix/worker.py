@@ -6,7 +6,12 @@ is a name). An assignment is obeyed only when it comes from a sender this node t
 user, or one at the configured power level in the room), and asks for an agent profile this node
 accepts (a raw shell command only where the owner allowed ``shell``). The claim goes out at once;
 the session's events follow through the SessionReporter. The run's coordinator can end an attempt
-early with ``cis.dag.task.cancelled`` / ``timed_out``.
+early with ``cis.dag.task.cancelled`` / ``timed_out`` / ``lost``.
+
+Leases (docs/federation.md): the heartbeat in a room lists the attempts this node holds there,
+and renews their leases. It goes out every ``heartbeat_secs`` in a room where the node holds
+attempts, every ``idle_heartbeat_secs`` elsewhere (good for three of those), through a Beacon of
+its own per room, so a long queue of run events never holds it back.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ from cis_bot.dag.spec import TaskSpec, parse_task_document
 from cis_bot.errors import InputError
 from cis_bot.ids import SessionId
 from cis_bot.matrix import events as ev
+from cis_bot.matrix.beacon import Beacon, wait_event
 from cis_bot.matrix.broadcast import SessionReporter
 from cis_bot.matrix.node import Node, outgoing
-from cis_bot.matrix.outbox import Outbox
+from cis_bot.matrix.outbox import Outbox, Outgoing
 from cis_bot.matrix.runlog import RoomEvent, parse_room_event
 from cis_bot.run.attempt import RunPaths, attempt_session
 from cis_bot.session.events import SessionCompleted, SessionState
@@ -45,8 +51,17 @@ class _Running:
     run_id: str
     task_id: str
     attempt: int
-    #: Who assigned it: the only sender whose cancel/timeout we obey for it.
+    #: Who assigned it: the only sender whose cancel/timeout/lost we obey for it.
     assigner: str
+
+
+@attrs.define
+class _Room:
+    """A joined room, as the heartbeats see it."""
+
+    beacon: Beacon
+    #: When (monotonic) the next heartbeat is due there.
+    next_beat: float = 0.0
 
 
 class Worker:
@@ -62,7 +77,9 @@ class Worker:
         work_dir: Path,
         interval_ms: int = 500,
         broadcast_output: bool = False,
-        heartbeat_secs: float = 15.0,
+        heartbeat_secs: float = 2.0,
+        lease_secs: float = 5.0,
+        idle_heartbeat_secs: float = 10.0,
     ) -> None:
         self.node = node
         self.manager = manager
@@ -76,13 +93,15 @@ class Worker:
         self.interval_ms = interval_ms
         self.broadcast_output = broadcast_output
         self.heartbeat_secs = heartbeat_secs
+        self.lease_secs = lease_secs
+        self.idle_heartbeat_secs = idle_heartbeat_secs
         self._outboxes: dict[str, Outbox] = {}
+        self._rooms: dict[str, _Room] = {}
         self._reporters: dict[str, SessionReporter] = {}
         self._running: dict[str, _Running] = {}
         self._seen: set[tuple[str, str, int]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat_now = asyncio.Event()
-        self._joined_new_room = False
         #: Rooms whose refusal of our heartbeats was logged.
         self._beat_refused: set[str] = set()
         self._subscription = manager.subscribe()
@@ -113,6 +132,8 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._subscription.close()
+        for room in self._rooms.values():
+            await room.beacon.close()
         for outbox in self._outboxes.values():
             await outbox.flush(timeout=5)
             await outbox.close()
@@ -144,10 +165,16 @@ class Worker:
     # --- room events -----------------------------------------------------------------------------
 
     async def on_event(self, room_id: str, raw: Mapping[str, Any]) -> None:
-        if _joined(raw, self.node.user_id):
+        membership = _own_membership(raw, self.node.user_id)
+        if membership == "join":
             # Coordinators in a room learn of workers from their heartbeats: say it at once.
-            self._joined_new_room = True
+            self._room(room_id).next_beat = 0.0
             self._heartbeat_now.set()
+            return
+        if membership in ("leave", "ban"):
+            room = self._rooms.pop(room_id, None)
+            if room is not None:
+                await room.beacon.close()
             return
         event = parse_room_event(raw)
         if event is None:
@@ -162,7 +189,9 @@ class Worker:
                 log.debug("assignment.received", lag_ms=int(time.time() * 1000) - sent)
             await self._on_assigned(room_id, event, payload)
         elif (
-            isinstance(payload, ev.TaskCancelledContent | ev.TaskTimedOutContent)
+            isinstance(
+                payload, ev.TaskCancelledContent | ev.TaskTimedOutContent | ev.TaskLostContent
+            )
             and payload.attempt
         ):
             await self._on_stop(event, payload)
@@ -196,6 +225,9 @@ class Worker:
             )
         )
         self._running[sid] = _Running(room_id, a.run_id, a.task_id, a.attempt, event.sender)
+        # Holding a lease here now: beat at the busy pace (the claim renewed it already).
+        room = self._room(room_id)
+        room.next_beat = min(room.next_beat, time.monotonic() + self.heartbeat_secs)
         self._heartbeat_now.set()
         try:
             upstream = await self._upstream(a)
@@ -249,7 +281,9 @@ class Worker:
         return {}
 
     async def _on_stop(
-        self, event: RoomEvent, payload: ev.TaskCancelledContent | ev.TaskTimedOutContent
+        self,
+        event: RoomEvent,
+        payload: ev.TaskCancelledContent | ev.TaskTimedOutContent | ev.TaskLostContent,
     ) -> None:
         if payload.attempt is None:
             return
@@ -262,8 +296,14 @@ class Worker:
             if isinstance(payload, ev.TaskTimedOutContent)
             else SessionState.KILLED
         )
+        reason = payload.reason
+        if isinstance(payload, ev.TaskLostContent):
+            # The coordinator gave up on this attempt (its lease lapsed, as it saw it) and runs
+            # it elsewhere: whatever this one would report is ignored now.
+            log.warning("worker.attempt_lost", session_id=sid, reason=reason)
+            reason = f"the coordinator declared this attempt lost: {reason}"
         # Killing waits out the grace period: do it aside, the room's events keep flowing.
-        self._spawn(self.manager.kill(sid, state=state, reason=payload.reason))
+        self._spawn(self.manager.kill(sid, state=state, reason=reason))
 
     # --- sessions --------------------------------------------------------------------------------
 
@@ -276,42 +316,79 @@ class Worker:
             reporter.report(event, running.run_id, running.task_id, running.attempt)
             if isinstance(event, SessionCompleted):
                 del self._running[event.session_id]
-                self._heartbeat_now.set()
 
     # --- heartbeats ------------------------------------------------------------------------------
 
+    def _room(self, room_id: str) -> _Room:
+        room = self._rooms.get(room_id)
+        if room is None:
+
+            async def send(item: Outgoing) -> str:
+                return await self.node.send_outgoing(room_id, item)
+
+            room = self._rooms[room_id] = _Room(Beacon(send, timeout=self.lease_secs))
+        return room
+
+    def holds(self, room_id: str) -> dict[str, dict[str, int]]:
+        """The attempts this node holds in ``room_id``: run id -> task id -> attempt."""
+        held: dict[str, dict[str, int]] = {}
+        for running in self._running.values():
+            if running.room_id == room_id:
+                held.setdefault(running.run_id, {})[running.task_id] = running.attempt
+        return held
+
     async def _heartbeats(self) -> None:
-        last_load = -1
         while True:
-            self._joined_new_room = False  # the rooms are read just below
             try:
-                rooms = await self.node.intent.get_joined_rooms()
+                joined = await self.node.intent.get_joined_rooms()
             except Exception as exc:
-                log.warning("heartbeat.failed", error=str(exc))
-                rooms = []
-            beat = ev.NodeHeartbeatContent(
-                node_id=self.node_id,
-                agents=tuple(sorted(self.accepted & set(self.profiles))),
-                max_workers=self.max_workers,
-                load=self.load,
-                ttl_ms=int(self.heartbeat_secs * 3000),
+                log.warning("heartbeat.rooms_unknown", error=str(exc))
+                await asyncio.sleep(min(self.heartbeat_secs, 5.0))
+                continue
+            for joined_id in joined:
+                self._room(str(joined_id))
+            break
+        while True:
+            now = time.monotonic()
+            for room_id, room in list(self._rooms.items()):
+                if now >= room.next_beat:
+                    self._beat(room_id, room, now)
+            wake = min((room.next_beat for room in self._rooms.values()), default=None)
+            self._heartbeat_now.clear()
+            timeout = None if wake is None else max(0.0, wake - time.monotonic())
+            await wait_event(self._heartbeat_now, timeout)
+
+    def _beat(self, room_id: str, room: _Room, now: float) -> None:
+        held = self.holds(room_id)
+        if held:
+            interval, ttl = self.heartbeat_secs, self.lease_secs
+        else:
+            # Idle here: beat seldom (state events are not free), good for three periods.
+            interval, ttl = self.idle_heartbeat_secs, 3 * self.idle_heartbeat_secs
+        beat = ev.NodeHeartbeatContent(
+            node_id=self.node_id,
+            agents=tuple(sorted(self.accepted & set(self.profiles))),
+            max_workers=self.max_workers,
+            load=self.load,
+            ttl_ms=int(ttl * 1000),
+            lease_ms=int(self.lease_secs * 1000),
+            holds=held,
+        )
+        room.next_beat = now + interval
+        try:
+            item = outgoing(beat, state_key=self.node.user_id)
+        except ev.ContentTooLarge as exc:
+            log.error(
+                "heartbeat.too_large",
+                room_id=room_id,
+                error=str(exc),
+                hint="this node holds too many attempts in one room to list them in one "
+                "heartbeat: lower its max_workers",
             )
-            for room_id in rooms:
-                item = outgoing(beat, state_key=self.node.user_id)
-                item.on_rejected = self._heartbeat_refused(str(room_id))
-                item.on_sent = lambda _, room=str(room_id): self._beat_refused.discard(room)
-                self.outbox(str(room_id)).post(item)
-            last_load = self.load
-            # Load changes and new rooms are announced at once, but at most once a second.
-            await asyncio.sleep(min(1.0, self.heartbeat_secs))
-            deadline = time.monotonic() + self.heartbeat_secs
-            while self.load == last_load and not self._joined_new_room:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._heartbeat_now.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._heartbeat_now.wait(), remaining)
+            return
+        item.on_rejected = self._heartbeat_refused(room_id)
+        item.on_sent = lambda _: self._beat_refused.discard(room_id)
+        room.beacon.update(item, made_at=now)
 
     def _heartbeat_refused(self, room_id: str) -> Callable[[MatrixRequestError], None]:
         beat = ev.NodeHeartbeatContent.TYPE
@@ -335,15 +412,17 @@ class Worker:
         return refused
 
 
-def _joined(raw: Mapping[str, Any], user_id: str) -> bool:
-    """Whether ``raw`` is ``user_id`` joining a room."""
+def _own_membership(raw: Mapping[str, Any], user_id: str) -> str | None:
+    """The membership ``raw`` gives ``user_id`` (join, leave, ...), if it is about that user."""
     content = raw.get("content")
-    return (
-        raw.get("type") == "m.room.member"
-        and raw.get("state_key") == user_id
-        and isinstance(content, Mapping)
-        and content.get("membership") == "join"
-    )
+    if (
+        raw.get("type") != "m.room.member"
+        or raw.get("state_key") != user_id
+        or not isinstance(content, Mapping)
+    ):
+        return None
+    membership = content.get("membership")
+    return membership if isinstance(membership, str) else None
 
 
 def _refused(a: ev.TaskAssignedContent, sid: str, reason: str) -> ev.SessionCompletedContent:

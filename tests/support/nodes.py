@@ -96,9 +96,15 @@ def write_configs(
     allowed_users: list[str],
     accept_agents: list[str] | None = None,
     heartbeat_secs: float = 1.0,
+    lease_secs: float | None = None,
+    idle_heartbeat_secs: float | None = None,
     coordinators: list[str] | None = None,
     extra: str = "",
 ) -> None:
+    """Each node's config.toml. ``lease_secs`` defaults to the config's default (5) or twice
+    ``heartbeat_secs`` if that is longer; ``idle_heartbeat_secs`` to the config's (10)."""
+    lease = lease_secs if lease_secs is not None else max(5.0, 2 * heartbeat_secs)
+    idle = f"idle_heartbeat_secs = {idle_heartbeat_secs}\n" if idle_heartbeat_secs else ""
     for plan in plans:
         i = plan.identity
         accept = f"accept_agents = {json.dumps(accept_agents)}\n" if accept_agents else ""
@@ -121,7 +127,8 @@ as_token = "{i.as_token}"
 hs_token = "{i.hs_token}"
 allowed_users = {json.dumps(allowed_users)}
 heartbeat_secs = {heartbeat_secs}
-{accept}{extra}
+lease_secs = {lease}
+{idle}{accept}{extra}
 """
         )
 

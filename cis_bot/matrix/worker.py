@@ -11,7 +11,11 @@ early with ``cis.dag.task.cancelled`` / ``timed_out`` / ``lost``.
 Leases (docs/federation.md): the heartbeat in a room lists the attempts this node holds there,
 and renews their leases. It goes out every ``heartbeat_secs`` in a room where the node holds
 attempts, every ``idle_heartbeat_secs`` elsewhere (good for three of those), through a Beacon of
-its own per room, so a long queue of run events never holds it back.
+its own per room, so a long queue of run events never holds it back. A node that could not
+renew its lease in a room for its lease period stops its sessions of that room's runs itself
+(self-fencing, as Nomad's ``stop_on_client_after``): the coordinator runs them elsewhere by now,
+and their results would be ignored. When the homeserver takes its heartbeats again it is a
+healthy worker again.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from cis_bot.run.attempt import RunPaths, attempt_session
 from cis_bot.session.events import SessionCompleted, SessionState
 from cis_bot.session.manager import SessionManager
 from cis_bot.session.profile import AgentProfile
+from cis_bot.session.session import SessionError
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +58,10 @@ class _Running:
     attempt: int
     #: Who assigned it: the only sender whose cancel/timeout/lost we obey for it.
     assigner: str
+    #: When (monotonic) this node took it: its lease counts from then until a heartbeat renews.
+    taken_at: float = attrs.Factory(time.monotonic)
+    #: Stopped by this node itself, its lease lapsed (self-fencing).
+    fenced: bool = False
 
 
 @attrs.define
@@ -102,6 +111,7 @@ class Worker:
         self._seen: set[tuple[str, str, int]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat_now = asyncio.Event()
+        self._fence_wake = asyncio.Event()
         #: Rooms whose refusal of our heartbeats was logged.
         self._beat_refused: set[str] = set()
         self._subscription = manager.subscribe()
@@ -123,6 +133,7 @@ class Worker:
         self.node.add_listener(self.on_event)
         self._spawn(self._forward_sessions())
         self._spawn(self._heartbeats())
+        self._spawn(self._fence())
 
     async def stop(self) -> None:
         """Stop heartbeating; deliver what is queued (the caller kills sessions first)."""
@@ -229,6 +240,7 @@ class Worker:
         room = self._room(room_id)
         room.next_beat = min(room.next_beat, time.monotonic() + self.heartbeat_secs)
         self._heartbeat_now.set()
+        self._fence_wake.set()
         try:
             upstream = await self._upstream(a)
         except (MatrixRequestError, OSError, ValueError) as exc:
@@ -303,7 +315,13 @@ class Worker:
             log.warning("worker.attempt_lost", session_id=sid, reason=reason)
             reason = f"the coordinator declared this attempt lost: {reason}"
         # Killing waits out the grace period: do it aside, the room's events keep flowing.
-        self._spawn(self.manager.kill(sid, state=state, reason=reason))
+        self._spawn(self._kill(sid, state, reason))
+
+    async def _kill(self, sid: str, state: SessionState, reason: str | None) -> None:
+        try:
+            await self.manager.kill(sid, state=state, reason=reason)
+        except SessionError as exc:  # it ended meanwhile, or never started
+            log.info("worker.kill_skipped", session_id=sid, reason=str(exc))
 
     # --- sessions --------------------------------------------------------------------------------
 
@@ -389,6 +407,51 @@ class Worker:
         item.on_rejected = self._heartbeat_refused(room_id)
         item.on_sent = lambda _: self._beat_refused.discard(room_id)
         room.beacon.update(item, made_at=now)
+
+    # --- self-fencing ---------------------------------------------------------------------------
+
+    def _lease_end(self, running: _Running) -> float:
+        """When (monotonic) the lease of that attempt lapses, as this node reckons it: from its
+        last heartbeat in the room that the homeserver took (from when it was made), or from
+        when it took the attempt."""
+        room = self._rooms.get(running.room_id)
+        renewed = room.beacon.renewed_at if room is not None else None
+        start = running.taken_at if renewed is None else max(running.taken_at, renewed)
+        return start + self.lease_secs
+
+    async def _fence(self) -> None:
+        while True:
+            now = time.monotonic()
+            wake: float | None = None
+            lapsed: dict[str, list[str]] = {}
+            for sid, running in self._running.items():
+                if running.fenced:
+                    continue
+                end = self._lease_end(running)
+                if now >= end:
+                    lapsed.setdefault(running.room_id, []).append(sid)
+                else:
+                    wake = end if wake is None else min(wake, end)
+            for room_id, sessions in lapsed.items():
+                room = self._rooms.get(room_id)
+                renewed = room.beacon.renewed_at if room is not None else None
+                since = "ever" if renewed is None else f"{now - renewed:.1f}s"
+                log.error(
+                    "worker.self_fenced",
+                    room_id=room_id,
+                    sessions=sessions,
+                    not_renewed_for=since,
+                    hint="this node could not renew its lease in the room for its lease period "
+                    f"({self.lease_secs:g}s): the coordinator runs these tasks elsewhere, so it "
+                    "stops them; it works again once the homeserver takes its heartbeats",
+                )
+                for sid in sessions:
+                    self._running[sid].fenced = True
+                    reason = f"self-fenced: could not renew its lease for {self.lease_secs:g}s"
+                    self._spawn(self._kill(sid, SessionState.KILLED, reason))
+            self._fence_wake.clear()
+            timeout = None if wake is None else max(0.0, wake - time.monotonic())
+            await wait_event(self._fence_wake, timeout)
 
     def _heartbeat_refused(self, room_id: str) -> Callable[[MatrixRequestError], None]:
         beat = ev.NodeHeartbeatContent.TYPE

@@ -53,6 +53,7 @@ from tests.support.synapse import SynapseServer  # noqa: E402
 #: The config's defaults, written out.
 HEARTBEAT_SECS = 2.0
 LEASE_SECS = 5.0
+IDLE_HEARTBEAT_SECS = 10.0
 
 
 def dag_text(n: int) -> str:
@@ -91,7 +92,11 @@ async def bench(kills: int, root: Path, seed: int) -> dict[str, object]:
         async with aiohttp.ClientSession() as http:
             admin_id, token = await synapse.create_user("admin", admin=True)
             admin = MatrixClient(http, synapse.base_url, user_id=admin_id, token=token)
-            timings = {"heartbeat_secs": HEARTBEAT_SECS, "lease_secs": LEASE_SECS}
+            timings = {
+                "heartbeat_secs": HEARTBEAT_SECS,
+                "lease_secs": LEASE_SECS,
+                "idle_heartbeat_secs": IDLE_HEARTBEAT_SECS,
+            }
             write_configs([coord], synapse.base_url, allowed_users=[admin_id], **timings)
             write_configs(
                 workers,

@@ -6,6 +6,7 @@ Sections (every key optional; unknown keys are errors)::
     [dag.local]   max_workers = 4, default_agent = "claude"
     [dag.matrix]  room_prefix = "!dag-", home_server = "cis.local", broadcast_interval_ms = 500
     [dag.hybrid]  broadcast_status = true, broadcast_output = false, accept_remote_tasks = true
+    [chat]        enabled, prefix = "!cis", dags_dir = "dags", command_power_level = 50, ...
     [agents.NAME] argv, prompt_via, prompt_escapes, env, blocked_patterns, idle_patterns,
                   exit_input, pattern_lines, ready_pattern, quiet_secs, detect_tty_read, screen,
                   upstream_in_prompt, output
@@ -239,6 +240,29 @@ class NodeConfig:
         return self.bot_localpart or f"cis_{self.id}"
 
 
+@attrs.frozen
+class ChatConfig:
+    """``[chat]``: commands people type in a room (docs/chat.md)."""
+
+    #: Answer commands; None (unset): on for ``cis node --coordinator`` and for a ``cis dag
+    #: execute`` run in its own run's room, off for other nodes.
+    enabled: bool | None = None
+    #: What starts a command; in a direct chat (the bot and one person) it may be left out.
+    prefix: str = attrs.field(default="!cis", metadata={"nonempty": True})
+    #: ``run NAME`` runs ``<dags_dir>/NAME.toml`` (or ``.json``); relative to the config file.
+    dags_dir: str = attrs.field(default="dags", metadata={"nonempty": True})
+    #: Acting commands (run, input, approve, cancel, kill, resume): ``[node] allowed_users``,
+    #: or members at this power level in the room (its creators count as above any level).
+    command_power_level: int = 50
+    #: Senders whose attached DAG files may hold raw ``command`` tasks (shell) on this node.
+    shell_users: tuple[str, ...] = ()
+    #: Per sender: ``rate_burst`` commands at once, then ``rate_per_minute``.
+    rate_burst: int = attrs.field(default=10, metadata={"min": 1})
+    rate_per_minute: float = attrs.field(default=30.0, metadata={"gt": 0})
+    #: Lines of a log shown in the room by default; a longer log comes as a file too.
+    log_lines: int = attrs.field(default=40, metadata={"min": 1})
+
+
 def _builtin_agents() -> Mapping[str, AgentProfile]:
     return types.MappingProxyType(dict(BUILTIN_PROFILES))
 
@@ -348,6 +372,7 @@ _PROFILE_CHECKS: Mapping[str, Callable[[object], str | None]] = {
 class Config:
     dag: DagConfig = attrs.field(factory=DagConfig)
     node: NodeConfig = attrs.field(factory=NodeConfig)
+    chat: ChatConfig = attrs.field(factory=ChatConfig)
     #: Every agent profile by name: the built-ins merged with the file's ``[agents.NAME]``.
     agents: Mapping[str, AgentProfile] = attrs.field(
         factory=_builtin_agents, metadata={"read": _read_agents}
@@ -358,6 +383,13 @@ class Config:
     @property
     def default_agent(self) -> str:
         return self.dag.local.default_agent
+
+    @property
+    def dags_dir(self) -> Path:
+        """Where ``!cis run NAME`` finds DAGs: ``[chat] dags_dir``, relative to the config file
+        (to the working directory without one)."""
+        base = self.source.parent if self.source is not None else Path.cwd()
+        return base / self.chat.dags_dir
 
 
 # -- reading sections from their attrs classes ------------------------------------------------
@@ -500,6 +532,12 @@ def parse_config(text: str, *, file: str) -> Config:
     """Validate config text (TOML; JSON when ``file`` ends in ``.json``)."""
     root = parse_document(text, file=file, fmt=format_for(file))
     config = Config(**read_values(Config, root, skip=()))
+    if any(ch.isspace() for ch in config.chat.prefix):
+        raise InputError(
+            f"the chat prefix {config.chat.prefix!r} must not contain whitespace",
+            file=file,
+            key="chat.prefix",
+        )
     for i, agent in enumerate(config.node.accept_agents or ()):
         if agent not in config.agents:
             raise InputError(

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cis_bot.config import (
+    ChatConfig,
     Config,
     DagConfig,
     ExecutionMode,
@@ -167,6 +168,28 @@ def test_example_config_documents_and_sets_every_section() -> None:
             assert f"#   {field.name}" in text, (
                 f"examples/config.toml does not document {field.name}"
             )
+
+
+def test_the_chat_section_its_example_and_its_mistakes() -> None:
+    config = load_config(EXAMPLES / "config.toml")
+    assert config.chat.command_power_level == 50 and config.chat.enabled is None
+    assert config.dags_dir == EXAMPLES / "dags"  # relative to the config file
+    assert Config().dags_dir == Path.cwd() / "dags"
+    text = (EXAMPLES / "config.toml").read_text(encoding="utf-8")
+    for field in attrs.fields(ChatConfig):
+        assert field.name in text, f"examples/config.toml does not document chat.{field.name}"
+    chat = parse("[chat]\nenabled = false\nshell_users = ['@a:x']\n").chat
+    assert (chat.enabled, chat.shell_users) == (False, ("@a:x",))
+    for bad, key in (
+        ("prefix = '! cis'", "chat.prefix"),
+        ("prefix = ''", "chat.prefix"),
+        ("rate_burst = 0", "chat.rate_burst"),
+        ("rate_per_minute = 0", "chat.rate_per_minute"),
+        ("prefx = '!x'", "chat.prefx"),
+    ):
+        with pytest.raises(InputError) as caught:
+            parse(f"[chat]\n{bad}\n")
+        assert caught.value.key == key, (bad, caught.value)
 
 
 @pytest.mark.parametrize(

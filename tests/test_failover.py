@@ -38,7 +38,11 @@ from tests.support.process import HomeserverUnderTest
 pytestmark = pytest.mark.slow
 
 #: The config's defaults, written out: the issue's promise is for them.
-DEFAULT_TIMINGS: dict[str, Any] = {"heartbeat_secs": 2.0, "lease_secs": 5.0}
+DEFAULT_TIMINGS: dict[str, Any] = {
+    "heartbeat_secs": 2.0,
+    "lease_secs": 5.0,
+    "idle_heartbeat_secs": 10.0,
+}
 
 
 def popen_cis(plan: NodePlan, *args: str) -> subprocess.Popen[str]:

@@ -319,13 +319,7 @@ async def test_a_cis_node_in_a_namespace_is_cut_off_and_comes_back(
     admin_id, token = await server.create_user(unique("admin"), admin=True)
     admin = MatrixClient(http, server.base_url, user_id=admin_id, token=token)
     heartbeat = 0.25
-    write_configs(
-        [plan],
-        server.base_url,
-        allowed_users=[admin_id],
-        heartbeat_secs=heartbeat,
-        idle_heartbeat_secs=heartbeat,
-    )
+    write_configs([plan], server.base_url, allowed_users=[admin_id], heartbeat_secs=heartbeat)
     node = NodeProcess(plan, namespace=ns).start()
     try:
         room_id = await run_room(admin, [plan.user_id])  # the invite is pushed into the namespace

@@ -54,7 +54,11 @@ async def open_connection(
     appservice)."""
     if mode is ExecutionMode.LOCAL:
         return await connect_local(
-            state_dir, config.dag.matrix.home_server, run_alias_prefix(config), serve=serve
+            state_dir,
+            config.dag.matrix.home_server,
+            run_alias_prefix(config),
+            serve=serve,
+            allowed_users=config.node.allowed_users,
         )
     return await connect_configured(config, serve=serve)
 
@@ -66,7 +70,12 @@ async def connect_configured(config: Config, *, serve: bool = True) -> Connectio
 
 
 async def connect_local(
-    state_dir: Path, server_name: str, alias_prefix: str, *, serve: bool = True
+    state_dir: Path,
+    server_name: str,
+    alias_prefix: str,
+    *,
+    serve: bool = True,
+    allowed_users: tuple[str, ...] = (),
 ) -> Connection:
     """The local node on the local homeserver in ``state_dir/homeserver``.
 
@@ -74,6 +83,8 @@ async def connect_local(
     anything, another run's only to read (``serve=False``), since it ends with that run. Else
     start it here: the appservice listens first (the registration names its port), then the
     homeserver starts with the registrations in its directory, and says where it answers.
+    ``allowed_users`` (the config's ``[node] allowed_users``) may give the local node orders, as
+    they may any node: from a chat client, commands in a local run's room.
 
     Local runs share the local node's identity, so on a standalone homeserver one of them at a
     time receives the node's events: the others run without (a local run needs none: its tasks
@@ -82,7 +93,9 @@ async def connect_local(
     from cis_bot.homeserver.server import EmbeddedHomeserver
 
     directory = LocalHomeserverDir.of(state_dir)
-    identity = directory.local_identity(server_name, alias_prefix)
+    identity = attrs.evolve(
+        directory.local_identity(server_name, alias_prefix), allowed_users=allowed_users
+    )
     try:
         lock = directory.lock("cis")
     except InUse:

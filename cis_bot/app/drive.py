@@ -21,6 +21,8 @@ import attrs
 import structlog
 
 from cis_bot import private
+from cis_bot.app.chat.notices import NoticeSettings, RunNotices
+from cis_bot.app.chat.service import ChatScope, ChatService
 from cis_bot.config import Config, ExecutionMode
 from cis_bot.control.operations import ControlPlane, RunHandle
 from cis_bot.control.service import start_control
@@ -77,8 +79,11 @@ class RunPlan:
         )
 
 
-async def announce(node: Node, plan: RunPlan, *, resumed_from: str | None = None) -> None:
-    """Post the run's ``cis.dag.run.created`` (the spec in media when too big for an event)."""
+async def announce(
+    node: Node, plan: RunPlan, *, resumed_from: str | None = None, chat: bool = False
+) -> None:
+    """Post the run's ``cis.dag.run.created`` (the spec in media when too big for an event);
+    ``chat``: the process driving it answers chat commands about it."""
     text = json.dumps(spec_to_document(plan.spec))
     created = ev.RunCreatedContent(
         run_id=plan.run_id,
@@ -88,6 +93,7 @@ async def announce(node: Node, plan: RunPlan, *, resumed_from: str | None = None
         max_workers=plan.max_workers,
         coordinator=node.identity.node_id,
         resumed_from=resumed_from,
+        chat=chat or None,
     )
     await node.send(plan.room_id, created)
 
@@ -103,10 +109,14 @@ async def drive_run(
     on_started: OnStarted | None = None,
     control: ControlPlane | None = None,
     kind: str = "execute",
+    chat: ChatScope | None = None,
+    own_worker: bool = True,
 ) -> dict[str, Any]:
     """Drive the run to its end; returns its report. Its sessions and the run itself are served
     on ``control`` (this process's control API; without one, the run serves its own as
-    ``kind``)."""
+    ``kind``). ``chat``: answer chat commands in the run's room while it runs (a node answers
+    through its own chat service). ``own_worker``: in hybrid mode, a worker for the tasks others
+    assign to this node (a node that has its worker already says False)."""
     matrix = config.dag.matrix
     paths = RunPaths.of(state_dir, plan.run_id)
     private.make_dirs(paths.run_dir)
@@ -118,7 +128,14 @@ async def drive_run(
         control = await start_control(node, state_dir, kind=kind)
     unregister: list[Callable[[], None]] = []
     outbox = node.outbox(plan.room_id)
+    service: ChatService | None = None
+    notices: RunNotices | None = None
     try:
+        if chat is not None:
+            service = ChatService(node, control, config, scope=chat)
+            notices = run_notices(node, plan, config, service)
+            observers = [*observers, notices]
+            service.start()
         runs_here = plan.mode is not ExecutionMode.MATRIX
         reporter = None
         if runs_here:
@@ -150,7 +167,11 @@ async def drive_run(
                 profiles=config.agents,
                 work_dir=work_dir,
             )
-            if plan.mode is ExecutionMode.HYBRID and config.dag.hybrid.accept_remote_tasks:
+            if (
+                plan.mode is ExecutionMode.HYBRID
+                and config.dag.hybrid.accept_remote_tasks
+                and own_worker
+            ):
                 worker = make_worker(node, manager, config, state_dir=state_dir, work_dir=work_dir)
                 worker.start()
         else:
@@ -201,6 +222,10 @@ async def drive_run(
             raise RunNotRecorded(report, unwritten)
         return report
     finally:
+        if service is not None:
+            await service.close()
+        if notices is not None:
+            await notices.close(timeout=matrix.flush_timeout_secs)
         await outbox.close()
         await manager.close()
         if worker:  # the run failed: stop working for others too
@@ -209,6 +234,26 @@ async def drive_run(
             remove()
         if owned_control:
             await control.close()
+
+
+def chat_scope(config: Config, plan: RunPlan, *, own_room: bool) -> ChatScope | None:
+    """What a run process answers in the chat: its run, in its room (None: chat is off)."""
+    if config.chat.enabled is False:
+        return None
+    return ChatScope(run_id=plan.run_id, room_id=plan.room_id, own_room=own_room)
+
+
+def run_notices(node: Node, plan: RunPlan, config: Config, service: ChatService) -> RunNotices:
+    """The notices of a run driven here, answered through ``service``."""
+    chat = config.chat
+    return RunNotices(
+        node,
+        room_id=plan.room_id,
+        run_id=plan.run_id,
+        index=service.index,
+        settings=NoticeSettings(chat.prefix, chat.command_power_level, node.identity.allowed_users),
+        people=service.facts,
+    )
 
 
 class RunNotRecorded(UserError):
@@ -281,8 +326,15 @@ def _pick_up_open_attempts(
 
 
 def make_worker(
-    node: Node, manager: SessionManager, config: Config, *, state_dir: Path, work_dir: Path
+    node: Node,
+    manager: SessionManager,
+    config: Config,
+    *,
+    state_dir: Path,
+    work_dir: Path,
+    chat: bool = False,
 ) -> Worker:
+    """The node's worker; ``chat``: its heartbeats say the node answers chat commands."""
     return Worker(
         node,
         manager,
@@ -296,4 +348,5 @@ def make_worker(
         heartbeat_secs=config.node.heartbeat_secs,
         lease_secs=config.node.lease_secs,
         idle_heartbeat_secs=config.node.idle_heartbeat_secs,
+        chat=chat,
     )

@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 
 from cis_bot.app.connect import open_connection, run_alias_prefix
-from cis_bot.app.drive import OnStarted, RunPlan, announce, drive_run
+from cis_bot.app.drive import OnStarted, RunPlan, announce, chat_scope, drive_run
 from cis_bot.app.localhs import LocalHomeserverDir
 from cis_bot.config import Config, ExecutionMode
 from cis_bot.dag.spec import DagSpec
@@ -53,7 +53,8 @@ async def execute(
             assert request.room is not None
             room_id = await node.resolve_room(request.room)
         plan = RunPlan(run_id, room_id, request.spec, request.mode, request.max_workers)
-        await announce(node, plan)
+        chat = chat_scope(request.config, plan, own_room=request.mode is ExecutionMode.LOCAL)
+        await announce(node, plan, chat=chat is not None)
         return await drive_run(
             node,
             plan,
@@ -62,6 +63,7 @@ async def execute(
             work_dir=request.work_dir,
             observers=observers,
             on_started=on_started,
+            chat=chat,
         )
     finally:
         await connection.close()

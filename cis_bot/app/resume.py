@@ -12,14 +12,55 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from cis_bot.app.connect import open_connection
-from cis_bot.app.drive import OnStarted, RunPlan, announce, drive_run
+from cis_bot.app.drive import OnStarted, RunPlan, announce, chat_scope, drive_run
 from cis_bot.config import Config, ExecutionMode
 from cis_bot.dag.engine import RunStatus, TaskCarried, TaskStatus
 from cis_bot.errors import UserError
 from cis_bot.ids import new_run_id
-from cis_bot.matrix.runs import joined_rooms, pick_run, read_runs
+from cis_bot.matrix.runs import RoomRun, joined_rooms, pick_run, read_runs
 from cis_bot.run.driver import RunObserver
+
+
+@attrs.frozen
+class Resumption:
+    plan: RunPlan
+    #: A new run that keeps the completed tasks (announce it, resumed from the old one); else
+    #: the same run, driven on from where its log ends.
+    new: bool
+    resumed_from: str
+
+
+def plan_resume(run: RoomRun, *, user_id: str, mode: ExecutionMode) -> Resumption:
+    """How to resume ``run`` from the node whose user is ``user_id``: UserError when it
+    completed, or when it is unfinished and another user coordinates it."""
+    replayed = run.replay()
+    if not replayed.finished:
+        if run.coordinator_user != user_id:
+            raise UserError(
+                f"run {run.run_id} is coordinated by {run.coordinator_user} (node "
+                f"{run.created.coordinator!r}), not by this node ({user_id})"
+            )
+        return Resumption(RunPlan.continuing(run), new=False, resumed_from=run.run_id)
+    if replayed.status is RunStatus.COMPLETED:
+        raise UserError(f"run {run.run_id} completed: nothing to resume")
+    now = time.time()
+    carried = [
+        TaskCarried(tid, now, record.output, run.run_id)
+        for tid, record in replayed.tasks.items()
+        if record.status is TaskStatus.COMPLETED
+    ]
+    plan = RunPlan(
+        new_run_id(),
+        run.room_id,
+        run.spec,
+        mode,
+        run.created.max_workers,
+        prelude=carried,
+    )
+    return Resumption(plan, new=True, resumed_from=run.run_id)
 
 
 async def resume(
@@ -39,41 +80,22 @@ async def resume(
         node = connection.node
         rooms = await joined_rooms(node, room)
         run = pick_run(await read_runs(node, rooms, node.identity.trusted_coordinators), wanted)
-        replayed = run.replay()
-        if not replayed.finished:
-            if run.coordinator_user != node.user_id:
-                raise UserError(
-                    f"run {run.run_id} is coordinated by {run.coordinator_user} (node "
-                    f"{run.created.coordinator!r}), not by this node ({node.user_id})"
-                )
-            plan = RunPlan.continuing(run)
-        else:
-            if replayed.status is RunStatus.COMPLETED:
-                raise UserError(f"run {run.run_id} completed: nothing to resume")
-            now = time.time()
-            carried = [
-                TaskCarried(tid, now, record.output, run.run_id)
-                for tid, record in replayed.tasks.items()
-                if record.status is TaskStatus.COMPLETED
-            ]
-            plan = RunPlan(
-                new_run_id(),
-                run.room_id,
-                run.spec,
-                mode,
-                run.created.max_workers,
-                prelude=carried,
+        resumption = plan_resume(run, user_id=node.user_id, mode=mode)
+        chat = chat_scope(config, resumption.plan, own_room=mode is ExecutionMode.LOCAL)
+        if resumption.new:
+            await announce(
+                node, resumption.plan, resumed_from=resumption.resumed_from, chat=chat is not None
             )
-            await announce(node, plan, resumed_from=run.run_id)
         return await drive_run(
             node,
-            plan,
+            resumption.plan,
             config=config,
             state_dir=state_dir,
             work_dir=work_dir,
             observers=observers,
             on_started=on_started,
             kind="resume",
+            chat=chat,
         )
     finally:
         await connection.close()

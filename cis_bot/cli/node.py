@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     node.add_argument(
         "--coordinator",
         action="store_true",
-        help="also resume coordinating the unfinished runs this node started",
+        help="coordinate: resume the unfinished runs this node started, and answer chat "
+        "commands in its rooms (docs/chat.md)",
     )
     node.add_argument("--state-dir", type=Path, metavar="D", help="where sessions keep files")
     node.add_argument("--log-level", default="info", help=argparse.SUPPRESS)

@@ -50,13 +50,19 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     _options(sessions)
     sessions.set_defaults(handler=_sessions)
 
-    logs = commands.add_parser("logs", help="a session's output (live, or its transcript)")
+    logs = commands.add_parser(
+        "logs", help="a session's output, readable (live, or its transcript); --raw as written"
+    )
     logs.add_argument("id", metavar="ID", help="RUN:TASK[:ATTEMPT] (run id prefixes work)")
     logs.add_argument("--tail", type=whole_number(0), metavar="N", help="only the last N lines")
     logs.add_argument(
         "-f", "--follow", action="store_true", help="keep printing until the session ends"
     )
-    logs.add_argument("--raw", action="store_true", help="the bytes as the agent wrote them")
+    logs.add_argument(
+        "--raw",
+        action="store_true",
+        help="the transcript as the agent wrote it (escapes, stream-json) instead of rendered",
+    )
     _options(logs)
     logs.set_defaults(handler=_logs)
 
@@ -224,10 +230,10 @@ def _sessions(args: argparse.Namespace) -> int:
 
 
 def _last_lines(data: bytes, count: int | None, *, raw: bool) -> bytes:
-    from cis_bot.session.output import terminal_text
+    from cis_bot.session.readable import readable
 
     if not raw:
-        data = terminal_text(data).encode("utf-8")
+        data = readable(data).encode("utf-8")
     if count is None:
         return data
     if count == 0:
@@ -268,7 +274,7 @@ def _logs(args: argparse.Namespace) -> int:
 
 async def _follow(stream: AsyncIterator[bytes], *, raw: bool) -> None:
     """Print the stream as it comes; as text, a partial line once the output pauses."""
-    from cis_bot.control.client.terminal import TextStream
+    from cis_bot.control.client.terminal import ReadableStream
 
     out = sys.stdout.buffer
     queue: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -284,7 +290,7 @@ async def _follow(stream: AsyncIterator[bytes], *, raw: bool) -> None:
             queue.put_nowait(None)
 
     task = asyncio.create_task(pump())
-    text = TextStream()
+    text = ReadableStream()
     try:
         while True:
             try:

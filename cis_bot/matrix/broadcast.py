@@ -265,6 +265,7 @@ class RunRecorder:
                             upstream_tasks=task.deps,
                             task=json.dumps(task_to_document(task)),
                             timestamp=ms(at),
+                            local=True,
                         )
                     )
         payload = decision_content(rid, event, engine)

@@ -40,6 +40,7 @@ from cis_bot.matrix.outbox import Outbox
 from cis_bot.matrix.roster import Roster, WorkerInfo, heartbeat_of
 from cis_bot.matrix.runlog import RoomEvent, finished_fact, parse_room_event, started_fact
 from cis_bot.run.driver import RunDriver
+from cis_bot.session.events import SessionBlocked, SessionState, SessionStateChanged
 
 log = structlog.get_logger(__name__)
 
@@ -391,6 +392,30 @@ class RoomExecutor:
             if payload.transcript:
                 self.transcripts[(payload.task_id, payload.attempt)] = payload.transcript
             self.driver.submit(finished_fact(payload))
+        elif (
+            isinstance(payload, ev.SessionBlockedContent | ev.SessionStateContent)
+            and not record.done
+        ):
+            self._tell_observers(sid, payload)
+
+    def _tell_observers(
+        self, sid: SessionId, payload: ev.SessionBlockedContent | ev.SessionStateContent
+    ) -> None:
+        """A worker says one of our attempts is blocked, or running again: the observers (the
+        status notice, the chat's notices) hear it as they would of a session run here."""
+        if sid.run_id != self.run_id:
+            return
+        event: SessionBlocked | SessionStateChanged
+        if isinstance(payload, ev.SessionBlockedContent):
+            event = SessionBlocked(payload.session_id, payload.reason, payload.output_preview)
+        else:
+            try:
+                old, new = SessionState(payload.old_state), SessionState(payload.new_state)
+            except ValueError:
+                return
+            event = SessionStateChanged(payload.session_id, old, new, payload.reason)
+        for observer in self.driver.observers:
+            observer.on_session_event(event, sid.task_id, sid.attempt)
 
     def _wake(self) -> None:
         self._retry_wake.set()

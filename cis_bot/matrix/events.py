@@ -161,6 +161,8 @@ class RunCreatedContent(RunContent):
     coordinator: str
     #: The run this one resumes (its completed tasks are carried over).
     resumed_from: str | None = None
+    #: Its coordinator answers chat commands about it in the room while it runs (docs/chat.md).
+    chat: bool | None = None
 
     def fit(self) -> tuple[RunCreatedContent, Media]:
         if self.spec is None:
@@ -183,6 +185,7 @@ class RunCreatedContent(RunContent):
             max_workers=_required_int(t, "max_workers", minimum=1),
             coordinator=_required_string(t, "coordinator"),
             resumed_from=t.opt_string("resumed_from", nonempty=True),
+            chat=t.opt_boolean("chat"),
         )
 
 
@@ -209,6 +212,9 @@ class TaskAssignedContent(RunContent):
     #: Upstream outputs inline when small, else in a JSON media upload.
     upstream: dict[str, str] | None = None
     upstream_mxc: str | None = None
+    #: The coordinator runs the attempt itself (local and hybrid execution): a record of the
+    #: dispatch for the log, not an order; no worker claims it (not even the coordinator's own).
+    local: bool | None = None
 
     def fit(self) -> tuple[TaskAssignedContent, Media]:
         """Upstream outputs first, then the task's document (its prompt may be long), go to
@@ -243,6 +249,7 @@ class TaskAssignedContent(RunContent):
             task_mxc=task_mxc,
             upstream=t.string_map("upstream"),
             upstream_mxc=t.opt_string("upstream_mxc", nonempty=True),
+            local=t.opt_boolean("local"),
         )
 
 
@@ -466,6 +473,8 @@ class NodeHeartbeatContent(EventContent):
     #: The attempts it holds in this room, which this heartbeat renews: run id -> task id ->
     #: attempt. Absent (nodes older than leases): every attempt assigned to it is renewed.
     holds: dict[str, dict[str, int]] | None = None
+    #: It answers chat commands in the room (docs/chat.md: who answers).
+    chat: bool | None = None
 
     @property
     def expires_at(self) -> int:
@@ -496,6 +505,7 @@ class NodeHeartbeatContent(EventContent):
             ttl_ms=_required_int(t, "ttl_ms", minimum=1),
             lease_ms=t.opt_integer("lease_ms", minimum=1),
             holds=_holds(t, "holds"),
+            chat=t.opt_boolean("chat"),
         )
 
 

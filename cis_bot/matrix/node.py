@@ -404,12 +404,14 @@ class Node:
             if known is not None:
                 self._powers[room_id] = (_power_levels(event.get("content")), known[1])
 
-    async def authorised(self, room_id: str, user_id: str) -> bool:
-        """May ``user_id`` give this node orders in this room?"""
+    async def authorised(self, room_id: str, user_id: str, *, level: int | None = None) -> bool:
+        """May ``user_id`` give this node orders in this room: itself, an allowed user, or a
+        member at ``level`` (default: ``assign_power_level``; chat commands pass theirs)?"""
         if user_id == self.user_id or user_id in self.identity.allowed_users:
             return True
+        needed = self.identity.assign_power_level if level is None else level
         try:
-            return await self.power_level(room_id, user_id) >= self.identity.assign_power_level
+            return await self.power_level(room_id, user_id) >= needed
         except MatrixRequestError:
             return False
 

@@ -19,7 +19,7 @@ from cis_bot.dag.spec import DagSpec
 from cis_bot.errors import UserError
 from cis_bot.ids import match_run
 from cis_bot.matrix import events as ev
-from cis_bot.matrix.runlog import RunLog, fold_runs, parse_room_event, spec_from_text
+from cis_bot.matrix.runlog import RoomEvent, RunLog, fold_runs, parse_room_event, spec_from_text
 
 if TYPE_CHECKING:
     from cis_bot.matrix.node import Node
@@ -84,20 +84,35 @@ async def read_runs(
     oldest first per room."""
     found: list[RoomRun] = []
     for room_id in rooms:
-        events = []
-        async for raw in node.history(room_id):
-            event = parse_room_event(raw)
-            if event is not None:
-                events.append(event)
-        for log in fold_runs(events, coordinators).values():
-            created = log.created
-            if created is None:
-                continue
-            if log.spec is None and created.spec_mxc:
-                text = (await node.download(created.spec_mxc)).decode("utf-8", "replace")
-                log.spec = spec_from_text(text, run_id=log.run_id)
-            if log.spec is not None:
-                found.append(RoomRun(room_id, log, log.spec, created))
+        found += await runs_in(node, room_id, await room_log(node, room_id), coordinators)
+    return found
+
+
+async def room_log(node: Node, room_id: str) -> list[RoomEvent]:
+    """The room's ``cis.*`` events, oldest first (malformed ones left out)."""
+    events = []
+    async for raw in node.history(room_id):
+        event = parse_room_event(raw)
+        if event is not None:
+            events.append(event)
+    return events
+
+
+async def runs_in(
+    node: Node, room_id: str, events: Sequence[RoomEvent], coordinators: Collection[str]
+) -> list[RoomRun]:
+    """The runs ``events`` (a room's, from ``room_log``) hold that one of ``coordinators``
+    created, with their specs (fetched from media when they are there)."""
+    found: list[RoomRun] = []
+    for log in fold_runs(events, coordinators).values():
+        created = log.created
+        if created is None:
+            continue
+        if log.spec is None and created.spec_mxc:
+            text = (await node.download(created.spec_mxc)).decode("utf-8", "replace")
+            log.spec = spec_from_text(text, run_id=log.run_id)
+        if log.spec is not None:
+            found.append(RoomRun(room_id, log, log.spec, created))
     return found
 
 

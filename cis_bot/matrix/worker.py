@@ -89,6 +89,7 @@ class Worker:
         heartbeat_secs: float = 2.0,
         lease_secs: float = 5.0,
         idle_heartbeat_secs: float = 10.0,
+        chat: bool = False,
     ) -> None:
         self.node = node
         self.manager = manager
@@ -104,6 +105,8 @@ class Worker:
         self.heartbeat_secs = heartbeat_secs
         self.lease_secs = lease_secs
         self.idle_heartbeat_secs = idle_heartbeat_secs
+        #: Its heartbeats say the node answers chat commands (docs/chat.md, who answers).
+        self.chat = chat
         self._outboxes: dict[str, Outbox] = {}
         self._rooms: dict[str, _Room] = {}
         self._reporters: dict[str, SessionReporter] = {}
@@ -194,6 +197,7 @@ class Worker:
         if (
             isinstance(payload, ev.TaskAssignedContent)
             and payload.assigned_user == self.node.user_id
+            and not payload.local
         ):
             sent = raw.get("origin_server_ts")
             if isinstance(sent, int):
@@ -391,6 +395,7 @@ class Worker:
             ttl_ms=int(ttl * 1000),
             lease_ms=int(self.lease_secs * 1000),
             holds=held,
+            chat=self.chat or None,
         )
         room.next_beat = now + interval
         try:

@@ -117,10 +117,8 @@ async def test_a_member_cannot_pass_for_a_worker_nor_get_work_as_itself(
     plans = plan_nodes(tmp_path, "cis.local", "coord", "wa")
     hs = homeserver_factory(appservice_files=registration_files(plans))
     coord, wa = plans
-    # A slow heartbeat, as an idle worker's (10 s by default): a forgery would stand a long time.
-    admin, room, worker = await cluster(
-        hs, http, plans, accept_agents=["shell"], heartbeat_secs=60, idle_heartbeat_secs=60
-    )
+    # A slow heartbeat, slower than an idle worker's (10 s by default): a forgery would stand long.
+    admin, room, worker = await cluster(hs, http, plans, accept_agents=["shell"], heartbeat_secs=60)
     try:
         mallory = await member(hs, http, admin, room, "mallory")
         beat_type = q(ev.NodeHeartbeatContent.TYPE)
@@ -246,9 +244,7 @@ async def test_a_room_that_refuses_heartbeats_is_told_once_with_the_fix(
     hs = homeserver_factory(appservice_files=registration_files([wa]))
     admin_id, token = await hs.create_user("admin", admin=True)
     admin = MatrixClient(http, hs.base_url, user_id=admin_id, token=token)
-    write_configs(
-        [wa], hs.base_url, allowed_users=[admin_id], heartbeat_secs=0.2, idle_heartbeat_secs=0.2
-    )
+    write_configs([wa], hs.base_url, allowed_users=[admin_id], heartbeat_secs=0.2)
     worker = NodeProcess(wa).start()
     try:
         await wait_for(lambda: bot_exists(admin, wa.user_id), what="the worker to register")

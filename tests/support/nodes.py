@@ -102,9 +102,10 @@ def write_configs(
     extra: str = "",
 ) -> None:
     """Each node's config.toml. ``lease_secs`` defaults to the config's default (5) or twice
-    ``heartbeat_secs`` if that is longer; ``idle_heartbeat_secs`` to the config's (10)."""
+    ``heartbeat_secs`` if that is longer; ``idle_heartbeat_secs`` to ``heartbeat_secs`` (tests
+    want a stopped node's heartbeat to lapse soon; the config's default is 10)."""
     lease = lease_secs if lease_secs is not None else max(5.0, 2 * heartbeat_secs)
-    idle = f"idle_heartbeat_secs = {idle_heartbeat_secs}\n" if idle_heartbeat_secs else ""
+    idle = idle_heartbeat_secs if idle_heartbeat_secs is not None else heartbeat_secs
     for plan in plans:
         i = plan.identity
         accept = f"accept_agents = {json.dumps(accept_agents)}\n" if accept_agents else ""
@@ -128,7 +129,8 @@ hs_token = "{i.hs_token}"
 allowed_users = {json.dumps(allowed_users)}
 heartbeat_secs = {heartbeat_secs}
 lease_secs = {lease}
-{idle}{accept}{extra}
+idle_heartbeat_secs = {idle}
+{accept}{extra}
 """
         )
 

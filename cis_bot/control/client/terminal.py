@@ -7,7 +7,8 @@ running after a detach. A read-only terminal only watches (Ctrl-C detaches it to
 
 Logs as text: raw terminal output rendered to plain lines (escape sequences out, carriage
 returns applied), a line at a time, with a partial line (a prompt waiting for an answer) shown
-when the output pauses.
+when the output pauses; an agent's stream-json rendered as its conversation
+(``cis_bot/session/readable.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import aiohttp
 import attrs
 
 from cis_bot.session.output import normalise_newlines, strip_escapes, terminal_text
+from cis_bot.session.readable import ReadableLines, is_stream_json_event
 
 #: An escape sequence cut off at the end of what has arrived so far.
 _UNFINISHED_ESCAPE = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*|\][^\x07\x1b]*|[PX^_][^\x1b]*|[ -/]*)?$")
@@ -255,6 +257,10 @@ class TextStream:
             return text[len(shown) :]
         return "\n" + text
 
+    def pending_text(self) -> str:
+        """The unfinished line's bytes so far, decoded (escapes and all)."""
+        return self._pending.decode("utf-8", errors="replace")
+
     def flush(self) -> str:
         """The unfinished line, as far as it goes (call when the output pauses)."""
         if not self._pending:
@@ -270,3 +276,39 @@ class TextStream:
         out = line[len(self._shown) :] if line.startswith(self._shown) else "\n" + line
         self._shown = line
         return out
+
+
+class ReadableStream:
+    """Raw output in, readable text out (``cis dag logs --follow``): the terminal's text, or
+    for an agent writing stream-json (its first line says so) the conversation it describes,
+    rendered a complete line at a time (a half-written JSON line is never shown)."""
+
+    def __init__(self) -> None:
+        self._text = TextStream()
+        self._lines = ReadableLines()
+        #: None until the first non-empty line tells: True for stream-json.
+        self._json: bool | None = None
+        #: Complete lines held while the kind is unknown.
+        self._held = ""
+
+    def feed(self, data: bytes) -> str:
+        text = self._text.feed(data)
+        if self._json is None:
+            self._held += text
+            first = next((line for line in self._held.split("\n")[:-1] if line.strip()), None)
+            if first is None:
+                return ""
+            self._json = is_stream_json_event(first) is not None
+            text, self._held = self._held, ""
+        if not self._json:
+            return text
+        lines = text.split("\n")[:-1]  # complete lines only (nothing was flushed)
+        return "".join(f"{line}\n" for line in self._lines.feed_lines(lines))
+
+    def flush(self) -> str:
+        """The unfinished line, when it is text (call when the output pauses)."""
+        if self._json or (self._json is None and self._held.strip()):
+            return ""
+        if self._json is None and self._text.pending_text().lstrip().startswith("{"):
+            return ""  # likely the first stream-json line, still being written
+        return self._text.flush()

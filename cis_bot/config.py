@@ -164,6 +164,10 @@ class MatrixConfig:
     #: After a worker lost an attempt (its lease lapsed), the task prefers other workers for
     #: this long; with no other, it waits for this to pass.
     lost_exclusion_secs: float = attrs.field(default=30.0, metadata={"min": 0})
+    #: The circuit breaker: a worker that lost or failed this many of a run's attempts in a
+    #: row gets none of its tasks for ``breaker_cooldown_secs`` (0: never cooled down).
+    breaker_failures: int = attrs.field(default=3, metadata={"min": 0})
+    breaker_cooldown_secs: float = attrs.field(default=60.0, metadata={"min": 0})
 
 
 @attrs.frozen
@@ -234,6 +238,12 @@ class NodeConfig:
     lease_secs: float = attrs.field(default=5.0, metadata={"gt": 0})
     #: How often the node heartbeats in a room where it holds nothing (good for three periods).
     idle_heartbeat_secs: float = attrs.field(default=10.0, metadata={"gt": 0})
+    #: What this node offers for ``node_selector`` (docs/federation.md#placement), besides
+    #: what it detects (arch, os, cores, memory, free disk): CIS's features (``cuda``,
+    #: ``metal``...), labels, and its GPU (0 MB: none).
+    features: tuple[str, ...] = ()
+    labels: Mapping[str, str] = attrs.field(factory=dict)
+    gpu_memory_mb: int = attrs.field(default=0, metadata={"min": 0})
 
     @property
     def localpart(self) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from cis_bot.matrix import events as ev
 from cis_bot.matrix.broadcast import RunRecorder, SessionReporter
 from cis_bot.matrix.coordinator import RoomExecutor
 from cis_bot.matrix.node import Node
+from cis_bot.matrix.nodefacts import detect_facts
 from cis_bot.matrix.runs import RoomRun
 from cis_bot.matrix.worker import Worker
 from cis_bot.run.attempt import RunPaths
@@ -43,6 +45,9 @@ from cis_bot.run.local import LocalExecutor
 from cis_bot.session.manager import SessionManager
 
 log = structlog.get_logger(__name__)
+
+#: Modes whose tasks a coordinator assigns to workers in the room, rather than running them.
+COORDINATED_MODES = frozenset({ExecutionMode.MATRIX, ExecutionMode.FEDERATION})
 
 #: Called once the run is under way, with its driver (submit RunCancelled to cancel) and the
 #: session manager its tasks run on.
@@ -64,6 +69,8 @@ class RunPlan:
     assignees: Mapping[tuple[str, int], str] = attrs.field(factory=dict)
     #: Facts to feed first (a resumed run's carried-over tasks).
     prelude: Sequence[Fact] = ()
+    #: Federation mode: the only workers (node or user ids) the run may use.
+    workers: tuple[str, ...] | None = None
 
     @classmethod
     def continuing(cls, run: RoomRun) -> RunPlan:
@@ -76,6 +83,7 @@ class RunPlan:
             run.created.max_workers,
             history=run.log.events,
             assignees=run.log.assignees,
+            workers=run.created.workers,
         )
 
 
@@ -94,6 +102,7 @@ async def announce(
         coordinator=node.identity.node_id,
         resumed_from=resumed_from,
         chat=chat or None,
+        workers=plan.workers,
     )
     await node.send(plan.room_id, created)
 
@@ -136,7 +145,7 @@ async def drive_run(
             notices = run_notices(node, plan, config, service)
             observers = [*observers, notices]
             service.start()
-        runs_here = plan.mode is not ExecutionMode.MATRIX
+        runs_here = plan.mode not in COORDINATED_MODES
         reporter = None
         if runs_here:
             reporter = SessionReporter(
@@ -183,6 +192,9 @@ async def drive_run(
                 run_id=plan.run_id,
                 no_worker_timeout=matrix.no_worker_timeout_secs,
                 lost_exclusion=matrix.lost_exclusion_secs,
+                breaker_failures=matrix.breaker_failures,
+                breaker_cooldown=matrix.breaker_cooldown_secs,
+                workers=plan.workers,
                 policy=matrix.assignment,
             )
             await executor.start_listening()
@@ -349,4 +361,11 @@ def make_worker(
         lease_secs=config.node.lease_secs,
         idle_heartbeat_secs=config.node.idle_heartbeat_secs,
         chat=chat,
+        facts=partial(
+            detect_facts,
+            work_dir,
+            features=config.node.features,
+            labels=config.node.labels,
+            gpu_memory_mb=config.node.gpu_memory_mb,
+        ),
     )

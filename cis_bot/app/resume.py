@@ -59,6 +59,7 @@ def plan_resume(run: RoomRun, *, user_id: str, mode: ExecutionMode) -> Resumptio
         mode,
         run.created.max_workers,
         prelude=carried,
+        workers=run.created.workers if mode is ExecutionMode.FEDERATION else None,
     )
     return Resumption(plan, new=True, resumed_from=run.run_id)
 

@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import attrs
 
+from cis_bot.dag.placement import Placement, parse_placement
 from cis_bot.errors import InputError
 from cis_bot.validation import (
     Table,
@@ -125,6 +126,8 @@ class TaskSpec:
     timeout_secs: float | None = DEFAULT_TIMEOUT_SECS
     level: Level = Level()
     trigger: Trigger = Trigger.ALL_SUCCESS
+    #: Which workers may run it (matrix and federation modes; ``dag/placement.py``).
+    placement: Placement = attrs.field(factory=Placement)
 
     @property
     def max_attempts(self) -> int:
@@ -182,6 +185,8 @@ _TASK_KEYS = frozenset(
         "timeout_secs",
         "level",
         "trigger",
+        "target_node",
+        "node_selector",
     }
 )
 _TASK_ALIASES = {
@@ -208,10 +213,8 @@ _CIS_UNSUPPORTED = {
         "keep_agent",
         "reuse_agent",
         "agent_config",
-        "target_node",
         "on_failure",
         "condition",
-        "node_selector",
     )
 }
 _LEVEL_KEYS: Mapping[LevelKind, frozenset[str]] = {
@@ -461,6 +464,7 @@ def _parse_task(
         timeout_secs=t.opt_number("timeout_secs", positive=True),
         level=level,
         trigger=t.choice("trigger", Trigger, Trigger.ALL_SUCCESS),
+        placement=parse_placement(t),
     )
     return spec, deps_key
 
@@ -598,6 +602,7 @@ def task_to_document(task: TaskSpec) -> dict[str, Any]:
         elif level.kind is LevelKind.ARBITRATED:
             level_doc["stakeholders"] = list(level.stakeholders)
         doc["level"] = level_doc
+    doc.update(task.placement.to_document())
     return doc
 
 

@@ -23,7 +23,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import attrs
@@ -83,6 +83,9 @@ class RoomExecutor:
         policy: Assignment = Assignment.LEAST_LOADED,
         no_worker_timeout: float = 60.0,
         lost_exclusion: float = 30.0,
+        breaker_failures: int = 3,
+        breaker_cooldown: float = 60.0,
+        workers: Collection[str] | None = None,
         drain_timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -94,6 +97,10 @@ class RoomExecutor:
         self.policy = policy
         self.no_worker_timeout = no_worker_timeout
         self.lost_exclusion = lost_exclusion
+        self.breaker_failures = breaker_failures
+        self.breaker_cooldown = breaker_cooldown
+        #: Federation mode's ``--workers``: the only workers (node or user ids) the run uses.
+        self.allowed = frozenset(workers) if workers is not None else None
         self.drain_timeout = drain_timeout
         self.clock = clock
         self.roster = Roster(node, room_id, clock=clock)
@@ -104,6 +111,10 @@ class RoomExecutor:
         #: task id -> worker user -> until when (monotonic) it is kept out of that task.
         self._excluded: dict[str, dict[str, float]] = {}
         self._rr = itertools.count()
+        #: worker user -> its attempts of this run lost or failed in a row.
+        self._failures: dict[str, int] = {}
+        #: worker user -> until when (monotonic) it is cooled down (the circuit breaker).
+        self._cooled: dict[str, float] = {}
         # Woken by anything from the room: the assigner retries waiting tasks (a worker may
         # have appeared, or finished something), drain re-checks what is still out, the lease
         # watch looks again. Three events, as each clears its own.
@@ -179,8 +190,25 @@ class RoomExecutor:
         task = attempt.task
         now = self.clock()
         live = self.roster.live()
+        if self.allowed is not None:
+            live = [w for w in live if w.node_id in self.allowed or w.user_id in self.allowed]
+            if not live:
+                names = ", ".join(sorted(self.allowed))
+                return f"none of the run's workers ({names}) is live in the room"
         if not live:
             return "no live worker in the room"
+        placement = task.placement
+        if placement.constrained:
+            fit, misfits = [], []
+            for w in live:
+                why = placement.unmet(w.node_id, w.user_id, w.beat.facts)
+                if why is None:
+                    fit.append(w)
+                else:
+                    misfits.append(f"{w.node_id} {why}")
+            if not fit:
+                return f"no live worker meets {placement.describe()} ({'; '.join(misfits)})"
+            live = fit
         able = [w for w in live if task.agent in w.beat.agents]
         if not able:
             offered = "; ".join(
@@ -196,6 +224,9 @@ class RoomExecutor:
                 f"the live workers that run agent {task.agent!r} ({names}) lost an attempt of "
                 f"this task; they may take it again in {until - now:.0f}s"
             )
+        # Cooled-down workers (the circuit breaker) come back after their cooldown: the task
+        # waits for them as for busy ones.
+        allowed = [w for w in allowed if self._cooled.get(w.user_id, 0.0) <= now]
         with_room = [w for w in allowed if self._free(w) > 0]
         if not with_room:
             return None
@@ -282,6 +313,40 @@ class RoomExecutor:
         if attempt.worker_user is not None:
             self._out.get(attempt.worker_user, set()).discard(attempt.key)
 
+    # --- the circuit breaker ----------------------------------------------------------------------
+
+    def _count_failure(self, user: str, node_id: str, why: str) -> None:
+        """One more attempt the worker lost or failed; at ``breaker_failures`` in a row it is
+        cooled down, and the room is told (its next failure after the cooldown, the first one
+        it is allowed, cools it down again)."""
+        failures = self._failures[user] = self._failures.get(user, 0) + 1
+        now = self.clock()
+        if self.breaker_failures <= 0 or failures < self.breaker_failures:
+            return
+        if self._cooled.get(user, 0.0) > now:
+            return  # an attempt it had before it was cooled down: said so already
+        self._cooled[user] = now + self.breaker_cooldown
+        log.warning(
+            "coordinator.worker_cooled_down",
+            run_id=self.run_id,
+            worker=node_id,
+            user=user,
+            failures=failures,
+            cooldown_secs=self.breaker_cooldown,
+        )
+        self.outbox.post(
+            outgoing(
+                ev.WorkerCooldownContent(
+                    run_id=self.run_id,
+                    worker=node_id,
+                    worker_user=user,
+                    failures=failures,
+                    cooldown_ms=int(self.breaker_cooldown * 1000),
+                    reason=f"{failures} attempts in a row lost or failed; the last: {why}",
+                )
+            )
+        )
+
     # --- leases ----------------------------------------------------------------------------------
 
     async def _watch_leases(self) -> None:
@@ -318,6 +383,7 @@ class RoomExecutor:
             why = f"worker {name} heartbeats without it (did it restart?)"
         reason = f"lease lapsed ({lease:g}s): {why}"
         self._finish(attempt)
+        self._count_failure(user, worker.node_id if worker else user, reason)
         if self.lost_exclusion > 0:
             self._excluded.setdefault(task_id, {})[user] = now + self.lost_exclusion
         log.warning(
@@ -388,7 +454,16 @@ class RoomExecutor:
         if isinstance(payload, ev.TaskClaimedContent):
             self.driver.submit(started_fact(payload))
         elif isinstance(payload, ev.SessionCompletedContent):
+            late = record.done
             self._finish(record)
+            if late:
+                pass  # counted already, as lost (or stopped by a decision)
+            elif payload.status == "completed":
+                self._failures.pop(event.sender, None)
+            elif payload.status == "failed":
+                info = self.workers.get(event.sender)
+                node = info.node_id if info is not None else event.sender
+                self._count_failure(event.sender, node, payload.error or "the attempt failed")
             if payload.transcript:
                 self.transcripts[(payload.task_id, payload.attempt)] = payload.transcript
             self.driver.submit(finished_fact(payload))

@@ -32,6 +32,7 @@ from typing import Any, ClassVar, TypeVar
 
 import attrs
 
+from cis_bot.dag.placement import NodeFacts
 from cis_bot.errors import InputError
 from cis_bot.validation import Table
 
@@ -163,6 +164,9 @@ class RunCreatedContent(RunContent):
     resumed_from: str | None = None
     #: Its coordinator answers chat commands about it in the room while it runs (docs/chat.md).
     chat: bool | None = None
+    #: Federation mode: the workers (node ids or user ids) the run may use; absent: any
+    #: trusted live worker in the room.
+    workers: tuple[str, ...] | None = None
 
     def fit(self) -> tuple[RunCreatedContent, Media]:
         if self.spec is None:
@@ -186,6 +190,7 @@ class RunCreatedContent(RunContent):
             coordinator=_required_string(t, "coordinator"),
             resumed_from=t.opt_string("resumed_from", nonempty=True),
             chat=t.opt_boolean("chat"),
+            workers=t.string_list("workers"),
         )
 
 
@@ -475,6 +480,15 @@ class NodeHeartbeatContent(EventContent):
     holds: dict[str, dict[str, int]] | None = None
     #: It answers chat commands in the room (docs/chat.md: who answers).
     chat: bool | None = None
+    #: What it is (arch, os, cores, memory, disk, features, labels, GPU), matched against
+    #: tasks' ``node_selector``. Absent: a node older than placement.
+    facts: NodeFacts | None = None
+
+    def content(self) -> dict[str, Any]:
+        body = super().content()
+        if self.facts is not None:
+            body["facts"] = self.facts.to_document()
+        return body
 
     @property
     def expires_at(self) -> int:
@@ -506,6 +520,7 @@ class NodeHeartbeatContent(EventContent):
             lease_ms=t.opt_integer("lease_ms", minimum=1),
             holds=_holds(t, "holds"),
             chat=t.opt_boolean("chat"),
+            facts=_facts(t, "facts"),
         )
 
 
@@ -559,6 +574,31 @@ class TaskLostContent(TaskDecisionContent):
     """The attempt will never report (its node stopped): the coordinator dispatches again."""
 
     TYPE = "cis.dag.task.lost"
+
+
+@attrs.frozen(kw_only=True)
+class WorkerCooldownContent(RunContent):
+    """The coordinator gives a worker no more of the run's tasks for a while: it lost or failed
+    ``failures`` attempts in a row (the circuit breaker, docs/federation.md)."""
+
+    TYPE = "cis.dag.worker.cooldown"
+
+    worker: str
+    worker_user: str
+    failures: int
+    cooldown_ms: int
+    reason: str | None = None
+
+    @classmethod
+    def from_table(cls, t: Table) -> WorkerCooldownContent:
+        return cls(
+            **cls.fields_of(t),
+            worker=_required_string(t, "worker"),
+            worker_user=_required_string(t, "worker_user"),
+            failures=_required_int(t, "failures", minimum=1),
+            cooldown_ms=_required_int(t, "cooldown_ms", minimum=0),
+            reason=clip(t.opt_string("reason"), REASON_CHARS),
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -748,6 +788,7 @@ CATALOGUE: Mapping[str, type[EventContent]] = {
         TaskAbortedContent,
         TaskLostContent,
         TaskCarriedContent,
+        WorkerCooldownContent,
         TaskApprovalRequestedContent,
         TaskApprovedContent,
         RunCancelledContent,
@@ -808,6 +849,11 @@ def _holds(t: Table, key: str) -> dict[str, dict[str, int]] | None:
         assert tasks is not None
         holds[run_id] = {task: _required_int(tasks, task, minimum=1) for task in tasks.data}
     return holds
+
+
+def _facts(t: Table, key: str) -> NodeFacts | None:
+    table = t.table(key)
+    return None if table is None else NodeFacts.from_table(table)
 
 
 def _count_map(t: Table, key: str) -> dict[str, int] | None:

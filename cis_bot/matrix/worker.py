@@ -32,6 +32,7 @@ import attrs
 import structlog
 from mautrix.errors import MatrixRequestError
 
+from cis_bot.dag.placement import NodeFacts
 from cis_bot.dag.spec import TaskSpec, parse_task_document
 from cis_bot.errors import InputError
 from cis_bot.ids import SessionId
@@ -90,6 +91,7 @@ class Worker:
         lease_secs: float = 5.0,
         idle_heartbeat_secs: float = 10.0,
         chat: bool = False,
+        facts: Callable[[], NodeFacts] | None = None,
     ) -> None:
         self.node = node
         self.manager = manager
@@ -107,6 +109,9 @@ class Worker:
         self.idle_heartbeat_secs = idle_heartbeat_secs
         #: Its heartbeats say the node answers chat commands (docs/chat.md, who answers).
         self.chat = chat
+        #: What its heartbeats say it is, for tasks' node_selector (read at every beat: free
+        #: disk changes).
+        self.facts = facts
         self._outboxes: dict[str, Outbox] = {}
         self._rooms: dict[str, _Room] = {}
         self._reporters: dict[str, SessionReporter] = {}
@@ -396,6 +401,7 @@ class Worker:
             lease_ms=int(self.lease_secs * 1000),
             holds=held,
             chat=self.chat or None,
+            facts=self.facts() if self.facts is not None else None,
         )
         room.next_beat = now + interval
         try:

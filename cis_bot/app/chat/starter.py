@@ -24,7 +24,7 @@ from cis_bot.app.chat.actions import Answer, Request
 from cis_bot.app.chat.notices import NoticeIndex, NoticeSettings, RunNotices
 from cis_bot.app.chat.rooms import RoomFacts
 from cis_bot.app.chat.view import RoomView
-from cis_bot.app.drive import RunPlan, announce, drive_run
+from cis_bot.app.drive import COORDINATED_MODES, RunPlan, announce, drive_run
 from cis_bot.app.resume import plan_resume
 from cis_bot.chat.compose import Text, code, para
 from cis_bot.chat.incoming import FileRef, Message
@@ -177,9 +177,7 @@ class NodeRuns:
 
     def _mode(self) -> ExecutionMode:
         mode = self.config.dag.execution_mode
-        if mode is ExecutionMode.FEDERATION:
-            raise UserError("this node's config says federation mode, which is not implemented")
-        return ExecutionMode.MATRIX if mode is ExecutionMode.MATRIX else ExecutionMode.HYBRID
+        return mode if mode in COORDINATED_MODES else ExecutionMode.HYBRID
 
     # --- the DAG ---------------------------------------------------------------------------------
 

@@ -182,3 +182,90 @@ async def test_a_killed_workers_task_restarts_on_the_other_worker_within_ten_sec
     # The dependent saw the re-run's output.
     (after,) = [p for _, p in results if p.task_id == "after"]
     assert after.output.strip() == "out-2"
+
+
+CHAIN_DAG = '[dag]\nname = "chain"\nmax_workers = 2\n' + "".join(
+    f'[[dag.tasks]]\nid = "t{i}"\n'
+    + (f'deps = ["t{i - 2}"]\n' if i >= 2 else "")
+    + 'command = "echo $CIS_TASK_ID >> ran.txt; sleep 1.5; echo out-$CIS_TASK_ID"\n'
+    for i in range(6)
+)
+
+
+def ran(plan: NodePlan) -> list[str]:
+    marker = plan.workdir / "ran.txt"
+    return marker.read_text().split() if marker.exists() else []
+
+
+async def test_a_standby_takes_over_a_killed_coordinators_run_and_nothing_runs_twice(
+    homeserver_factory: Any, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    plans = plan_nodes(tmp_path, "cis.local", "coord", "standby", "wa", "wb")
+    hs = homeserver_factory(appservice_files=registration_files(plans))
+    coord, standby, wa, wb = plans
+    timings = {"heartbeat_secs": 0.5, "lease_secs": 2.0}
+    admin, room, processes = await cluster(hs, http, [coord, standby], [wa, wb], **timings)
+    # The standby coordinates and runs nothing itself (its worker takes no shell tasks).
+    standby.config.write_text(
+        standby.config.read_text().replace("[node]\n", '[node]\naccept_agents = ["claude"]\n')
+    )
+    backup = NodeProcess(standby, "--coordinator").start()
+    dag = tmp_path / "dag.toml"
+    dag.write_text(CHAIN_DAG)
+    proc = popen_cis(coord, "dag", "execute", "--matrix", "--room", room, str(dag), "--json")
+    try:
+
+        async def standby_ready() -> bool:
+            # Its worker heartbeats once it joined; its standby has read the room by then.
+            return standby.user_id in await heartbeats(admin, room)
+
+        await wait_for(standby_ready, what="the standby in the room")
+        await wait_for(
+            lambda: asyncio.sleep(0, len(ran(wa) + ran(wb)) >= 3), what="the first tasks"
+        )
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        killed_at = time.monotonic()
+
+        async def finished() -> tuple[str, ev.RunCompletedContent] | None:
+            for e in await room_events(admin, room):
+                if e["type"] == ev.RunCompletedContent.TYPE:
+                    payload = ev.decode(e["type"], e["content"])
+                    assert isinstance(payload, ev.RunCompletedContent)
+                    return e["sender"], payload
+            return None
+
+        sender, completed = await wait_for(finished, timeout=90, what="the run to complete")
+        took = time.monotonic() - killed_at
+        run_id = completed.run_id
+        assert sender == standby.user_id
+        assert completed.status == "completed"
+        everything = ran(wa) + ran(wb)
+        assert sorted(everything) == [f"t{i}" for i in range(6)], everything  # each ran once
+        run = decoded(await room_events(admin, room), run_id)
+        takeovers = [(s, p) for s, p in run if isinstance(p, ev.RunTakeoverContent)]
+        assert [(s, p.epoch, p.previous) for s, p in takeovers] == [
+            (standby.user_id, 2, coord.user_id)
+        ]
+        assert not [p for _, p in run if isinstance(p, ev.TaskLostContent)]  # all adopted
+        assert all(p.alive for p in processes) and backup.alive
+        print(f"\n{hs.kind}: the standby completed the run {took:.1f}s after the kill")
+
+        # The coordinator's own reading of the room (it trusts the standby) agrees.
+        argv = cis_command(
+            "dag", "status", run_id, "--json", "--room", room,
+            "--config", str(coord.config), "--state-dir", str(coord.state_dir),
+        )  # fmt: skip
+        status = await asyncio.to_thread(
+            subprocess.run, argv, capture_output=True, text=True, env=cis_env(), timeout=60
+        )
+        assert status.returncode == 0, status.stderr
+        summary = json.loads(status.stdout)
+        assert summary["status"] == "completed"
+        assert summary["coordinator"] == "standby"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        backup.stop()
+        for p in processes:
+            p.stop()

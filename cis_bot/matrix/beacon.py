@@ -44,6 +44,9 @@ class Beacon:
         self._clock = clock
         self._pending: tuple[Outgoing, float] | None = None
         self._wake = asyncio.Event()
+        #: Set while nothing waits to be sent and nothing is on its way.
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._task: asyncio.Task[None] | None = None
         #: When (monotonic) the newest content the homeserver took was made; None: none yet.
         self.renewed_at: float | None = None
@@ -53,12 +56,21 @@ class Beacon:
     def update(self, item: Outgoing, *, made_at: float | None = None) -> None:
         """Send ``item`` (made at ``made_at``, default now) instead of anything still waiting."""
         self._pending = (item, self._clock() if made_at is None else made_at)
+        self._idle.clear()
         self._wake.set()
         if self._task is None:
             self._task = asyncio.create_task(self._run())
 
     def renewed_within(self, secs: float) -> bool:
         return self.renewed_at is not None and self._clock() - self.renewed_at <= secs
+
+    async def settle(self, timeout: float) -> bool:
+        """Wait until what was given has gone (or failed for good); False after ``timeout``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+                return True
+        return False
 
     async def close(self) -> None:
         if self._task is not None:
@@ -81,6 +93,8 @@ class Beacon:
                 if self.failing:
                     await asyncio.sleep(self.retry_secs)
                 self._wake.set()
+            else:
+                self._idle.set()
 
     async def _attempt(self, item: Outgoing, made_at: float) -> bool:
         """Send once; False to try again (the homeserver is away or overloaded)."""

@@ -23,7 +23,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -87,6 +87,8 @@ class RoomExecutor:
         breaker_cooldown: float = 60.0,
         workers: Collection[str] | None = None,
         drain_timeout: float = 30.0,
+        epoch: int = 1,
+        blind: Callable[[], bool] = lambda: False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.driver = driver
@@ -102,6 +104,12 @@ class RoomExecutor:
         #: Federation mode's ``--workers``: the only workers (node or user ids) the run uses.
         self.allowed = frozenset(workers) if workers is not None else None
         self.drain_timeout = drain_timeout
+        #: The epoch this coordinator holds the run at: its assignments carry it.
+        self.epoch = epoch
+        #: Whether this node is cut off from the room (it cannot renew its own lease): then its
+        #: workers' silence says nothing about them, and no lease of theirs lapses.
+        self.blind = blind
+        self._was_blind = False
         self.clock = clock
         self.roster = Roster(node, room_id, clock=clock)
         self._attempts: dict[AttemptKey, _Attempt] = {}
@@ -179,6 +187,11 @@ class RoomExecutor:
                 break
             self._drain_wake.clear()
             await wait_event(self._drain_wake, remaining)
+        self.close()
+
+    def close(self) -> None:
+        """Stop following the room."""
+        self.node.remove_listener(self.on_event)
         for loop in self._loops:
             loop.cancel()
 
@@ -276,6 +289,7 @@ class RoomExecutor:
                     upstream_tasks=task.deps,
                     task=json.dumps(task_to_document(task)),
                     upstream=dict(attempt.upstream),
+                    epoch=self.epoch if self.epoch > 1 else None,
                 ),
                 # Upstream outputs, then a long task, go to media when they make it too large.
                 upload=self.node.upload_for_events,
@@ -343,6 +357,7 @@ class RoomExecutor:
                     failures=failures,
                     cooldown_ms=int(self.breaker_cooldown * 1000),
                     reason=f"{failures} attempts in a row lost or failed; the last: {why}",
+                    epoch=self.epoch if self.epoch > 1 else None,
                 )
             )
         )
@@ -352,6 +367,19 @@ class RoomExecutor:
     async def _watch_leases(self) -> None:
         while True:
             now = self.clock()
+            if self.blind():
+                # Cut off ourselves: look again soon, and give every attempt a full lease from
+                # when we see the room again.
+                self._was_blind = True
+                self._lease_wake.clear()
+                await wait_event(self._lease_wake, 0.5)
+                continue
+            if self._was_blind:
+                self._was_blind = False
+                log.info("coordinator.sees_the_room_again", run_id=self.run_id)
+                for keys in self._out.values():
+                    for key in keys:
+                        self._attempts[key].renewed_at = now
             wake = math.inf
             for user, keys in list(self._out.items()):
                 worker = self.workers.get(user)
@@ -434,17 +462,30 @@ class RoomExecutor:
             self._on_attempt_event(event, payload)
         self._wake()
 
+    def catch_up(self, events: Iterable[RoomEvent]) -> None:
+        """The attempts' events the run log shows (from their workers), for attempts adopted
+        from it: those that reached the room before this executor listened."""
+        for event in events:
+            payload = event.content
+            if isinstance(payload, ev.TaskClaimedContent | ev.SessionCompletedContent):
+                self._on_attempt_event(event, payload, replay=True)
+
     def _on_attempt_event(
-        self, event: RoomEvent, payload: ev.SessionContent | ev.TaskClaimedContent
+        self,
+        event: RoomEvent,
+        payload: ev.SessionContent | ev.TaskClaimedContent,
+        *,
+        replay: bool = False,
     ) -> None:
         sid = SessionId.parse_or_none(payload.session_id)
-        if sid is None:
+        if sid is None or sid.run_id != self.run_id:
             return
         record = self._attempts.get((sid.task_id, sid.attempt))
         if record is None or record.worker_user != event.sender:
-            log.warning(
-                "event.unauthorised", type=payload.TYPE, sender=event.sender, run=self.run_id
-            )
+            if not replay:
+                log.warning(
+                    "event.unauthorised", type=payload.TYPE, sender=event.sender, run=self.run_id
+                )
             return
         if record.done and isinstance(payload, ev.TaskClaimedContent | ev.SessionCompletedContent):
             # A lost attempt's worker came back: the engine records and ignores it.
@@ -453,6 +494,9 @@ class RoomExecutor:
             record.renewed_at = self.clock()
         if isinstance(payload, ev.TaskClaimedContent):
             self.driver.submit(started_fact(payload))
+        elif isinstance(payload, ev.SessionBlockedContent | ev.SessionStateContent):
+            if not record.done:
+                self._tell_observers(sid, payload)
         elif isinstance(payload, ev.SessionCompletedContent):
             late = record.done
             self._finish(record)
@@ -467,19 +511,12 @@ class RoomExecutor:
             if payload.transcript:
                 self.transcripts[(payload.task_id, payload.attempt)] = payload.transcript
             self.driver.submit(finished_fact(payload))
-        elif (
-            isinstance(payload, ev.SessionBlockedContent | ev.SessionStateContent)
-            and not record.done
-        ):
-            self._tell_observers(sid, payload)
 
     def _tell_observers(
         self, sid: SessionId, payload: ev.SessionBlockedContent | ev.SessionStateContent
     ) -> None:
         """A worker says one of our attempts is blocked, or running again: the observers (the
         status notice, the chat's notices) hear it as they would of a session run here."""
-        if sid.run_id != self.run_id:
-            return
         event: SessionBlocked | SessionStateChanged
         if isinstance(payload, ev.SessionBlockedContent):
             event = SessionBlocked(payload.session_id, payload.reason, payload.output_preview)

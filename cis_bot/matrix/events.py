@@ -137,10 +137,17 @@ class EventContent(abc.ABC):
 @attrs.frozen(kw_only=True)
 class RunContent(EventContent):
     run_id: str
+    #: The coordinator's epoch when it decided this: a coordinator that took the run over
+    #: (``cis.dag.run.takeover``) decides at a higher one. Absent: 1. Workers' events carry none.
+    epoch: int | None = None
 
     @classmethod
     def fields_of(cls, t: Table) -> dict[str, Any]:
-        return {**super().fields_of(t), "run_id": _required_string(t, "run_id")}
+        return {
+            **super().fields_of(t),
+            "run_id": _required_string(t, "run_id"),
+            "epoch": t.opt_integer("epoch", minimum=1),
+        }
 
 
 # --- the catalogue ---------------------------------------------------------------------------
@@ -524,7 +531,60 @@ class NodeHeartbeatContent(EventContent):
         )
 
 
+@attrs.frozen(kw_only=True)
+class RunLeaseContent(EventContent):
+    """A coordinator's lease on the runs it drives in the room, as a state event keyed by its
+    own user id (so no one can renew it for another), renewed like a heartbeat. A standby takes
+    over a run whose coordinator's lease lapsed (docs/federation.md)."""
+
+    TYPE = "cis.dag.run.lease"
+    IS_STATE = True
+
+    node_id: str
+    #: The runs it holds: run id -> the epoch it coordinates it at.
+    runs: dict[str, int]
+    #: A run this lease no longer renews is free to take over this long after its last renewal.
+    ttl_ms: int
+
+    @classmethod
+    def from_table(cls, t: Table) -> RunLeaseContent:
+        runs = t.table("runs")
+        return cls(
+            **cls.fields_of(t),
+            node_id=_required_string(t, "node_id"),
+            runs={} if runs is None else {r: _required_int(runs, r, minimum=1) for r in runs.data},
+            ttl_ms=_required_int(t, "ttl_ms", minimum=1),
+        )
+
+
 # --- the coordinator's decisions -------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class RunTakeoverContent(RunContent):
+    """Another coordinator (or the same one, restarted) takes the run over from its log, at
+    ``epoch`` (one more than the run's): from here on only its decisions count, and only those
+    carrying that epoch."""
+
+    TYPE = "cis.dag.run.takeover"
+
+    #: Node id of the coordinator taking over.
+    coordinator: str
+    #: User id of the coordinator it takes over from.
+    previous: str
+    reason: str | None = None
+
+    @classmethod
+    def from_table(cls, t: Table) -> RunTakeoverContent:
+        fields = cls.fields_of(t)
+        if fields["epoch"] is None or fields["epoch"] < 2:
+            t.fail("a takeover needs an epoch of at least 2", "epoch")
+        return cls(
+            **fields,
+            coordinator=_required_string(t, "coordinator"),
+            previous=_required_string(t, "previous"),
+            reason=t.opt_string("reason"),
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -792,6 +852,8 @@ CATALOGUE: Mapping[str, type[EventContent]] = {
         TaskApprovalRequestedContent,
         TaskApprovedContent,
         RunCancelledContent,
+        RunLeaseContent,
+        RunTakeoverContent,
         ControlRequestContent,
         ControlReplyContent,
     )

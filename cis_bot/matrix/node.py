@@ -159,6 +159,10 @@ class Node:
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
+    def remove_listener(self, listener: Listener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
     async def start(self, *, serve: bool = True) -> None:
         """Listen (unless ``serve=False``: reading rooms only) and connect to the homeserver."""
         if serve:
@@ -256,7 +260,7 @@ class Node:
             if self._is_invite_for_me(event):
                 await self._on_invite(room_id, event)
                 continue
-            for listener in self._listeners:
+            for listener in list(self._listeners):  # one may remove itself
                 try:
                     await listener(room_id, event)
                 except Exception:
@@ -527,6 +531,8 @@ def outgoing(
     key: str | None = None
     if isinstance(payload, ev.NodeHeartbeatContent):
         key = f"heartbeat:{state_key}"
+    elif payload.IS_STATE:
+        key = f"{payload.TYPE}:{state_key}"
     elif isinstance(payload, ev.RunContent) and isinstance(task_id := content.get("task_id"), str):
         key = task_key(payload.run_id, task_id)
     elif isinstance(payload, ev.SessionContent):

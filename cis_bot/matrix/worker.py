@@ -120,6 +120,8 @@ class Worker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat_now = asyncio.Event()
         self._fence_wake = asyncio.Event()
+        #: run id -> (epoch, coordinator user) of the latest takeover of that run.
+        self._takeovers: dict[str, tuple[int, str]] = {}
         #: Rooms whose refusal of our heartbeats was logged.
         self._beat_refused: set[str] = set()
         self._subscription = manager.subscribe()
@@ -144,7 +146,8 @@ class Worker:
         self._spawn(self._fence())
 
     async def stop(self) -> None:
-        """Stop heartbeating; deliver what is queued (the caller kills sessions first)."""
+        """Stop heartbeating, saying goodbye; deliver what is queued (the caller kills sessions
+        first)."""
         for task in self._tasks:
             task.cancel()
         for task in list(self._tasks):
@@ -153,6 +156,7 @@ class Worker:
         self._subscription.close()
         for room in self._rooms.values():
             await room.beacon.close()
+        await self._farewell()
         for outbox in self._outboxes.values():
             await outbox.flush(timeout=5)
             await outbox.close()
@@ -215,6 +219,29 @@ class Worker:
             and payload.attempt
         ):
             await self._on_stop(event, payload)
+        elif isinstance(payload, ev.RunTakeoverContent):
+            await self._on_takeover(room_id, event, payload)
+
+    async def _on_takeover(
+        self, room_id: str, event: RoomEvent, payload: ev.RunTakeoverContent
+    ) -> None:
+        """Another coordinator took a run over: from now on only it directs that run's
+        attempts here, and only at its epoch (the one it superseded may still be sending)."""
+        epoch = payload.epoch or 1
+        known = self._takeovers.get(payload.run_id)
+        if (known is None or epoch > known[0]) and await self.node.authorised(
+            room_id, event.sender
+        ):
+            self._takeovers[payload.run_id] = (epoch, event.sender)
+            log.info("worker.run_taken_over", run_id=payload.run_id, by=event.sender, epoch=epoch)
+
+    def _directs(self, run_id: str, sender: str, epoch: int | None, assigner: str) -> bool:
+        """Whether ``sender``, deciding at ``epoch``, directs that run's attempts here: the
+        coordinator that assigned them, unless another took the run over since."""
+        known = self._takeovers.get(run_id)
+        if known is None:
+            return sender == assigner
+        return (epoch or 1) >= known[0] and sender == known[1]
 
     async def _on_assigned(self, room_id: str, event: RoomEvent, a: ev.TaskAssignedContent) -> None:
         key = (a.run_id, a.task_id, a.attempt)
@@ -223,6 +250,13 @@ class Worker:
         if not await self.node.authorised(room_id, event.sender):
             log.warning(
                 "assignment.unauthorised", room_id=room_id, sender=event.sender, run_id=a.run_id
+            )
+            return
+        if not self._directs(a.run_id, event.sender, a.epoch, event.sender):
+            # A late order of a coordinator another took the run over from: the new one does
+            # not know of this attempt, so no answer either.
+            log.warning(
+                "assignment.superseded", run_id=a.run_id, sender=event.sender, epoch=a.epoch or 1
             )
             return
         self._seen.add(key)
@@ -310,7 +344,9 @@ class Worker:
             return
         sid = str(SessionId(payload.run_id, payload.task_id, payload.attempt))
         running = self._running.get(sid)
-        if running is None or running.assigner != event.sender:
+        if running is None or not self._directs(
+            payload.run_id, event.sender, payload.epoch, running.assigner
+        ):
             return
         state = (
             SessionState.TIMEOUT
@@ -385,24 +421,26 @@ class Worker:
             timeout = None if wake is None else max(0.0, wake - time.monotonic())
             await wait_event(self._heartbeat_now, timeout)
 
-    def _beat(self, room_id: str, room: _Room, now: float) -> None:
-        held = self.holds(room_id)
-        if held:
-            interval, ttl = self.heartbeat_secs, self.lease_secs
-        else:
-            # Idle here: beat seldom (state events are not free), good for three periods.
-            interval, ttl = self.idle_heartbeat_secs, 3 * self.idle_heartbeat_secs
-        beat = ev.NodeHeartbeatContent(
+    def _heartbeat(self, room_id: str, ttl_secs: float) -> ev.NodeHeartbeatContent:
+        return ev.NodeHeartbeatContent(
             node_id=self.node_id,
             agents=tuple(sorted(self.accepted & set(self.profiles))),
             max_workers=self.max_workers,
             load=self.load,
-            ttl_ms=int(ttl * 1000),
+            ttl_ms=max(1, int(ttl_secs * 1000)),
             lease_ms=int(self.lease_secs * 1000),
-            holds=held,
+            holds=self.holds(room_id),
             chat=self.chat or None,
             facts=self.facts() if self.facts is not None else None,
         )
+
+    def _beat(self, room_id: str, room: _Room, now: float) -> None:
+        if self.holds(room_id):
+            interval, ttl = self.heartbeat_secs, self.lease_secs
+        else:
+            # Idle here: beat seldom (state events are not free), good for three periods.
+            interval, ttl = self.idle_heartbeat_secs, 3 * self.idle_heartbeat_secs
+        beat = self._heartbeat(room_id, ttl)
         room.next_beat = now + interval
         try:
             item = outgoing(beat, state_key=self.node.user_id)
@@ -418,6 +456,18 @@ class Worker:
         item.on_rejected = self._heartbeat_refused(room_id)
         item.on_sent = lambda _: self._beat_refused.discard(room_id)
         room.beacon.update(item, made_at=now)
+
+    async def _farewell(self, timeout: float = 2.0) -> None:
+        """A last heartbeat in each room that lapses at once: coordinators stop counting on this
+        node now (its attempts are lost at their next look), the chat's \"who answers\" too."""
+
+        async def goodbye(room_id: str) -> None:
+            item = outgoing(self._heartbeat(room_id, 0), state_key=self.node.user_id)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(timeout):
+                    await self.node.send_outgoing(room_id, item)
+
+        await asyncio.gather(*(goodbye(room_id) for room_id in self._rooms))
 
     # --- self-fencing ---------------------------------------------------------------------------
 

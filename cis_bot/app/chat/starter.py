@@ -33,6 +33,7 @@ from cis_bot.control.operations import ControlPlane
 from cis_bot.dag.spec import SHELL_AGENT, DagSpec, load_dag, parse_dag
 from cis_bot.errors import InputError, UserError
 from cis_bot.ids import new_run_id
+from cis_bot.matrix.leases import RunLeases
 from cis_bot.matrix.node import Node
 from cis_bot.validation import format_for, suggestion
 
@@ -56,8 +57,11 @@ class NodeRuns:
         work_dir: Path,
         index: NoticeIndex,
         facts: RoomFacts,
+        leases: RunLeases | None = None,
     ) -> None:
         self.node = node
+        #: The node's leases on the runs it coordinates (one state event per room).
+        self.leases = leases
         self.plane = plane
         self.config = config
         self.state_dir = state_dir
@@ -152,6 +156,7 @@ class NodeRuns:
                 observers=[notices],
                 control=self.plane,
                 own_worker=False,
+                leases=self.leases,
             )
             icon = "🏁" if report["status"] == "completed" else "❌"
             failed = [

@@ -37,7 +37,8 @@ async def main():
     engine = RunEngine(spec, max_workers=config.dag.local.max_workers)
     driver = RunDriver(engine)
     manager = SessionManager()
-    executor = LocalExecutor(driver, manager, run_id="bench", paths=RunPaths(Path(sys.argv[2])),
+    executor = LocalExecutor(driver, manager, run_id="bench", node_id="bench",
+                             paths=RunPaths(Path(sys.argv[2])),
                              profiles=config.agents, work_dir=Path.cwd())
     await driver.run(executor)
     await manager.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,6 +116,48 @@ def test_upstream_outputs_reach_the_downstream_task(tmp_path: Path) -> None:
     transcript = Path(report["tasks"]["consume"]["transcript"]).read_text()
     assert "the-answer-is-42" in transcript
     assert "task=consume" in transcript
+
+
+def test_every_task_is_told_where_it_runs(tmp_path: Path) -> None:
+    """The CIS_* variables, as a task sees them, and each one documented."""
+    show = (
+        'env | grep ^CIS_ | sort; echo "run=$CIS_RUN_ID task=$CIS_TASK_ID attempt=$CIS_ATTEMPT '
+        'session=$CIS_SESSION_ID node=$CIS_NODE_ID upstream=${CIS_UPSTREAM_DIR:-none}"'
+    )
+    dag = write(
+        tmp_path,
+        f"""
+        [[tasks]]
+        id = "first"
+        command = '''{show}'''
+
+        [[tasks]]
+        id = "second"
+        deps = ["first"]
+        retry = 1
+        command = '''{show}; test "$CIS_ATTEMPT" = 2'''
+        """,
+    )
+    state = tmp_path / "state"
+    code, report = execute_json(dag, state)
+    assert code == 0, report
+    run_id = report["run_id"]
+    first = Path(report["tasks"]["first"]["transcript"]).read_text()
+    assert (
+        f"run={run_id} task=first attempt=1 session={run_id}:first:1 node=local upstream=none"
+        in first
+    )
+    second = Path(report["tasks"]["second"]["transcript"]).read_text()
+    upstream = state / "runs" / run_id / "upstream" / "second"
+    assert (
+        f"run={run_id} task=second attempt=2 session={run_id}:second:2 node=local "
+        f"upstream={upstream}"
+    ) in second
+    # Whatever a task finds in its environment is documented.
+    documented = (REPO / "docs" / "dag-format.md").read_text()
+    names = set(re.findall(r"^(CIS_[A-Z_]+)=", first + second, re.MULTILINE))
+    assert {"CIS_NODE_ID", "CIS_UPSTREAM_DIR"} < names
+    assert [name for name in sorted(names) if f"| `{name}` |" not in documented] == []
 
 
 def test_timeout_kills_the_session_and_reports_timeout(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from cis_bot.app.connect import open_connection
 from cis_bot.config import Config, ExecutionMode
 from cis_bot.matrix import events as ev
+from tests.support.nodes import unbatched
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -203,7 +204,8 @@ def test_a_standalone_homeserver_hosts_local_runs_and_people_can_follow_them(
                     params={"dir": "b", "limit": "100"},
                     headers=headers,
                 )
-                return [e["type"] for e in (await messages.json())["chunk"]]
+                chunk = (await messages.json())["chunk"]
+                return [e["type"] for e in unbatched(list(reversed(chunk)))]
 
         types = asyncio.run(follow())
         assert "cis.dag.run.completed" in types and "cis.dag.task.assigned" in types

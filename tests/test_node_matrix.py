@@ -40,7 +40,8 @@ def fan_dag(path: Path) -> Path:
     for i in range(TASKS):
         lines.append(
             f'[[dag.tasks]]\nid = "t{i}"\n'
-            'command = "echo $CIS_TASK_ID >> ran.txt; sleep 0.4; echo done-$CIS_TASK_ID"\n'
+            'command = "echo $CIS_TASK_ID >> ran.txt; echo $CIS_NODE_ID >> nodes.txt; sleep 0.4; '
+            'echo done-$CIS_TASK_ID"\n'
         )
     deps = ", ".join(f'"t{i}"' for i in range(TASKS))
     lines.append(
@@ -158,6 +159,8 @@ async def test_matrix_mode_spreads_tasks_over_two_workers_and_collects_results(
         ran_a, ran_b = ran(wa), ran(wb)
         assert sorted(ran_a + ran_b) == sorted([*(f"t{i}" for i in range(TASKS)), "gather"])
         assert ran_a and ran_b, (ran_a, ran_b)
+        for worker in (wa, wb):  # each task was told which node runs it
+            assert set((worker.workdir / "nodes.txt").read_text().split()) == {worker.node_id}
         assert not (wa.workdir / "pwned").exists()
         assert all(p.alive for p in processes), [p.log_text()[-2000:] for p in processes]
 

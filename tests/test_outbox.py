@@ -7,16 +7,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import attrs
 import pytest
 from mautrix.errors import MatrixConnectionError, MatrixUnknownRequestError
 
-from cis_bot.matrix.outbox import Outbox, Outgoing
+from cis_bot.matrix.outbox import Batching, Outbox, Outgoing
 
 
 class Recorder:
-    def __init__(self) -> None:
+    """A scripted homeserver: records what each request carries (a batch's name is its
+    events' names joined by "+"), holds a request while it has a gate, fails it as told."""
+
+    def __init__(self, *, hold: bool = False) -> None:
+        #: Hold every request until its gate (made then, by its name) is set.
+        self.hold = hold
         self.started: list[str] = []
         self.done: list[str] = []
         self.txns: dict[str, list[str]] = {}
@@ -41,6 +48,8 @@ class Recorder:
         self._in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self._in_flight)
         try:
+            if self.hold:
+                self.gates.setdefault(name, asyncio.Event())
             if name in self.gates:
                 await self.gates[name].wait()
             else:
@@ -56,6 +65,20 @@ class Recorder:
 
 def item(name: str, key: str | None = "k", **kw: object) -> Outgoing:
     return Outgoing("t", {"n": name}, key=key, **kw)  # type: ignore[arg-type]
+
+
+def batched(name: str, key: str | None = "k", size: int = 10, **kw: object) -> Outgoing:
+    """A batchable event that adds ``size`` bytes to a batch (see BATCHING)."""
+    kw.setdefault("batchable", True)
+    return Outgoing("t", {"n": name, "size": size}, key=key, **kw)  # type: ignore[arg-type]
+
+
+def batch_of(items: Sequence[Outgoing]) -> Outgoing:
+    return Outgoing("batch", {"n": "+".join(i.content["n"] for i in items)})
+
+
+#: Batches of events' ``size`` up to 100, one in flight.
+BATCHING = Batching(make=batch_of, size=lambda item: int(item.content["size"]), limit=100)
 
 
 async def test_same_key_in_order_other_keys_overlap() -> None:
@@ -288,6 +311,317 @@ async def test_sends_in_the_same_order_as_walking_the_whole_queue(seed: int) -> 
         assert r.started == model.started
         assert box.pending == len(model.queue)
         assert box.dropped == model.dropped
+    for gate in r.gates.values():
+        gate.set()
+    assert await box.flush(timeout=5)
+    assert box.pending == 0
+    await box.close()
+
+
+# --- batching (group commit) ---------------------------------------------------------------------
+
+
+async def test_an_event_alone_goes_as_itself_and_what_queues_meanwhile_goes_in_one_batch() -> None:
+    r = Recorder(hold=True)
+    box = Outbox(r.send, batching=BATCHING)
+    box.start()
+    box.post(batched("a1", "a"))
+    await r.until(lambda: r.started == ["a1"])  # nothing waits under light load
+    for post in (batched("b1", "b"), batched("a2", "a"), batched("c1", "c"), batched("b2", "b")):
+        box.post(post)
+    await asyncio.sleep(0.01)
+    assert r.started == ["a1"]  # one batch in flight at a time: the rest waits for it
+    r.gates["a1"].set()
+    await r.until(lambda: len(r.started) == 2)
+    assert r.started[1] == "b1+a2+c1+b2"  # posting order, a key's events in theirs
+    r.gates["b1+a2+c1+b2"].set()
+    assert await box.flush(timeout=2)
+    assert (box.sent, box.batches) == (5, 1)
+    await box.close()
+
+
+async def test_a_batch_holds_to_its_size_limit_and_a_key_stays_in_order_across_batches() -> None:
+    r = Recorder(hold=True)
+    box = Outbox(r.send, batching=BATCHING)
+    box.start()
+    box.post(batched("x", "x"))
+    await r.until(lambda: r.started == ["x"])
+    box.post(batched("a1", "a", size=40))
+    box.post(batched("b1", "b", size=40))
+    box.post(batched("a2", "a", size=40))  # does not fit: it and what follows wait
+    box.post(batched("c1", "c", size=10))
+    r.gates["x"].set()
+    await r.until(lambda: len(r.started) == 2)
+    assert r.started[1] == "a1+b1"
+    r.gates["a1+b1"].set()
+    await r.until(lambda: len(r.started) == 3)
+    assert r.started[2] == "a2+c1"
+    r.gates["a2+c1"].set()
+    assert await box.flush(timeout=2)
+    await box.close()
+
+
+async def test_events_that_do_not_batch_go_alone_beside_a_batch_and_barriers_alone() -> None:
+    r = Recorder(hold=True)
+    box = Outbox(r.send, batching=BATCHING)
+    box.start()
+    box.post(batched("a1", "a"))
+    await r.until(lambda: r.started == ["a1"])
+    box.post(item("state", "s"))  # not batchable: its own request, at once
+    box.post(batched("b1", "b"))
+    box.post(item("end", None, batchable=True))  # a barrier, batchable or not
+    box.post(batched("c1", "c"))
+    await r.until(lambda: r.started == ["a1", "state"])
+    r.gates["a1"].set()
+    await r.until(lambda: r.started == ["a1", "state", "b1"])
+    r.gates["b1"].set()
+    r.gates["state"].set()
+    await r.until(lambda: r.started == ["a1", "state", "b1", "end"])
+    r.gates["end"].set()
+    await r.until(lambda: r.started[-1] == "c1")
+    r.gates["c1"].set()
+    assert await box.flush(timeout=2)
+    assert box.batches == 0
+    await box.close()
+
+
+async def test_a_batch_is_retried_as_it_was_with_its_transaction_id() -> None:
+    r = Recorder()
+    r.fail["a1+b1"] = [MatrixConnectionError("down"), MatrixUnknownRequestError(502, "down")]
+    r.gates["x"] = asyncio.Event()
+    box = Outbox(r.send, batching=BATCHING, retry_initial_secs=0.01, retry_max_secs=0.02)
+    box.start()
+    box.post(batched("x", "x"))
+    await r.until(lambda: r.started == ["x"])
+    box.post(batched("a1", "a"))
+    box.post(batched("b1", "b"))
+    r.gates["x"].set()
+    await r.until(lambda: "a1+b1" in r.started)
+    box.post(batched("c1", "c"))  # posted during the outage: not added to the batch
+    box.post(batched("a2", "a"))
+    assert await box.flush(timeout=2)
+    assert r.done == ["x", "a1+b1", "c1+a2"]
+    assert len(r.txns["a1+b1"]) == 3 and len(set(r.txns["a1+b1"])) == 1
+    assert (box.sent, box.rejected, box.offline) == (5, 0, False)
+    await box.close()
+
+
+@pytest.mark.parametrize("status", [403, 413])
+async def test_a_refused_batch_goes_one_by_one(status: int) -> None:
+    """A room may forbid the batch's type: its events go again as themselves (the homeserver
+    kept none), and after a 403 this outbox stops batching."""
+    r = Recorder()
+    r.fail["a1+b1+a2"] = [MatrixUnknownRequestError(status, "no", "M_FORBIDDEN")]
+    r.gates["x"] = asyncio.Event()
+    box = Outbox(r.send, batching=BATCHING)
+    box.start()
+    box.post(batched("x", "x"))
+    await r.until(lambda: r.started == ["x"])
+    for post in (batched("a1", "a"), batched("b1", "b"), batched("a2", "a")):
+        box.post(post)
+    r.gates["x"].set()
+    await r.until(lambda: "a1+b1+a2" in r.started)
+    assert await box.flush(timeout=2)
+    assert r.done[1:3] == ["a1", "b1"] and r.done[3] == "a2"
+    for post in (batched("c1", "c"), batched("d1", "d")):
+        box.post(post)
+    assert await box.flush(timeout=2)
+    assert (box.sent, box.rejected) == (6, 0)
+    assert (box.batching is None) == (status == 403)
+    await box.close()
+
+
+async def test_events_whose_preparation_outgrows_the_batch_wait_for_the_next_one() -> None:
+    r = Recorder(hold=True)
+
+    async def grow(item: Outgoing) -> None:
+        item.content["size"] = 60
+
+    box = Outbox(r.send, batching=BATCHING)
+    box.start()
+    box.post(batched("x", "x"))
+    await r.until(lambda: r.started == ["x"])
+    box.post(batched("a1", "a", size=30, prepare=grow))
+    box.post(batched("a2", "a", size=30))
+    box.post(batched("b1", "b", size=30, prepare=grow))
+    r.gates["x"].set()
+    await r.until(lambda: len(r.started) == 2)
+    assert r.started[1] == "a1+a2"  # 60 + 30: b1 (60 now) goes next
+    r.gates["a1+a2"].set()
+    await r.until(lambda: len(r.started) == 3)
+    assert r.started[2] == "b1"
+    r.gates["b1"].set()
+    assert await box.flush(timeout=2)
+    await box.close()
+
+
+async def test_a_refused_preparation_costs_its_own_event_only() -> None:
+    r = Recorder(hold=True)
+
+    async def refused(item: Outgoing) -> None:
+        raise MatrixUnknownRequestError(413, "too large", "M_TOO_LARGE")
+
+    box = Outbox(r.send, batching=attrs.evolve(BATCHING, in_flight=2))
+    box.start()
+    box.post(batched("x", "x"))
+    await r.until(lambda: r.started == ["x"])
+    box.post(batched("y", "y"))  # the second batch that may be under way
+    await r.until(lambda: r.started == ["x", "y"])
+    box.post(batched("a1", "a", prepare=refused))
+    box.post(batched("a2", "a"))
+    box.post(batched("b1", "b"))
+    r.gates["x"].set()
+    await r.until(lambda: len(r.started) == 3)
+    assert r.started[2] == "a2+b1"
+    box.post(batched("c1", "c"))  # a2 is under way: the next batch must not take it again
+    r.gates["y"].set()
+    await r.until(lambda: len(r.started) == 4)
+    assert r.started[3] == "c1"
+    r.gates["a2+b1"].set()
+    r.gates["c1"].set()
+    assert await box.flush(timeout=2)
+    assert (box.sent, box.rejected) == (5, 1)
+    await box.close()
+
+
+class BatchModel(QueueModel):
+    """The batching rules as plainly as they can be said, walking the whole queue: a request
+    starts with the first event whose key has nothing before it still queued (a batchable one
+    only while a batch may start); a batch then takes, in posting order, every batchable event
+    not in flight whose key's earlier events are all in it, until one does not fit."""
+
+    def __init__(self, limit: int, concurrency: int, batching: Batching) -> None:
+        super().__init__(limit, concurrency)
+        self.batching = batching
+        #: Requests under way: name -> (its events, whether it is a batch).
+        self.flying: dict[str, tuple[list[Outgoing], bool]] = {}
+
+    def done_request(self, name: str) -> None:
+        items, _ = self.flying.pop(name)
+        for event in items:
+            self.queue.remove(event)
+            event.in_flight = False
+        self._start()
+
+    def _start(self) -> None:
+        for items, batch in self._ready_units():
+            for event in items:
+                event.in_flight = True
+            name = "+".join(event.content["n"] for event in items)
+            self.flying[name] = (items, batch)
+            self.started.append(name)
+
+    def _ready_units(self) -> list[tuple[list[Outgoing], bool]]:
+        if any(event.in_flight and event.key is None for event in self.queue):
+            return []
+        units: list[tuple[list[Outgoing], bool]] = []
+        while len(self.flying) + len(units) < self.concurrency:
+            batches = sum(batch for _, batch in [*self.flying.values(), *units])
+            first = self._first(batch_free=batches < self.batching.in_flight, taken=units)
+            if first is None:
+                break
+            if first.key is None:
+                units.append(([first], False))
+                break
+            first.in_flight = True
+            if not first.batchable:
+                units.append(([first], False))
+                continue
+            units.append((self._batch(first), True))
+        return units
+
+    def _first(
+        self, *, batch_free: bool, taken: list[tuple[list[Outgoing], bool]]
+    ) -> Outgoing | None:
+        earlier: set[str] = set()
+        for index, event in enumerate(self.queue):
+            if event.key is None:
+                nothing_flies = not self.flying and not taken
+                return event if index == 0 and nothing_flies else None
+            if event.key in earlier or event.in_flight:
+                earlier.add(event.key)
+                continue
+            earlier.add(event.key)
+            if not event.batchable or batch_free:
+                return event
+        return None
+
+    def _batch(self, first: Outgoing) -> list[Outgoing]:
+        batch = [first]
+        size = self.batching.size(first)
+        keys_in = {first.key}
+        blocked: set[str | None] = set()
+        for event in self.queue:
+            if event.key is None:
+                break
+            if event is first or event in batch:
+                continue
+            eligible = (
+                event.batchable
+                and not event.in_flight
+                and event.key not in blocked
+                and all(
+                    other in batch
+                    for other in self.queue[: self.queue.index(event)]
+                    if other.key == event.key
+                )
+            )
+            if not eligible:
+                blocked.add(event.key)
+                continue
+            if size + self.batching.size(event) > self.batching.limit:
+                break
+            size += self.batching.size(event)
+            event.in_flight = True
+            batch.append(event)
+            keys_in.add(event.key)
+        return batch
+
+
+@pytest.mark.parametrize("seed", range(40))
+async def test_batches_follow_the_rules_said_plainly(seed: int) -> None:
+    """Random posts (keys, barriers, batchable or not, droppable, sizes, past the limit) and
+    deliveries in random order: the outbox starts exactly the requests, with exactly the events
+    in them, in exactly the order the plain model would; nothing is lost but droppable events,
+    and only when full."""
+    rng = random.Random(seed)
+    concurrency = rng.choice([1, 2, 3, 8])
+    limit = rng.choice([3, 10, 1000])
+    batching = attrs.evolve(BATCHING, in_flight=rng.choice([1, 2]))
+    r = Recorder(hold=True)
+    box = Outbox(r.send, limit=limit, concurrency=concurrency, batching=batching)
+    box.start()
+    model = BatchModel(limit, concurrency, batching)
+    keys = [f"k{i}" for i in range(rng.choice([1, 3, 20]))]
+
+    async def settle() -> None:
+        with contextlib.suppress(TimeoutError):
+            await r.until(
+                lambda: r.started == model.started and box.pending == len(model.queue), 1.0
+            )
+
+    for n in range(300):
+        if rng.random() < 0.55:
+            name = f"e{n}"
+            key = None if rng.random() < 0.03 else rng.choice(keys)
+            fields: dict[str, Any] = {
+                "droppable": rng.random() < 0.2,
+                "batchable": rng.random() < 0.7,
+                "size": rng.randint(1, 60),
+            }
+            box.post(batched(name, key, **fields))
+            model.post(batched(name, key, **fields))
+        else:
+            waiting = [name for name in r.started if name not in r.done and name in r.gates]
+            if waiting:
+                name = rng.choice(waiting)
+                r.gates[name].set()
+                model.done_request(name)
+        await settle()
+        assert r.started == model.started
+        assert box.pending == len(model.queue)
+        assert box.dropped == model.dropped
+    r.hold = False
     for gate in r.gates.values():
         gate.set()
     assert await box.flush(timeout=5)

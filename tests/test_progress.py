@@ -6,6 +6,7 @@ import io
 
 from rich.console import Console
 
+from cis_bot.cli.keys import parse_keys
 from cis_bot.cli.progress import LiveProgress
 from cis_bot.dag.engine import (
     Outcome,
@@ -58,3 +59,10 @@ def test_a_small_run_shows_every_task() -> None:
     with console.capture() as capture:
         console.print(progress._render())
     assert all(f"t{i}" in capture.get() for i in range(5))
+
+
+def test_the_live_views_keys_in_what_a_terminal_sends() -> None:
+    assert parse_keys(b"\x1b[A\x1b[Bjk\r\n") == ["up", "down", "down", "up", "enter", "enter"]
+    # Application cursor mode (SS3) arrows; what means nothing here is skipped.
+    assert parse_keys(b"\x1bOAx\x1bOB\x1b[C q") == ["up", "down"]
+    assert parse_keys(b"") == []

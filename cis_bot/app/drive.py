@@ -55,9 +55,20 @@ log = structlog.get_logger(__name__)
 #: Modes whose tasks a coordinator assigns to workers in the room, rather than running them.
 COORDINATED_MODES = frozenset({ExecutionMode.MATRIX, ExecutionMode.FEDERATION})
 
-#: Called once the run is under way, with its driver (submit RunCancelled to cancel) and the
-#: session manager its tasks run on.
-OnStarted = Callable[[RunDriver, SessionManager], None]
+
+@attrs.frozen
+class StartedRun:
+    """A run under way, as ``on_started`` hears of it."""
+
+    run_id: str
+    #: Submit RunCancelled to cancel the run.
+    driver: RunDriver
+    #: The sessions of the tasks run here (in matrix mode they run on workers).
+    manager: SessionManager
+
+
+#: Called once the run is under way.
+OnStarted = Callable[[StartedRun], None]
 
 
 @attrs.frozen
@@ -195,6 +206,7 @@ async def drive_run(
                 driver,
                 manager,
                 run_id=plan.run_id,
+                node_id=node.identity.node_id,
                 paths=paths,
                 profiles=config.agents,
                 work_dir=work_dir,
@@ -237,7 +249,7 @@ async def drive_run(
         if isinstance(executor, RoomExecutor) and plan.assignees:
             await _catch_up(node, plan, executor)
         if on_started:
-            on_started(driver, manager)
+            on_started(StartedRun(plan.run_id, driver, manager))
         if isinstance(executor, RoomExecutor):
             await _drive_unless_taken_over(node, plan, driver, executor)
         else:

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
+import shlex
 import signal
 import sys
 import time
@@ -13,17 +15,18 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cis_bot.cli import whole_number
+from cis_bot.cli import print_table, whole_number
+from cis_bot.cli.completion import completes, run_ids
 from cis_bot.errors import UserError
 
 if TYPE_CHECKING:
-    from cis_bot.app.drive import OnStarted
+    from cis_bot.app.drive import OnStarted, StartedRun
     from cis_bot.app.execute import RunRequest
+    from cis_bot.cli.progress import Attach
     from cis_bot.config import Config, ExecutionMode
     from cis_bot.dag.spec import DagSpec
     from cis_bot.matrix.runs import RoomRun
-    from cis_bot.run.driver import RunDriver, RunObserver
-    from cis_bot.session.manager import SessionManager
+    from cis_bot.run.driver import RunObserver
 
 _MODES = ("local", "matrix", "hybrid", "federation")
 
@@ -98,11 +101,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     execute.set_defaults(handler=_execute, parser=execute)
 
     status = commands.add_parser("status", help="a run's tasks, read from its room")
-    status.add_argument("run", nargs="?", metavar="RUN", help="run id or prefix (default: latest)")
+    completes(
+        status.add_argument(
+            "run", nargs="?", metavar="RUN", help="run id or prefix (default: latest)"
+        ),
+        run_ids,
+    )
     _room_reader_options(status)
     status.set_defaults(handler=_status)
 
-    listing = commands.add_parser("list", help="the runs in the rooms this node is in")
+    listing = commands.add_parser(
+        "list", help="the runs in the rooms this node is in, newest first"
+    )
     _room_reader_options(listing)
     listing.set_defaults(handler=_list)
 
@@ -110,7 +120,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "resume",
         help="pick up a run whose coordinator stopped, or re-run a failed run's unfinished tasks",
     )
-    resume.add_argument("run", metavar="RUN", help="run id or unique prefix")
+    completes(resume.add_argument("run", metavar="RUN", help="run id or unique prefix"), run_ids)
     _room_reader_options(resume)
     resume.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
     resume.set_defaults(handler=_resume)
@@ -196,11 +206,30 @@ def _execute(args: argparse.Namespace) -> int:
         room=args.room,
         workers=workers,
     )
-    return _finish(lambda: _run(request, as_json=args.json, dry_run=args.dry_run), args.json)
+    where = _where(args)
+    return _finish(
+        lambda: _run(request, as_json=args.json, dry_run=args.dry_run, where=where),
+        args.json,
+        where,
+    )
 
 
-def _finish(run: Callable[[], Coroutine[Any, Any, dict[str, Any]]], as_json: bool) -> int:
-    """Run, print the report, exit 0 when the run completed (and was recorded), else 1."""
+def _where(args: argparse.Namespace) -> str:
+    """The options another ``cis`` command needs to find what this one does (the state directory
+    and config given, made absolute), ready to append to a command line."""
+    options = []
+    if args.state_dir:
+        options += ["--state-dir", str(args.state_dir.resolve())]
+    if args.config:
+        options += ["--config", str(args.config.resolve())]
+    return "".join(f" {shlex.quote(option)}" for option in options)
+
+
+def _finish(
+    run: Callable[[], Coroutine[Any, Any, dict[str, Any]]], as_json: bool, where: str
+) -> int:
+    """Run, print the report, exit 0 when the run completed (and was recorded), else 1. As text:
+    a line, and the command that shows each failed task's log."""
     from cis_bot.app.drive import RunNotRecorded
 
     problem = None
@@ -211,13 +240,30 @@ def _finish(run: Callable[[], Coroutine[Any, Any, dict[str, Any]]], as_json: boo
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"run {report['run_id']} {report['status']} in {report['duration_s']:.2f}s")
+        run_id = report["run_id"]
+        print(f"run {run_id} {report['status']} in {report['duration_s']:.2f}s")
+        failed = [
+            (task_id, task)
+            for task_id, task in report["tasks"].items()
+            if task["status"] in ("failed", "timeout")
+        ]
+        for task_id, task in failed[:_FAILED_SHOWN]:
+            why = f" ({task['reason'][:60]})" if task["reason"] else ""
+            ref = shlex.quote(f"{run_id}:{task_id}")
+            print(f"  {task_id} {task['status']}{why}: cis dag logs {ref}{where}")
+        if len(failed) > _FAILED_SHOWN:
+            more = len(failed) - _FAILED_SHOWN
+            print(f"  ... and {more} more failed: cis dag status {shlex.quote(run_id)}{where}")
     if problem is not None:
         raise problem
     return 0 if report["status"] == "completed" else 1
 
 
-async def _run(request: RunRequest, *, as_json: bool, dry_run: bool = False) -> dict[str, Any]:
+#: Failed tasks whose log command the end of a run shows.
+_FAILED_SHOWN = 5
+
+
+async def _run(request: RunRequest, *, as_json: bool, dry_run: bool, where: str) -> dict[str, Any]:
     from cis_bot.app.execute import execute
 
     async def run(observers: list[RunObserver], on_started: OnStarted) -> dict[str, Any]:
@@ -239,43 +285,91 @@ async def _run(request: RunRequest, *, as_json: bool, dry_run: bool = False) -> 
             print(describe(dry), file=sys.stderr)
             return report
 
-    return await _with_progress(run, as_json=as_json)
+    return await _with_progress(
+        run, as_json=as_json, config=request.config, state_dir=request.state_dir, where=where
+    )
 
 
 async def _with_progress(
-    run: Callable[[list[RunObserver], OnStarted], Awaitable[dict[str, Any]]], *, as_json: bool
+    run: Callable[[list[RunObserver], OnStarted], Awaitable[dict[str, Any]]],
+    *,
+    as_json: bool,
+    config: Config,
+    state_dir: Path,
+    where: str,
 ) -> dict[str, Any]:
     """Run with a progress display (unless JSON), Ctrl-C cancelling the run: the first
-    interrupt cancels it, the second stops waiting for its sessions to end gracefully."""
+    interrupt cancels it, the second stops waiting for its sessions to end gracefully. On a
+    terminal, a live table; keys attach to the run's sessions when we have the keyboard."""
     from cis_bot.cli.progress import LiveProgress, PlainProgress
     from cis_bot.dag.engine import RunCancelled
 
-    progress: LiveProgress | PlainProgress | None = None
-    if not as_json:
-        progress = LiveProgress() if sys.stdout.isatty() else PlainProgress()
-    observers: list[RunObserver] = [progress] if progress else []
+    live: LiveProgress | None = None
+    plain: PlainProgress | None = None
+    if not as_json and sys.stdout.isatty():
+        attach = _attacher(config, state_dir) if _typing_here() else None
+        live = LiveProgress(where=where, attach=attach)
+    elif not as_json:
+        plain = PlainProgress()
+    observers: list[RunObserver] = [o for o in (live, plain) if o is not None]
     loop = asyncio.get_running_loop()
-    running: list[tuple[RunDriver, SessionManager]] = []
+    running: list[StartedRun] = []
     interrupts: list[asyncio.Task[None] | None] = []
+
+    def on_started(run: StartedRun) -> None:
+        running.append(run)
+        if live is not None:
+            live.started(run.run_id, run.manager)
 
     def on_interrupt() -> None:
         if not running:
             raise KeyboardInterrupt  # still connecting: nothing to cancel yet
-        driver, manager = running[0]
         if not interrupts:
-            driver.submit(RunCancelled(time.time(), by="SIGINT"))
+            running[0].driver.submit(RunCancelled(time.time(), by="SIGINT"))
             interrupts.append(None)
         elif len(interrupts) == 1:
-            interrupts.append(loop.create_task(manager.close(grace_secs=0)))
+            interrupts.append(loop.create_task(running[0].manager.close(grace_secs=0)))
 
     loop.add_signal_handler(signal.SIGINT, on_interrupt)
     loop.add_signal_handler(signal.SIGTERM, on_interrupt)
     try:
-        with progress or contextlib.nullcontext():
-            return await run(observers, lambda d, m: running.append((d, m)))
+        async with contextlib.AsyncExitStack() as stack:
+            if live is not None:
+                await stack.enter_async_context(live)
+            if plain is not None:
+                stack.enter_context(plain)
+            return await run(observers, on_started)
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         loop.remove_signal_handler(signal.SIGTERM)
+
+
+def _typing_here() -> bool:
+    """stdin is the terminal, and we are its foreground job (a job started with ``&`` that
+    touched the terminal's modes or read from it would be stopped)."""
+    try:
+        fd = sys.stdin.fileno()
+        return os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp()
+    except (OSError, ValueError):
+        return False
+
+
+def _attacher(config: Config, state_dir: Path) -> Attach:
+    """The live view's attach: as ``cis dag attach`` does it, to a session of this machine."""
+
+    async def attach(session_id: str) -> str:
+        from cis_bot.cli.session import DEFAULT_TIMEOUT
+        from cis_bot.control.client.lookup import Lookup
+
+        lookup = Lookup(config, state_dir, timeout=DEFAULT_TIMEOUT, local_only=True)
+        try:
+            record = await lookup.find_session(session_id, live=True)
+            result = await lookup.attach(record, readonly=False)
+        finally:
+            await lookup.close()
+        return f"{record.session_id}: {result.message}"
+
+    return attach
 
 
 def _reader_mode(args: argparse.Namespace) -> tuple[Config, ExecutionMode, Path]:
@@ -317,17 +411,24 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    summaries = sorted((run.summary() for run in asyncio.run(_read(args))), key=_created_at)
+    summaries = sorted(
+        (run.summary() for run in asyncio.run(_read(args))), key=_created_at, reverse=True
+    )
     if args.json:
         keys = ("run_id", "dag", "status", "mode", "created_at", "room_id", "resumed_from")
         print(json.dumps([{k: s[k] for k in keys} for s in summaries], indent=2))
         return 0
     if not summaries:
         print("no runs")
+        return 0
+    rows = []
     for s in summaries:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created_at"] / 1000))
         done = sum(1 for t in s["tasks"].values() if t["status"] == "completed")
-        print(f"{s['run_id']}  {when}  {s['status']:<9}  {done}/{len(s['tasks'])}  {s['dag']}")
+        rows.append(
+            (s["run_id"], when, s["status"], f"{done}/{len(s['tasks'])}", s["mode"], s["dag"])
+        )
+    print_table(("RUN", "CREATED", "STATUS", "DONE", "MODE", "DAG"), rows)
     return 0
 
 
@@ -337,10 +438,11 @@ def _created_at(summary: dict[str, Any]) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    return _finish(lambda: _resume_run(args), args.json)
+    where = _where(args)
+    return _finish(lambda: _resume_run(args, where), args.json, where)
 
 
-async def _resume_run(args: argparse.Namespace) -> dict[str, Any]:
+async def _resume_run(args: argparse.Namespace, where: str) -> dict[str, Any]:
     from cis_bot.app.resume import resume
 
     config, mode, state_dir = _reader_mode(args)
@@ -357,4 +459,6 @@ async def _resume_run(args: argparse.Namespace) -> dict[str, Any]:
             on_started=on_started,
         )
 
-    return await _with_progress(run, as_json=args.json)
+    return await _with_progress(
+        run, as_json=args.json, config=config, state_dir=state_dir, where=where
+    )

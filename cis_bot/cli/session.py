@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cis_bot.cli import whole_number
+from cis_bot.cli import print_table, whole_number
+from cis_bot.cli.completion import completes, run_ids, session_ids
 from cis_bot.errors import UserError
 
 if TYPE_CHECKING:
@@ -45,7 +46,10 @@ def _seconds(text: str) -> float:
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the session commands to ``cis dag``."""
     sessions = commands.add_parser("sessions", help="the agent sessions of running DAGs")
-    sessions.add_argument("--run", metavar="RUN", help="only this run (id or unique prefix)")
+    completes(
+        sessions.add_argument("--run", metavar="RUN", help="only this run (id or unique prefix)"),
+        run_ids,
+    )
     sessions.add_argument("--all", action="store_true", help="ended sessions too")
     _options(sessions)
     sessions.set_defaults(handler=_sessions)
@@ -53,7 +57,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     logs = commands.add_parser(
         "logs", help="a session's output, readable (live, or its transcript); --raw as written"
     )
-    logs.add_argument("id", metavar="ID", help="RUN:TASK[:ATTEMPT] (run id prefixes work)")
+    completes(
+        logs.add_argument("id", metavar="ID", help="RUN:TASK[:ATTEMPT] (run id prefixes work)"),
+        session_ids,
+    )
     logs.add_argument("--tail", type=whole_number(0), metavar="N", help="only the last N lines")
     logs.add_argument(
         "-f", "--follow", action="store_true", help="keep printing until the session ends"
@@ -69,7 +76,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     attach = commands.add_parser(
         "attach", help="work in a session's terminal (Ctrl-B d detaches; it keeps running)"
     )
-    attach.add_argument("id", metavar="ID", help="RUN:TASK[:ATTEMPT]")
+    completes(attach.add_argument("id", metavar="ID", help="RUN:TASK[:ATTEMPT]"), session_ids)
     attach.add_argument(
         "--readonly", action="store_true", help="only watch (another writer is left alone)"
     )
@@ -81,26 +88,26 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         aliases=["unblock"],
         help="type into a session (then Enter); a blocked session goes back to running",
     )
-    typing.add_argument("id", metavar="ID", help="RUN:TASK[:ATTEMPT]")
+    completes(typing.add_argument("id", metavar="ID", help="RUN:TASK[:ATTEMPT]"), session_ids)
     typing.add_argument("text", metavar="TEXT", help="what to type")
     typing.add_argument("--no-newline", action="store_true", help="do not press Enter")
     _options(typing)
     typing.set_defaults(handler=_input)
 
     kill = commands.add_parser("kill", help="end a session (its task fails, not retried)")
-    kill.add_argument("id", metavar="ID", help="RUN:TASK[:ATTEMPT]")
+    completes(kill.add_argument("id", metavar="ID", help="RUN:TASK[:ATTEMPT]"), session_ids)
     _options(kill)
     kill.set_defaults(handler=_kill)
 
     cancel = commands.add_parser("cancel", help="cancel a run: its sessions are stopped")
-    cancel.add_argument("run", metavar="RUN", help="run id or unique prefix")
+    completes(cancel.add_argument("run", metavar="RUN", help="run id or unique prefix"), run_ids)
     _options(cancel)
     cancel.set_defaults(handler=_cancel)
 
     approve = commands.add_parser(
         "approve", help="approve a task that waits for it (confirmed, recommended, arbitrated)"
     )
-    approve.add_argument("run", metavar="RUN", help="run id or unique prefix")
+    completes(approve.add_argument("run", metavar="RUN", help="run id or unique prefix"), run_ids)
     approve.add_argument("task", metavar="TASK")
     approve.add_argument(
         "--as",
@@ -216,11 +223,7 @@ def _sessions(args: argparse.Namespace) -> int:
             )
             for r in records
         ]
-        header = ("SESSION", "AGENT", "STATE", "ELAPSED", "NODE", "LAST LINE")
-        widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(5)]
-        for row in [header, *rows]:
-            cells = [str(row[i]).ljust(widths[i]) for i in range(5)]
-            print("  ".join([*cells, str(row[5])[:100]]).rstrip())
+        print_table(("SESSION", "AGENT", "STATE", "ELAPSED", "NODE", "LAST LINE"), rows)
         return 0
 
     return _run(args, body)
@@ -320,18 +323,8 @@ async def _follow(stream: AsyncIterator[bytes], *, raw: bool) -> None:
 
 def _attach(args: argparse.Namespace) -> int:
     async def body(lookup: Lookup) -> int:
-        from cis_bot.control.client.terminal import run_attached, terminal_size
-
         record = await lookup.find_session(args.id, live=True)
-        if record.source != "process" or record.process is None:
-            raise UserError(
-                f"session {record.session_id} runs on node {record.node}: attach works on "
-                "that node's machine; from here: logs, input, kill"
-            )
-        async with lookup.client(record.process) as client:
-            size = None if args.readonly else terminal_size(sys.stdout.fileno())
-            ws = await client.attach(record.session_id, readonly=args.readonly, size=size)
-            result = await run_attached(ws, readonly=args.readonly)
+        result = await lookup.attach(record, readonly=args.readonly)
         print(f"[cis: {record.session_id}: {result.message}]", file=sys.stderr)
         if args.json:
             _print_json(

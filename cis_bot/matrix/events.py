@@ -7,8 +7,8 @@ content classes): ``cis.dag.task.cancelled`` is ``TaskCancelledContent``. The en
 decisions (``dag/engine.py``) and the session events (``session/events.py``) have names of
 their own, so a name says which layer it belongs to.
 
-Every content carries ``"v": 1``, ``run_id`` (except the node heartbeat and the control
-requests and replies, which belong to no run's log) and ``timestamp`` (ms).
+Every content carries ``"v": 1``, ``run_id`` (except the node heartbeat, the control
+requests and replies and batches, which belong to no run's log) and ``timestamp`` (ms).
 ``decode(event_type, content)`` turns a room event's content into its class or raises
 :class:`InvalidEvent` naming the type and the key; handlers log and drop those, never crash.
 ``content.content()`` is what goes on the wire. No event may near Matrix's 65,536-byte limit:
@@ -729,6 +729,53 @@ class RunCancelledContent(RunContent):
         return cls(**cls.fields_of(t), by=t.opt_string("by", nonempty=True))
 
 
+# --- several run-log events in one room event (``cis_bot/matrix/batch.py``) --------------------
+
+
+@attrs.frozen(kw_only=True)
+class BatchContent(EventContent):
+    """Run-log events of one sender, in order, as one room event: an outbox under load sends
+    what has queued up together (one request, one event for the homeserver to store and push).
+    Readers unpack it at one place (the node's intake and history) and see each event as if it
+    had been sent alone, by the batch's sender. It carries only the run log's message types
+    (``RUN_LOG_TYPES``): never a state event, a control request or reply, another batch, or
+    anything outside ``cis.dag.*``. Not part of any run's log itself."""
+
+    TYPE = "cis.dag.batch"
+
+    #: (type, content) of each event, in the order they were posted.
+    events: tuple[tuple[str, Mapping[str, Any]], ...]
+
+    def content(self) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "timestamp": self.timestamp,
+            "events": [{"type": t, "content": dict(c)} for t, c in self.events],
+        }
+
+    @classmethod
+    def from_table(cls, t: Table) -> BatchContent:
+        entries = t.data.get("events")
+        if not isinstance(entries, list) or not entries:
+            t.fail("expected a non-empty array of events", "events")
+        events: list[tuple[str, Mapping[str, Any]]] = []
+        for index, entry in enumerate(entries):
+            where = f"events[{index}]"
+            if not isinstance(entry, Mapping):
+                t.fail("expected an object", where)
+            event_type, content = entry.get("type"), entry.get("content")
+            if not isinstance(event_type, str) or event_type not in RUN_LOG_TYPES:
+                t.fail(
+                    f"{event_type!r} cannot travel in a batch (only the run log's message types "
+                    "can)",
+                    f"{where}.type",
+                )
+            if not isinstance(content, Mapping):
+                t.fail("expected an object", f"{where}.content")
+            events.append((event_type, content))
+        return cls(**cls.fields_of(t), events=tuple(events))
+
+
 # --- session control through the room (``cis_bot/control/room.py``) ----------------------------
 
 #: What a control request may ask for.
@@ -856,8 +903,18 @@ CATALOGUE: Mapping[str, type[EventContent]] = {
         RunTakeoverContent,
         ControlRequestContent,
         ControlReplyContent,
+        BatchContent,
     )
 }
+
+#: The run log's message types: every ``cis.dag.*`` type but the control requests and replies
+#: and the batch itself. In rooms a node creates, they need power level 50 (as the batch does);
+#: only they may travel in a batch.
+RUN_LOG_TYPES: frozenset[str] = frozenset(
+    event_type
+    for event_type, cls in CATALOGUE.items()
+    if not cls.IS_STATE and cls not in (ControlRequestContent, ControlReplyContent, BatchContent)
+)
 
 
 def decode(event_type: str, content: object) -> EventContent:

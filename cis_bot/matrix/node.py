@@ -36,11 +36,9 @@ from mautrix.types import (
     DeviceID,
     DeviceLists,
     DeviceOTKCount,
-    PowerLevelStateEventContent,
     RoomAlias,
     RoomCreatePreset,
     RoomID,
-    StateEvent,
     UserID,
 )
 from yarl import URL
@@ -48,8 +46,10 @@ from yarl import URL
 from cis_bot.errors import UserError
 from cis_bot.ids import SessionId, task_key
 from cis_bot.matrix import events as ev
+from cis_bot.matrix.batch import BATCH_TYPE, BATCHING, MayPost, batchable, unpack
 from cis_bot.matrix.identity import NodeIdentity
 from cis_bot.matrix.outbox import Outbox, Outgoing
+from cis_bot.matrix.powers import RoomPowers
 
 if TYPE_CHECKING:
     from mautrix.appservice import IntentAPI
@@ -144,7 +144,7 @@ class Node:
         self._seen: set[str] = set()
         self._seen_order: collections.deque[str] = collections.deque()
         # Each room's power levels and creation event, kept current from the pushed events.
-        self._powers: dict[str, tuple[PowerLevelStateEventContent, StateEvent | None]] = {}
+        self._powers: dict[str, RoomPowers] = {}
 
     @property
     def user_id(self) -> str:
@@ -260,11 +260,27 @@ class Node:
             if self._is_invite_for_me(event):
                 await self._on_invite(room_id, event)
                 continue
-            for listener in list(self._listeners):  # one may remove itself
-                try:
-                    await listener(room_id, event)
-                except Exception:
-                    log.exception("node.listener_failed", event_id=event.get("event_id"))
+            for each in await self._unpacked(room_id, event):
+                for listener in list(self._listeners):  # one may remove itself
+                    try:
+                        await listener(room_id, each)
+                    except Exception:
+                        log.exception("node.listener_failed", event_id=each.get("event_id"))
+
+    async def _unpacked(self, room_id: str, event: dict[str, Any]) -> list[dict[str, Any]]:
+        """The event, or the events a batch carries (``batch.py``), each as if sent alone."""
+        if event.get("type") != BATCH_TYPE:
+            return [event]
+        return unpack(event, await self._may_post(room_id, str(event.get("sender"))))
+
+    async def _may_post(self, room_id: str, sender: str) -> MayPost:
+        """What ``sender`` may post in the room now (nothing, when its levels cannot be read)."""
+        try:
+            powers = await self._room_powers(room_id)
+        except MatrixRequestError as exc:
+            log.warning("room.power_levels_unread", room_id=room_id, error=exc.message)
+            return lambda _: False
+        return powers.may_post(sender)
 
     def _already_seen(self, event_id: object, keep: int = 20_000) -> bool:
         if not isinstance(event_id, str):
@@ -388,6 +404,7 @@ class Node:
         async def send(item: Outgoing) -> str:
             return await self.send_outgoing(room_id, item)
 
+        kw.setdefault("batching", BATCHING)
         box = Outbox(send, **kw)
         box.start()
         return box
@@ -395,18 +412,19 @@ class Node:
     async def power_level(self, room_id: str, user_id: str) -> int:
         """``user_id``'s power level in the room (a creator of a room version 12 room outranks
         every level)."""
+        return (await self._room_powers(room_id)).user_level(user_id)
+
+    async def _room_powers(self, room_id: str) -> RoomPowers:
         powers = self._powers.get(room_id)
         if powers is None:
-            powers = self._powers[room_id] = _room_powers(await self.room_state(room_id))
-        levels, create = powers
-        return int(levels.get_user_level(UserID(user_id), create))
+            powers = self._powers[room_id] = RoomPowers.of_state(await self.room_state(room_id))
+        return powers
 
     def _follow_power_levels(self, room_id: str, event: Mapping[str, Any]) -> None:
         """A power level change takes effect at once: a demoted user loses its say."""
-        if event.get("type") == "m.room.power_levels" and event.get("state_key") == "":
-            known = self._powers.get(room_id)
-            if known is not None:
-                self._powers[room_id] = (_power_levels(event.get("content")), known[1])
+        known = self._powers.get(room_id)
+        if known is not None:
+            known.follow(event)
 
     async def authorised(self, room_id: str, user_id: str, *, level: int | None = None) -> bool:
         """May ``user_id`` give this node orders in this room: itself, an allowed user, or a
@@ -426,7 +444,9 @@ class Node:
         return user_id in self.identity.workers or await self.authorised(room_id, user_id)
 
     async def history(self, room_id: str, *, page: int = 500) -> AsyncIterator[dict[str, Any]]:
-        """The room's events, oldest first (read backwards from now, then reversed per page)."""
+        """The room's events, oldest first (read backwards from now, then reversed per page),
+        with batches unpacked: what their senders could post by the power levels of the time
+        (the room's current ones when its history does not reach back to them)."""
         pages: list[list[dict[str, Any]]] = []
         token: str | None = None
         while True:
@@ -441,9 +461,20 @@ class Node:
             token = body.get("end")
             if not chunk or not token:
                 break
+        timeline = RoomPowers()
         for events in reversed(pages):
             for event in reversed(events):
-                yield event
+                timeline.follow(event)
+                if event.get("type") != BATCH_TYPE:
+                    yield event
+                    continue
+                sender = str(event.get("sender"))
+                if timeline.known:
+                    may_post = timeline.may_post(sender)
+                else:
+                    may_post = await self._may_post(room_id, sender)
+                for each in unpack(event, may_post):
+                    yield each
 
     async def upload(self, data: bytes, *, mime_type: str, filename: str) -> str:
         return str(await self.intent.upload_media(data, mime_type=mime_type, filename=filename))
@@ -475,34 +506,6 @@ async def _request_error(response: aiohttp.ClientResponse) -> MatrixRequestError
         message=message,
         unstable_errcode=unstable_errcode,
     )
-
-
-def _power_levels(content: object) -> PowerLevelStateEventContent:
-    try:
-        return PowerLevelStateEventContent.deserialize(
-            JSON(content if isinstance(content, dict) else {})
-        )
-    except Exception:  # malformed levels: nobody gets more than the defaults
-        log.warning("room.power_levels_invalid")
-        return PowerLevelStateEventContent()
-
-
-def _room_powers(
-    state: list[dict[str, Any]],
-) -> tuple[PowerLevelStateEventContent, StateEvent | None]:
-    levels = PowerLevelStateEventContent()
-    create: StateEvent | None = None
-    for raw in state:
-        if raw.get("state_key") != "":
-            continue
-        if raw.get("type") == "m.room.power_levels":
-            levels = _power_levels(raw.get("content"))
-        elif raw.get("type") == "m.room.create":
-            try:
-                create = StateEvent.deserialize(JSON(raw))
-            except Exception:
-                log.warning("room.create_event_invalid", event_id=raw.get("event_id"))
-    return levels, create
 
 
 def outgoing(
@@ -538,7 +541,14 @@ def outgoing(
     elif isinstance(payload, ev.SessionContent):
         sid = SessionId.parse_or_none(payload.session_id)
         key = sid.task_key if sid else payload.session_id
-    item = Outgoing(event_type, content, state_key=state_key, droppable=droppable, key=key)
+    item = Outgoing(
+        event_type,
+        content,
+        state_key=state_key,
+        droppable=droppable,
+        key=key,
+        batchable=batchable(event_type, state_key),
+    )
     if media:
         assert upload is not None
         item.prepare = _uploading(media, upload)

@@ -294,6 +294,7 @@ class Worker:
             task,
             a.attempt,
             run_id=a.run_id,
+            node_id=self.node_id,
             paths=paths,
             profile=self.profiles[task.agent],
             upstream=upstream,

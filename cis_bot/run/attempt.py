@@ -82,12 +82,14 @@ def attempt_session(
     attempt: int,
     *,
     run_id: str,
+    node_id: str,
     paths: RunPaths,
     profile: AgentProfile,
     upstream: Mapping[str, str],
     work_dir: Path,
 ) -> SessionSpec:
-    """The session that runs attempt ``attempt`` of ``task``."""
+    """The session that runs attempt ``attempt`` of ``task`` on node ``node_id`` (every
+    ``CIS_*`` variable set here is listed in docs/dag-format.md)."""
     sid = str(SessionId(run_id, task.id, attempt))
     env = {
         **task.env,
@@ -95,6 +97,7 @@ def attempt_session(
         "CIS_TASK_ID": task.id,
         "CIS_ATTEMPT": str(attempt),
         "CIS_SESSION_ID": sid,
+        "CIS_NODE_ID": node_id,
     }
     if task.deps:
         directory = private.make_dirs(paths.upstream_dir(task.id))

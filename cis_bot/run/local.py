@@ -32,12 +32,14 @@ class LocalExecutor:
         manager: SessionManager,
         *,
         run_id: str,
+        node_id: str,
         paths: RunPaths,
         profiles: Mapping[str, AgentProfile],
         work_dir: Path,
     ) -> None:
         self.driver = driver
         self.manager = manager
+        self.node_id = node_id
         self.run_id = run_id
         self.paths = paths
         self.profiles = profiles
@@ -57,6 +59,7 @@ class LocalExecutor:
             task,
             dispatch.attempt,
             run_id=self.run_id,
+            node_id=self.node_id,
             paths=self.paths,
             profile=self.profiles[task.agent],
             upstream=upstream,

@@ -45,7 +45,7 @@ from cis_bot.session.output import ExtractorInput, get_extractor, terminal_text
 from cis_bot.session.procfs import TtyReadProbe
 from cis_bot.session.profile import AgentProfile, PromptVia
 from cis_bot.session.profiles import escaped_prompt
-from cis_bot.session.spawn import Pty, setsid_failure, spawn
+from cis_bot.session.spawn import Pty, SpawnMethod, setsid_failure, spawn
 from cis_bot.session.watcher import (
     Block,
     Decision,
@@ -95,9 +95,9 @@ class SessionSettings:
     tail_bytes: int = 256 * 1024
     #: What a finished session keeps of its tail (the transcript file has everything).
     finished_tail_bytes: int = 64 * 1024
-    #: Spawn through vfork + util-linux ``setsid --ctty`` when available (see spawn.py); else,
-    #: or when False, ptyprocess's fork.
-    use_vfork: bool = True
+    #: How to start agents in their PTYs (see spawn.py): the first of posix_spawn, vfork (with
+    #: util-linux ``setsid``) and fork, from this one on, that this machine has.
+    spawn_method: SpawnMethod = SpawnMethod.POSIX_SPAWN
     #: PTY size at spawn.
     rows: int = 40
     cols: int = 120
@@ -313,7 +313,7 @@ class AgentSession:
                 rows=self.settings.rows,
                 cols=self.settings.cols,
                 echo=self.profile.prompt_via is not PromptVia.STDIN,
-                use_vfork=self.settings.use_vfork,
+                method=self.settings.spawn_method,
                 loop=self._loop,
             )
         except (OSError, subprocess.SubprocessError, ValueError) as e:

@@ -23,6 +23,8 @@ import aiohttp
 import pytest
 
 from cis_bot.matrix import events as ev
+from cis_bot.matrix.batch import BATCH_TYPE, make_batch
+from cis_bot.matrix.node import outgoing
 from tests.security.support import forge_run_created, marking_spec
 from tests.support.client import CS, MatrixClient, q
 from tests.support.nodes import (
@@ -346,4 +348,42 @@ async def test_a_workers_trust_follows_the_rooms_power_levels(
         if run is not None:
             os.killpg(run.pid, signal.SIGKILL)
             run.wait(10)
+        worker.stop()
+
+
+async def test_a_member_cannot_smuggle_an_order_in_a_batch(
+    homeserver_factory: Any, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """In a room open to members, a batch is theirs to post: what it carries counts as if each
+    event were posted alone, by its sender, so an assignment in it is refused like any other
+    from a member the worker does not trust; the same batch from a trusted user is obeyed."""
+    plans = plan_nodes(tmp_path, "cis.local", "coord", "wa")
+    hs = homeserver_factory(appservice_files=registration_files(plans))
+    _, wa = plans
+    admin, room, worker = await cluster(hs, http, plans, accept_agents=["shell"])
+    try:
+        mallory = await member(hs, http, admin, room, "mallory")
+
+        def order(task: str, mark: Path) -> dict[str, Any]:
+            assignment = ev.TaskAssignedContent(
+                run_id="by-hand", task_id=task, attempt=1, assigned_to="wa",
+                assigned_user=wa.user_id, assigned_by="someone", agent="shell", lease_ms=1000,
+                task=json.dumps({"id": task, "agent": "shell", "prompt": f"touch {mark}"}),
+            )  # fmt: skip
+            return make_batch([outgoing(assignment)]).content
+
+        smuggled, obeyed = wa.workdir / "pwned", wa.workdir / "by-the-admin"
+        await mallory.send(room, order("smuggled", smuggled), event_type=BATCH_TYPE)
+
+        async def refused() -> bool:
+            return any(
+                "assignment.unauthorised" in line and mallory.user_id in line
+                for line in worker.log_text().splitlines()
+            )
+
+        await wait_for(refused, what="the worker to refuse the smuggled assignment")
+        await admin.send(room, order("obeyed", obeyed), event_type=BATCH_TYPE)
+        await wait_for(lambda: asyncio.sleep(0, obeyed.exists()), what="the admin's order")
+        assert not smuggled.exists()
+    finally:
         worker.stop()

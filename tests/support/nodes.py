@@ -21,8 +21,10 @@ from typing import Any
 import attrs
 import yaml
 
+from cis_bot.matrix.batch import BATCH_TYPE, unpack
 from cis_bot.matrix.events import CATALOGUE
 from cis_bot.matrix.identity import NodeIdentity
+from cis_bot.matrix.powers import RoomPowers
 from tests.support.client import MatrixClient
 from tests.support.netns import NetworkNamespace
 from tests.support.process import free_port
@@ -242,8 +244,11 @@ async def heartbeats(admin: MatrixClient, room_id: str) -> dict[str, dict[str, A
     return {e["state_key"]: e["content"] for e in state if e.get("type") == "cis.node.heartbeat"}
 
 
-async def room_events(admin: MatrixClient, room_id: str) -> list[dict[str, Any]]:
-    """Every event of the room, oldest first."""
+async def room_events(
+    admin: MatrixClient, room_id: str, *, raw: bool = False
+) -> list[dict[str, Any]]:
+    """Every event of the room, oldest first; as cis_bot's nodes read them (``unbatched``)
+    unless ``raw``."""
     events: list[dict[str, Any]] = []
     token: str | None = None
     while True:
@@ -253,4 +258,19 @@ async def room_events(admin: MatrixClient, room_id: str) -> list[dict[str, Any]]
         token = body.get("end")
         if not body.get("chunk") or not token:
             break
-    return list(reversed(events))
+    events.reverse()
+    return events if raw else unbatched(events)
+
+
+def unbatched(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A room's events (oldest first) with each ``cis.dag.batch`` unpacked as ``Node.history``
+    does: what its sender could post by the power levels of the time."""
+    powers = RoomPowers()
+    out: list[dict[str, Any]] = []
+    for event in events:
+        powers.follow(event)
+        if event.get("type") == BATCH_TYPE:
+            out.extend(unpack(event, powers.may_post(str(event.get("sender")))))
+        else:
+            out.append(event)
+    return out

@@ -13,6 +13,7 @@ learns why a session cannot be reached rather than only that it cannot.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from cis_bot.control.client.finder import (
 )
 from cis_bot.control.client.process import ControlError, ProcessClient
 from cis_bot.control.client.room import RoomRequester
+from cis_bot.control.client.terminal import AttachResult, run_attached, terminal_size
 from cis_bot.control.registry import Discovery, ProcessEntry, discover
 from cis_bot.errors import UserError
 from cis_bot.ids import SessionRef, UnknownRun, match_run
@@ -179,6 +181,20 @@ class Lookup:
 
     def client(self, entry: ProcessEntry) -> ProcessClient:
         return ProcessClient(entry, timeout=self.timeout)
+
+    async def attach(self, record: SessionRecord, *, readonly: bool) -> AttachResult:
+        """This terminal in the session's until a detach (Ctrl-B d), the session's end or the
+        loss of its process (``terminal.py``). Only where the session runs: its process is on
+        this machine."""
+        if record.source != "process" or record.process is None:
+            raise UserError(
+                f"session {record.session_id} runs on node {record.node}: attach works on "
+                "that node's machine; from here: logs, input, kill"
+            )
+        async with self.client(record.process) as client:
+            size = None if readonly else terminal_size(sys.stdout.fileno())
+            ws = await client.attach(record.session_id, readonly=readonly, size=size)
+            return await run_attached(ws, readonly=readonly)
 
     async def send_input(self, record: SessionRecord, text: str, *, newline: bool) -> str | None:
         """Type into the session; its state after."""

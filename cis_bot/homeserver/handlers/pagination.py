@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from cis_bot.homeserver import events as ev
-from cis_bot.homeserver.handlers.sync import parse_pagination_token
+from cis_bot.homeserver.handlers.tokens import parse_pagination_token
 
 if TYPE_CHECKING:
     from cis_bot.homeserver.events import Event

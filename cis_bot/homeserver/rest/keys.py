@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from cis_bot.homeserver.errors import MISSING_PARAM, bad_request
-from cis_bot.homeserver.handlers.sync import SyncToken
+from cis_bot.homeserver.handlers.tokens import SyncToken
 from cis_bot.homeserver.rest.transactions import idempotent
 
 if TYPE_CHECKING:

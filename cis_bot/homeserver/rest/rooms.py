@@ -15,7 +15,7 @@ from cis_bot.homeserver.errors import (
     not_found,
 )
 from cis_bot.homeserver.filtering import EventFilter, validate_filter
-from cis_bot.homeserver.handlers.sync import is_pagination_token, parse_pagination_token
+from cis_bot.homeserver.handlers.tokens import is_pagination_token, parse_pagination_token
 from cis_bot.homeserver.ids import CANONICALJSON_MAX_INT, parse_user_id
 from cis_bot.homeserver.rest.base import parse_json
 from cis_bot.homeserver.rest.transactions import idempotent as _txn

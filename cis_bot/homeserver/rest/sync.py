@@ -11,7 +11,7 @@ from cis_bot.homeserver.filtering import (
     cap_timeline_limit,
     validate_filter,
 )
-from cis_bot.homeserver.handlers.sync import SyncToken
+from cis_bot.homeserver.handlers.tokens import SyncToken
 from cis_bot.homeserver.rest.base import INT64_MAX, parse_json
 
 if TYPE_CHECKING:

@@ -237,9 +237,11 @@ class RoomExecutor:
                 f"the live workers that run agent {task.agent!r} ({names}) lost an attempt of "
                 f"this task; they may take it again in {until - now:.0f}s"
             )
-        # Cooled-down workers (the circuit breaker) come back after their cooldown: the task
-        # waits for them as for busy ones.
-        allowed = [w for w in allowed if self._cooled.get(w.user_id, 0.0) <= now]
+        # Cooled-down workers (the circuit breaker) get nothing while another worker could take
+        # the task; when every one that could is cooled down, one of them rather than none (as
+        # Envoy never ejects every host): a run must not stall on its breaker.
+        warm = [w for w in allowed if self._cooled.get(w.user_id, 0.0) <= now]
+        allowed = warm or allowed
         with_room = [w for w in allowed if self._free(w) > 0]
         if not with_room:
             return None

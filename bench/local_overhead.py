@@ -28,7 +28,7 @@ from cis_bot.dag.engine import RunEngine
 from cis_bot.run.attempt import RunPaths
 from cis_bot.run.driver import RunDriver
 from cis_bot.run.local import LocalExecutor
-from cis_bot.dag.spec import load_dag
+from cis_bot.dag.load import load_dag
 from cis_bot.session.manager import SessionManager
 
 async def main():

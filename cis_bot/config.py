@@ -3,13 +3,15 @@
 Sections (every key optional; unknown keys are errors)::
 
     [dag]         execution_mode = "hybrid"        # local | matrix | hybrid | federation
+                  skills_dir = "skills"            # CIS skills, after those beside the DAG
     [dag.local]   max_workers = 4, default_agent = "claude"
     [dag.matrix]  room_prefix = "!dag-", home_server = "cis.local", broadcast_interval_ms = 500
     [dag.hybrid]  broadcast_status = true, broadcast_output = false, accept_remote_tasks = true
     [chat]        enabled, prefix = "!cis", dags_dir = "dags", command_power_level = 50, ...
     [agents.NAME] argv, prompt_via, prompt_escapes, env, blocked_patterns, idle_patterns,
                   exit_input, pattern_lines, ready_pattern, quiet_secs, detect_tty_read, screen,
-                  upstream_in_prompt, output
+                  upstream_in_prompt, output, provider, continue_via, keep_args, resume_args,
+                  config_args, config_env
 
 A section is an attrs class whose fields are its keys: the reader below derives the keys, their
 types and their defaults from the class, so adding a section (``[node]``, say) is a new class
@@ -185,6 +187,9 @@ class DagConfig:
     """``[dag]``."""
 
     execution_mode: ExecutionMode = ExecutionMode.HYBRID
+    #: A folder of CIS skill files, searched after the ``skills/`` folder beside a DAG file
+    #: (relative to the config file; ``~`` is the home directory).
+    skills_dir: str = ""
     local: LocalConfig = attrs.field(factory=LocalConfig)
     matrix: MatrixConfig = attrs.field(factory=MatrixConfig)
     hybrid: HybridConfig = attrs.field(factory=HybridConfig)
@@ -348,6 +353,20 @@ def _check_pattern_lines(value: object) -> str | None:
     return "must be at least 1" if value < 1 else None
 
 
+_AGENT_CONFIG_KEYS = ("model", "max_tokens", "temperature")
+
+
+def _check_config_keys(value: object) -> str | None:
+    assert isinstance(value, Mapping)
+    for key in value:
+        if key not in _AGENT_CONFIG_KEYS:
+            return (
+                f"{key!r} is not an agent_config key a profile passes on; expected one of: "
+                f"{', '.join(_AGENT_CONFIG_KEYS)}{suggestion(key, _AGENT_CONFIG_KEYS)}"
+            )
+    return None
+
+
 def _check_output(name: object) -> str | None:
     assert isinstance(name, str)
     known = extractors()
@@ -375,6 +394,8 @@ _PROFILE_CHECKS: Mapping[str, Callable[[object], str | None]] = {
     "ready_pattern": _check_pattern,
     "quiet_secs": _check_quiet,
     "pattern_lines": _check_pattern_lines,
+    "config_args": _check_config_keys,
+    "config_env": _check_config_keys,
 }
 
 
@@ -393,6 +414,16 @@ class Config:
     @property
     def default_agent(self) -> str:
         return self.dag.local.default_agent
+
+    @property
+    def skills_dirs(self) -> tuple[Path, ...]:
+        """Where skills are looked for after the DAG's own ``skills/`` folder."""
+        if not self.dag.skills_dir:
+            return ()
+        folder = Path(self.dag.skills_dir).expanduser()
+        if not folder.is_absolute() and self.source is not None:
+            folder = self.source.parent / folder
+        return (folder,)
 
     @property
     def dags_dir(self) -> Path:

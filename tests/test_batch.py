@@ -28,18 +28,22 @@ from tests.support.nodes import (
     wait_for,
 )
 
+#: The events' own time, fixed: built twice, an event compares equal to itself.
+AT = 1_700_000_000_000
+
 
 def claimed(task: str, run: str = "r1") -> ev.TaskClaimedContent:
     return ev.TaskClaimedContent(
-        run_id=run, task_id=task, attempt=1, claimed_by="wa", session_id=f"{run}:{task}:1"
-    )
+        run_id=run, task_id=task, attempt=1, claimed_by="wa", session_id=f"{run}:{task}:1",
+        timestamp=AT,
+    )  # fmt: skip
 
 
 def assigned(task: str, user: str, run: str = "r1") -> ev.TaskAssignedContent:
     return ev.TaskAssignedContent(
         run_id=run, task_id=task, attempt=1, assigned_to="wa", assigned_user=user,
         assigned_by="someone", agent="shell", lease_ms=1000,
-        task=json.dumps({"id": task, "agent": "shell", "prompt": "true"}),
+        task=json.dumps({"id": task, "agent": "shell", "prompt": "true"}), timestamp=AT,
     )  # fmt: skip
 
 
@@ -109,6 +113,9 @@ def _sample(cls: type[ev.EventContent]) -> ev.EventContent:
         ),
         ev.RunCompletedContent: ev.RunCompletedContent(run_id="r1", status="completed"),
         ev.TaskCarriedContent: ev.TaskCarriedContent(run_id="r1", task_id="t", from_run="r0"),
+        ev.TaskRollbackContent: ev.TaskRollbackContent(
+            run_id="r1", task_id="t", attempt=2, commands=("undo",)
+        ),
         ev.TaskApprovalRequestedContent: ev.TaskApprovalRequestedContent(run_id="r1", task_id="t"),
         ev.TaskApprovedContent: ev.TaskApprovedContent(run_id="r1", task_id="t"),
         ev.RunCancelledContent: ev.RunCancelledContent(run_id="r1"),

@@ -59,12 +59,18 @@ def test_hello_example_completes_with_a_json_report(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "example",
-    sorted(p.name for p in (REPO / "examples").iterdir() if p.name != "config.toml"),
+    sorted(
+        p.name for p in (REPO / "examples").iterdir() if p.is_file() and p.name != "config.toml"
+    ),
 )
 def test_every_example_runs_to_completion(example: str, tmp_path: Path) -> None:
     code, report = execute_json(REPO / "examples" / example, tmp_path)
     assert code == 0, report
-    assert {t["status"] for t in report["tasks"].values()} == {"completed"}
+    assert report["status"] == "completed"
+    for task_id, task in report["tasks"].items():
+        # fixup.toml: its build fails and its fix-up handles that; its diagnosis is not needed.
+        handled = task["status"] == "failed" and task.get("handled_by")
+        assert task["status"] in ("completed", "skipped") or handled, (task_id, task)
 
 
 def test_failure_exits_1_skips_downstream_and_keeps_the_exit_code(tmp_path: Path) -> None:

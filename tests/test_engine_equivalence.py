@@ -2,6 +2,9 @@
 ``decide``, kept in tests/support/reference_engine.py): randomly generated DAGs, driven through
 random outcomes, clocks, approvals, cancellations, stale results and replayed log events, must
 get exactly the same decisions, the same answers to every event and query, and the same state.
+The DAGs use every key the engine reads: conditions over the deps' fields, fix-up tasks
+(``on_failure``), rollback commands (rollbacks succeed, fail or are lost), tasks that are not
+idempotent (their lost attempts wait for an approval).
 
 Hypothesis draws the shape of each run (size, policy, how often each thing happens, the seed);
 the run itself is generated from the seed, so that DAGs of thousands of tasks stay cheap to
@@ -10,6 +13,7 @@ draw and a failure still shrinks to a small, reproducible case.
 
 from __future__ import annotations
 
+import graphlib
 import random
 from typing import Any
 
@@ -18,10 +22,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cis_bot.dag.condition import Condition, parse_condition
 from cis_bot.dag.engine import (
     ApprovalRequested,
     Decision,
     Outcome,
+    RollbackStarted,
     RunCancelled,
     RunEngine,
     RunEvent,
@@ -69,6 +75,11 @@ class Shape:
     stray: float
     cancel: float
     backoff: float
+    fixup: float
+    condition: float
+    rollback: float
+    fragile: float
+    lost: float
 
 
 def shapes(
@@ -98,6 +109,11 @@ def shapes(
         stray=rare,
         cancel=st.sampled_from([0.0, 0.0, 0.0005, 0.005]),
         backoff=st.sampled_from([0.0, 0.5, 1.0]),
+        fixup=p,
+        condition=p,
+        rollback=p,
+        fragile=p,
+        lost=st.sampled_from([0.0, 0.02, 0.1]),
     )
 
 
@@ -106,11 +122,21 @@ def make_spec(shape: Shape, rng: random.Random) -> DagSpec:
     shuffled, so the engine's own order (depth, then file position) has work to do."""
     ids = [f"t{i}" for i in range(shape.tasks)]
     tasks = []
+    #: fix-up -> the task it fixes (an earlier task that has no fix-up yet)
+    fixes: dict[str, str] = {}
+
     for i, tid in enumerate(ids):
         deps: list[str] = []
         if i and rng.random() < shape.deps:
             window = ids[max(0, i - rng.choice([2, 10, 200])) : i]
             deps = rng.sample(window, min(len(window), rng.choice([1, 1, 2, 3, 6])))
+        trigger = rng.choice(list(Trigger)) if rng.random() < 0.3 else Trigger.ALL_SUCCESS
+        free = [t for t in ids[max(0, i - 10) : i] if t not in fixes.values()]
+        if free and rng.random() < shape.fixup * 0.3:
+            fixed = rng.choice(free)
+            fixes[tid] = fixed
+            deps = list(dict.fromkeys([*deps, fixed]))
+            trigger = rng.choice([Trigger.ALL_DONE, Trigger.ALL_DONE, Trigger.ONE_FAILED])
         tasks.append(
             TaskSpec(
                 id=tid,
@@ -120,9 +146,15 @@ def make_spec(shape: Shape, rng: random.Random) -> DagSpec:
                 retry=rng.choice([1, 2, 5]) if rng.random() < shape.retry else 0,
                 timeout_secs=rng.choice([0.5, 1.0, 3.0]) if rng.random() < shape.timeout else None,
                 level=make_level(shape, rng),
-                trigger=rng.choice(list(Trigger)) if rng.random() < 0.3 else Trigger.ALL_SUCCESS,
+                trigger=trigger,
+                condition=make_condition(deps, rng) if rng.random() < shape.condition else None,
+                rollback=("undo",) if rng.random() < shape.rollback else (),
+                idempotent=rng.random() >= shape.fragile * 0.5,
             )
         )
+    drop_waiting_fixups(tasks, fixes)
+    on_failure = {fixed: fixer for fixer, fixed in fixes.items()}
+    tasks = [attrs.evolve(t, on_failure=on_failure.get(t.id)) for t in tasks]
     rng.shuffle(tasks)
     return DagSpec(
         name="equivalence",
@@ -131,6 +163,50 @@ def make_spec(shape: Shape, rng: random.Random) -> DagSpec:
         max_workers=shape.max_workers,
         retry_backoff_secs=shape.backoff,
     )
+
+
+def drop_waiting_fixups(tasks: list[TaskSpec], fixes: dict[str, str]) -> None:
+    """A failed task's dependents wait for its fix-up, so a fix-up that depends on one of them
+    waits for itself (the loader refuses such DAGs): drop such fix-ups until none is left."""
+    deps = {t.id: t.deps for t in tasks}
+    while True:
+        fixer_of = {fixed: fixer for fixer, fixed in fixes.items()}
+        waits = {
+            tid: (*ds, *(f for d in ds if (f := fixer_of.get(d)) is not None and f != tid))
+            for tid, ds in deps.items()
+        }
+        try:
+            graphlib.TopologicalSorter(waits).prepare()
+            return
+        except graphlib.CycleError as exc:
+            del fixes[next(t for t in exc.args[1] if t in fixes)]
+
+
+def make_condition(deps: list[str], rng: random.Random) -> Condition | None:
+    """A condition over the task's deps, as a DAG could write it."""
+    if not deps:
+        return None
+
+    def comparison() -> str:
+        dep = rng.choice(deps)
+        return rng.choice(
+            [
+                f"{dep}.status == 'failed'",
+                f"{dep}.status != 'completed'",
+                f"{dep}.status == 'completed'",
+                f"{dep}.exit_code == 0",
+                f"{dep}.exit_code != 1",
+                f"{dep}.attempts > 1",
+                f"{dep}.fail_count >= 1",
+                f"{dep}.output == 'o-{dep}-1'",
+            ]
+        )
+
+    text = comparison()
+    for _ in range(rng.choice([0, 0, 1, 2])):
+        negate = "not " if rng.random() < 0.3 else ""
+        text = f"{text} {rng.choice(['and', 'or'])} {negate}({comparison()})"
+    return parse_condition(f"if {text}" if rng.random() < 0.5 else text, deps=deps)
 
 
 def make_level(shape: Shape, rng: random.Random) -> Level:
@@ -196,10 +272,15 @@ def snapshot(engine: RunEngine | ReferenceEngine) -> dict[str, Any]:
                 r.approval_deadline,
                 r.output,
                 r.reason,
+                r.held,
+                r.rollback,
+                engine.handled_by(tid),
+                engine.placement(tid),
             )
             for tid, r in engine.tasks.items()
         },
         "upstream": {tid: engine.upstream_outputs(tid) for tid in engine.tasks},
+        "rollback": engine.rollback_plan,
     }
 
 
@@ -213,16 +294,25 @@ def run(shape: Shape, *, check_every: int, burst: int) -> Twins:
     records = twins.reference.tasks
     #: Tasks with an open attempt, in a stable order (a set's order would vary between runs).
     active: dict[str, None] = {}
+    #: Tasks whose rollback is under way.
+    rolling: dict[str, None] = {}
 
     def apply(event: RunEvent) -> None:
         twins.apply(event)
         note(getattr(event, "task_id", None))
 
     def note(tid: str | None) -> None:
-        if tid is not None and records[tid].status.is_active:
+        if tid is None:
+            return
+        if records[tid].status.is_active:
             active[tid] = None
-        elif tid is not None:
+        else:
             active.pop(tid, None)
+        rollback = records[tid].rollback
+        if rollback is not None and rollback.outcome is None:
+            rolling[tid] = None
+        else:
+            rolling.pop(tid, None)
 
     now = 1000.0
     for tid in ids:  # a resumed run: some tasks carried over before anything is decided
@@ -246,19 +336,40 @@ def run(shape: Shape, *, check_every: int, burst: int) -> Twins:
                 apply(TaskStarted(tid, attempt.number, now, session_id=f"s-{tid}"))
             if rng.random() < 0.8:
                 apply(finished(tid, attempt.number, now, shape, rng))
+        for tid in list(rolling):
+            rollback = records[tid].rollback
+            assert rollback is not None
+            if rollback.started_at is None and rng.random() < 0.7:
+                apply(TaskStarted(tid, rollback.number, now, session_id=f"r-{tid}"))
+            if rng.random() < 0.6:
+                outcome = rng.choice([Outcome.COMPLETED] * 4 + [Outcome.FAILED, Outcome.LOST])
+                apply(TaskFinished(tid, rollback.number, now, outcome, exit_code=0))
         if needing_approval and rng.random() < shape.approval:
             for tid in rng.sample(needing_approval, min(len(needing_approval), 3)):
                 if records[tid].status in (TaskStatus.PENDING, TaskStatus.AWAITING_APPROVAL):
                     apply(TaskApproved(tid, now, by=rng.choice(APPROVERS)))
+        for tid in [t for t in ids if records[t].held is not None]:
+            if rng.random() < 0.3:
+                apply(TaskApproved(tid, now, by=rng.choice(APPROVERS)))
         if rng.random() < shape.stray:
             apply(stray_event(spec, rng.choice(ids), now, rng))
         if rng.random() < shape.cancel:
             apply(RunCancelled(now, by="@me:x"))
         now = advance(now, wakeup, active, rng)
     else:
-        # Stray events can leave a task waiting for good (an approval it already has): cancel.
+        # Stray events can leave a task waiting for good (an approval it already has): cancel,
+        # and let the rollback that the cancellation starts run its course.
         apply(RunCancelled(now, by="@me:x"))
-        twins.decide(now)
+        for _ in range(2 * len(ids) + 2):
+            for decision in twins.decide(now):
+                note(getattr(decision, "task_id", None))
+            if twins.engine.finished:
+                break
+            for tid in list(rolling):
+                rollback = records[tid].rollback
+                assert rollback is not None
+                apply(TaskFinished(tid, rollback.number, now, Outcome.COMPLETED, exit_code=0))
+            now += 0.1
         assert twins.engine.finished
     twins.check_state()
     return twins
@@ -268,7 +379,7 @@ def finished(tid: str, attempt: int, now: float, shape: Shape, rng: random.Rando
     outcome = Outcome.COMPLETED
     if rng.random() < shape.fail:
         outcome = rng.choice([Outcome.FAILED, Outcome.FAILED, Outcome.TIMEOUT, Outcome.KILLED])
-    elif rng.random() < 0.02:
+    elif rng.random() < 0.02 + shape.lost:
         outcome = Outcome.LOST
     code = 0 if outcome is Outcome.COMPLETED else 1
     return TaskFinished(tid, attempt, now, outcome, exit_code=code, output=f"o-{tid}-{attempt}")
@@ -292,9 +403,11 @@ def stray_event(spec: DagSpec, tid: str, now: float, rng: random.Random) -> RunE
             TaskCancelled(tid, now, attempt, "replayed"),
             TaskSkipped(tid, now, "replayed"),
             ApprovalRequested(tid, now, level.stakeholders, deadline),
+            ApprovalRequested(tid, now, reason="replayed hold"),
             TaskApproved(tid, now, by=rng.choice(APPROVERS)),
             TaskCarried(tid, now, output="stray", from_run="r0"),
             TaskAborted(tid, now, "replayed"),
+            RollbackStarted(tid, attempt + 1, now),
         ]
     )
 

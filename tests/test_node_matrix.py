@@ -63,16 +63,18 @@ async def start_cluster(
     plans: list[NodePlan],
     *,
     accept_agents: tuple[str, ...] = ("shell",),
+    extra: str = "",
 ) -> tuple[MatrixClient, str, list[NodeProcess]]:
     admin_id, token = await hs.create_user("admin", admin=True)
     admin = MatrixClient(http, hs.base_url, user_id=admin_id, token=token)
     coord, *workers = plans
-    write_configs([coord], hs.base_url, allowed_users=[admin_id])
+    write_configs([coord], hs.base_url, allowed_users=[admin_id], extra=extra)
     write_configs(
         workers,
         hs.base_url,
         allowed_users=[admin_id, coord.user_id],
         accept_agents=list(accept_agents),
+        extra=extra,
     )
     processes = [NodeProcess(w).start() for w in workers]
     try:

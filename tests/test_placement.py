@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
+from cis_bot.dag.document import spec_to_document
+from cis_bot.dag.load import parse_dag
 from cis_bot.dag.placement import NodeFacts, NodeSelector, Placement, Resources
-from cis_bot.dag.spec import DagSpec, parse_dag, spec_to_document
+from cis_bot.dag.spec import DagSpec
 from cis_bot.errors import InputError
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.nodefacts import detect_facts

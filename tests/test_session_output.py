@@ -122,6 +122,7 @@ def test_builtin_profiles() -> None:
         "aider",
         "codex",
         "opencode",
+        "kimi",
     }
     for name, profile in BUILTIN_PROFILES.items():
         assert profile.name == name

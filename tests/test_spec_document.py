@@ -9,6 +9,8 @@ import attrs
 import pytest
 
 from cis_bot.config import load_config
+from cis_bot.dag.document import parse_task_document, spec_to_document, task_to_document
+from cis_bot.dag.load import load_dag, parse_dag
 from cis_bot.dag.spec import (
     DagSpec,
     DefaultAction,
@@ -17,11 +19,6 @@ from cis_bot.dag.spec import (
     Policy,
     TaskSpec,
     Trigger,
-    load_dag,
-    parse_dag,
-    parse_task_document,
-    spec_to_document,
-    task_to_document,
 )
 from cis_bot.errors import InputError
 

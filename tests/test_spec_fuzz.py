@@ -17,7 +17,8 @@ import tomli_w
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from cis_bot.dag.spec import DagSpec, LevelKind, Trigger, parse_dag
+from cis_bot.dag.load import parse_dag
+from cis_bot.dag.spec import DagSpec, LevelKind, Trigger
 from cis_bot.errors import InputError
 from cis_bot.session.profiles import BUILTIN_PROFILES
 
@@ -53,8 +54,8 @@ def check_invariants(spec: DagSpec) -> None:
         assert task.timeout_secs is None or (
             math.isfinite(task.timeout_secs) and task.timeout_secs > 0
         )
-        if task.level.kind is LevelKind.ARBITRATED:
-            assert task.level.stakeholders
+        assert len(set(task.level.stakeholders)) == len(task.level.stakeholders)
+        assert task.level.kind is LevelKind.ARBITRATED or not task.level.stakeholders
         assert all(isinstance(k, str) and isinstance(v, str) for k, v in task.env.items())
     if spec.max_workers is not None:
         assert spec.max_workers >= 1

@@ -31,9 +31,10 @@ from cis_bot.app.chat.service import ChatScope, ChatService
 from cis_bot.config import Config, ExecutionMode
 from cis_bot.control.operations import ControlPlane, RunHandle
 from cis_bot.control.service import start_control
+from cis_bot.dag.document import spec_to_document
 from cis_bot.dag.engine import Fact, Outcome, RunEngine, RunEvent, TaskDispatched, TaskFinished
 from cis_bot.dag.report import build_report
-from cis_bot.dag.spec import DagSpec, spec_to_document
+from cis_bot.dag.spec import DagSpec
 from cis_bot.errors import UserError
 from cis_bot.ids import SessionId
 from cis_bot.matrix import events as ev
@@ -200,7 +201,7 @@ async def drive_run(
             epoch=plan.epoch,
         )
         engine = RunEngine.replay(plan.spec, plan.history, max_workers=plan.max_workers)
-        driver = RunDriver(engine, observers=[*observers, recorder])
+        driver = RunDriver(engine, observers=[*observers, recorder], run_id=plan.run_id)
         if runs_here:
             executor = LocalExecutor(
                 driver,

@@ -39,6 +39,8 @@ log = structlog.get_logger(__name__)
 
 #: What the fake puts before the echoed prompt.
 ECHO_PREFIX = "dry run: "
+#: Set to 1 in every task's environment during a dry run.
+DRY_RUN_VARIABLE = "CIS_DRY_RUN"
 
 
 @attrs.frozen
@@ -69,8 +71,13 @@ def dry_run_profiles(
     agents: Mapping[str, AgentProfile], used: set[str], claude: str, home: ClaudeHome
 ) -> tuple[dict[str, AgentProfile], tuple[str, ...]]:
     """The profiles of a dry run: every agent profile the DAG uses runs ``claude`` (the given
-    executable) in ``home``; other agents become Claude Code's print mode."""
-    profiles = dict(agents)
+    executable) in ``home``; other agents become Claude Code's print mode. Every task sees
+    ``CIS_DRY_RUN=1``, so a command that needs what this machine lacks (a GPU, a toolchain) can
+    stand in for itself: ``if [ -n "$CIS_DRY_RUN" ]; then echo nvcc ...; else nvcc ...; fi``."""
+    profiles = {
+        name: attrs.evolve(profile, env={**profile.env, DRY_RUN_VARIABLE: "1"})
+        for name, profile in agents.items()
+    }
     replaced = []
     for name in sorted(used):
         profile = agents[name]
@@ -80,7 +87,9 @@ def dry_run_profiles(
             replaced.append(name)
             profile = attrs.evolve(BUILTIN_PROFILES["claude"], name=name)
         profiles[name] = attrs.evolve(
-            profile, argv=(claude, *profile.argv[1:]), env={**profile.env, **home.env}
+            profile,
+            argv=(claude, *profile.argv[1:]),
+            env={**profile.env, **home.env, DRY_RUN_VARIABLE: "1"},
         )
     return profiles, tuple(replaced)
 

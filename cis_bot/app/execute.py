@@ -13,7 +13,7 @@ from cis_bot.app.drive import OnStarted, RunPlan, announce, chat_scope, drive_ru
 from cis_bot.app.federation import await_workers
 from cis_bot.app.localhs import LocalHomeserverDir
 from cis_bot.config import Config, ExecutionMode
-from cis_bot.dag.spec import DagSpec
+from cis_bot.dag.spec import DagSpec, resolve_stakeholders
 from cis_bot.ids import new_run_id
 from cis_bot.run.driver import RunObserver
 
@@ -63,13 +63,10 @@ async def execute(
                 timeout=request.config.dag.matrix.no_worker_timeout_secs,
                 room_name=request.room or room_id,
             )
+        # Stakeholders CIS names by user name are users of the coordinator's homeserver.
+        spec = resolve_stakeholders(request.spec, node.user_id.partition(":")[2])
         plan = RunPlan(
-            run_id,
-            room_id,
-            request.spec,
-            request.mode,
-            request.max_workers,
-            workers=request.workers,
+            run_id, room_id, spec, request.mode, request.max_workers, workers=request.workers
         )
         chat = chat_scope(request.config, plan, own_room=request.mode is ExecutionMode.LOCAL)
         await announce(node, plan, chat=chat is not None)

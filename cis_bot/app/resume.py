@@ -2,7 +2,8 @@
 
 An unfinished run whose coordinator stopped is driven on from where its log ends (attempts out on
 workers are awaited, attempts lost with the coordinator go again); a failed or cancelled run is
-run again as a new run that keeps (carries over) its completed tasks.
+run again as a new run that keeps (carries over) its completed tasks, but those its rollback
+undid.
 """
 
 from __future__ import annotations
@@ -55,10 +56,11 @@ def plan_resume(run: RoomRun, *, user_id: str, mode: ExecutionMode) -> Resumptio
     if replayed.status is RunStatus.COMPLETED:
         raise UserError(f"run {run.run_id} completed: nothing to resume")
     now = time.time()
+    # A completed task whose rollback ran (or began) is undone, or may be: it runs again.
     carried = [
         TaskCarried(tid, now, record.output, run.run_id)
         for tid, record in replayed.tasks.items()
-        if record.status is TaskStatus.COMPLETED
+        if record.status is TaskStatus.COMPLETED and record.rollback is None
     ]
     plan = RunPlan(
         new_run_id(),

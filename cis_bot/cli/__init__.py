@@ -39,9 +39,9 @@ class CommandModule(Protocol):
 
 
 def _modules() -> list[CommandModule]:
-    from cis_bot.cli import completion, dag, homeserver, node
+    from cis_bot.cli import completion, dag, devcluster, homeserver, node
 
-    return [dag, homeserver, node, completion]
+    return [dag, homeserver, node, devcluster, completion]
 
 
 def build_parser() -> argparse.ArgumentParser:

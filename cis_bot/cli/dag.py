@@ -143,29 +143,46 @@ def _room_reader_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
-def _load(file: Path, config_path: Path | None) -> tuple[Config, DagSpec]:
+def _load(file: Path, config_path: Path | None) -> tuple[Config, DagSpec, list[str]]:
+    """The config, the DAG, and notes on what it says that is not an error."""
     from cis_bot.config import load_config
-    from cis_bot.dag.spec import load_dag
+    from cis_bot.dag.load import load_dag
+    from cis_bot.run.agentconfig import check_with_profiles
 
     config = load_config(config_path)
-    spec = load_dag(file, agents=config.agents.keys(), default_agent=config.dag.local.default_agent)
-    return config, spec
+    spec = load_dag(
+        file,
+        agents=config.agents.keys(),
+        default_agent=config.dag.local.default_agent,
+        skills_dirs=config.skills_dirs,
+    )
+    notes = [*spec.notes, *check_with_profiles(spec, config.agents)]
+    return config, spec, notes
 
 
 def _validate(args: argparse.Namespace) -> int:
     from cis_bot.errors import InputError
 
     try:
-        _, spec = _load(args.file, args.config)
+        _, spec, notes = _load(args.file, args.config)
     except InputError as exc:
         if not args.json:
             raise
         print(json.dumps({"valid": False, "error": str(exc), "task": exc.task, "key": exc.key}))
         return exc.exit_code
     if args.json:
-        print(json.dumps({"valid": True, "dag": spec.name, "tasks": [t.id for t in spec.tasks]}))
+        tasks = [t.id for t in spec.tasks]
+        print(json.dumps({"valid": True, "dag": spec.name, "tasks": tasks, "notes": notes}))
     else:
         print(f"{args.file}: ok ({spec.name}: {len(spec.tasks)} tasks)")
+        for note in notes:
+            print(f"  note: {note}")
+        for item in spec.todo:
+            facts = {"priority": item.priority, "status": item.status, "assignee": item.assignee}
+            shown = ", ".join(f"{k} {v}" for k, v in facts.items() if v not in (None, ""))
+            print(f"  todo {item.id}: {item.description}" + (f" ({shown})" if shown else ""))
+        for rule in spec.adaptive:
+            print(f"  adaptive rule (not applied): {rule}")
     return 0
 
 
@@ -181,7 +198,9 @@ def _execute(args: argparse.Namespace) -> int:
         workers = tuple(name.strip() for name in args.workers.split(",") if name.strip())
         if not workers:
             parser.error("--workers needs worker node ids, e.g. --workers wa,wb")
-    config, spec = _load(args.file, args.config)
+    config, spec, notes = _load(args.file, args.config)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     mode = ExecutionMode(args.mode or config.dag.execution_mode)
     if (
         not args.mode

@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import secrets
 import signal
 from pathlib import Path
-
-from cis_bot.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -38,6 +35,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     generate.add_argument("--config", type=Path, metavar="F", required=True)
     generate.add_argument("-o", "--output", type=Path, metavar="FILE", required=True)
+    generate.add_argument(
+        "--url",
+        help="where the homeserver reaches the node's appservice, when it is not "
+        "http://LISTEN_HOST:LISTEN_PORT (e.g. http://worker-a:29333 in a container network)",
+    )
     generate.set_defaults(handler=_generate)
 
 
@@ -65,39 +67,8 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import tomlkit
-    import yaml
+    from cis_bot.app.registration import generate_registration
 
-    from cis_bot import private
-    from cis_bot.config import load_config
-    from cis_bot.matrix.identity import NodeIdentity
-
-    config = load_config(args.config)
-    if not config.node.id:
-        raise UserError(f"{args.config}: [node] needs an id (this node's name) first")
-    output: Path = args.output
-    if output.is_dir():
-        raise UserError(f"-o {output} is a directory: give the registration file's path")
-    if not output.parent.is_dir():
-        raise UserError(f"-o {output}: no directory {output.parent}")
-    if output.exists() and output.samefile(args.config):
-        raise UserError(
-            f"-o {output} is the config itself: the registration goes to a file of its own"
-        )
-    document = tomlkit.parse(args.config.read_text(encoding="utf-8"))
-    node_table = document.setdefault("node", tomlkit.table())
-    for key in ("as_token", "hs_token"):
-        if not node_table.get(key):
-            node_table[key] = secrets.token_urlsafe(32)
-    # The config now holds secrets: for its owner only, written whole or not at all.
-    private.write_file(args.config, tomlkit.dumps(document))
-    config = load_config(args.config)
-    identity = NodeIdentity.from_config(config, require_homeserver=False)
-    private.write_file(
-        output,
-        "# Appservice registration for cis_bot node "
-        f"{identity.node_id!r}; the homeserver loads it (Synapse: app_service_config_files).\n"
-        + yaml.safe_dump(identity.registration(), sort_keys=False),
-    )
-    print(f"wrote {output} for {identity.user_id}")
+    identity = generate_registration(args.config, args.output, url=args.url)
+    print(f"wrote {args.output} for {identity.user_id}")
     return 0

@@ -20,6 +20,8 @@ from rich.text import Text
 from cis_bot.cli.keys import KeyReader
 from cis_bot.dag.engine import (
     ApprovalRequested,
+    Outcome,
+    RollbackStarted,
     RunEngine,
     RunEvent,
     RunFinished,
@@ -83,8 +85,15 @@ class PlainProgress:
             case TaskDispatched(task_id=tid, attempt=attempt):
                 suffix = f" (attempt {attempt})" if attempt > 1 else ""
                 self._line(tid, f"started{suffix}")
-            case TaskFinished(task_id=tid):
+            case TaskFinished(task_id=tid, attempt=attempt, outcome=outcome, error=error):
                 record = engine.tasks[tid]
+                if record.rollback is not None and record.rollback.number == attempt:
+                    ok = outcome is Outcome.COMPLETED
+                    why = "" if ok or not error else f" ({error})"
+                    self._line(tid, f"rollback {'completed' if ok else 'failed'}{why}")
+                    return
+                if record.held is not None:
+                    return  # its approval request says why it waits
                 detail = f" ({record.reason})" if record.reason else ""
                 status = record.status
                 if status is TaskStatus.READY:
@@ -97,8 +106,10 @@ class PlainProgress:
                 self._line(tid, f"{engine.tasks[tid].status} ({reason})")
             case TaskCancelled(task_id=tid, reason=reason):
                 self._line(tid, f"cancelled ({reason})")
-            case ApprovalRequested(task_id=tid):
-                self._line(tid, "awaiting approval")
+            case ApprovalRequested(task_id=tid, reason=reason):
+                self._line(tid, f"awaiting approval ({reason})" if reason else "awaiting approval")
+            case RollbackStarted(task_id=tid):
+                self._line(tid, f"rolling back: {'; '.join(engine.spec.task(tid).rollback)}")
             case TaskStarted() | RunFinished():
                 pass  # the start is shown at dispatch; the CLI prints the run's summary
 

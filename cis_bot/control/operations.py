@@ -312,6 +312,15 @@ class ControlPlane:
             )
         waiting = [t for t, r in engine.tasks.items() if r.status is TaskStatus.AWAITING_APPROVAL]
         level = record.spec.level
+        if record.held is not None and record.status in (
+            TaskStatus.PENDING,
+            TaskStatus.AWAITING_APPROVAL,
+        ):
+            # A lost attempt of a task that is not idempotent: whoever may control the run
+            # decides whether it runs again.
+            handle.driver.submit(TaskApproved(task_id, time.time(), by=by))
+            log.info("control.approve", run_id=run_id, task_id=task_id, by=by, held=True)
+            return {"run_id": run_id, "task_id": task_id, "approved": True, "waiting_for": []}
         if not level.needs_approval:
             raise OperationError(
                 f"task {task_id} needs no approval (level {level.kind}); "
@@ -322,7 +331,8 @@ class ControlPlane:
             TaskStatus.AWAITING_APPROVAL,
         ):
             raise OperationError(f"task {task_id} is not awaiting approval ({record.status})")
-        if level.kind is LevelKind.ARBITRATED:
+        if level.kind is LevelKind.ARBITRATED and level.stakeholders:
+            by = _stakeholder(by, level.stakeholders)
             if by not in level.stakeholders:
                 raise OperationError(
                     f"task {task_id} is approved by its stakeholders only "
@@ -335,3 +345,12 @@ class ControlPlane:
         log.info("control.approve", run_id=run_id, task_id=task_id, by=by)
         missing = [s for s in level.stakeholders if s != by and s not in record.approvals]
         return {"run_id": run_id, "task_id": task_id, "approved": True, "waiting_for": missing}
+
+
+def _stakeholder(by: str | None, stakeholders: tuple[str, ...]) -> str | None:
+    """``by`` as the stakeholder it names: a user id, or (on this machine, ``--as NAME``) the
+    name of exactly one stakeholder's user id."""
+    if by is None or by.startswith("@"):
+        return by
+    named = [s for s in stakeholders if s[1:].partition(":")[0] == by]
+    return named[0] if len(named) == 1 else by

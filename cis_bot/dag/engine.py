@@ -22,6 +22,17 @@ Semantics (see docs/dag-format.md for the user's view):
   everything still going is cancelled. It fails when no sink can complete any more.
 - Retries: a failed or timed-out attempt is retried while attempts remain, after
   ``retry_backoff_secs * 2**(attempt-1)`` seconds (capped). A killed attempt is not retried.
+  A lost attempt goes again at once, uncounted, unless the task is not ``idempotent``: then it
+  waits for a person's approval, since it may have half-happened.
+- ``condition``: once the trigger lets a task start, a false condition skips it (the reason
+  quotes the condition and the values it read).
+- ``on_failure``: the fix-up task runs only when its task failed; if it completes, the failure
+  is handled: the failed task's other dependents see it as a success, and it counts against
+  neither ``all_success`` nor as a debt. A fix-up task is no sink (``first_success``), and a
+  handled failure is no sink's completion.
+- Rollback: when an ``all_success`` run ends failed or cancelled, the ``rollback`` commands of
+  its completed tasks run, newest completion first, one task at a time, before the run ends; the
+  first rollback that fails stops the others (they may depend on what it did not undo).
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from cis_bot.dag.condition import Field, Ref, Value, status_for_condition
 from cis_bot.dag.spec import (
     MAX_RETRY_BACKOFF_SECS,
     DagSpec,
@@ -193,12 +205,15 @@ class TaskSkipped:
 
 @attrs.frozen
 class ApprovalRequested:
-    """The task may run once approved; ``deadline`` is when a ``recommended`` task decides alone."""
+    """The task may run once approved; ``deadline`` is when a ``recommended`` task decides alone.
+    ``reason`` says why a task that needs no approval by its level waits for one (its lost
+    attempt may have half-happened)."""
 
     task_id: str
     at: float
     stakeholders: tuple[str, ...] = ()
     deadline: float | None = None
+    reason: str | None = None
 
 
 @attrs.frozen
@@ -208,6 +223,16 @@ class TaskAborted:
     task_id: str
     at: float
     reason: str
+
+
+@attrs.frozen
+class RollbackStarted:
+    """Run the task's rollback commands as attempt ``attempt`` (a number none of its attempts
+    has). The executor replies with TaskStarted / TaskFinished for that attempt."""
+
+    task_id: str
+    attempt: int
+    at: float
 
 
 @attrs.frozen
@@ -225,6 +250,7 @@ Decision = (
     | ApprovalRequested
     | TaskAborted
     | TaskApproved
+    | RollbackStarted
     | RunFinished
 )
 RunEvent = Fact | Decision
@@ -264,6 +290,10 @@ class TaskRecord:
     output: str = ""
     #: Why the task ended as it did, for people: the skip reason, the error, the cancel reason.
     reason: str | None = None
+    #: Why the task waits for a person before running again (a non-idempotent lost attempt).
+    held: str | None = None
+    #: Its rollback, once the run's rollback reached it.
+    rollback: Attempt | None = None
 
     @property
     def current(self) -> Attempt | None:
@@ -286,8 +316,12 @@ class _Node:
     #: Indexes of the tasks that depend on this one.
     dependents: list[int] = attrs.Factory(list)
     sink: bool = False
+    #: Its fix-up task (``on_failure``), and the task it is the fix-up of.
+    fixer: int | None = None
+    fixes: int | None = None
     #: Of ``deps``: how many are terminal, how many count as succeeded (completed, or failed
-    #: under ``allow_debt``), how many failed or timed out.
+    #: under ``allow_debt``, or a failure its fix-up handled), how many failed or timed out. A
+    #: failure whose fix-up has not finished counts as nothing yet, except to the fix-up.
     deps_terminal: int = 0
     deps_succeeded: int = 0
     deps_failed: int = 0
@@ -296,6 +330,12 @@ class _Node:
     #: In the heap of tasks whose trigger rule may have something new to say.
     candidate: bool = False
 
+
+_Class = tuple[int, int, int]
+#: A failure whose fix-up has not finished: not done yet, for the failed task's dependents.
+_AWAITING_FIX: _Class = (0, 0, 0)
+#: A failure its fix-up handled: a success, for the failed task's dependents.
+_HANDLED: _Class = (1, 1, 0)
 
 #: (terminal, succeeded, failed) of a dependency in each status, with and without ``allow_debt``.
 _DEP_CLASS = {
@@ -331,11 +371,12 @@ class RunEngine:
         self.max_workers = max(1, max_workers or spec.max_workers or len(spec.tasks))
         self._tasks = {t.id: TaskRecord(spec=t) for t in spec.tasks}
         depth: dict[str, int] = {}
-        for tid in graphlib.TopologicalSorter({t.id: t.deps for t in spec.tasks}).static_order():
-            depth[tid] = 1 + max((depth[d] for d in spec.task(tid).deps), default=-1)
+        waits = {t.id: spec.waits_for(t.id) for t in spec.tasks}
+        for tid in graphlib.TopologicalSorter(waits).static_order():
+            depth[tid] = 1 + max((depth[d] for d in waits[tid]), default=-1)
         position = {t.id: i for i, t in enumerate(spec.tasks)}
         # Topological, ties broken by file order: dependents always come after their
-        # dependencies, so one pass in this order settles cascades of skips.
+        # dependencies and the fix-ups of those, so one pass in this order settles cascades.
         self._order = sorted(depth, key=lambda tid: (depth[tid], position[tid]))
         self._position = {tid: i for i, tid in enumerate(self._order)}
         self._nodes = [
@@ -349,8 +390,13 @@ class RunEngine:
         for node in self._nodes:
             for dep in node.deps:
                 self._nodes[dep].dependents.append(node.index)
+            fixer = node.record.spec.on_failure
+            if fixer is not None:
+                node.fixer = self._position[fixer]
+                self._nodes[node.fixer].fixes = node.index
         for node in self._nodes:
-            node.sink = not node.dependents
+            # A fix-up is no end of the pipeline, and the task it fixes ends it when it completes.
+            node.sink = node.fixes is None and all(d == node.fixer for d in node.dependents)
         self._sinks = tuple(n.record.spec.id for n in self._nodes if n.sink)
         self._dep_class = _DEP_CLASS[spec.policy is Policy.ALLOW_DEBT]
         self._cancel_requested: RunCancelled | None = None
@@ -361,6 +407,8 @@ class RunEngine:
         self._active = 0
         self._unfinished = len(self._nodes)
         self._failures = 0
+        #: Failed tasks whose fix-up completed (they count against neither policy).
+        self._handled = 0
         #: The first sink (in order) that completed, under ``first_success``.
         self._winner: int | None = None
         self._sinks_completed = 0
@@ -405,17 +453,63 @@ class RunEngine:
 
     @property
     def debts(self) -> list[str]:
-        if self.spec.policy is not Policy.ALLOW_DEBT or not self._failures:
+        if self.spec.policy is not Policy.ALLOW_DEBT or self._failures == self._handled:
             return []
-        return [n.record.spec.id for n in self._nodes if n.record.status in _FAILURE_SET]
+        return [
+            n.record.spec.id
+            for n in self._nodes
+            if n.record.status in _FAILURE_SET and not self._is_handled(n)
+        ]
+
+    def handled_by(self, task_id: str) -> str | None:
+        """The fix-up task that handled this task's failure, if one did."""
+        node = self._nodes[self._position[task_id]]
+        return (
+            self._order[node.fixer] if node.fixer is not None and self._is_handled(node) else None
+        )
 
     def upstream_outputs(self, task_id: str) -> dict[str, str]:
-        """Outputs of the task's finished dependencies, in dependency order."""
-        return {
-            dep: self._tasks[dep].output
-            for dep in self._tasks[task_id].spec.deps
-            if self._tasks[dep].status in (TaskStatus.COMPLETED, *_FAILURES)
-        }
+        """Outputs of the task's finished dependencies, in dependency order; a failure that its
+        fix-up handled brings the fix-up's output too."""
+        outputs: dict[str, str] = {}
+        for dep in self._tasks[task_id].spec.deps:
+            record = self._tasks[dep]
+            if record.status in (TaskStatus.COMPLETED, *_FAILURES):
+                outputs[dep] = record.output
+                fixer = self.handled_by(dep)
+                if fixer is not None and fixer != task_id:
+                    outputs[fixer] = self._tasks[fixer].output
+        return outputs
+
+    def placement(self, task_id: str) -> str | None:
+        """The node a dispatch of the task must go to (None: any node that runs its agent):
+        its rollback goes where it ran; a task continuing another's agent goes to the node that
+        holds that agent."""
+        record = self._tasks[task_id]
+        if record.rollback is not None:
+            return record.current.node if record.current else None
+        owner = record.spec.reuse_agent
+        if owner is not None:
+            attempt = self._tasks[owner].current
+            return attempt.node if attempt else None
+        return None
+
+    @property
+    def rollback_plan(self) -> list[str]:
+        """The tasks the run's rollback undoes, in order: once every task has ended, when an
+        ``all_success`` run failed or was cancelled, its completed tasks that have rollback
+        commands, newest completion first (empty otherwise)."""
+        if self._unfinished or self.spec.policy is not Policy.ALL_SUCCESS:
+            return []
+        if self._final_status() not in (RunStatus.FAILED, RunStatus.CANCELLED):
+            return []
+        undoable = [
+            n
+            for n in self._nodes
+            if n.record.status is TaskStatus.COMPLETED and n.record.spec.rollback
+        ]
+        undoable.sort(key=lambda n: (_finished_at(n.record), n.index), reverse=True)
+        return [n.record.spec.id for n in undoable]
 
     def next_wakeup(self, now: float) -> float | None:
         """The earliest time after ``now`` at which ``decide`` would act without any new event."""
@@ -491,7 +585,7 @@ class RunEngine:
                     return False
                 attempt.finished_at = event.at
                 attempt.outcome = Outcome.TIMEOUT
-                attempt.error = f"timed out after {record.spec.timeout_secs:g}s"
+                attempt.error = _timed_out(record.spec.timeout_secs)
                 self._conclude_failure(record, TaskStatus.TIMEOUT, event.at, attempt.error)
                 return True
             case TaskCancelled():
@@ -519,6 +613,15 @@ class RunEngine:
                 return True
             case TaskApproved():
                 return self._apply_approved(record, event)
+            case RollbackStarted():
+                if (
+                    record.status is not TaskStatus.COMPLETED
+                    or record.rollback is not None
+                    or not record.spec.rollback
+                ):
+                    return False
+                record.rollback = Attempt(number=event.attempt, dispatched_at=event.at)
+                return True
             case TaskCarried():
                 if record.status is not TaskStatus.PENDING or record.attempts:
                     return False
@@ -542,8 +645,9 @@ class RunEngine:
         old = record.status
         if old is status:
             return
-        record.status = status
         node = self._nodes[self._index(record)]
+        before = self._effective(node)
+        record.status = status
         if old in _ACTIVE:
             self._active -= 1
         if status in _ACTIVE:
@@ -562,19 +666,77 @@ class RunEngine:
                 self._winner is None or node.index < self._winner
             ):
                 self._winner = node.index
-        before, after = self._dep_class[old], self._dep_class[status]
-        if before != after:
-            terminal, succeeded, failed = (a - b for a, b in zip(after, before, strict=True))
-            for i in node.dependents:
-                dependent = self._nodes[i]
-                dependent.deps_terminal += terminal
-                dependent.deps_succeeded += succeeded
-                dependent.deps_failed += failed
-                if dependent.record.status is TaskStatus.PENDING and not dependent.candidate:
-                    dependent.candidate = True
-                    heapq.heappush(self._candidates, i)
+        raw_before, raw_after = self._dep_class[old], self._dep_class[status]
+        after = self._effective(node)
+        for i in node.dependents:
+            if i == node.fixer:
+                self._count(i, raw_before, raw_after)
+            else:
+                self._count(i, before, after)
+        if node.fixes is not None:  # a fix-up moved: the failure it is there for may be handled
+            fixed = self._nodes[node.fixes]
+            record.status = old
+            fixed_before, was_handled = self._effective(fixed), self._is_handled(fixed)
+            record.status = status
+            fixed_after = self._effective(fixed)
+            self._handled += self._is_handled(fixed) - was_handled
+            for i in fixed.dependents:
+                if i != node.index:
+                    self._count(i, fixed_before, fixed_after)
+        if node.fixer is not None:
+            self._handled += self._is_handled(node) - (
+                old in _FAILURE_SET
+                and self._nodes[node.fixer].record.status is TaskStatus.COMPLETED
+            )
+
+    def _is_handled(self, node: _Node) -> bool:
+        return (
+            node.fixer is not None
+            and node.record.status in _FAILURE_SET
+            and self._nodes[node.fixer].record.status is TaskStatus.COMPLETED
+        )
+
+    def _effective(self, node: _Node) -> _Class:
+        """The task's class as its dependents (but its fix-up) see it."""
+        status = node.record.status
+        if node.fixer is not None and status in _FAILURE_SET:
+            fixer = self._nodes[node.fixer].record.status
+            if fixer is TaskStatus.COMPLETED:
+                return _HANDLED
+            if fixer not in _TERMINAL:
+                return _AWAITING_FIX
+        return self._dep_class[status]
+
+    def _seen_by(self, dep: _Node, node: _Node) -> _Class:
+        """The dependency's class as ``node`` sees it."""
+        return (
+            self._dep_class[dep.record.status] if dep.fixer == node.index else self._effective(dep)
+        )
+
+    def _count(self, index: int, before: _Class, after: _Class) -> None:
+        if before == after:
+            return
+        terminal, succeeded, failed = (a - b for a, b in zip(after, before, strict=True))
+        dependent = self._nodes[index]
+        dependent.deps_terminal += terminal
+        dependent.deps_succeeded += succeeded
+        dependent.deps_failed += failed
+        self._wake(dependent)
+
+    def _wake(self, node: _Node) -> None:
+        if node.record.status is TaskStatus.PENDING and not node.candidate:
+            node.candidate = True
+            heapq.heappush(self._candidates, node.index)
 
     def _apply_started(self, record: TaskRecord, event: TaskStarted) -> bool:
+        rollback = _open_rollback(record, event.attempt)
+        if rollback is not None:
+            if rollback.started_at is not None:
+                return False
+            rollback.started_at = event.at
+            rollback.session_id = event.session_id
+            rollback.node = event.node
+            return True
         attempt = record.current
         if record.status not in _ACTIVE or attempt is None or attempt.number != event.attempt:
             self.stale_results.append(event)
@@ -588,6 +750,13 @@ class RunEngine:
         return True
 
     def _apply_finished(self, record: TaskRecord, event: TaskFinished) -> bool:
+        rollback = _open_rollback(record, event.attempt)
+        if rollback is not None:
+            rollback.finished_at = event.at
+            rollback.outcome = event.outcome
+            rollback.exit_code = event.exit_code
+            rollback.error = event.error
+            return True
         attempt = record.current
         if record.status not in _ACTIVE or attempt is None or attempt.number != event.attempt:
             self.stale_results.append(event)
@@ -616,7 +785,12 @@ class RunEngine:
         attempts_made = sum(1 for a in record.attempts if a.outcome is not Outcome.LOST)
         lost = record.current is not None and record.current.outcome is Outcome.LOST
         record.reason = error
-        if (lost or attempts_made < record.spec.max_attempts) and not self._stopping:
+        if lost and not record.spec.idempotent and not self._stopping:
+            record.held = _held_reason(record, error)
+            record.reason = record.held
+            self._set(record, TaskStatus.PENDING)
+            self._wake(self._nodes[self._index(record)])
+        elif (lost or attempts_made < record.spec.max_attempts) and not self._stopping:
             backoff = self.spec.retry_backoff_secs * 2 ** (attempts_made - 1)
             record.not_before = at if lost else at + min(backoff, MAX_RETRY_BACKOFF_SECS)
             self._set(record, TaskStatus.READY)
@@ -624,6 +798,18 @@ class RunEngine:
             self._set(record, status)
 
     def _apply_approved(self, record: TaskRecord, event: TaskApproved) -> bool:
+        if record.held is not None and record.status in (
+            TaskStatus.PENDING,
+            TaskStatus.AWAITING_APPROVAL,
+        ):
+            # Anyone the coordinator trusts may let a lost attempt run again.
+            record.held = None
+            if record.status is TaskStatus.AWAITING_APPROVAL:
+                record.not_before = event.at
+                self._set(record, TaskStatus.READY)
+            else:
+                self._wake(self._nodes[self._index(record)])
+            return True
         if record.approved or record.status not in (
             TaskStatus.PENDING,
             TaskStatus.AWAITING_APPROVAL,
@@ -682,9 +868,24 @@ class RunEngine:
                     make(TaskCancelled(record.spec.id, now, attempt=number, reason=reason))
         else:
             self._decide_dispatch(now, make)
-        if not self._unfinished:
+        if not self._unfinished and not self._rolling_back(now, make):
             make(RunFinished(self._final_status(), now))
         return decisions
+
+    def _rolling_back(self, now: float, make: _Make) -> bool:
+        """Once every task has ended: undo the completed tasks of a failed or cancelled
+        ``all_success`` run, one at a time. True while that is under way."""
+        for task_id in self.rollback_plan:
+            record = self._tasks[task_id]
+            rollback = record.rollback
+            if rollback is None:
+                make(RollbackStarted(task_id, len(record.attempts) + 1, now))
+                return True
+            if rollback.outcome is None:
+                return True
+            if rollback.outcome is not Outcome.COMPLETED:
+                return False  # what is left may depend on what this one did not undo
+        return False
 
     def _decide_timeouts(self, now: float, make: _Make) -> None:
         expired: list[tuple[int, Attempt]] = []
@@ -713,10 +914,14 @@ class RunEngine:
             node = self._nodes[heapq.heappop(candidates)]
             node.candidate = False
             record = node.record
-            if record.status is TaskStatus.PENDING:
+            if record.status is TaskStatus.PENDING and record.held is not None:
+                make(ApprovalRequested(record.spec.id, now, reason=record.held))
+            elif record.status is TaskStatus.PENDING:
                 verdict = self._trigger_verdict(node)
                 if verdict is None:
                     continue
+                if verdict is True:
+                    verdict = self._start_verdict(node)
                 if isinstance(verdict, str):
                     make(TaskSkipped(record.spec.id, now, verdict))
                 elif record.spec.level.needs_approval and not record.approved:
@@ -768,6 +973,23 @@ class RunEngine:
                 continue
             make(TaskDispatched(record.spec.id, len(record.attempts) + 1, now))
 
+    def _start_verdict(self, node: _Node) -> bool | str:
+        """Once the trigger lets a task start: a fix-up whose task did not fail, and a task
+        whose condition is false, are skipped (the reason says why)."""
+        spec = node.record.spec
+        if node.fixes is not None:
+            fixed = self._nodes[node.fixes].record
+            if fixed.status not in _FAILURE_SET:
+                return f"{fixed.spec.id} {fixed.status}: nothing to fix"
+        if spec.condition is not None:
+            true, shown = spec.condition.evaluate(self._read)
+            if not true:
+                return f"condition is false: {spec.condition.source} ({shown})"
+        return True
+
+    def _read(self, ref: Ref) -> Value:
+        return condition_value(self._tasks[ref.task], ref.field)
+
     def _trigger_verdict(self, node: _Node) -> bool | str | None:
         """True: may run. A string: skip, for that reason. None: wait for more dependencies."""
         if not node.deps:
@@ -776,7 +998,7 @@ class RunEngine:
         match node.record.spec.trigger:
             case Trigger.ALL_SUCCESS:
                 if node.deps_terminal > node.deps_succeeded:
-                    dep = self._first_dep(node, self._not_ok)
+                    dep = self._first_dep(node, lambda c: bool(c[0] and not c[1]))
                     return f"upstream {dep.spec.id} {dep.status}"
                 return True if all_done else None
             case Trigger.ALL_DONE:
@@ -791,17 +1013,15 @@ class RunEngine:
                 return "no upstream task succeeded" if all_done else None
             case Trigger.NONE_FAILED:
                 if node.deps_failed:
-                    dep = self._first_dep(node, _FAILURE_SET.__contains__)
+                    dep = self._first_dep(node, lambda c: bool(c[2]))
                     return f"upstream {dep.spec.id} {dep.status}"
                 return True if all_done else None
 
-    def _not_ok(self, status: TaskStatus) -> bool:
-        """Finished without counting as a success."""
-        terminal, succeeded, _ = self._dep_class[status]
-        return bool(terminal and not succeeded)
-
-    def _first_dep(self, node: _Node, matches: Callable[[TaskStatus], bool]) -> TaskRecord:
-        return next(record for i in node.deps if matches((record := self._nodes[i].record).status))
+    def _first_dep(self, node: _Node, matches: Callable[[_Class], bool]) -> TaskRecord:
+        """The first dependency whose class, as the task sees it, matches."""
+        return next(
+            self._nodes[i].record for i in node.deps if matches(self._seen_by(self._nodes[i], node))
+        )
 
     def _final_status(self) -> RunStatus:
         if self._cancel_requested is not None:
@@ -814,7 +1034,7 @@ class RunEngine:
             case Policy.ALLOW_DEBT:
                 return RunStatus.COMPLETED
             case Policy.ALL_SUCCESS:
-                return RunStatus.FAILED if self._failures else RunStatus.COMPLETED
+                return RunStatus.FAILED if self._failures > self._handled else RunStatus.COMPLETED
 
 
 _Entry = TypeVar("_Entry", bound=tuple[Any, ...])
@@ -835,3 +1055,50 @@ def _earliest_after(heap: list[_Entry], now: float, due: Callable[[_Entry], bool
 
 
 _FAILURES = (TaskStatus.FAILED, TaskStatus.TIMEOUT)
+_FAILED_OUTCOMES = frozenset({Outcome.FAILED, Outcome.TIMEOUT, Outcome.KILLED})
+
+
+def condition_value(record: TaskRecord, field: Field) -> Value:
+    """What ``task.field`` reads in a condition (``dag/condition.py``)."""
+    match field:
+        case Field.STATUS:
+            return status_for_condition(str(record.status))
+        case Field.EXIT_CODE:
+            code = record.exit_code
+            return None if code is None else float(code)
+        case Field.ATTEMPTS:
+            return float(len(record.attempts))
+        case Field.FAIL_COUNT:
+            return float(sum(1 for a in record.attempts if a.outcome in _FAILED_OUTCOMES))
+        case Field.OUTPUT:
+            return record.output.strip()
+
+
+def _held_reason(record: TaskRecord, error: str | None) -> str:
+    attempt = record.current.number if record.current else 0
+    why = f" ({error})" if error else ""
+    return (
+        f"attempt {attempt} was lost{why}; task {record.spec.id} is not idempotent and may have "
+        "half-happened: approve it to run again"
+    )
+
+
+def _open_rollback(record: TaskRecord, attempt: int) -> Attempt | None:
+    """The task's rollback, when ``attempt`` is its number and it has not ended."""
+    rollback = record.rollback
+    if rollback is None or rollback.number != attempt or rollback.outcome is not None:
+        return None
+    return rollback
+
+
+def _finished_at(record: TaskRecord) -> float:
+    """When the task completed (a task carried over from an earlier run: before them all)."""
+    attempt = record.current
+    if attempt is None or attempt.finished_at is None:
+        return -math.inf
+    return attempt.finished_at
+
+
+def _timed_out(timeout: float | None) -> str:
+    # A log may hold a timeout for a task that has none (from a coordinator with another spec).
+    return "timed out" if timeout is None else f"timed out after {timeout:g}s"

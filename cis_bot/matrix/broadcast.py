@@ -22,18 +22,21 @@ import attrs
 import structlog
 from mautrix.errors import MatrixRequestError
 
+from cis_bot.dag.document import task_to_document
 from cis_bot.dag.engine import (
+    RollbackStarted,
     RunEngine,
     RunEvent,
     RunFinished,
     TaskDispatched,
     TaskStatus,
 )
-from cis_bot.dag.spec import task_to_document
+from cis_bot.dag.spec import TaskSpec
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.node import Upload, outgoing
 from cis_bot.matrix.outbox import Outbox, Outgoing
 from cis_bot.matrix.runlog import decision_content, ms
+from cis_bot.run.attempt import rollback_task
 from cis_bot.session.events import (
     SessionBlocked,
     SessionCompleted,
@@ -253,30 +256,35 @@ class RunRecorder:
 
     def on_run_event(self, event: RunEvent, engine: RunEngine) -> None:
         rid = self.run_id
-        if self.record_local_dispatch:
-            match event:
-                case TaskDispatched(task_id=tid, attempt=attempt, at=at):
-                    task = engine.spec.task(tid)
-                    self._post(
-                        ev.TaskAssignedContent(
-                            run_id=rid,
-                            task_id=tid,
-                            attempt=attempt,
-                            assigned_to=self.node_id,
-                            assigned_user=self.user_id,
-                            assigned_by=self.user_id,
-                            agent=task.agent,
-                            lease_ms=self.lease_ms,
-                            upstream_tasks=task.deps,
-                            task=json.dumps(task_to_document(task)),
-                            timestamp=ms(at),
-                            local=True,
-                        )
-                    )
         payload = decision_content(rid, event, engine)
         if payload is not None:
             self._post(payload)
+        if self.record_local_dispatch:
+            match event:
+                case TaskDispatched(task_id=tid, attempt=attempt, at=at):
+                    self._assigned(engine.spec.task(tid), attempt, at)
+                case RollbackStarted(task_id=tid, attempt=attempt, at=at):
+                    self._assigned(rollback_task(engine.spec.task(tid)), attempt, at)
         self.notice.update(engine, final=isinstance(event, RunFinished))
+
+    def _assigned(self, task: TaskSpec, attempt: int, at: float) -> None:
+        """Local execution: this node assigning an attempt to itself."""
+        self._post(
+            ev.TaskAssignedContent(
+                run_id=self.run_id,
+                task_id=task.id,
+                attempt=attempt,
+                assigned_to=self.node_id,
+                assigned_user=self.user_id,
+                assigned_by=self.user_id,
+                agent=task.agent,
+                lease_ms=self.lease_ms,
+                upstream_tasks=task.deps,
+                task=json.dumps(task_to_document(task)),
+                timestamp=ms(at),
+                local=True,
+            )
+        )
 
     def on_session_event(self, event: SessionEvent, task_id: str, attempt: int) -> None:
         if self.record_local_dispatch and isinstance(event, SessionCreated):

@@ -30,8 +30,9 @@ import attrs
 import structlog
 
 from cis_bot.config import Assignment
+from cis_bot.dag.document import task_to_document
 from cis_bot.dag.engine import Outcome, TaskDispatched, TaskFinished
-from cis_bot.dag.spec import TaskSpec, task_to_document
+from cis_bot.dag.spec import TaskSpec
 from cis_bot.ids import SessionId
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.beacon import wait_event
@@ -197,6 +198,18 @@ class RoomExecutor:
 
     # --- assignment ------------------------------------------------------------------------------
 
+    def _requirement(self, task: TaskSpec) -> str:
+        """What a worker needs to take the task, for the error when none can."""
+        node = self.driver.engine.placement(task.id)
+        if node is None:
+            return f"runs agent {task.agent!r}"
+        why = (
+            f"holds the agent of task {task.reuse_agent}"
+            if task.reuse_agent and not self.driver.engine.tasks[task.id].rollback
+            else "ran the task it undoes"
+        )
+        return f"is node {node!r}, which {why}, and runs agent {task.agent!r}"
+
     def _place(self, attempt: _Attempt) -> WorkerInfo | str | None:
         """The worker to take the attempt; why no worker can (a string); None when some can
         but none has room for it now."""
@@ -210,6 +223,12 @@ class RoomExecutor:
                 return f"none of the run's workers ({names}) is live in the room"
         if not live:
             return "no live worker in the room"
+        # A rollback goes where its task ran; a continued agent is where it was kept.
+        pinned = self.driver.engine.placement(task.id)
+        if pinned is not None:
+            live = [w for w in live if w.node_id == pinned]
+            if not live:
+                return f"no live worker in the room {self._requirement(task)}"
         placement = task.placement
         if placement.constrained:
             fit, misfits = [], []

@@ -662,6 +662,27 @@ class WorkerCooldownContent(RunContent):
 
 
 @attrs.frozen(kw_only=True)
+class TaskRollbackContent(RunContent):
+    """The run is rolled back: this completed task's rollback commands run as ``attempt`` (its
+    assignment, claim and session.completed follow, like any attempt's)."""
+
+    TYPE = "cis.dag.task.rollback"
+
+    task_id: str
+    attempt: int
+    commands: tuple[str, ...] = ()
+
+    @classmethod
+    def from_table(cls, t: Table) -> TaskRollbackContent:
+        return cls(
+            **cls.fields_of(t),
+            task_id=_required_string(t, "task_id"),
+            attempt=_required_int(t, "attempt", minimum=1),
+            commands=t.string_list("commands") or (),
+        )
+
+
+@attrs.frozen(kw_only=True)
 class TaskCarriedContent(RunContent):
     """A resumed run keeps this task's result from an earlier run."""
 
@@ -689,6 +710,8 @@ class TaskApprovalRequestedContent(RunContent):
     stakeholders: tuple[str, ...] = ()
     #: When a ``recommended`` task applies its default action (ms).
     deadline: int | None = None
+    #: Why a task its level does not hold back waits (its lost attempt may have half-happened).
+    reason: str | None = None
 
     @classmethod
     def from_table(cls, t: Table) -> TaskApprovalRequestedContent:
@@ -697,6 +720,7 @@ class TaskApprovalRequestedContent(RunContent):
             task_id=_required_string(t, "task_id"),
             stakeholders=t.string_list("stakeholders") or (),
             deadline=t.opt_integer("deadline", minimum=0),
+            reason=t.opt_string("reason"),
         )
 
 
@@ -894,6 +918,7 @@ CATALOGUE: Mapping[str, type[EventContent]] = {
         TaskTimedOutContent,
         TaskAbortedContent,
         TaskLostContent,
+        TaskRollbackContent,
         TaskCarriedContent,
         WorkerCooldownContent,
         TaskApprovalRequestedContent,

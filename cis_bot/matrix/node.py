@@ -48,6 +48,7 @@ from cis_bot.ids import SessionId, task_key
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.batch import BATCH_TYPE, BATCHING, MayPost, batchable, unpack
 from cis_bot.matrix.identity import NodeIdentity
+from cis_bot.matrix.levels import RUN_LOG_POWER_LEVEL, run_room_event_levels
 from cis_bot.matrix.outbox import Outbox, Outgoing
 from cis_bot.matrix.powers import RoomPowers
 
@@ -60,27 +61,6 @@ log = structlog.get_logger(__name__)
 Listener = Callable[[str, Mapping[str, Any]], Awaitable[None]]
 #: A media upload: (data, mime type, file name) -> mxc URI.
 Upload = Callable[[bytes, str, str], Awaitable[str]]
-
-#: In rooms a node creates, the power level needed to post the run log's events (every
-#: ``cis.dag.*`` type but the control requests): a level a member at 0 does not have.
-RUN_LOG_POWER_LEVEL = 50
-
-
-def run_room_event_levels() -> dict[str, int]:
-    """Power levels of our event types in the rooms a node creates.
-
-    The run log is for the node alone (``RUN_LOG_POWER_LEVEL``). Heartbeats stay at 0: workers
-    need not be moderators to announce themselves, and the auth rules let a user set only its
-    own ``@user`` state key. Control requests and replies stay at 0 too: whoever may give a node
-    orders (an allowed user, who may have no power in the room) must be able to ask, and the
-    node checks the sender of each (``Node.authorised``).
-    """
-    levels = {}
-    for event_type, cls in ev.CATALOGUE.items():
-        control = issubclass(cls, ev.ControlRequestContent | ev.ControlReplyContent)
-        open_to_members = control or cls is ev.NodeHeartbeatContent
-        levels[event_type] = 0 if open_to_members else RUN_LOG_POWER_LEVEL
-    return levels
 
 
 class PortInUse(UserError):

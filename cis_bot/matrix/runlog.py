@@ -29,6 +29,7 @@ import structlog
 from cis_bot.dag.engine import (
     ApprovalRequested,
     Outcome,
+    RollbackStarted,
     RunCancelled,
     RunEngine,
     RunEvent,
@@ -44,7 +45,8 @@ from cis_bot.dag.engine import (
     TaskStarted,
     TaskTimedOut,
 )
-from cis_bot.dag.spec import DagSpec, parse_dag
+from cis_bot.dag.load import parse_dag
+from cis_bot.dag.spec import DagSpec
 from cis_bot.errors import InputError
 from cis_bot.ids import SessionId
 from cis_bot.matrix import events as ev
@@ -88,7 +90,15 @@ def decision_content(run_id: str, decision: RunEvent, engine: RunEngine) -> ev.E
                 task_id=tid,
                 stakeholders=who,
                 deadline=None if deadline is None else ms(deadline),
+                reason=ev.clip(decision.reason, ev.REASON_CHARS),
                 timestamp=ms(at),
+            )
+        case RollbackStarted(task_id=tid, attempt=attempt, at=at):
+            commands = tuple(
+                ev.clip(c, ev.REASON_CHARS) or "" for c in engine.spec.task(tid).rollback
+            )
+            return ev.TaskRollbackContent(
+                run_id=run_id, task_id=tid, attempt=attempt, commands=commands, timestamp=ms(at)
             )
         case TaskApproved(task_id=tid, by=by, at=at):
             return ev.TaskApprovedContent(run_id=run_id, task_id=tid, by=by, timestamp=ms(at))
@@ -309,9 +319,13 @@ class RunLog:
                 self.events.append(TaskSkipped(tid, at, reason or ""))
             case ev.TaskAbortedContent(task_id=tid, reason=reason):
                 self.events.append(TaskAborted(tid, at, reason or ""))
-            case ev.TaskApprovalRequestedContent(task_id=tid, stakeholders=who, deadline=deadline):
+            case ev.TaskApprovalRequestedContent(
+                task_id=tid, stakeholders=who, deadline=deadline, reason=reason
+            ):
                 limit = None if deadline is None else seconds(deadline)
-                self.events.append(ApprovalRequested(tid, at, who, limit))
+                self.events.append(ApprovalRequested(tid, at, who, limit, reason))
+            case ev.TaskRollbackContent(task_id=tid, attempt=attempt):
+                self.events.append(RollbackStarted(tid, attempt, at))
             case ev.TaskApprovedContent(task_id=tid, by=by):
                 self.events.append(TaskApproved(tid, at, by))
             case ev.RunCancelledContent(by=by):

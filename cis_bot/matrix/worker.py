@@ -32,8 +32,9 @@ import attrs
 import structlog
 from mautrix.errors import MatrixRequestError
 
+from cis_bot.dag.document import parse_task_document
 from cis_bot.dag.placement import NodeFacts
-from cis_bot.dag.spec import TaskSpec, parse_task_document
+from cis_bot.dag.spec import TaskSpec
 from cis_bot.errors import InputError
 from cis_bot.ids import SessionId
 from cis_bot.matrix import events as ev
@@ -42,6 +43,7 @@ from cis_bot.matrix.broadcast import SessionReporter
 from cis_bot.matrix.node import Node, outgoing
 from cis_bot.matrix.outbox import Outbox, Outgoing
 from cis_bot.matrix.runlog import RoomEvent, parse_room_event
+from cis_bot.run.agents import AgentKeeper
 from cis_bot.run.attempt import RunPaths, attempt_session
 from cis_bot.session.events import SessionCompleted, SessionState
 from cis_bot.session.manager import SessionManager
@@ -122,6 +124,10 @@ class Worker:
         self._fence_wake = asyncio.Event()
         #: run id -> (epoch, coordinator user) of the latest takeover of that run.
         self._takeovers: dict[str, tuple[int, str]] = {}
+        #: Agents kept for later tasks of the runs this node works for, and who coordinates
+        #: each of those runs (whose cis.dag.run.completed ends them).
+        self.keeper = AgentKeeper(manager)
+        self._coordinators: dict[str, str] = {}
         #: Rooms whose refusal of our heartbeats was logged.
         self._beat_refused: set[str] = set()
         self._subscription = manager.subscribe()
@@ -221,6 +227,15 @@ class Worker:
             await self._on_stop(event, payload)
         elif isinstance(payload, ev.RunTakeoverContent):
             await self._on_takeover(room_id, event, payload)
+        elif (
+            isinstance(payload, ev.RunCompletedContent)
+            and payload.run_id in self._coordinators
+            and self._directs(
+                payload.run_id, event.sender, payload.epoch, self._coordinators[payload.run_id]
+            )
+        ):
+            del self._coordinators[payload.run_id]
+            self._spawn(self.keeper.release_run(payload.run_id))
 
     async def _on_takeover(
         self, room_id: str, event: RoomEvent, payload: ev.RunTakeoverContent
@@ -300,6 +315,9 @@ class Worker:
             upstream=upstream,
             work_dir=self.work_dir,
         )
+        spec = self.keeper.prepare(spec, task, a.run_id, a.attempt)
+        if task.keep_agent:
+            self._coordinators[a.run_id] = event.sender
         log.info("assignment.claimed", session_id=sid, agent=task.agent)
         await self.manager.start(spec)
 
@@ -379,6 +397,7 @@ class Worker:
             reporter = self._reporter(running.room_id)
             reporter.report(event, running.run_id, running.task_id, running.attempt)
             if isinstance(event, SessionCompleted):
+                self.keeper.completed(event)
                 del self._running[event.session_id]
 
     # --- heartbeats ------------------------------------------------------------------------------

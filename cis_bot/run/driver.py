@@ -16,6 +16,7 @@ from typing import Protocol
 
 from cis_bot.dag.engine import (
     Fact,
+    RollbackStarted,
     RunEngine,
     RunEvent,
     TaskCancelled,
@@ -23,6 +24,7 @@ from cis_bot.dag.engine import (
     TaskTimedOut,
 )
 from cis_bot.dag.spec import TaskSpec
+from cis_bot.run.attempt import rendered, rollback_task
 from cis_bot.session.events import SessionEvent
 
 
@@ -52,8 +54,10 @@ class RunDriver:
         *,
         observers: Sequence[RunObserver] = (),
         clock: Callable[[], float] = time.time,
+        run_id: str = "",
     ) -> None:
         self.engine = engine
+        self.run_id = run_id
         self.observers = list(observers)
         self.clock = clock
         self.executor: Executor | None = None
@@ -89,9 +93,14 @@ class RunDriver:
 
     async def _act(self, executor: Executor, decision: RunEvent) -> None:
         match decision:
-            case TaskDispatched(task_id=tid):
+            case TaskDispatched(task_id=tid, attempt=attempt):
                 task = self.engine.spec.task(tid)
+                task = rendered(task, self.engine, run_id=self.run_id, attempt=attempt)
                 await executor.start(decision, task, self.engine.upstream_outputs(tid))
+            case RollbackStarted(task_id=tid, attempt=attempt, at=at):
+                # The rollback is one more attempt of the task, of its commands in the shell.
+                task = rollback_task(self.engine.spec.task(tid))
+                await executor.start(TaskDispatched(tid, attempt, at), task, {})
             case TaskTimedOut(task_id=tid, attempt=attempt):
                 timeout = self.engine.spec.task(tid).timeout_secs
                 await executor.stop(

@@ -9,6 +9,7 @@ from pathlib import Path
 from cis_bot.dag.engine import Outcome, TaskDispatched, TaskFinished, TaskStarted
 from cis_bot.dag.spec import TaskSpec
 from cis_bot.ids import SessionId
+from cis_bot.run.agents import AgentKeeper
 from cis_bot.run.attempt import RunPaths, attempt_session
 from cis_bot.run.driver import RunDriver
 from cis_bot.session.events import SessionCompleted, SessionCreated, SessionState
@@ -49,6 +50,8 @@ class LocalExecutor:
         self._kills: set[asyncio.Task[SessionCompleted]] = set()
         self._all_ended = asyncio.Event()
         self._all_ended.set()
+        #: Agents kept for later tasks of the run (keep_agent / reuse_agent).
+        self.keeper = AgentKeeper(manager)
         self._subscription = manager.subscribe()
         self._listener = asyncio.create_task(self._listen())
 
@@ -65,6 +68,7 @@ class LocalExecutor:
             upstream=upstream,
             work_dir=self.work_dir,
         )
+        spec = self.keeper.prepare(spec, task, self.run_id, dispatch.attempt)
         self._attempts[spec.session_id] = (task.id, dispatch.attempt)
         self._live.add(spec.session_id)
         self._all_ended.clear()
@@ -81,6 +85,7 @@ class LocalExecutor:
 
     async def drain(self) -> None:
         await self._all_ended.wait()
+        await self.keeper.release_run(self.run_id)
         self._subscription.close()
         self._listener.cancel()
 
@@ -96,6 +101,8 @@ class LocalExecutor:
             if isinstance(event, SessionCreated):
                 self.driver.submit(TaskStarted(task_id, attempt, now, session_id=event.session_id))
             elif isinstance(event, SessionCompleted):
+                # Before the driver hears of it: a task it then starts may continue this agent.
+                self.keeper.completed(event)
                 self.driver.submit(
                     TaskFinished(
                         task_id,

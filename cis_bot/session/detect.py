@@ -119,6 +119,23 @@ def find_prompt(patterns: Sequence[re.Pattern[str]], lines: Sequence[str]) -> st
     return None
 
 
+def find_idle(patterns: Sequence[re.Pattern[str]], lines: Sequence[str]) -> tuple[str, str] | None:
+    """Like :func:`find_prompt`, with the text above the match: (quote, what is above it). A
+    screen whose turn-over line has the same text above it as before is still the old turn."""
+    for i in range(len(lines) - 1, -1, -1):
+        for pattern in patterns:
+            found = pattern.search(lines[i])
+            if found:
+                return _quoted(found, lines[i]), "\n".join(lines[:i])
+    text = "\n".join(lines)
+    for pattern in patterns:
+        matches = list(pattern.finditer(text))
+        if matches:
+            last = matches[-1]
+            return _quoted(last, last.group(0)), text[: last.start()]
+    return None
+
+
 def _quoted(found: re.Match[str], default: str) -> str:
     if "quote" in found.re.groupindex and found.group("quote") is not None:
         return found.group("quote")

@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import shutil
 import termios
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from cis_bot.session.profile import AgentProfile, PromptVia
 from cis_bot.session.profiles import (
+    CONVERSATION_TOKEN,
     PROMPT_TOKEN,
     SESSION_UUID_TOKEN,
     escaped_prompt,
@@ -19,15 +20,29 @@ from cis_bot.session.profiles import (
 )
 
 
-def build_argv(profile: AgentProfile, prompt: str, session_id: str = "") -> list[str]:
+def build_argv(
+    profile: AgentProfile,
+    prompt: str,
+    session_id: str = "",
+    *,
+    options: Sequence[str] = (),
+    conversation: str | None = None,
+) -> list[str]:
     """The profile's argv with ``{prompt}`` tokens replaced by the prompt (argument mode only)
-    and ``{session_uuid}`` by the session's UUID.
+    and ``{session_uuid}`` by the session's UUID; ``options`` (agent_config's arguments, a kept
+    conversation's ``keep_args`` / ``resume_args``) go before a ``--`` that ends the options, or
+    at the end; ``{conversation}`` in them is the UUID of ``conversation`` (a session id).
 
     Plain token replacement, never ``str.format``: braces in a prompt are just text.
     """
     if not profile.argv:
         raise ValueError(f"agent profile {profile.name!r} has an empty argv")
     argv = list(profile.argv)
+    if options:
+        uuid = session_uuid(conversation or session_id)
+        extra = [arg.replace(CONVERSATION_TOKEN, uuid) for arg in options]
+        at = argv.index("--") if "--" in argv else len(argv)
+        argv[at:at] = extra
     if any(SESSION_UUID_TOKEN in arg for arg in argv):
         uuid = session_uuid(session_id)
         argv = [arg.replace(SESSION_UUID_TOKEN, uuid) for arg in argv]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import re
 from typing import TYPE_CHECKING, Self
 
 import attrs
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+#: ``${NAME}`` in a task's environment values.
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 #: Variables describing the parent's terminal that would contradict the agent's PTY.
 _TERMINAL_VARS = ("COLUMNS", "LINES", "TERMCAP")
 _DEFAULT_TERM = "xterm-256color"
@@ -44,8 +47,21 @@ class SessionSpec:
     prompt: str
     work_dir: Path
     transcript_path: Path
-    #: Extra variables, merged over os.environ and the profile's env.
+    #: Extra variables, merged over os.environ and the profile's env (``${NAME}`` in a value is
+    #: the variable as set so far, so ``PATH = "${CUDA_HOME}/bin:${PATH}"`` works).
     env: Mapping[str, str] = attrs.field(factory=dict)
+    #: Arguments before the profile's ``--`` (agent_config; a kept conversation's keep/resume).
+    options: tuple[str, ...] = ()
+    #: The session whose UUID names the agent's conversation (default: this one).
+    conversation: str | None = None
+    #: Keep the agent when its turn is over (a later session continues it through the PTY).
+    keep: bool = False
+    #: The parked agent this session continues (its turn typed into that agent's PTY).
+    continues: AgentSession | None = None
+    #: Do not start: the session fails at once, with this error.
+    refuse: str | None = None
+    #: Said as the session starts running (why it is what it is).
+    notice: str | None = None
 
 
 def agent_environment(profile: AgentProfile, extra: Mapping[str, str]) -> dict[str, str]:
@@ -54,7 +70,8 @@ def agent_environment(profile: AgentProfile, extra: Mapping[str, str]) -> dict[s
     for name in _TERMINAL_VARS:
         env.pop(name, None)
     env.update(profile.env)
-    env.update(extra)
+    for name, value in extra.items():
+        env[name] = _REFERENCE.sub(lambda m: env.get(m.group(1), ""), value)
     if not env.get("TERM") or env["TERM"] == "dumb":
         env["TERM"] = _DEFAULT_TERM
     return env
@@ -184,6 +201,12 @@ class SessionManager:
             env=agent_environment(spec.profile, spec.env),
             settings=self.settings,
             publish=self._publish,
+            options=spec.options,
+            conversation=spec.conversation,
+            keep=spec.keep,
+            continues=spec.continues,
+            refuse=spec.refuse,
+            notice=spec.notice,
         )
         self._sessions[spec.session_id] = session
         session.start()
@@ -237,20 +260,22 @@ class SessionManager:
         while len(self._finished) > self.keep_finished:
             old = self._finished.popleft()
             session = self._sessions.get(old)
-            if session is not None and session.state.is_terminal:
+            if session is not None and session.state.is_terminal and not session.parked:
                 del self._sessions[old]
 
     async def close(self, *, grace_secs: float | None = None) -> None:
         """Kill every session still running, wait for them, and end all subscriptions."""
         self._closed = True
         running = [s for s in self._sessions.values() if not s.state.is_terminal]
-        if running:
-            log.info("session_manager.closing", running=len(running))
+        parked = [s for s in self._sessions.values() if s.parked]
+        if running or parked:
+            log.info("session_manager.closing", running=len(running), kept=len(parked))
             await asyncio.gather(
                 *(
                     s.kill(SessionState.KILLED, "session manager closed", grace_secs=grace_secs)
                     for s in running
-                )
+                ),
+                *(s.release("session manager closed", grace_secs=grace_secs) for s in parked),
             )
         for subscription in list(self._subscriptions):
             subscription.close()

@@ -90,6 +90,8 @@ class ExtractorInput:
     raw_tail: bytes
     complete: bool
     transcript_path: Path
+    #: The session whose UUID names the agent's conversation (``--session-id``): this session,
+    #: or the first session of a conversation that later sessions continue.
     session_id: str = ""
     #: The agent's environment (where an agent keeps its own records: HOME, ...).
     env: Mapping[str, str] = attrs.field(factory=dict)

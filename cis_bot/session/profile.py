@@ -8,6 +8,19 @@ from enum import StrEnum
 import attrs
 
 
+class ContinueVia(StrEnum):
+    """How a later session continues a kept agent's conversation (``keep_agent`` /
+    ``reuse_agent``)."""
+
+    #: It cannot: the profile's CLI has no way back into a conversation.
+    NONE = "none"
+    #: A new process of the CLI, given ``resume_args`` (the conversation stays on disk).
+    RESUME = "resume"
+    #: The kept process itself: its turn over, it waits at its prompt for the next one, which is
+    #: typed into the PTY.
+    PTY = "pty"
+
+
 class PromptVia(StrEnum):
     #: Substituted for ``{prompt}`` in the argv template.
     ARGUMENT = "argument"
@@ -45,6 +58,13 @@ class AgentProfile:
     #: it as text: Claude Code runs a leading "/" as a slash command ("/tmp/x is broken" would
     #: be an unknown command).
     prompt_escapes: tuple[str, ...] = ()
+    #: What to type for a newline of a prompt typed into the agent (``prompt_via = "pty"``, a
+    #: continued kept agent); empty: the prompt goes in as one bracketed paste when the agent
+    #: asks for those (Claude Code marks pasted text as such, so its profile types
+    #: backslash-Enter, its line continuation, instead).
+    typed_newline: str = ""
+    #: With ``typed_newline``: the prompt is typed this many bytes at a time (0: at once).
+    typed_chunk_bytes: int = 0
     #: ``prompt_via = "pty"``: a regex on those lines saying the agent is ready for the prompt.
     #: Without it, ready means the terminal is being read, or output has started and settled.
     ready_pattern: str | None = None
@@ -58,3 +78,18 @@ class AgentProfile:
     upstream_in_prompt: bool = True
     #: Name of the extractor that turns the transcript into the task's output.
     output: str = "text"
+    #: The agent CLI it runs, as CIS's ``agent_config.provider_type`` names it ("claude",
+    #: "kimi", "aider", "opencode", "codex"; "" for the shell and custom profiles).
+    provider: str = ""
+    #: How a later task continues this agent (see ContinueVia).
+    continue_via: ContinueVia = ContinueVia.NONE
+    #: Arguments that name a new conversation to keep (``{conversation}``: its UUID).
+    keep_args: tuple[str, ...] = ()
+    #: Arguments that resume the conversation ``{conversation}`` (``continue_via = "resume"``).
+    resume_args: tuple[str, ...] = ()
+    #: ``agent_config`` keys the CLI takes as arguments, as an argument template each
+    #: (``model = "--model {value}"``, split on spaces, ``{value}`` replaced).
+    config_args: Mapping[str, str] = attrs.field(factory=dict)
+    #: ``agent_config`` keys the CLI takes from an environment variable (``max_tokens =
+    #: "CLAUDE_CODE_MAX_OUTPUT_TOKENS"``).
+    config_env: Mapping[str, str] = attrs.field(factory=dict)

@@ -10,7 +10,7 @@ import uuid
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from cis_bot.session.profile import AgentProfile, PromptVia
+from cis_bot.session.profile import AgentProfile, ContinueVia, PromptVia
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 PROMPT_TOKEN = "{prompt}"
 #: Replaced by :func:`session_uuid` of the session id.
 SESSION_UUID_TOKEN = "{session_uuid}"
+#: In ``keep_args`` / ``resume_args``: the UUID of the kept conversation.
+CONVERSATION_TOKEN = "{conversation}"
+#: In ``config_args``: the agent_config value.
+VALUE_TOKEN = "{value}"
 
 _SESSION_NAMESPACE = uuid.UUID("5d0b7c1e-2f4a-4c55-9b0e-6a1c3f8e9d21")
 
@@ -67,6 +71,10 @@ _CLAUDE_ENV = {
     "DISABLE_TELEMETRY": "1",
     "DISABLE_AUTOUPDATER": "1",
 }
+# agent_config: `--model` names the model of every request; CLAUDE_CODE_MAX_OUTPUT_TOKENS caps
+# max_tokens (both seen in the requests the fake API gets). Claude Code has no temperature.
+_CLAUDE_CONFIG_ARGS = {"model": "--model {value}"}
+_CLAUDE_CONFIG_ENV = {"max_tokens": "CLAUDE_CODE_MAX_OUTPUT_TOKENS"}
 
 # Print mode (`claude -p`): one turn, stream-json events on stdout, exits 0 (1 on an API error).
 # The task's output is the final `result` event's text; its `is_error` (`subtype` says "success"
@@ -83,6 +91,15 @@ _CLAUDE = AgentProfile(
     screen=False,
     prompt_escapes=("/",),
     output="claude-stream-json",
+    provider="claude",
+    # A kept conversation is named with --session-id and continued by a new `claude -p
+    # --resume <uuid>`, which appends to the same record (tests/test_claude_agents.py; measured
+    # against the PTY's typed prompt by bench/agent_turns.py).
+    continue_via=ContinueVia.RESUME,
+    keep_args=("--session-id", CONVERSATION_TOKEN),
+    resume_args=("--resume", CONVERSATION_TOKEN),
+    config_args=_CLAUDE_CONFIG_ARGS,
+    config_env=_CLAUDE_CONFIG_ENV,
 )
 
 # What Claude Code's TUI shows at the bottom of its screen (pyte, 120x40), matched on the last 24
@@ -156,6 +173,16 @@ _CLAUDE_INTERACTIVE = AgentProfile(
     screen=True,
     prompt_escapes=("/",),
     output="claude-interactive",
+    provider="claude",
+    # A kept TUI stays at its prompt when its turn is over; the next task's prompt is typed in,
+    # a newline as backslash-Enter, 16 bytes at a time: input that comes as a paste (bracketed,
+    # or a burst) reaches the model wrapped as <pasted_content>, and so does typed input over
+    # about 3 KB (measured on 2.1.332).
+    continue_via=ContinueVia.PTY,
+    typed_newline="\\\r",
+    typed_chunk_bytes=16,
+    config_args=_CLAUDE_CONFIG_ARGS,
+    config_env=_CLAUDE_CONFIG_ENV,
 )
 
 # aider scripting mode (aider.chat/docs/scripting.html): `--message` sends one instruction, applies
@@ -181,6 +208,8 @@ _AIDER = AgentProfile(
     blocked_patterns=_YES_NO_PATTERNS,
     detect_tty_read=True,
     screen=False,
+    provider="aider",
+    config_args={"model": "--model {value}"},
 )
 
 # Codex non-interactive mode (`codex exec`, OpenAI's docs): progress on stderr, the final agent
@@ -205,6 +234,8 @@ _CODEX = AgentProfile(
     blocked_patterns=_YES_NO_PATTERNS,
     detect_tty_read=True,
     screen=False,
+    provider="codex",
+    config_args={"model": "--model {value}"},
 )
 
 # opencode (opencode.ai/docs/cli): `opencode run MESSAGE` sends one message, prints the reply
@@ -217,8 +248,29 @@ _OPENCODE = AgentProfile(
     blocked_patterns=_YES_NO_PATTERNS,
     detect_tty_read=True,
     screen=False,
+    provider="opencode",
+    config_args={"model": "--model {value}"},
+)
+
+# Kimi Code CLI (MoonshotAI/kimi-cli, `pip install kimi-cli`; CIS's `agent_runtime = "kimi"`),
+# print mode per its docs: `--print` runs one instruction without the TUI and exits, approving
+# every tool call; `--final-message-only` prints only the final answer; `-p` takes the prompt;
+# `--session ID` resumes that conversation, or starts one under that ID. Not installed here:
+# unverified.
+_KIMI = AgentProfile(
+    name="kimi",
+    argv=("kimi", "--print", "--final-message-only", "-p", PROMPT_TOKEN),
+    prompt_via=PromptVia.ARGUMENT,
+    blocked_patterns=_YES_NO_PATTERNS,
+    detect_tty_read=True,
+    screen=False,
+    provider="kimi",
+    continue_via=ContinueVia.RESUME,
+    keep_args=("--session", CONVERSATION_TOKEN),
+    resume_args=("--session", CONVERSATION_TOKEN),
+    config_args={"model": "--model {value}"},
 )
 
 BUILTIN_PROFILES: Mapping[str, AgentProfile] = MappingProxyType(
-    {p.name: p for p in (_SHELL, _CLAUDE, _CLAUDE_INTERACTIVE, _AIDER, _CODEX, _OPENCODE)}
+    {p.name: p for p in (_SHELL, _CLAUDE, _CLAUDE_INTERACTIVE, _AIDER, _CODEX, _OPENCODE, _KIMI)}
 )

@@ -9,11 +9,18 @@ quiet-period rule, the kill grace period and the coalescing of output updates.
 What the terminal means (ready for the prompt, waiting for a person, turn over) and how the
 session ended are decided by the I/O-free rules in ``watcher.py``; this module does the I/O
 and applies their decisions.
+
+A kept agent (``keep``, for profiles that continue through the PTY): when its turn is over the
+session completes with the turn's reply but its process stays, parked at its prompt, until a
+later session takes it over (``continues``): that session types its own prompt into the same
+PTY, with its own id, transcript and events. A parked agent that is not taken over is ended by
+``release``; one whose process exits while parked is gone (``agent_ended`` says why).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import os
@@ -30,7 +37,7 @@ import structlog
 from cis_bot import private
 from cis_bot.errors import UserError
 from cis_bot.session import procfs
-from cis_bot.session.detect import Blocked, ScreenView, TerminalView, TextView
+from cis_bot.session.detect import Blocked, ScreenView, TerminalView, TextView, find_idle
 from cis_bot.session.events import (
     SessionBlocked,
     SessionCompleted,
@@ -43,7 +50,7 @@ from cis_bot.session.events import (
 from cis_bot.session.launch import build_argv, resolve_executable, stdin_payload
 from cis_bot.session.output import ExtractorInput, get_extractor, terminal_text
 from cis_bot.session.procfs import TtyReadProbe
-from cis_bot.session.profile import AgentProfile, PromptVia
+from cis_bot.session.profile import AgentProfile, ContinueVia, PromptVia
 from cis_bot.session.profiles import escaped_prompt
 from cis_bot.session.spawn import Pty, SpawnMethod, setsid_failure, spawn
 from cis_bot.session.watcher import (
@@ -59,7 +66,7 @@ from cis_bot.session.watcher import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Mapping, Sequence
 
 log = structlog.get_logger(__name__)
 
@@ -85,6 +92,8 @@ class SessionSettings:
     output_interval: float = 0.5
     #: kill(): SIGTERM, then SIGKILL after this long.
     kill_grace_secs: float = 5.0
+    #: Between two pieces of a prompt typed a few bytes at a time (``typed_chunk_bytes``).
+    typing_interval_secs: float = 0.02
     #: A profile's exit_input was typed: if the agent is still running after this long, it is
     #: terminated (its turn is over, so the session still ends on what the agent produced).
     exit_grace_secs: float = 15.0
@@ -121,6 +130,12 @@ class AgentSession:
         env: Mapping[str, str],
         settings: SessionSettings,
         publish: Callable[[SessionEvent], None],
+        options: Sequence[str] = (),
+        conversation: str | None = None,
+        keep: bool = False,
+        continues: AgentSession | None = None,
+        refuse: str | None = None,
+        notice: str | None = None,
     ) -> None:
         self.session_id = session_id
         self.profile = profile
@@ -130,6 +145,26 @@ class AgentSession:
         self.env = dict(env)
         self.settings = settings
         self._publish = publish
+        #: Arguments the profile's argv gets before its ``--`` (agent_config, conversations).
+        self.options = tuple(options)
+        #: The session whose UUID names the agent's conversation (default: this one).
+        self.conversation = conversation or session_id
+        #: Keep the agent when its turn is over, for a later session.
+        self.keep = keep
+        self._continues = continues
+        self._refuse = refuse
+        self._notice = notice
+        #: The turn is over and the agent waits, kept, for a later session to take it over.
+        self.parked = False
+        #: Why a kept agent is gone (it exited, it was released), once it is.
+        self.agent_ended: str | None = None
+        #: The session whose kept agent this one took over.
+        self._took_over: str | None = None
+        self._agent_gone: asyncio.Future[None] | None = None
+        self._release_timer: asyncio.TimerHandle | None = None
+        #: What is left to type of the prompt (profiles with ``typed_chunk_bytes``).
+        self._typing: collections.deque[bytes] = collections.deque()
+        self._typing_timer: asyncio.TimerHandle | None = None
 
         self.state = SessionState.SPAWNING
         self.pid: int | None = None
@@ -279,7 +314,14 @@ class AgentSession:
     # ----------------------------------------------------------------- spawning
 
     def start(self) -> None:
-        """Spawn the agent. Failures end the session as failed (with SessionCompleted)."""
+        """Spawn the agent (or take over a kept one). Failures end the session as failed (with
+        SessionCompleted)."""
+        if self._refuse is not None:
+            self._fail_to_start(self._refuse, cannot_execute=False)
+            return
+        if self._continues is not None:
+            self._take_over(self._continues)
+            return
         try:
             self._watcher = Watcher(
                 self.profile,
@@ -288,7 +330,13 @@ class AgentSession:
                 tty_poll_max_secs=self.settings.tty_poll_max_secs,
                 now=self._t0,
             )
-            argv = build_argv(self.profile, self.prompt, self.session_id)
+            argv = build_argv(
+                self.profile,
+                self.prompt,
+                self.session_id,
+                options=self.options,
+                conversation=self.conversation,
+            )
             if not self.work_dir.is_dir():
                 raise FileNotFoundError(f"work_dir {self.work_dir} is not a directory")
             argv[0] = resolve_executable(argv[0], self.env, self.work_dir)
@@ -340,7 +388,7 @@ class AgentSession:
         self._publish(
             SessionCreated(self.session_id, self.profile.name, proc.pid, self.transcript_path)
         )
-        self._change_state(SessionState.RUNNING, None)
+        self._change_state(SessionState.RUNNING, self._notice)
         if self.profile.prompt_via is PromptVia.STDIN:
             self._write(stdin_payload(self.prompt, _termios_of(self._fd)))
         self._arm_quiet()
@@ -351,8 +399,8 @@ class AgentSession:
         command = self.profile.argv[0] if self.profile.argv else ""
         return f"cannot execute {command!r}: {detail}"
 
-    def _fail_to_start(self, detail: str) -> None:
-        self.error = self._cannot_execute(detail)
+    def _fail_to_start(self, detail: str, *, cannot_execute: bool = True) -> None:
+        self.error = self._cannot_execute(detail) if cannot_execute else detail
         log.warning("session.spawn_failed", session_id=self.session_id, error=self.error)
         if self._transcript_fd >= 0:
             os.close(self._transcript_fd)
@@ -406,7 +454,7 @@ class AgentSession:
             self._tail_truncated = True
         if self._view is not None:
             self._view.feed(data)
-        if self._watcher.prompt_pending and b"?2004" in data:
+        if b"?2004" in data:
             self._track_bracketed_paste(data)
         for listener in tuple(self._listeners):
             try:
@@ -533,6 +581,10 @@ class AgentSession:
                 self._set_blocked(blocked)
             case Unblock(why=why):
                 self._set_running(why)
+            case TurnOver(shown=shown) if (
+                self.keep and self.profile.continue_via is ContinueVia.PTY
+            ):
+                self._park(shown)
             case TurnOver(shown=shown):
                 self._send_exit_input(shown)
 
@@ -563,11 +615,40 @@ class AgentSession:
         self._kill_timer = self._loop.call_later(self.settings.kill_grace_secs, self._escalate_kill)
 
     def _type_prompt(self) -> None:
-        text = escaped_prompt(self.profile, self.prompt).encode("utf-8")
-        if self._bracketed_paste:
-            text = b"\x1b[200~" + text + b"\x1b[201~"
-        log.debug("session.prompt_typed", session_id=self.session_id, bytes=len(text))
-        self._write(text + b"\r")
+        prompt = escaped_prompt(self.profile, self.prompt)
+        newline = self.profile.typed_newline
+        if not newline:
+            text = prompt.encode("utf-8")
+            if self._bracketed_paste:
+                text = b"\x1b[200~" + text + b"\x1b[201~"
+            self._write(text)
+            self._press_enter(len(text))
+            return
+        # Typed as a person types: a line continuation for each newline, a few bytes at a time
+        # (an agent that takes a burst of input for a paste marks it as pasted content), then
+        # Enter once it has all gone in.
+        lines = prompt.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        text = newline.join(lines).encode("utf-8")
+        size = self.profile.typed_chunk_bytes or len(text) or 1
+        self._typing = collections.deque(text[i : i + size] for i in range(0, len(text), size))
+        self._type_next(len(text))
+
+    def _type_next(self, size: int) -> None:
+        self._typing_timer = None
+        if self._finished or self._exited:
+            return
+        if self._typing:
+            self._write(self._typing.popleft())
+            delay = self.settings.typing_interval_secs
+            if not self._typing:
+                delay = max(delay, self.settings.settle_secs)  # all of it in before Enter
+            self._typing_timer = self._loop.call_later(delay, self._type_next, size)
+            return
+        self._press_enter(size)
+
+    def _press_enter(self, size: int) -> None:
+        log.debug("session.prompt_typed", session_id=self.session_id, bytes=size)
+        self._write(b"\r")
         recheck = self._watcher.prompt_typed(self._loop.time())
         if recheck is not None:
             self._arm_poll(recheck)
@@ -603,6 +684,131 @@ class AgentSession:
         self.blocked_reason = None
         if self.state is SessionState.BLOCKED:
             self._change_state(SessionState.RUNNING, why)
+
+    # ----------------------------------------------------------------- kept agents
+
+    def _park(self, shown: str) -> None:
+        """The turn is over and a later session continues this agent: the task completes with
+        the turn's reply; the process stays, reading nothing, at its prompt."""
+        if isinstance(self._view, ScreenView):
+            self._turn_screen = self._view.display()
+        log.info("session.parked", session_id=self.session_id, shown=shown[-200:])
+        self._set_running("turn over")
+        for timer in (self._settle_timer, self._poll_timer, self._quiet_timer):
+            if timer is not None:
+                timer.cancel()
+        self.parked = True
+        self._agent_gone = self._loop.create_future()
+        self._complete(SessionState.COMPLETED, None, None, None)
+
+    def _take_over(self, parked: AgentSession) -> None:
+        """Continue a parked agent: its process, terminal and screen become this session's, and
+        this session's prompt is typed at its prompt."""
+        if not parked.parked or parked._exited:
+            why = parked.agent_ended or "its process has exited"
+            self._fail_to_start(f"the kept agent is gone: {why}", cannot_execute=False)
+            return
+        try:
+            self.transcript_path.parent.mkdir(parents=True, exist_ok=True)
+            self._transcript_fd = os.open(
+                self.transcript_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+            )
+        except OSError as e:
+            self._fail_to_start(f"cannot open transcript {self.transcript_path}: {e}")
+            return
+        self._watcher = Watcher(
+            self.profile,
+            settle_secs=self.settings.settle_secs,
+            settle_max_secs=self.settings.settle_max_secs,
+            tty_poll_max_secs=self.settings.tty_poll_max_secs,
+            now=self._t0,
+        )
+        view = parked._view
+        screen = view.last_lines(self._watcher.pattern_lines) if view is not None else []
+        idle = find_idle(self._watcher.idle_patterns, screen)
+        # Until the agent has answered, the screen still shows the turn that was over.
+        self._watcher.expect_new_turn(idle[1] if idle else None)
+        self._proc, self.pid, self._fd, self._pidfd = parked._proc, parked.pid, parked._fd, -1
+        self._via_setsid, self._view, self._probe = parked._via_setsid, view, parked._probe
+        self._bracketed_paste = parked._bracketed_paste
+        self.conversation = parked.conversation
+        self._took_over = parked.session_id
+        parked._hand_over()
+        self._watcher.tty_probe = self._probe is not None
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._watch_exit()
+        log.debug("session.took_over", session_id=self.session_id, parked=parked.session_id)
+        self._publish(
+            SessionCreated(self.session_id, self.profile.name, self.pid, self.transcript_path)
+        )
+        notice = self._notice or f"continues the agent of {parked.session_id}"
+        self._change_state(SessionState.RUNNING, notice)
+        self._type_prompt()
+        self._arm_quiet()
+
+    def _hand_over(self) -> None:
+        """Give this parked agent's process to the session taking it over."""
+        self.parked = False
+        self._loop.remove_reader(self._fd)
+        if self._pidfd >= 0:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        if self._exit_poll_timer is not None:
+            self._exit_poll_timer.cancel()
+            self._exit_poll_timer = None
+        if self._transcript_fd >= 0:
+            os.close(self._transcript_fd)
+            self._transcript_fd = -1
+        self._proc = None
+        self._fd = -1
+        self.agent_ended = "taken over by a later session"
+        if self._agent_gone is not None and not self._agent_gone.done():
+            self._agent_gone.set_result(None)
+
+    async def release(self, reason: str, *, grace_secs: float | None = None) -> None:
+        """End a parked agent no later session needs: its exit input, then TERM and KILL after
+        the grace periods. Returns once its process has exited."""
+        if not self.parked or self._agent_gone is None:
+            return
+        if self.agent_ended is None:
+            self.agent_ended = reason
+            log.info("session.released", session_id=self.session_id, reason=reason)
+            if self.profile.exit_input:
+                self._write(self.profile.exit_input.encode("utf-8"))
+            grace = self.settings.exit_grace_secs if grace_secs is None else grace_secs
+            self._release_timer = self._loop.call_later(grace, self._terminate_parked)
+        await asyncio.shield(self._agent_gone)
+
+    def _terminate_parked(self) -> None:
+        self._release_timer = None
+        if self.parked:
+            self._signal_session(signal.SIGTERM)
+            self._signal_session(signal.SIGCONT)
+            self._kill_timer = self._loop.call_later(
+                self.settings.kill_grace_secs, self._escalate_kill_parked
+            )
+
+    def _escalate_kill_parked(self) -> None:
+        self._kill_timer = None
+        if self.parked:
+            self._signal_session(signal.SIGKILL)
+
+    def _end_parked(self) -> None:
+        """A parked agent's process has exited (released, or on its own)."""
+        self.parked = False
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+        if self.agent_ended is None:
+            code = exit_code_of(self._status)
+            self.agent_ended = f"its process exited while it waited (status {code})"
+            log.warning("session.kept_agent_exited", session_id=self.session_id, exit_code=code)
+        try:
+            self._release_resources()
+        except Exception:
+            log.exception("session.cleanup_failed", session_id=self.session_id)
+        if self._agent_gone is not None and not self._agent_gone.done():
+            self._agent_gone.set_result(None)
 
     # ----------------------------------------------------------------- exit and kill
 
@@ -655,6 +861,8 @@ class AgentSession:
 
     def _finish(self) -> None:
         if self._finished:
+            if self.parked:
+                self._end_parked()
             return
         self._finished = True
         try:
@@ -674,6 +882,7 @@ class AgentSession:
             self._exit_poll_timer,
             self._output_timer,
             self._exit_timer,
+            self._typing_timer,
         ):
             if timer is not None:
                 timer.cancel()
@@ -714,13 +923,16 @@ class AgentSession:
         if self._via_setsid and exit_code is not None:
             why = setsid_failure(exit_code, bytes(self._tail[:512]))
             spawn_failure = self._cannot_execute(why) if why is not None else None
-        return outcome(
+        state, code, error = outcome(
             exit_code,
             killed=self._kill_state,
             kill_reason=self._kill_reason,
             spawn_failure=spawn_failure,
             exit_overdue=self._exit_overdue,
         )
+        if self._took_over is not None and state is SessionState.FAILED:
+            error = f"the kept agent of {self._took_over} {error}"
+        return state, code, error
 
     def _complete(
         self, state: SessionState, exit_code: int | None, error: str | None, output: str | None
@@ -770,7 +982,7 @@ class AgentSession:
                     raw_tail=bytes(self._tail),
                     complete=not self._tail_truncated,
                     transcript_path=self.transcript_path,
-                    session_id=self.session_id,
+                    session_id=self.conversation,
                     env=self.env,
                     screen=self._turn_screen or self.screen_lines(),
                 )

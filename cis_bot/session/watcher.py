@@ -21,6 +21,7 @@ re-checks with backoff while the agent is quiet, and the end of the quiet period
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Sequence
 
@@ -30,6 +31,7 @@ from cis_bot.session.detect import (
     Blocked,
     BlockRule,
     compile_patterns,
+    find_idle,
     find_prompt,
     idle_blocked,
     prompt_blocked,
@@ -118,6 +120,18 @@ class Watcher:
         self._output_since_input = False
         self._output_seen = False
         self._poll_interval = settle_secs
+        #: A continued agent: what was above its turn-over line when its prompt was typed.
+        self._stale_above: str | None = None
+
+    @property
+    def idle_patterns(self) -> tuple[re.Pattern[str], ...]:
+        return self._idle_patterns
+
+    def expect_new_turn(self, above: str | None) -> None:
+        """The prompt of a continued agent goes in while its screen still shows the last turn
+        as over, with ``above`` above that: until the screen above it changes, it is that old
+        turn, not the new one."""
+        self._stale_above = above
 
     # --- what happened ---------------------------------------------------------------------------
 
@@ -188,7 +202,13 @@ class Watcher:
             if line is not None:
                 blocked = prompt_blocked(line)
         if blocked is None and self._idle_patterns and self._output_since_input:
-            idle = find_prompt(self._idle_patterns, lines)
+            found = find_idle(self._idle_patterns, lines)
+            idle = found[0] if found is not None else None
+            if found is not None and self._stale_above is not None:
+                if found[1] == self._stale_above:
+                    idle = None  # the turn before this one
+                else:
+                    self._stale_above = None
             if idle is not None:
                 if self.profile.exit_input:
                     self.turn_over = True

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from cis_bot.matrix import events as ev
-from cis_bot.matrix.node import RUN_LOG_POWER_LEVEL
+from cis_bot.matrix.levels import RUN_LOG_POWER_LEVEL
 from tests.security.support import REPO, acis, forge_run_created, marking_spec
 from tests.support.client import CS, MatrixClient, q
 from tests.support.embedded import EmbeddedServer

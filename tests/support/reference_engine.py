@@ -1,13 +1,15 @@
 """The run engine as it was before it became incremental: every ``decide`` walks every task.
 
-Kept verbatim (bar the name) as the reference the incremental ``RunEngine`` must agree with,
-decision for decision (tests/test_engine_equivalence.py). It is quadratic in the run's size and
-is not used by cis_bot itself.
+Kept (bar the name) as the reference the incremental ``RunEngine`` must agree with, decision for
+decision (tests/test_engine_equivalence.py), and given every feature the engine gained since in
+the same plain style: conditions, fix-ups (handled failures), lost attempts of non-idempotent
+tasks, rollback. It is quadratic in the run's size and is not used by cis_bot itself.
 """
 
 from __future__ import annotations
 
 import graphlib
+import math
 from collections.abc import Callable, Iterable, Mapping
 
 from cis_bot.dag.engine import (
@@ -15,6 +17,7 @@ from cis_bot.dag.engine import (
     Attempt,
     Decision,
     Outcome,
+    RollbackStarted,
     RunCancelled,
     RunEvent,
     RunFinished,
@@ -30,6 +33,7 @@ from cis_bot.dag.engine import (
     TaskStarted,
     TaskStatus,
     TaskTimedOut,
+    condition_value,
 )
 from cis_bot.dag.spec import (
     MAX_RETRY_BACKOFF_SECS,
@@ -51,13 +55,18 @@ class ReferenceEngine:
         self.max_workers = max(1, max_workers or spec.max_workers or len(spec.tasks))
         self._tasks = {t.id: TaskRecord(spec=t) for t in spec.tasks}
         depth: dict[str, int] = {}
-        for tid in graphlib.TopologicalSorter({t.id: t.deps for t in spec.tasks}).static_order():
-            depth[tid] = 1 + max((depth[d] for d in spec.task(tid).deps), default=-1)
+        waits = {t.id: spec.waits_for(t.id) for t in spec.tasks}
+        for tid in graphlib.TopologicalSorter(waits).static_order():
+            depth[tid] = 1 + max((depth[d] for d in waits[tid]), default=-1)
         position = {t.id: i for i, t in enumerate(spec.tasks)}
         # Topological, ties broken by file order, so one pass settles cascades of skips.
         self._order = sorted(depth, key=lambda tid: (depth[tid], position[tid]))
-        has_dependents = {d for t in spec.tasks for d in t.deps}
-        self._sinks = tuple(tid for tid in self._order if tid not in has_dependents)
+        # A fix-up is no sink; a task whose only dependent is its fix-up is one.
+        has_dependents = {d for t in spec.tasks for d in t.deps if spec.task(d).on_failure != t.id}
+        self._sinks = tuple(
+            tid for tid in self._order if tid not in has_dependents and spec.fixes(tid) is None
+        )
+
         self._cancel_requested: RunCancelled | None = None
         self._aborted = False
         self._finished: RunFinished | None = None
@@ -91,15 +100,66 @@ class ReferenceEngine:
     def debts(self) -> list[str]:
         if self.spec.policy is not Policy.ALLOW_DEBT:
             return []
-        return [tid for tid in self._order if self._tasks[tid].status.is_failure]
+        return [
+            tid
+            for tid in self._order
+            if self._tasks[tid].status.is_failure and self.handled_by(tid) is None
+        ]
+
+    def handled_by(self, task_id: str) -> str | None:
+        fixer = self._tasks[task_id].spec.on_failure
+        if (
+            fixer is not None
+            and self._tasks[task_id].status.is_failure
+            and self._tasks[fixer].status is TaskStatus.COMPLETED
+        ):
+            return fixer
+        return None
 
     def upstream_outputs(self, task_id: str) -> dict[str, str]:
         """Outputs of the task's finished dependencies, in dependency order."""
-        return {
-            dep: self._tasks[dep].output
-            for dep in self._tasks[task_id].spec.deps
-            if self._tasks[dep].status in (TaskStatus.COMPLETED, *_FAILURES)
-        }
+        outputs: dict[str, str] = {}
+        for dep in self._tasks[task_id].spec.deps:
+            if self._tasks[dep].status in (TaskStatus.COMPLETED, *_FAILURES):
+                outputs[dep] = self._tasks[dep].output
+                fixer = self.handled_by(dep)
+                if fixer is not None and fixer != task_id:
+                    outputs[fixer] = self._tasks[fixer].output
+        return outputs
+
+    def placement(self, task_id: str) -> str | None:
+        record = self._tasks[task_id]
+        if record.rollback is not None:
+            return record.current.node if record.current else None
+        owner = record.spec.reuse_agent
+        if owner is not None:
+            attempt = self._tasks[owner].current
+            return attempt.node if attempt else None
+        return None
+
+    @property
+    def rollback_plan(self) -> list[str]:
+        if not all(r.status.is_terminal for r in self._tasks.values()):
+            return []
+        if self.spec.policy is not Policy.ALL_SUCCESS or self._final_status() not in (
+            RunStatus.FAILED,
+            RunStatus.CANCELLED,
+        ):
+            return []
+
+        def finished_at(tid: str) -> float:
+            attempt = self._tasks[tid].current
+            if attempt is None or attempt.finished_at is None:
+                return -math.inf
+            return attempt.finished_at
+
+        position = {tid: i for i, tid in enumerate(self._order)}
+        done = [
+            tid
+            for tid in self._order
+            if self._tasks[tid].status is TaskStatus.COMPLETED and self._tasks[tid].spec.rollback
+        ]
+        return sorted(done, key=lambda tid: (finished_at(tid), position[tid]), reverse=True)
 
     def next_wakeup(self, now: float) -> float | None:
         """The earliest time after ``now`` at which ``decide`` would act without any new event."""
@@ -155,7 +215,8 @@ class ReferenceEngine:
                     return False
                 attempt.finished_at = event.at
                 attempt.outcome = Outcome.TIMEOUT
-                attempt.error = f"timed out after {record.spec.timeout_secs:g}s"
+                timeout = record.spec.timeout_secs
+                attempt.error = "timed out" if timeout is None else f"timed out after {timeout:g}s"
                 self._conclude_failure(record, TaskStatus.TIMEOUT, event.at, attempt.error)
                 return True
             case TaskCancelled():
@@ -181,6 +242,15 @@ class ReferenceEngine:
                 return True
             case TaskApproved():
                 return self._apply_approved(record, event)
+            case RollbackStarted():
+                if (
+                    record.status is not TaskStatus.COMPLETED
+                    or record.rollback is not None
+                    or not record.spec.rollback
+                ):
+                    return False
+                record.rollback = Attempt(number=event.attempt, dispatched_at=event.at)
+                return True
             case TaskCarried():
                 if record.status is not TaskStatus.PENDING or record.attempts:
                     return False
@@ -197,6 +267,14 @@ class ReferenceEngine:
                 return True
 
     def _apply_started(self, record: TaskRecord, event: TaskStarted) -> bool:
+        rollback = record.rollback
+        if rollback is not None and rollback.number == event.attempt and rollback.outcome is None:
+            if rollback.started_at is not None:
+                return False
+            rollback.started_at = event.at
+            rollback.session_id = event.session_id
+            rollback.node = event.node
+            return True
         attempt = record.current
         if not record.status.is_active or attempt is None or attempt.number != event.attempt:
             self.stale_results.append(event)
@@ -210,6 +288,13 @@ class ReferenceEngine:
         return True
 
     def _apply_finished(self, record: TaskRecord, event: TaskFinished) -> bool:
+        rollback = record.rollback
+        if rollback is not None and rollback.number == event.attempt and rollback.outcome is None:
+            rollback.finished_at = event.at
+            rollback.outcome = event.outcome
+            rollback.exit_code = event.exit_code
+            rollback.error = event.error
+            return True
         attempt = record.current
         if not record.status.is_active or attempt is None or attempt.number != event.attempt:
             self.stale_results.append(event)
@@ -237,15 +322,33 @@ class ReferenceEngine:
         A lost attempt is not the task's failure: it goes again at once, uncounted."""
         attempts_made = sum(1 for a in record.attempts if a.outcome is not Outcome.LOST)
         lost = record.current is not None and record.current.outcome is Outcome.LOST
-        if (lost or attempts_made < record.spec.max_attempts) and not self._stopping:
+        record.reason = error
+        if lost and not record.spec.idempotent and not self._stopping:
+            number = record.current.number if record.current else 0
+            why = f" ({error})" if error else ""
+            record.held = (
+                f"attempt {number} was lost{why}; task {record.spec.id} is not idempotent and "
+                "may have half-happened: approve it to run again"
+            )
+            record.reason = record.held
+            record.status = TaskStatus.PENDING
+        elif (lost or attempts_made < record.spec.max_attempts) and not self._stopping:
             backoff = self.spec.retry_backoff_secs * 2 ** (attempts_made - 1)
             record.status = TaskStatus.READY
             record.not_before = at if lost else at + min(backoff, MAX_RETRY_BACKOFF_SECS)
         else:
             record.status = status
-        record.reason = error
 
     def _apply_approved(self, record: TaskRecord, event: TaskApproved) -> bool:
+        if record.held is not None and record.status in (
+            TaskStatus.PENDING,
+            TaskStatus.AWAITING_APPROVAL,
+        ):
+            record.held = None
+            if record.status is TaskStatus.AWAITING_APPROVAL:
+                record.not_before = event.at
+                record.status = TaskStatus.READY
+            return True
         if record.approved or record.status not in (
             TaskStatus.PENDING,
             TaskStatus.AWAITING_APPROVAL,
@@ -309,9 +412,23 @@ class ReferenceEngine:
                     make(TaskCancelled(tid, now, attempt=number, reason=reason))
         else:
             self._decide_dispatch(now, make)
-        if all(r.status.is_terminal for r in self._tasks.values()):
+        if all(r.status.is_terminal for r in self._tasks.values()) and not self._rolling_back(
+            now, make
+        ):
             make(RunFinished(self._final_status(), now))
         return decisions
+
+    def _rolling_back(self, now: float, make: _Make) -> bool:
+        for tid in self.rollback_plan:
+            record = self._tasks[tid]
+            if record.rollback is None:
+                make(RollbackStarted(tid, len(record.attempts) + 1, now))
+                return True
+            if record.rollback.outcome is None:
+                return True
+            if record.rollback.outcome is not Outcome.COMPLETED:
+                return False
+        return False
 
     def _decide_timeouts(self, now: float, make: _Make) -> None:
         for tid in self._order:
@@ -329,10 +446,14 @@ class ReferenceEngine:
     def _decide_eligibility(self, now: float, make: _Make) -> None:
         for tid in self._order:
             record = self._tasks[tid]
-            if record.status is TaskStatus.PENDING:
+            if record.status is TaskStatus.PENDING and record.held is not None:
+                make(ApprovalRequested(tid, now, reason=record.held))
+            elif record.status is TaskStatus.PENDING:
                 verdict = self._trigger_verdict(record.spec)
                 if verdict is None:
                     continue
+                if verdict is True:
+                    verdict = self._start_verdict(record.spec)
                 if isinstance(verdict, str):
                     make(TaskSkipped(tid, now, verdict))
                 elif record.spec.level.needs_approval and not record.approved:
@@ -371,11 +492,35 @@ class ReferenceEngine:
                 make(TaskDispatched(tid, len(record.attempts) + 1, now))
                 active += 1
 
+    def _start_verdict(self, task: TaskSpec) -> bool | str:
+        fixed = self.spec.fixes(task.id)
+        if fixed is not None and not self._tasks[fixed].status.is_failure:
+            return f"{fixed} {self._tasks[fixed].status}: nothing to fix"
+        if task.condition is not None:
+            true, shown = task.condition.evaluate(
+                lambda ref: condition_value(self._tasks[ref.task], ref.field)
+            )
+            if not true:
+                return f"condition is false: {task.condition.source} ({shown})"
+        return True
+
+    def _seen_status(self, dep: str, task: TaskSpec) -> TaskStatus:
+        """The dependency's status as ``task`` sees it: a failure whose fix-up (not ``task``)
+        completed is a success; one whose fix-up has not finished is not finished."""
+        status = self._tasks[dep].status
+        fixer = self._tasks[dep].spec.on_failure
+        if fixer is None or fixer == task.id or not status.is_failure:
+            return status
+        fixer_status = self._tasks[fixer].status
+        if fixer_status is TaskStatus.COMPLETED:
+            return TaskStatus.COMPLETED
+        return TaskStatus.PENDING if not fixer_status.is_terminal else status
+
     def _trigger_verdict(self, task: TaskSpec) -> bool | str | None:
         """True: may run. A string: skip, for that reason. None: wait for more dependencies."""
         if not task.deps:
             return True
-        statuses = {dep: self._tasks[dep].status for dep in task.deps}
+        statuses = {dep: self._seen_status(dep, task) for dep in task.deps}
         debt_ok = self.spec.policy is Policy.ALLOW_DEBT
         succeeded = [
             d
@@ -388,7 +533,7 @@ class ReferenceEngine:
         match task.trigger:
             case Trigger.ALL_SUCCESS:
                 if not_ok:
-                    return f"upstream {not_ok[0]} {statuses[not_ok[0]]}"
+                    return f"upstream {not_ok[0]} {self._tasks[not_ok[0]].status}"
                 return True if all_done else None
             case Trigger.ALL_DONE:
                 return True if all_done else None
@@ -402,7 +547,7 @@ class ReferenceEngine:
                 return "no upstream task succeeded" if all_done else None
             case Trigger.NONE_FAILED:
                 if failed:
-                    return f"upstream {failed[0]} {statuses[failed[0]]}"
+                    return f"upstream {failed[0]} {self._tasks[failed[0]].status}"
                 return True if all_done else None
 
     def _final_status(self) -> RunStatus:
@@ -418,5 +563,8 @@ class ReferenceEngine:
             case Policy.ALLOW_DEBT:
                 return RunStatus.COMPLETED
             case Policy.ALL_SUCCESS:
-                failed = any(s.is_failure for s in statuses)
+                failed = any(
+                    s.is_failure and self.handled_by(tid) is None
+                    for tid, s in zip(self._tasks, statuses, strict=True)
+                )
                 return RunStatus.FAILED if failed else RunStatus.COMPLETED

@@ -22,7 +22,14 @@ import structlog
 
 from cis_bot.app.chat.rooms import RoomFacts
 from cis_bot.chat.compose import Text, code, code_block, mention, notice_content, para
-from cis_bot.dag.engine import ApprovalRequested, RunEngine, RunEvent, TaskApproved, TaskFinished
+from cis_bot.dag.engine import (
+    ApprovalRequested,
+    RunEngine,
+    RunEvent,
+    TaskApproved,
+    TaskFinished,
+    TaskStatus,
+)
 from cis_bot.dag.spec import LevelKind
 from cis_bot.ids import SessionId
 from cis_bot.matrix.node import Node
@@ -140,14 +147,16 @@ class RunNotices:
 
     def on_run_event(self, event: RunEvent, engine: RunEngine) -> None:
         match event:
-            case ApprovalRequested(task_id=tid, stakeholders=who):
+            case ApprovalRequested(task_id=tid, stakeholders=who, reason=reason):
                 if tid in self._awaiting:
                     return
                 self._awaiting.add(tid)
                 kind = engine.spec.task(tid).level.kind
+                if reason is not None:  # not its level: a lost attempt that may run again
+                    kind = LevelKind.CONFIRMED
                 self._post(
                     NoticeTarget("approval", self.run_id, task_id=tid),
-                    self._approval(tid, kind, who),
+                    self._approval(tid, kind, who, reason),
                     stakeholders=who if kind is LevelKind.ARBITRATED else None,
                 )
             case TaskFinished(task_id=tid, attempt=attempt, outcome=outcome):
@@ -160,7 +169,8 @@ class RunNotices:
                     )
             case TaskApproved(task_id=tid, by=by):
                 record = engine.tasks.get(tid)
-                if tid not in self._awaiting or (record is not None and not record.approved):
+                waiting = record is not None and record.status is TaskStatus.AWAITING_APPROVAL
+                if tid not in self._awaiting or waiting:
                     return  # an arbitrated task still waiting for other stakeholders
                 self._awaiting.discard(tid)
                 whom = f" by {by}" if by else " (its countdown ended)"
@@ -200,14 +210,15 @@ class RunNotices:
         )
         return Text.join(parts)
 
-    def _approval(self, task_id: str, kind: LevelKind, stakeholders: tuple[str, ...]) -> Text:
+    def _approval(
+        self, task_id: str, kind: LevelKind, stakeholders: tuple[str, ...], reason: str | None
+    ) -> Text:
         prefix = self.settings.prefix
         who = "each stakeholder approves" if kind is LevelKind.ARBITRATED else "approve it"
+        why = f": {reason}." if reason else f" ({kind})."
         return Text.join(
             [
-                para(
-                    "✋ Task ", code(task_id), f" of run {self.run_id} waits for approval ({kind})."
-                ),
+                para("✋ Task ", code(task_id), f" of run {self.run_id} waits for approval{why}"),
                 para(
                     f"React with ✅ or 👍 to {who}, or send ",
                     code(f"{prefix} approve {self.run_id} {task_id}"),

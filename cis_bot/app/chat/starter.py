@@ -30,11 +30,13 @@ from cis_bot.chat.compose import Text, code, para
 from cis_bot.chat.incoming import FileRef, Message
 from cis_bot.config import Config, ExecutionMode
 from cis_bot.control.operations import ControlPlane
-from cis_bot.dag.spec import SHELL_AGENT, DagSpec, load_dag, parse_dag
+from cis_bot.dag.load import load_dag, parse_dag
+from cis_bot.dag.spec import SHELL_AGENT, DagSpec
 from cis_bot.errors import InputError, UserError
 from cis_bot.ids import new_run_id
 from cis_bot.matrix.leases import RunLeases
 from cis_bot.matrix.node import Node
+from cis_bot.run.agentconfig import check_with_profiles
 from cis_bot.validation import format_for, suggestion
 
 log = structlog.get_logger(__name__)
@@ -200,9 +202,17 @@ class NodeRuns:
                 )
             spec = await self._from_file(request.file, agents, default_agent)
             self._check_shell(spec, request.sender)
+            check_with_profiles(spec, self.config.agents)
             return spec, f"from {request.file.filename}"
         path = self._named(name)
-        return load_dag(path, agents=agents, default_agent=default_agent), f"from {path.name}"
+        spec = load_dag(
+            path,
+            agents=agents,
+            default_agent=default_agent,
+            skills_dirs=self.config.skills_dirs,
+        )
+        check_with_profiles(spec, self.config.agents)
+        return spec, f"from {path.name}"
 
     def _named(self, name: str) -> Path:
         directory = self.config.dags_dir
@@ -242,10 +252,12 @@ class NodeRuns:
             fmt=format_for(file.filename),
             agents=agents,
             default_agent=default_agent,
+            skill_folders=self.config.skills_dirs,
         )
 
     def _check_shell(self, spec: DagSpec, sender: str) -> None:
-        commands = [task.id for task in spec.tasks if task.agent == SHELL_AGENT]
+        # A rollback is a raw command too, and so is a shell skill's script.
+        commands = [task.id for task in spec.tasks if task.agent == SHELL_AGENT or task.rollback]
         if commands and sender not in self.config.chat.shell_users:
             raise UserError(
                 f"task {', '.join(commands)} runs a raw command, which this node runs from a sent "

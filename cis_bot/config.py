@@ -195,6 +195,10 @@ class DagConfig:
     hybrid: HybridConfig = attrs.field(factory=HybridConfig)
 
 
+#: A node's lease when ``[node] lease_secs`` is unset (and ``heartbeat_secs`` is short enough).
+DEFAULT_LEASE_SECS = 5.0
+
+
 @attrs.frozen
 class NodeConfig:
     """``[node]``: this machine as a Matrix appservice (``cis node``, matrix and hybrid modes).
@@ -239,8 +243,8 @@ class NodeConfig:
     heartbeat_secs: float = attrs.field(default=2.0, metadata={"gt": 0})
     #: A lease not renewed for this long lapses: an attempt it held is lost and runs elsewhere
     #: (the worker stops it itself: self-fencing); a run's coordinator may be taken over. At
-    #: least twice ``heartbeat_secs``.
-    lease_secs: float = attrs.field(default=5.0, metadata={"gt": 0})
+    #: least twice ``heartbeat_secs``; unset: 5 s, or twice ``heartbeat_secs`` if that is longer.
+    lease_secs: float | None = attrs.field(default=None, metadata={"gt": 0})
     #: How often the node heartbeats in a room where it holds nothing (good for three periods).
     idle_heartbeat_secs: float = attrs.field(default=10.0, metadata={"gt": 0})
     #: What this node offers for ``node_selector`` (docs/federation.md#placement), besides
@@ -249,6 +253,13 @@ class NodeConfig:
     features: tuple[str, ...] = ()
     labels: Mapping[str, str] = attrs.field(factory=dict)
     gpu_memory_mb: int = attrs.field(default=0, metadata={"min": 0})
+
+    @property
+    def lease_period_secs(self) -> float:
+        """``lease_secs``, or when unset 5 s, at least twice ``heartbeat_secs``."""
+        if self.lease_secs is not None:
+            return self.lease_secs
+        return max(DEFAULT_LEASE_SECS, 2 * self.heartbeat_secs)
 
     @property
     def localpart(self) -> str:
@@ -588,7 +599,7 @@ def parse_config(text: str, *, file: str) -> Config:
                 key=f"node.accept_agents[{i}]",
             )
     node = config.node
-    if node.lease_secs < 2 * node.heartbeat_secs:
+    if node.lease_secs is not None and node.lease_secs < 2 * node.heartbeat_secs:
         raise InputError(
             f"must be at least twice heartbeat_secs ({node.heartbeat_secs:g}), got "
             f"{node.lease_secs:g}: a lease must outlive a late heartbeat",

@@ -177,7 +177,7 @@ async def drive_run(
                 leases = own_leases = RunLeases(
                     node,
                     heartbeat_secs=config.node.heartbeat_secs,
-                    lease_secs=config.node.lease_secs,
+                    lease_secs=config.node.lease_period_secs,
                 )
             leases.hold(plan.room_id, plan.run_id, plan.epoch)
         reporter = None
@@ -474,7 +474,7 @@ def make_worker(
         interval_ms=config.dag.matrix.broadcast_interval_ms,
         broadcast_output=config.dag.hybrid.broadcast_output,
         heartbeat_secs=config.node.heartbeat_secs,
-        lease_secs=config.node.lease_secs,
+        lease_secs=config.node.lease_period_secs,
         idle_heartbeat_secs=config.node.idle_heartbeat_secs,
         chat=chat,
         facts=partial(

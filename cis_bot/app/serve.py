@@ -46,7 +46,7 @@ async def serve_node(
     service: ChatService | None = None
     # One per process: a coordinator's lease is one state event per room, keyed by its user.
     leases = RunLeases(
-        node, heartbeat_secs=config.node.heartbeat_secs, lease_secs=config.node.lease_secs
+        node, heartbeat_secs=config.node.heartbeat_secs, lease_secs=config.node.lease_period_secs
     )
     standby: Standby | None = None
     if chat:

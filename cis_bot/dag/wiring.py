@@ -183,16 +183,6 @@ def _wire_agents(
             )
         users.setdefault(owner_id, []).append(task.id)
 
-    order = list(graphlib.TopologicalSorter({t.id: t.deps for t in by_id.values()}).static_order())
-    position = {tid: i for i, tid in enumerate(order)}
-    ancestors: dict[str, set[str]] = {}
-    for tid in order:
-        found: set[str] = set()
-        for dep in by_id[tid].deps:
-            found.add(dep)
-            found |= ancestors[dep]
-        ancestors[tid] = found
-
     for task in list(by_id.values()):
         if task.keep_agent and task.reuse_agent is None and task.id not in users:
             notes.append(
@@ -200,11 +190,15 @@ def _wire_agents(
                 "the agent ends with the task"
             )
             by_id[task.id] = attrs.evolve(task, keep_agent=False)
+    if not users:
+        return
+    order = graphlib.TopologicalSorter({t.id: t.deps for t in by_id.values()}).static_order()
+    position = {tid: i for i, tid in enumerate(order)}
     for owner_id, reusers in users.items():
         owner = by_id[owner_id]
         chain = [owner_id, *sorted(reusers, key=position.__getitem__)]
         for before, after in itertools.pairwise(chain):
-            if before not in ancestors[after]:
+            if not _depends_on(by_id, after, before):
                 raise _fail(
                     f"tasks {before!r} and {after!r} both use the agent of {owner_id!r}, but "
                     f"{after!r} does not depend on {before!r}: an agent takes one prompt at a "
@@ -227,6 +221,21 @@ def _wire_agents(
             if tid != owner_id:
                 task = _inherit(task, owner, written[tid], file)
             by_id[tid] = attrs.evolve(task, keep_agent=not last)
+
+
+def _depends_on(by_id: Mapping[str, TaskSpec], task_id: str, ancestor: str) -> bool:
+    """Whether ``ancestor`` is upstream of ``task_id``: a walk per question, not every task's
+    ancestor set (quadratic in memory on a long chain)."""
+    seen: set[str] = set()
+    stack = list(by_id[task_id].deps)
+    while stack:
+        dep = stack.pop()
+        if dep == ancestor:
+            return True
+        if dep not in seen:
+            seen.add(dep)
+            stack.extend(by_id[dep].deps)
+    return False
 
 
 def _inherit(task: TaskSpec, owner: TaskSpec, written: Written, file: str | None) -> TaskSpec:

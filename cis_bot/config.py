@@ -163,6 +163,13 @@ class MatrixConfig:
     no_worker_timeout_secs: float = attrs.field(default=60.0, metadata={"gt": 0})
     #: Matrix mode: how the coordinator picks among the live workers that run a task's agent.
     assignment: Assignment = Assignment.LEAST_LOADED
+    #: After a worker lost an attempt (its lease lapsed), the task prefers other workers for
+    #: this long; with no other, it waits for this to pass.
+    lost_exclusion_secs: float = attrs.field(default=30.0, metadata={"min": 0})
+    #: The circuit breaker: a worker that lost or failed this many of a run's attempts in a
+    #: row gets none of its tasks for ``breaker_cooldown_secs`` (0: never cooled down).
+    breaker_failures: int = attrs.field(default=3, metadata={"min": 0})
+    breaker_cooldown_secs: float = attrs.field(default=60.0, metadata={"min": 0})
 
 
 @attrs.frozen
@@ -186,6 +193,10 @@ class DagConfig:
     local: LocalConfig = attrs.field(factory=LocalConfig)
     matrix: MatrixConfig = attrs.field(factory=MatrixConfig)
     hybrid: HybridConfig = attrs.field(factory=HybridConfig)
+
+
+#: A node's lease when ``[node] lease_secs`` is unset (and ``heartbeat_secs`` is short enough).
+DEFAULT_LEASE_SECS = 5.0
 
 
 @attrs.frozen
@@ -227,9 +238,28 @@ class NodeConfig:
     #: Agent profiles this node runs for others; None: every profile but ``shell`` (a raw
     #: command from the room runs only where the worker's owner allowed it).
     accept_agents: tuple[str, ...] | None = None
-    #: How often the node refreshes its ``cis.node.heartbeat`` (a node silent for 3 of these
-    #: is presumed gone).
-    heartbeat_secs: float = attrs.field(default=15.0, metadata={"gt": 0})
+    #: How often the node renews its leases: its ``cis.node.heartbeat`` in a room where it holds
+    #: attempts, and a coordinator's ``cis.dag.run.lease`` (docs/federation.md).
+    heartbeat_secs: float = attrs.field(default=2.0, metadata={"gt": 0})
+    #: A lease not renewed for this long lapses: an attempt it held is lost and runs elsewhere
+    #: (the worker stops it itself: self-fencing); a run's coordinator may be taken over. At
+    #: least twice ``heartbeat_secs``; unset: 5 s, or twice ``heartbeat_secs`` if that is longer.
+    lease_secs: float | None = attrs.field(default=None, metadata={"gt": 0})
+    #: How often the node heartbeats in a room where it holds nothing (good for three periods).
+    idle_heartbeat_secs: float = attrs.field(default=10.0, metadata={"gt": 0})
+    #: What this node offers for ``node_selector`` (docs/federation.md#placement), besides
+    #: what it detects (arch, os, cores, memory, free disk): CIS's features (``cuda``,
+    #: ``metal``...), labels, and its GPU (0 MB: none).
+    features: tuple[str, ...] = ()
+    labels: Mapping[str, str] = attrs.field(factory=dict)
+    gpu_memory_mb: int = attrs.field(default=0, metadata={"min": 0})
+
+    @property
+    def lease_period_secs(self) -> float:
+        """``lease_secs``, or when unset 5 s, at least twice ``heartbeat_secs``."""
+        if self.lease_secs is not None:
+            return self.lease_secs
+        return max(DEFAULT_LEASE_SECS, 2 * self.heartbeat_secs)
 
     @property
     def localpart(self) -> str:
@@ -568,6 +598,14 @@ def parse_config(text: str, *, file: str) -> Config:
                 file=file,
                 key=f"node.accept_agents[{i}]",
             )
+    node = config.node
+    if node.lease_secs is not None and node.lease_secs < 2 * node.heartbeat_secs:
+        raise InputError(
+            f"must be at least twice heartbeat_secs ({node.heartbeat_secs:g}), got "
+            f"{node.lease_secs:g}: a lease must outlive a late heartbeat",
+            file=file,
+            key="node.lease_secs",
+        )
     default_agent = config.dag.local.default_agent
     if default_agent not in config.agents:
         raise InputError(

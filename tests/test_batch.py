@@ -119,6 +119,13 @@ def _sample(cls: type[ev.EventContent]) -> ev.EventContent:
         ev.TaskApprovalRequestedContent: ev.TaskApprovalRequestedContent(run_id="r1", task_id="t"),
         ev.TaskApprovedContent: ev.TaskApprovedContent(run_id="r1", task_id="t"),
         ev.RunCancelledContent: ev.RunCancelledContent(run_id="r1"),
+        ev.RunTakeoverContent: ev.RunTakeoverContent(
+            run_id="r1", epoch=2, coordinator="c2", previous="@c:cis.local"
+        ),
+        ev.RunLeaseContent: ev.RunLeaseContent(node_id="c", runs={"r1": 1}, ttl_ms=5000),
+        ev.WorkerCooldownContent: ev.WorkerCooldownContent(
+            run_id="r1", worker="w", worker_user="@w:cis.local", failures=3, cooldown_ms=60_000
+        ),
     }
     if cls in samples:
         return samples[cls]

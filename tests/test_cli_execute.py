@@ -232,6 +232,8 @@ def test_validate_reports_ok_and_errors(tmp_path: Path) -> None:
         ["dag", "execute", "--max-workers", "0", "--local", "x.toml"],
         ["dag", "execute", "--local", "--matrix", "x.toml"],
         ["dag", "execute", "--local", "--workers", "a,b", "x.toml"],
+        ["dag", "execute", "--matrix", "--room", "!r:hs", "--workers", "a", "x.toml"],
+        ["dag", "execute", "--federation", "--room", "!r:hs", "--workers", ",", "x.toml"],
         ["dag"],
         ["frobnicate"],
     ],

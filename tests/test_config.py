@@ -383,3 +383,20 @@ def test_random_config_documents_never_crash(document: dict[str, Any]) -> None:
     except InputError:
         return
     assert config.default_agent in config.agents
+
+
+def test_an_unset_lease_follows_the_heartbeat_and_a_set_one_must_outlive_two(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[node]\nheartbeat_secs = 1\n")
+    assert load_config(path).node.lease_period_secs == 5.0
+    path.write_text("[node]\nheartbeat_secs = 5\n")  # a dev cluster's, or an older config's
+    assert load_config(path).node.lease_period_secs == 10.0
+    path.write_text("[node]\nheartbeat_secs = 1\nlease_secs = 3\n")
+    assert load_config(path).node.lease_period_secs == 3.0
+    path.write_text("[node]\nheartbeat_secs = 5\nlease_secs = 5\n")
+    with pytest.raises(InputError) as info:
+        load_config(path)
+    assert info.value.key == "node.lease_secs"
+    assert "must be at least twice heartbeat_secs (5), got 5" in str(info.value)

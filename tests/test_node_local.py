@@ -115,10 +115,10 @@ def test_local_run_leaves_a_complete_log_that_status_reads_back(tmp_path: Path) 
     assert "bad: failed" in final and "after: skipped" in final
 
 
-def test_federation_mode_says_it_is_not_there_yet(tmp_path: Path) -> None:
+def test_federation_mode_needs_a_room(tmp_path: Path) -> None:
     proc = cis("dag", "execute", "--federation", str(REPO / "examples" / "hello.toml"))
     assert proc.returncode == 2
-    assert "not implemented yet" in proc.stderr
+    assert "usage:" in proc.stderr and "--federation needs --room R" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

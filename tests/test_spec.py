@@ -554,7 +554,7 @@ def test_empty_json_dag() -> None:
         ('xyzzy = "x"', "xyzzy", "expected one of: agent, agent_config, agent_runtime, command"),
         ('rollback = "rm -f x"', "rollback", "expected an array of strings, got a string"),
         ("idempotent = 0", "idempotent", "expected a boolean"),
-        ('target_node = "b"', "target_node", "placing a task on a node"),
+        ('target_node = ""', "target_node", "must not be empty"),
     ],
 )
 def test_task_key_errors(line: str, key: str, message: str) -> None:

@@ -3,7 +3,9 @@
 local:   tasks run here; the run's room is on the embedded loopback homeserver.
 hybrid:  tasks run here; the run is broadcast to a room on the configured homeserver; an outage
          of that homeserver never stops local execution (the outbox queues, then flushes).
-matrix:  this node only coordinates: dispatches become assignments to worker nodes in the room.
+matrix:  this node only coordinates: dispatches become assignments to worker nodes in the room,
+         held by leases; the coordinator holds a lease on the run itself, so that a standby
+         can take it over when this process dies (docs/federation.md).
 
 Whatever the mode: the RunEngine decides, the RunRecorder writes the run log into the room, and
 the report has the same shape.
@@ -11,9 +13,12 @@ the report has the same shape.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +40,11 @@ from cis_bot.ids import SessionId
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.broadcast import RunRecorder, SessionReporter
 from cis_bot.matrix.coordinator import RoomExecutor
+from cis_bot.matrix.leases import RunLeases
 from cis_bot.matrix.node import Node
-from cis_bot.matrix.runs import RoomRun
+from cis_bot.matrix.nodefacts import detect_facts
+from cis_bot.matrix.runlog import parse_room_event
+from cis_bot.matrix.runs import RoomRun, read_runs
 from cis_bot.matrix.worker import Worker
 from cis_bot.run.attempt import RunPaths
 from cis_bot.run.driver import RunDriver, RunObserver
@@ -44,6 +52,9 @@ from cis_bot.run.local import LocalExecutor
 from cis_bot.session.manager import SessionManager
 
 log = structlog.get_logger(__name__)
+
+#: Modes whose tasks a coordinator assigns to workers in the room, rather than running them.
+COORDINATED_MODES = frozenset({ExecutionMode.MATRIX, ExecutionMode.FEDERATION})
 
 
 @attrs.frozen
@@ -76,6 +87,10 @@ class RunPlan:
     assignees: Mapping[tuple[str, int], str] = attrs.field(factory=dict)
     #: Facts to feed first (a resumed run's carried-over tasks).
     prelude: Sequence[Fact] = ()
+    #: Federation mode: the only workers (node or user ids) the run may use.
+    workers: tuple[str, ...] | None = None
+    #: The epoch this process coordinates the run at (2 and more after a takeover).
+    epoch: int = 1
 
     @classmethod
     def continuing(cls, run: RoomRun) -> RunPlan:
@@ -88,6 +103,8 @@ class RunPlan:
             run.created.max_workers,
             history=run.log.events,
             assignees=run.log.assignees,
+            workers=run.created.workers,
+            epoch=run.log.epoch,
         )
 
 
@@ -106,6 +123,7 @@ async def announce(
         coordinator=node.identity.node_id,
         resumed_from=resumed_from,
         chat=chat or None,
+        workers=plan.workers,
     )
     await node.send(plan.room_id, created)
 
@@ -123,12 +141,14 @@ async def drive_run(
     kind: str = "execute",
     chat: ChatScope | None = None,
     own_worker: bool = True,
+    leases: RunLeases | None = None,
 ) -> dict[str, Any]:
     """Drive the run to its end; returns its report. Its sessions and the run itself are served
     on ``control`` (this process's control API; without one, the run serves its own as
     ``kind``). ``chat``: answer chat commands in the run's room while it runs (a node answers
     through its own chat service). ``own_worker``: in hybrid mode, a worker for the tasks others
-    assign to this node (a node that has its worker already says False)."""
+    assign to this node (a node that has its worker already says False). ``leases``: the
+    process's leases on the runs it coordinates (without, the run holds its own)."""
     matrix = config.dag.matrix
     paths = RunPaths.of(state_dir, plan.run_id)
     private.make_dirs(paths.run_dir)
@@ -142,13 +162,24 @@ async def drive_run(
     outbox = node.outbox(plan.room_id)
     service: ChatService | None = None
     notices: RunNotices | None = None
+    coordinated = plan.mode in COORDINATED_MODES
+    own_leases: RunLeases | None = None
+    executor: LocalExecutor | RoomExecutor | None = None
     try:
         if chat is not None:
             service = ChatService(node, control, config, scope=chat)
             notices = run_notices(node, plan, config, service)
             observers = [*observers, notices]
             service.start()
-        runs_here = plan.mode is not ExecutionMode.MATRIX
+        runs_here = not coordinated
+        if coordinated:
+            if leases is None:
+                leases = own_leases = RunLeases(
+                    node,
+                    heartbeat_secs=config.node.heartbeat_secs,
+                    lease_secs=config.node.lease_period_secs,
+                )
+            leases.hold(plan.room_id, plan.run_id, plan.epoch)
         reporter = None
         if runs_here:
             reporter = SessionReporter(
@@ -167,11 +198,12 @@ async def drive_run(
             record_local_dispatch=runs_here,
             upload=node.upload_for_events,
             reporter=reporter,
+            epoch=plan.epoch,
         )
         engine = RunEngine.replay(plan.spec, plan.history, max_workers=plan.max_workers)
         driver = RunDriver(engine, observers=[*observers, recorder], run_id=plan.run_id)
         if runs_here:
-            executor: LocalExecutor | RoomExecutor = LocalExecutor(
+            executor = LocalExecutor(
                 driver,
                 manager,
                 run_id=plan.run_id,
@@ -188,6 +220,8 @@ async def drive_run(
                 worker = make_worker(node, manager, config, state_dir=state_dir, work_dir=work_dir)
                 worker.start()
         else:
+            assert leases is not None
+            held = leases
             executor = RoomExecutor(
                 driver,
                 node,
@@ -195,7 +229,13 @@ async def drive_run(
                 room_id=plan.room_id,
                 run_id=plan.run_id,
                 no_worker_timeout=matrix.no_worker_timeout_secs,
+                lost_exclusion=matrix.lost_exclusion_secs,
+                breaker_failures=matrix.breaker_failures,
+                breaker_cooldown=matrix.breaker_cooldown_secs,
+                workers=plan.workers,
                 policy=matrix.assignment,
+                epoch=plan.epoch,
+                blind=lambda: held.blind(plan.room_id),
             )
             await executor.start_listening()
         unregister.append(
@@ -207,9 +247,14 @@ async def drive_run(
         for fact in plan.prelude:
             driver.submit(fact)
         _pick_up_open_attempts(engine, driver, executor, plan)
+        if isinstance(executor, RoomExecutor) and plan.assignees:
+            await _catch_up(node, plan, executor)
         if on_started:
             on_started(StartedRun(plan.run_id, driver, manager))
-        await driver.run(executor)
+        if isinstance(executor, RoomExecutor):
+            await _drive_unless_taken_over(node, plan, driver, executor)
+        else:
+            await driver.run(executor)
         await manager.close()
         remote = executor.transcripts if isinstance(executor, RoomExecutor) else {}
         report = build_report(
@@ -242,6 +287,12 @@ async def drive_run(
         await manager.close()
         if worker:  # the run failed: stop working for others too
             await worker.stop()
+        if isinstance(executor, RoomExecutor):
+            executor.close()
+        if coordinated and leases is not None:
+            leases.release(plan.room_id, plan.run_id)
+        if own_leases is not None:
+            await own_leases.close()
         for remove in unregister:
             remove()
         if owned_control:
@@ -304,6 +355,71 @@ def _room_of_session(plan: RunPlan, worker: Worker | None) -> Callable[[str], st
     return room_of
 
 
+class RunTakenOver(UserError):
+    """Another coordinator took the run over (this one was thought gone): it goes on there."""
+
+    exit_code = 1
+
+
+async def _drive_unless_taken_over(
+    node: Node, plan: RunPlan, driver: RunDriver, executor: RoomExecutor
+) -> None:
+    """Drive the run, but step down as soon as a coordinator this node trusts takes it over at
+    a higher epoch (this process was cut off, or slow, long enough for a standby to take it):
+    no decision more from here; its late ones are ignored by everyone."""
+    taken: asyncio.Future[tuple[str, ev.RunTakeoverContent]] = (
+        asyncio.get_running_loop().create_future()
+    )
+    trusted = node.identity.trusted_coordinators
+
+    async def watch(room_id: str, raw: Mapping[str, Any]) -> None:
+        event = parse_room_event(raw)
+        if (
+            room_id == plan.room_id
+            and event is not None
+            and isinstance(event.content, ev.RunTakeoverContent)
+            and event.content.run_id == plan.run_id
+            and (event.content.epoch or 1) > plan.epoch
+            and event.sender in trusted
+            and not taken.done()
+        ):
+            taken.set_result((event.sender, event.content))
+
+    node.add_listener(watch)
+    running: asyncio.Future[Any] = asyncio.ensure_future(driver.run(executor))
+    try:
+        await asyncio.wait([running, taken], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        node.remove_listener(watch)
+    if running.done():
+        running.result()
+        return
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    sender, takeover = taken.result()
+    log.warning(
+        "coordinator.superseded",
+        run_id=plan.run_id,
+        by=sender,
+        node=takeover.coordinator,
+        epoch=takeover.epoch,
+    )
+    raise RunTakenOver(
+        f"run {plan.run_id} was taken over by {takeover.coordinator} ({sender}) at epoch "
+        f"{takeover.epoch}: it goes on there (`cis dag status {plan.run_id}` follows it)"
+    )
+
+
+async def _catch_up(node: Node, plan: RunPlan, executor: RoomExecutor) -> None:
+    """Claims and results of the adopted attempts that reached the room after its log was
+    read for ``plan`` and before the executor listened: read the log again for them."""
+    trusted = node.identity.trusted_coordinators | {node.user_id}
+    for run in await read_runs(node, [plan.room_id], trusted):
+        if run.run_id == plan.run_id:
+            executor.catch_up(run.log.sessions)
+
+
 def _pick_up_open_attempts(
     engine: RunEngine,
     driver: RunDriver,
@@ -358,5 +474,14 @@ def make_worker(
         interval_ms=config.dag.matrix.broadcast_interval_ms,
         broadcast_output=config.dag.hybrid.broadcast_output,
         heartbeat_secs=config.node.heartbeat_secs,
+        lease_secs=config.node.lease_period_secs,
+        idle_heartbeat_secs=config.node.idle_heartbeat_secs,
         chat=chat,
+        facts=partial(
+            detect_facts,
+            work_dir,
+            features=config.node.features,
+            labels=config.node.labels,
+            gpu_memory_mb=config.node.gpu_memory_mb,
+        ),
     )

@@ -10,6 +10,7 @@ import attrs
 
 from cis_bot.app.connect import open_connection, run_alias_prefix
 from cis_bot.app.drive import OnStarted, RunPlan, announce, chat_scope, drive_run
+from cis_bot.app.federation import await_workers
 from cis_bot.app.localhs import LocalHomeserverDir
 from cis_bot.config import Config, ExecutionMode
 from cis_bot.dag.spec import DagSpec, resolve_stakeholders
@@ -26,6 +27,8 @@ class RunRequest:
     state_dir: Path
     work_dir: Path
     room: str | None = None
+    #: Federation mode: the only workers (node or user ids) the run may use.
+    workers: tuple[str, ...] | None = None
 
 
 async def execute(
@@ -52,9 +55,19 @@ async def execute(
         else:
             assert request.room is not None
             room_id = await node.resolve_room(request.room)
+        if request.workers:
+            await await_workers(
+                node,
+                room_id,
+                request.workers,
+                timeout=request.config.dag.matrix.no_worker_timeout_secs,
+                room_name=request.room or room_id,
+            )
         # Stakeholders CIS names by user name are users of the coordinator's homeserver.
         spec = resolve_stakeholders(request.spec, node.user_id.partition(":")[2])
-        plan = RunPlan(run_id, room_id, spec, request.mode, request.max_workers)
+        plan = RunPlan(
+            run_id, room_id, spec, request.mode, request.max_workers, workers=request.workers
+        )
         chat = chat_scope(request.config, plan, own_room=request.mode is ExecutionMode.LOCAL)
         await announce(node, plan, chat=chat is not None)
         return await drive_run(

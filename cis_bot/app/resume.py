@@ -16,7 +16,15 @@ from typing import Any
 import attrs
 
 from cis_bot.app.connect import open_connection
-from cis_bot.app.drive import OnStarted, RunPlan, announce, chat_scope, drive_run
+from cis_bot.app.drive import (
+    COORDINATED_MODES,
+    OnStarted,
+    RunPlan,
+    announce,
+    chat_scope,
+    drive_run,
+)
+from cis_bot.app.takeover import take_over
 from cis_bot.config import Config, ExecutionMode
 from cis_bot.dag.engine import RunStatus, TaskCarried, TaskStatus
 from cis_bot.errors import UserError
@@ -61,6 +69,7 @@ def plan_resume(run: RoomRun, *, user_id: str, mode: ExecutionMode) -> Resumptio
         mode,
         run.created.max_workers,
         prelude=carried,
+        workers=run.created.workers if mode is ExecutionMode.FEDERATION else None,
     )
     return Resumption(plan, new=True, resumed_from=run.run_id)
 
@@ -83,6 +92,16 @@ async def resume(
         rooms = await joined_rooms(node, room)
         run = pick_run(await read_runs(node, rooms, node.identity.trusted_coordinators), wanted)
         resumption = plan_resume(run, user_id=node.user_id, mode=mode)
+        if not resumption.new and resumption.plan.mode in COORDINATED_MODES:
+            # A new epoch: should the process it follows still be alive somewhere, its late
+            # decisions no longer count.
+            plan = await take_over(node, run, reason="cis dag resume")
+            if plan is None:
+                raise UserError(
+                    f"run {run.run_id} was taken over by another coordinator meanwhile, or "
+                    "ended: see `cis dag status`"
+                )
+            resumption = attrs.evolve(resumption, plan=plan)
         chat = chat_scope(config, resumption.plan, own_room=mode is ExecutionMode.LOCAL)
         if resumption.new:
             await announce(

@@ -69,14 +69,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         dest="mode",
         action="store_const",
         const="federation",
-        help="not implemented yet",
+        help="coordinate only, over --room's workers on any homeserver; placement by "
+        "target_node / node_selector (docs/federation.md)",
     )
     execute.add_argument("file", type=Path, metavar="FILE", help="dag.toml or .json")
-    execute.add_argument("--room", metavar="R", help="room id or alias (matrix, hybrid)")
+    execute.add_argument(
+        "--room", metavar="R", help="room id or alias (matrix, hybrid, federation)"
+    )
     execute.add_argument(
         "--workers",
         metavar="A,B,C",
-        help="worker node ids (reserved for --federation, not implemented yet)",
+        help="--federation: only these workers (node ids or user ids); each must be live in "
+        "--room within [dag.matrix] no_worker_timeout_secs (default: every live worker)",
     )
     execute.add_argument("--config", type=Path, metavar="F", help="config.toml to read")
     execute.add_argument(
@@ -187,9 +191,13 @@ def _execute(args: argparse.Namespace) -> int:
     from cis_bot.config import ExecutionMode, open_state_dir
 
     parser: argparse.ArgumentParser = args.parser
-    if args.workers:
-        # Reserved: the federation mode will spread tasks over these workers.
-        parser.error("--workers goes with --federation, which is not implemented yet")
+    workers = None
+    if args.workers is not None:
+        if args.mode != "federation":
+            parser.error("--workers goes with --federation")
+        workers = tuple(name.strip() for name in args.workers.split(",") if name.strip())
+        if not workers:
+            parser.error("--workers needs worker node ids, e.g. --workers wa,wb")
     config, spec, notes = _load(args.file, args.config)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
@@ -203,11 +211,9 @@ def _execute(args: argparse.Namespace) -> int:
         # The default mode with nothing to broadcast to: local execution with its room on the
         # local homeserver is exactly that (hybrid is local execution plus a room).
         mode = ExecutionMode.LOCAL
-    if mode in (ExecutionMode.MATRIX, ExecutionMode.HYBRID) and not args.room:
+    if mode is not ExecutionMode.LOCAL and not args.room:
         parser.error(f"--{mode} needs --room R")
-    if mode is ExecutionMode.FEDERATION:
-        raise UserError("--federation is not implemented yet; use --matrix, --hybrid or --local")
-    if args.dry_run and mode is ExecutionMode.MATRIX:
+    if args.dry_run and mode in (ExecutionMode.MATRIX, ExecutionMode.FEDERATION):
         raise UserError("--dry-run runs the tasks on this machine: use it with --local or --hybrid")
     request = RunRequest(
         spec=spec,
@@ -217,6 +223,7 @@ def _execute(args: argparse.Namespace) -> int:
         state_dir=open_state_dir(args.state_dir),
         work_dir=Path.cwd(),
         room=args.room,
+        workers=workers,
     )
     where = _where(args)
     return _finish(

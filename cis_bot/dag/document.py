@@ -65,6 +65,7 @@ def task_to_document(task: TaskSpec) -> dict[str, Any]:
         elif level.kind is LevelKind.ARBITRATED:
             level_doc["stakeholders"] = list(level.stakeholders)
         doc["level"] = level_doc
+    doc.update(task.placement.to_document())
     return doc
 
 

@@ -8,7 +8,7 @@ at the top level; a ``.json`` file has the same shape. A task's ``level`` is wri
 serialises it, ``level = { type = "mechanical", retry = 3 }``. Every key of CIS's tasks is read
 (``dag/wiring.py`` resolves those that tie tasks together: ``on_failure``, ``condition``,
 ``keep_agent``/``reuse_agent``); ``skill`` runs a CIS skill file (``dag/skills.py``). Unlike CIS,
-unknown keys are errors. ``target_node`` and ``node_selector`` belong to federation placement.
+unknown keys are errors. ``target_node`` and ``node_selector`` are read by ``dag/placement.py``.
 
 Defaults differ from CIS on purpose: CIS retried every task 3 times and timed it out after
 300 s; here a task is tried once (``retry = 0``) and has no timeout unless the file says so.
@@ -46,6 +46,7 @@ from cis_bot.dag.keys import (
     read_level,
     read_todo,
 )
+from cis_bot.dag.placement import parse_placement
 from cis_bot.dag.skills import Skill, SkillLibrary, UnknownSkill
 from cis_bot.dag.spec import (
     DEFAULT_AGENT_ALIAS,
@@ -110,6 +111,8 @@ _TASK_KEYS = frozenset(
         "keep_agent",
         "reuse_agent",
         "agent_config",
+        "target_node",
+        "node_selector",
     }
 )
 _TASK_ALIASES = {
@@ -130,10 +133,6 @@ _TASK_ALIASES = {
     "when": "condition",
     "if": "condition",
     "on_fail": "on_failure",
-}
-_CIS_ELSEWHERE = {
-    key: f"CIS's {key!r} (placing a task on a node) is not supported by cis_bot yet; remove it"
-    for key in ("target_node", "node_selector")
 }
 
 
@@ -417,7 +416,7 @@ def _parse_task(
     if problem:
         table.fail(f"invalid task id {task_id!r}: {problem}", "id")
     t = table.with_task(task_id)
-    t.reject_unknown(_TASK_KEYS, aliases=_TASK_ALIASES, unsupported=_CIS_ELSEWHERE)
+    t.reject_unknown(_TASK_KEYS, aliases=_TASK_ALIASES)
 
     deps_key = one_of(t, "deps", "depends_on") or "deps"
     deps = tuple(normal_task_id(dep) for dep in t.string_list(deps_key) or ())
@@ -483,6 +482,7 @@ def _parse_task(
         keep_agent=t.boolean("keep_agent", False),
         reuse_agent=reuse,
         agent_config=config,
+        placement=parse_placement(t),
     )
     written = Written(
         deps_key=deps_key,

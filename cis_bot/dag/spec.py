@@ -16,6 +16,7 @@ from pathlib import Path
 import attrs
 
 from cis_bot.dag.condition import Condition
+from cis_bot.dag.placement import Placement
 
 DEFAULT_RETRY = 0
 DEFAULT_TIMEOUT_SECS: float | None = None
@@ -144,6 +145,8 @@ class TaskSpec:
     #: The task whose agent (its conversation) this task continues.
     reuse_agent: str | None = None
     agent_config: AgentConfig | None = None
+    #: Which workers may run it (matrix and federation modes; ``dag/placement.py``).
+    placement: Placement = attrs.field(factory=Placement)
 
     @property
     def max_attempts(self) -> int:

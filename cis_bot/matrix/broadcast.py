@@ -18,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+import attrs
 import structlog
 from mautrix.errors import MatrixRequestError
 
@@ -233,6 +234,7 @@ class RunRecorder:
         reporter: SessionReporter | None = None,
         lease_ms: int = 60_000,
         notice_interval_s: float = 2.0,
+        epoch: int = 1,
     ) -> None:
         self.outbox = outbox
         #: Where documents too large for an event go (a long prompt, a large run's table).
@@ -245,6 +247,9 @@ class RunRecorder:
         #: Reports this node's own sessions (local execution).
         self.reporter = reporter
         self.lease_ms = lease_ms
+        #: The epoch this coordinator holds the run at (above 1 after a takeover): its
+        #: decisions carry it, so those of the coordinator it superseded do not count.
+        self.epoch = epoch
         self.notice = StatusNotice(
             outbox, run_id=run_id, interval_s=notice_interval_s, upload=upload
         )
@@ -302,6 +307,8 @@ class RunRecorder:
             self.notice.blocked.pop(task_id, None)
 
     def _post(self, payload: ev.EventContent) -> None:
+        if self.epoch > 1 and isinstance(payload, ev.RunContent):
+            payload = attrs.evolve(payload, epoch=self.epoch)
         self.outbox.post(outgoing(payload, upload=self.upload))
 
 

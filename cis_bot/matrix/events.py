@@ -32,6 +32,7 @@ from typing import Any, ClassVar, TypeVar
 
 import attrs
 
+from cis_bot.dag.placement import NodeFacts
 from cis_bot.errors import InputError
 from cis_bot.validation import Table
 
@@ -136,10 +137,17 @@ class EventContent(abc.ABC):
 @attrs.frozen(kw_only=True)
 class RunContent(EventContent):
     run_id: str
+    #: The coordinator's epoch when it decided this: a coordinator that took the run over
+    #: (``cis.dag.run.takeover``) decides at a higher one. Absent: 1. Workers' events carry none.
+    epoch: int | None = None
 
     @classmethod
     def fields_of(cls, t: Table) -> dict[str, Any]:
-        return {**super().fields_of(t), "run_id": _required_string(t, "run_id")}
+        return {
+            **super().fields_of(t),
+            "run_id": _required_string(t, "run_id"),
+            "epoch": t.opt_integer("epoch", minimum=1),
+        }
 
 
 # --- the catalogue ---------------------------------------------------------------------------
@@ -163,6 +171,9 @@ class RunCreatedContent(RunContent):
     resumed_from: str | None = None
     #: Its coordinator answers chat commands about it in the room while it runs (docs/chat.md).
     chat: bool | None = None
+    #: Federation mode: the workers (node ids or user ids) the run may use; absent: any
+    #: trusted live worker in the room.
+    workers: tuple[str, ...] | None = None
 
     def fit(self) -> tuple[RunCreatedContent, Media]:
         if self.spec is None:
@@ -186,6 +197,7 @@ class RunCreatedContent(RunContent):
             coordinator=_required_string(t, "coordinator"),
             resumed_from=t.opt_string("resumed_from", nonempty=True),
             chat=t.opt_boolean("chat"),
+            workers=t.string_list("workers"),
         )
 
 
@@ -462,20 +474,46 @@ class NodeHeartbeatContent(EventContent):
     #: Agent profiles this node will run.
     agents: tuple[str, ...]
     max_workers: int
-    #: Sessions running now.
+    #: Sessions running now (for every room and run).
     load: int
     #: A node whose last heartbeat is older than this is presumed gone.
     ttl_ms: int
+    #: The node's lease: an attempt it holds that no heartbeat of it renews for this long is
+    #: lost, and the node stops it itself if it could not renew for this long. Absent (nodes
+    #: older than leases): ``ttl_ms``.
+    lease_ms: int | None = None
+    #: The attempts it holds in this room, which this heartbeat renews: run id -> task id ->
+    #: attempt. Absent (nodes older than leases): every attempt assigned to it is renewed.
+    holds: dict[str, dict[str, int]] | None = None
     #: It answers chat commands in the room (docs/chat.md: who answers).
     chat: bool | None = None
+    #: What it is (arch, os, cores, memory, disk, features, labels, GPU), matched against
+    #: tasks' ``node_selector``. Absent: a node older than placement.
+    facts: NodeFacts | None = None
+
+    def content(self) -> dict[str, Any]:
+        body = super().content()
+        if self.facts is not None:
+            body["facts"] = self.facts.to_document()
+        return body
 
     @property
     def expires_at(self) -> int:
         """When (ms) the node is presumed gone unless it beats again."""
         return self.timestamp + self.ttl_ms
 
+    @property
+    def lease_period_ms(self) -> int:
+        return self.lease_ms if self.lease_ms is not None else self.ttl_ms
+
     def alive_at(self, now_ms: int) -> bool:
         return now_ms < self.expires_at
+
+    def renews(self, run_id: str, task_id: str, attempt: int) -> bool:
+        """Whether this heartbeat renews the lease of that attempt."""
+        if self.holds is None:
+            return True
+        return self.holds.get(run_id, {}).get(task_id) == attempt
 
     @classmethod
     def from_table(cls, t: Table) -> NodeHeartbeatContent:
@@ -486,11 +524,67 @@ class NodeHeartbeatContent(EventContent):
             max_workers=_required_int(t, "max_workers", minimum=1),
             load=_required_int(t, "load", minimum=0),
             ttl_ms=_required_int(t, "ttl_ms", minimum=1),
+            lease_ms=t.opt_integer("lease_ms", minimum=1),
+            holds=_holds(t, "holds"),
             chat=t.opt_boolean("chat"),
+            facts=_facts(t, "facts"),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class RunLeaseContent(EventContent):
+    """A coordinator's lease on the runs it drives in the room, as a state event keyed by its
+    own user id (so no one can renew it for another), renewed like a heartbeat. A standby takes
+    over a run whose coordinator's lease lapsed (docs/federation.md)."""
+
+    TYPE = "cis.dag.run.lease"
+    IS_STATE = True
+
+    node_id: str
+    #: The runs it holds: run id -> the epoch it coordinates it at.
+    runs: dict[str, int]
+    #: A run this lease no longer renews is free to take over this long after its last renewal.
+    ttl_ms: int
+
+    @classmethod
+    def from_table(cls, t: Table) -> RunLeaseContent:
+        runs = t.table("runs")
+        return cls(
+            **cls.fields_of(t),
+            node_id=_required_string(t, "node_id"),
+            runs={} if runs is None else {r: _required_int(runs, r, minimum=1) for r in runs.data},
+            ttl_ms=_required_int(t, "ttl_ms", minimum=1),
         )
 
 
 # --- the coordinator's decisions -------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class RunTakeoverContent(RunContent):
+    """Another coordinator (or the same one, restarted) takes the run over from its log, at
+    ``epoch`` (one more than the run's): from here on only its decisions count, and only those
+    carrying that epoch."""
+
+    TYPE = "cis.dag.run.takeover"
+
+    #: Node id of the coordinator taking over.
+    coordinator: str
+    #: User id of the coordinator it takes over from.
+    previous: str
+    reason: str | None = None
+
+    @classmethod
+    def from_table(cls, t: Table) -> RunTakeoverContent:
+        fields = cls.fields_of(t)
+        if fields["epoch"] is None or fields["epoch"] < 2:
+            t.fail("a takeover needs an epoch of at least 2", "epoch")
+        return cls(
+            **fields,
+            coordinator=_required_string(t, "coordinator"),
+            previous=_required_string(t, "previous"),
+            reason=t.opt_string("reason"),
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -540,6 +634,31 @@ class TaskLostContent(TaskDecisionContent):
     """The attempt will never report (its node stopped): the coordinator dispatches again."""
 
     TYPE = "cis.dag.task.lost"
+
+
+@attrs.frozen(kw_only=True)
+class WorkerCooldownContent(RunContent):
+    """The coordinator gives a worker no more of the run's tasks for a while: it lost or failed
+    ``failures`` attempts in a row (the circuit breaker, docs/federation.md)."""
+
+    TYPE = "cis.dag.worker.cooldown"
+
+    worker: str
+    worker_user: str
+    failures: int
+    cooldown_ms: int
+    reason: str | None = None
+
+    @classmethod
+    def from_table(cls, t: Table) -> WorkerCooldownContent:
+        return cls(
+            **cls.fields_of(t),
+            worker=_required_string(t, "worker"),
+            worker_user=_required_string(t, "worker_user"),
+            failures=_required_int(t, "failures", minimum=1),
+            cooldown_ms=_required_int(t, "cooldown_ms", minimum=0),
+            reason=clip(t.opt_string("reason"), REASON_CHARS),
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -801,9 +920,12 @@ CATALOGUE: Mapping[str, type[EventContent]] = {
         TaskLostContent,
         TaskRollbackContent,
         TaskCarriedContent,
+        WorkerCooldownContent,
         TaskApprovalRequestedContent,
         TaskApprovedContent,
         RunCancelledContent,
+        RunLeaseContent,
+        RunTakeoverContent,
         ControlRequestContent,
         ControlReplyContent,
         BatchContent,
@@ -858,6 +980,24 @@ def _size(content: Mapping[str, Any]) -> int:
         return len(json.dumps(content, ensure_ascii=False).encode())
     except (TypeError, ValueError):
         return MAX_CONTENT_BYTES + 1
+
+
+def _holds(t: Table, key: str) -> dict[str, dict[str, int]] | None:
+    """run id -> task id -> attempt."""
+    runs = t.table(key)
+    if runs is None:
+        return None
+    holds: dict[str, dict[str, int]] = {}
+    for run_id in runs.data:
+        tasks = runs.table(run_id)
+        assert tasks is not None
+        holds[run_id] = {task: _required_int(tasks, task, minimum=1) for task in tasks.data}
+    return holds
+
+
+def _facts(t: Table, key: str) -> NodeFacts | None:
+    table = t.table(key)
+    return None if table is None else NodeFacts.from_table(table)
 
 
 def _count_map(t: Table, key: str) -> dict[str, int] | None:

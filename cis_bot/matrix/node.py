@@ -139,11 +139,35 @@ class Node:
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
+    def remove_listener(self, listener: Listener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
     async def start(self, *, serve: bool = True) -> None:
         """Listen (unless ``serve=False``: reading rooms only) and connect to the homeserver."""
         if serve:
             await self.listen()
         await self.connect()
+        if serve:
+            await self.ping_homeserver()
+
+    async def ping_homeserver(self) -> None:
+        """Have the homeserver reach our appservice (Matrix 1.7's appservice ping): a homeserver
+        that failed to push to us while we were away retries at once, rather than at the end of
+        its backoff (Synapse's grows to 8.5 minutes), so the room's events reach us now. A
+        failure is logged: events will not be pushed until the homeserver can reach us."""
+        try:
+            took = await self.intent.appservice_ping(self.identity.registration_id)
+        except (MatrixRequestError, aiohttp.ClientError, OSError) as exc:
+            log.warning(
+                "node.unreachable",
+                node=self.identity.node_id,
+                error=str(exc),
+                hint=f"the homeserver cannot reach this node's appservice at "
+                f"{self.identity.listen_host}:{self.port}: check the registration's url",
+            )
+        else:
+            log.debug("node.ping", duration_ms=took)
 
     async def listen(self) -> int:
         """Start the appservice HTTP server; returns its port (for a registration's url)."""
@@ -217,7 +241,7 @@ class Node:
                 await self._on_invite(room_id, event)
                 continue
             for each in await self._unpacked(room_id, event):
-                for listener in self._listeners:
+                for listener in list(self._listeners):  # one may remove itself
                     try:
                         await listener(room_id, each)
                     except Exception:
@@ -490,6 +514,8 @@ def outgoing(
     key: str | None = None
     if isinstance(payload, ev.NodeHeartbeatContent):
         key = f"heartbeat:{state_key}"
+    elif payload.IS_STATE:
+        key = f"{payload.TYPE}:{state_key}"
     elif isinstance(payload, ev.RunContent) and isinstance(task_id := content.get("task_id"), str):
         key = task_key(payload.run_id, task_id)
     elif isinstance(payload, ev.SessionContent):

@@ -5,10 +5,15 @@ users the reader trusts to coordinate runs (:func:`fold_runs`' ``coordinators``)
 
 - a run exists only when its ``cis.dag.run.created`` comes from one of them; its sender is the
   run's coordinator (the content's ``coordinator`` field is a node id, for display only);
-- the coordinator is the only writer of decisions (assignments, skips, cancellations, the end);
+- the coordinator is the only writer of decisions (assignments, skips, cancellations, the end):
+  the creator, until another trusted coordinator takes the run over at a higher epoch (its
+  ``cis.dag.run.takeover``); from then on only the new one's decisions at that epoch count;
 - the facts of an attempt (claim, session events, result) count only from the Matrix user the
   coordinator assigned it to, so a stranger in the room cannot complete a task, and a late answer
-  from a reassigned worker is fenced off by its attempt number.
+  from a reassigned worker is fenced off by its attempt number;
+- a decision that closes an attempt (lost, timed out, cancelled) voids a result of that attempt
+  the room shows before it: the coordinator decided without having taken that result (it was on
+  its way), so the run went on as though it never came, and the fold must too.
 
 Every event that fails these checks is counted in ``RunLog.rejected`` and dropped.
 """
@@ -185,16 +190,21 @@ class RunLog:
     """Everything the room says about one run, authorised, in room order.
 
     ``coordinators`` are the users the reader trusts to coordinate (see the module docstring);
-    ``coordinator_user`` is the one of them that created this run, and every decision is checked
-    against it alone. (A takeover by another trusted coordinator, which federation's failover
-    will add, is an event from another member of ``coordinators`` that moves
-    ``coordinator_user``, fenced by an epoch: every check below goes through that one field.)
+    ``coordinator_user`` is the one of them that coordinates this run, and every decision is
+    checked against it alone, and against the run's ``epoch``: the creator at epoch 1, then
+    whoever took the run over last (``cis.dag.run.takeover``: from a member of ``coordinators``,
+    at a higher epoch). A superseded coordinator's late decisions are recorded and ignored.
     """
 
     run_id: str
     coordinators: frozenset[str]
     created: ev.RunCreatedContent | None = None
     coordinator_user: str | None = None
+    #: The node id of that coordinator (for people, and for finding it to send it requests).
+    coordinator_node: str | None = None
+    epoch: int = 1
+    #: The takeovers that counted, in order.
+    takeovers: list[ev.RunTakeoverContent] = attrs.Factory(list)
     spec: DagSpec | None = None
     #: The engine's events, ready for RunEngine.replay.
     events: list[RunEvent] = attrs.Factory(list)
@@ -204,6 +214,8 @@ class RunLog:
     #: The attempts' events (claims, session events, results), from their workers, in order.
     sessions: list[RoomEvent] = attrs.Factory(list)
     rejected: int = 0
+    #: (task, attempt) of the results in ``events``, to void them (see the module docstring).
+    _results: set[tuple[str, int]] = attrs.Factory(set)
 
     def add(self, event: RoomEvent) -> None:
         payload = event.content
@@ -219,10 +231,29 @@ class RunLog:
             self._reject(event, "the run has no trusted creation event")
         elif isinstance(payload, ev.SessionContent | ev.TaskClaimedContent):
             self._from_worker(event)
-        elif event.sender == self.coordinator_user:
-            self._from_coordinator(payload)
+        elif isinstance(payload, ev.RunTakeoverContent):
+            self._takeover(event, payload)
+        elif event.sender != self.coordinator_user:
+            superseded = any(t.previous == event.sender for t in self.takeovers)
+            self._reject(event, "a superseded coordinator" if superseded else "not its coordinator")
+        elif (payload.epoch or 1) != self.epoch:
+            self._reject(
+                event, f"decided at epoch {payload.epoch or 1}, the run is at {self.epoch}"
+            )
         else:
-            self._reject(event, "not the run's coordinator")
+            self._from_coordinator(payload)
+
+    def _takeover(self, event: RoomEvent, payload: ev.RunTakeoverContent) -> None:
+        epoch = payload.epoch or 1
+        if event.sender not in self.coordinators:
+            self._reject(event, "not a trusted coordinator")
+        elif epoch <= self.epoch:
+            self._reject(event, f"epoch {epoch} is not above the run's {self.epoch}")
+        else:
+            self.epoch = epoch
+            self.coordinator_user = event.sender
+            self.coordinator_node = payload.coordinator
+            self.takeovers.append(payload)
 
     def _reject(self, event: RoomEvent, why: str, **fields: object) -> None:
         self.rejected += 1
@@ -238,6 +269,7 @@ class RunLog:
     def _created(self, sender: str, payload: ev.RunCreatedContent) -> None:
         self.created = payload
         self.coordinator_user = sender
+        self.coordinator_node = payload.coordinator
         if payload.spec is not None:  # else it is in media: the reader fetches it
             self.spec = spec_from_text(payload.spec, run_id=self.run_id)
 
@@ -252,7 +284,23 @@ class RunLog:
             self.events.append(started_fact(payload))
         elif isinstance(payload, ev.SessionCompletedContent):
             self.events.append(finished_fact(payload))
+            self._results.add((payload.task_id, payload.attempt))
         self.sessions.append(event)
+
+    def _close(self, task_id: str, attempt: int) -> None:
+        """The coordinator closed this attempt: a result of it earlier in the room is void."""
+        if (task_id, attempt) not in self._results:
+            return
+        self._results.discard((task_id, attempt))
+        self.events = [
+            e
+            for e in self.events
+            if not (
+                isinstance(e, TaskFinished)
+                and (e.task_id, e.attempt) == (task_id, attempt)
+                and e.outcome is not Outcome.LOST
+            )
+        ]
 
     def _from_coordinator(self, payload: ev.EventContent) -> None:
         at = seconds(payload.timestamp)
@@ -261,8 +309,11 @@ class RunLog:
                 self.assignees[(payload.task_id, payload.attempt)] = payload.assigned_user
                 self.events.append(TaskDispatched(payload.task_id, payload.attempt, at))
             case ev.TaskTimedOutContent(task_id=tid, attempt=int(attempt)):
+                self._close(tid, attempt)
                 self.events.append(TaskTimedOut(tid, attempt, at))
             case ev.TaskCancelledContent(task_id=tid, attempt=attempt, reason=reason):
+                if attempt is not None:
+                    self._close(tid, attempt)
                 self.events.append(TaskCancelled(tid, at, attempt, reason or "run cancelled"))
             case ev.TaskSkippedContent(task_id=tid, reason=reason):
                 self.events.append(TaskSkipped(tid, at, reason or ""))
@@ -282,6 +333,7 @@ class RunLog:
             case ev.TaskCarriedContent(task_id=tid, output=output, from_run=from_run):
                 self.events.append(TaskCarried(tid, at, output, from_run))
             case ev.TaskLostContent(task_id=tid, attempt=int(attempt), reason=reason):
+                self._close(tid, attempt)
                 self.events.append(TaskFinished(tid, attempt, at, Outcome.LOST, error=reason))
             case ev.RunCompletedContent():
                 self.completed = payload

@@ -63,7 +63,8 @@ class RoomRun:
             run_id=self.run_id,
             transcripts=self.transcripts(),
             mode=self.created.mode,
-            coordinator=self.created.coordinator,
+            # Whoever coordinates it now: its creator, or the last coordinator to take it over.
+            coordinator=self.log.coordinator_node or self.created.coordinator,
             created_at=self.created.timestamp,
             resumed_from=self.created.resumed_from,
             room_id=self.room_id,

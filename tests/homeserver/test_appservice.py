@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import aiohttp
@@ -114,6 +115,42 @@ async def test_transaction_retried_after_error(
     # Delivery goes on normally afterwards.
     after = await alice.send_text(room_id, "after the outage")
     await rig.receiver.until(lambda ds: after in event_ids(ds), timeout=60)
+
+
+@pytest.mark.slow
+async def test_a_ping_answered_delivers_what_waits_out_its_backoff_at_once(
+    rig: AppserviceRig, http: aiohttp.ClientSession
+) -> None:
+    """An appservice back from an outage pings the homeserver, which then retries at once
+    rather than at the end of its backoff (Synapse's force_retry; up to 8.5 minutes otherwise):
+    how a node started after its rooms' events gets them now."""
+    alice = await local_user(rig, http)
+    ghost = await namespaced_user(rig, http)
+    appservice = rig.as_client(http, rig.a)
+    room_id = await alice.create_room(preset="public_chat")
+    await appservice.ok("POST", f"{CS}/join/{q(room_id)}", {}, params={"user_id": ghost})
+    await rig.receiver.until(
+        lambda ds: any(
+            e.get("state_key") == ghost and d.status == 200 for d in ds for e in d.events
+        )
+    )
+    rig.receiver.fail_next(3, status=503)
+    event_id = await alice.send_text(room_id, "waits for the appservice")
+
+    def refused(ds: list[Delivery]) -> list[Delivery]:
+        return [d for d in ds if d.status != 200 and event_id in event_ids([d], status=None)]
+
+    await rig.receiver.until(lambda ds: len(refused(ds)) == 3, timeout=60)
+    third = refused(rig.receiver.snapshot())[-1].received_at
+    gaps = [
+        b.received_at - a.received_at
+        for a, b in itertools.pairwise(refused(rig.receiver.snapshot()))
+    ]
+    # The next retry would come after a longer wait than the last one.
+    await appservice.ok("POST", f"/_matrix/client/v1/appservice/{rig.a.id}/ping", {})
+    deliveries = await rig.receiver.until(lambda ds: event_id in event_ids(ds), timeout=60)
+    delivered = next(d for d in deliveries if d.status == 200 and event_id in event_ids([d]))
+    assert delivered.received_at - third < gaps[-1], (gaps, delivered.received_at - third)
 
 
 async def test_masquerading(rig: AppserviceRig, http: aiohttp.ClientSession) -> None:

@@ -119,7 +119,7 @@ async def test_a_member_cannot_pass_for_a_worker_nor_get_work_as_itself(
     plans = plan_nodes(tmp_path, "cis.local", "coord", "wa")
     hs = homeserver_factory(appservice_files=registration_files(plans))
     coord, wa = plans
-    # A slow heartbeat, as in production (15 s by default): a forgery would stand a long time.
+    # A slow heartbeat, slower than an idle worker's (10 s by default): a forgery would stand long.
     admin, room, worker = await cluster(hs, http, plans, accept_agents=["shell"], heartbeat_secs=60)
     try:
         mallory = await member(hs, http, admin, room, "mallory")

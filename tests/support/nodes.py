@@ -98,9 +98,19 @@ def write_configs(
     allowed_users: list[str],
     accept_agents: list[str] | None = None,
     heartbeat_secs: float = 1.0,
+    lease_secs: float | None = None,
+    idle_heartbeat_secs: float | None = None,
     coordinators: list[str] | None = None,
     extra: str = "",
+    matrix_extra: str = "",
 ) -> None:
+    """Each node's config.toml; ``extra`` goes into its ``[node]`` table (and may open tables
+    after it), ``matrix_extra`` into ``[dag.matrix]``. ``lease_secs`` defaults to the config's
+    default (5) or twice ``heartbeat_secs`` if that is longer; ``idle_heartbeat_secs`` to
+    ``heartbeat_secs`` (tests want a stopped node's heartbeat to lapse soon; the config's
+    default is 10)."""
+    lease = lease_secs if lease_secs is not None else max(5.0, 2 * heartbeat_secs)
+    idle = idle_heartbeat_secs if idle_heartbeat_secs is not None else heartbeat_secs
     for plan in plans:
         i = plan.identity
         accept = f"accept_agents = {json.dumps(accept_agents)}\n" if accept_agents else ""
@@ -113,7 +123,7 @@ home_server = "{i.server_name}"
 broadcast_interval_ms = 100
 flush_timeout_secs = 60
 no_worker_timeout_secs = 3
-
+{matrix_extra}
 [node]
 id = "{i.node_id}"
 homeserver = "{homeserver_url}"
@@ -123,6 +133,8 @@ as_token = "{i.as_token}"
 hs_token = "{i.hs_token}"
 allowed_users = {json.dumps(allowed_users)}
 heartbeat_secs = {heartbeat_secs}
+lease_secs = {lease}
+idle_heartbeat_secs = {idle}
 {accept}{extra}
 """
         )

@@ -24,7 +24,7 @@ from cis_bot.app.chat.actions import Answer, Request
 from cis_bot.app.chat.notices import NoticeIndex, NoticeSettings, RunNotices
 from cis_bot.app.chat.rooms import RoomFacts
 from cis_bot.app.chat.view import RoomView
-from cis_bot.app.drive import RunPlan, announce, drive_run
+from cis_bot.app.drive import COORDINATED_MODES, RunPlan, announce, drive_run
 from cis_bot.app.resume import plan_resume
 from cis_bot.chat.compose import Text, code, para
 from cis_bot.chat.incoming import FileRef, Message
@@ -34,6 +34,7 @@ from cis_bot.dag.load import load_dag, parse_dag
 from cis_bot.dag.spec import SHELL_AGENT, DagSpec
 from cis_bot.errors import InputError, UserError
 from cis_bot.ids import new_run_id
+from cis_bot.matrix.leases import RunLeases
 from cis_bot.matrix.node import Node
 from cis_bot.run.agentconfig import check_with_profiles
 from cis_bot.validation import format_for, suggestion
@@ -58,8 +59,11 @@ class NodeRuns:
         work_dir: Path,
         index: NoticeIndex,
         facts: RoomFacts,
+        leases: RunLeases | None = None,
     ) -> None:
         self.node = node
+        #: The node's leases on the runs it coordinates (one state event per room).
+        self.leases = leases
         self.plane = plane
         self.config = config
         self.state_dir = state_dir
@@ -154,6 +158,7 @@ class NodeRuns:
                 observers=[notices],
                 control=self.plane,
                 own_worker=False,
+                leases=self.leases,
             )
             icon = "🏁" if report["status"] == "completed" else "❌"
             failed = [
@@ -179,9 +184,7 @@ class NodeRuns:
 
     def _mode(self) -> ExecutionMode:
         mode = self.config.dag.execution_mode
-        if mode is ExecutionMode.FEDERATION:
-            raise UserError("this node's config says federation mode, which is not implemented")
-        return ExecutionMode.MATRIX if mode is ExecutionMode.MATRIX else ExecutionMode.HYBRID
+        return mode if mode in COORDINATED_MODES else ExecutionMode.HYBRID
 
     # --- the DAG ---------------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 ``Authorization: Bearer <hs_token>``, like synapse/appservice/scheduler.py.
 
 Per appservice, one task sorts new events into numbered transactions and delivers them one at a
-time, in order, retrying each with exponential backoff until the appservice answers 2xx. A
+time, in order, retrying each with exponential backoff until the appservice answers 2xx (or a
+ping it answers shows it is back: then at once, as Synapse's ``force_retry``). A
 transaction is written to SQLite (with the read position moved past its events, atomically)
 before its first attempt, so after a crash it is re-sent with the same id and the same events.
 """
@@ -71,6 +72,8 @@ class AppservicePusher:
         self.retry_max = retry_max
         self.request_timeout = request_timeout
         self._task: asyncio.Task[None] | None = None
+        #: Set by a successful ping: a transaction waiting out its backoff goes at once.
+        self._retry_now = asyncio.Event()
 
     def start(self) -> None:
         if self.store.appservice_state(self.service.id) is None:
@@ -169,7 +172,9 @@ class AppservicePusher:
                 attempt=attempt,
                 delay_s=delay,
             )
-            await asyncio.sleep(delay)
+            self._retry_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retry_now.wait(), delay)
 
     def _body(self, events: list[Event]) -> dict[str, Any]:
         now_ms = int(time.time() * 1000)
@@ -260,4 +265,6 @@ class AppservicePusher:
                 status=response.status,
                 body=response.body.decode("utf-8", errors="replace"),
             )
+        # The appservice answers again: deliver what waits for it now (Synapse's force_retry).
+        self._retry_now.set()
         return int((time.monotonic() - started) * 1000)

@@ -25,7 +25,7 @@ INIT = line(
     {
         "type": "system",
         "subtype": "init",
-        "cwd": "/work/x",
+        "cwd": "/srv/app",
         "model": "claude-opus-5-5",
         "claude_code_version": "2.1.0",
         "tools": ["Bash", "Read"],
@@ -99,7 +99,7 @@ def test_a_conversation_with_a_tool_call_and_its_result() -> None:
     )
     shown = readable(raw, prompt="List the files")
     assert shown.split("\n") == [
-        "── Claude Code 2.1.0 · claude-opus-5-5 · in /work/x",
+        "── Claude Code 2.1.0 · claude-opus-5-5 · in /srv/app",
         "▶ List the files",
         "✻ hmm",
         "  so",
@@ -127,7 +127,7 @@ def test_a_failed_result_and_text_around_the_stream_are_kept() -> None:
     shown = readable(raw)
     assert shown.split("\n")[:4] == [
         "Error: cannot reach the API",
-        "── Claude Code 2.1.0 · claude-opus-5-5 · in /work/x",
+        "── Claude Code 2.1.0 · claude-opus-5-5 · in /srv/app",
         "✘ result: error_during_execution",
         "{not json",
     ]
@@ -169,7 +169,7 @@ def test_following_stream_json_shows_whole_lines_only() -> None:
     assert stream.feed(half) == ""
     assert stream.flush() == ""  # half a JSON line is never shown
     out = stream.feed(INIT[30:])
-    assert out == "── Claude Code 2.1.0 · claude-opus-5-5 · in /work/x\n"
+    assert out == "── Claude Code 2.1.0 · claude-opus-5-5 · in /srv/app\n"
     event = line({"type": "assistant", "message": {"content": [{"type": "text", "text": "hi"}]}})
     assert stream.feed(event[:10]) == "" and stream.flush() == ""
     assert stream.feed(event[10:]) == "● hi\n"

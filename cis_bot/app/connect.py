@@ -9,12 +9,13 @@ from typing import IO, TYPE_CHECKING
 import attrs
 import structlog
 
-from cis_bot.app.localhs import InUse, LocalHomeserverDir
+from cis_bot.app.localhs import InUse, LocalHomeserverDir, run_alias_prefix
 from cis_bot.config import Config, ExecutionMode
 from cis_bot.matrix.identity import NodeIdentity
 from cis_bot.matrix.node import Node, PortInUse
 
 if TYPE_CHECKING:
+    from cis_bot.app.hsprocess import HomeserverProcess, LocalStart
     from cis_bot.homeserver.server import EmbeddedHomeserver
 
 log = structlog.get_logger(__name__)
@@ -22,10 +23,12 @@ log = structlog.get_logger(__name__)
 
 @attrs.define
 class Connection:
-    """A started node, and in local mode the embedded homeserver this process runs under it."""
+    """A started node, and in local mode the embedded homeserver this process runs under it: in
+    this process, or in a child of its own (``hsprocess.py``)."""
 
     node: Node
     homeserver: EmbeddedHomeserver | None = None
+    process: HomeserverProcess | None = None
     #: Held while this process runs the homeserver on the directory.
     lock: IO[str] | None = None
     directory: LocalHomeserverDir | None = None
@@ -33,26 +36,32 @@ class Connection:
     async def close(self) -> None:
         # The homeserver first: its appservice pusher must not be left waiting on our
         # appservice endpoint once that is gone.
+        if self.directory is not None:
+            self.directory.withdraw_endpoint()
         if self.homeserver is not None:
-            if self.directory is not None:
-                self.directory.withdraw_endpoint()
             await self.homeserver.stop()
+        if self.process is not None:
+            await self.process.stop()
         await self.node.stop()
         if self.lock is not None:
             self.lock.close()
 
 
-def run_alias_prefix(config: Config) -> str:
-    """Local run rooms are ``#<prefix><run_id>:<server>`` (from ``[dag.matrix] room_prefix``)."""
-    return config.dag.matrix.room_prefix.lstrip("!#") or "dag-"
-
-
 async def open_connection(
-    config: Config, mode: ExecutionMode, state_dir: Path, *, serve: bool = True
+    config: Config,
+    mode: ExecutionMode,
+    state_dir: Path,
+    *,
+    serve: bool = True,
+    started: LocalStart | None = None,
 ) -> Connection:
     """A node to work with in ``mode`` (``serve=False``: only to read rooms and post, no
-    appservice)."""
+    appservice; ``started``: the local homeserver this command started in a child)."""
     if mode is ExecutionMode.LOCAL:
+        if started is not None:
+            return await connect_started(
+                started, run_alias_prefix(config), allowed_users=config.node.allowed_users
+            )
         return await connect_local(
             state_dir,
             config.dag.matrix.home_server,
@@ -138,4 +147,44 @@ async def connect_local(
         directory.withdraw_endpoint()
         lock.close()
         raise
-    return Connection(node, homeserver, lock, directory)
+    return Connection(node, homeserver, lock=lock, directory=directory)
+
+
+async def connect_started(
+    started: LocalStart,
+    alias_prefix: str,
+    *,
+    allowed_users: tuple[str, ...] = (),
+    ready_timeout: float = 30.0,
+) -> Connection:
+    """The local node on the homeserver ``start_local`` started in a child: the node listens
+    where its registration says (the child loaded it), then connects once the child answers. If
+    that port is taken now, the node takes another and the child starts again with it."""
+    from cis_bot.app.hsprocess import HomeserverProcess
+
+    directory = started.directory
+    identity = attrs.evolve(
+        directory.local_identity(started.server_name, alias_prefix), allowed_users=allowed_users
+    )
+    node = Node(identity)
+    try:
+        try:
+            await node.listen()
+        except PortInUse:
+            node.identity = attrs.evolve(identity, listen_port=0)
+            node.identity = attrs.evolve(identity, listen_port=await node.listen())
+            directory.save_registration(node.identity, alias_prefix)
+            await started.process.stop()
+            started.process = HomeserverProcess.start(
+                directory, started.lock, server_name=started.server_name
+            )
+        base_url = await started.process.ready(ready_timeout)
+        directory.publish_endpoint(base_url, standalone=False)
+        await node.connect(base_url)
+    except BaseException:
+        await started.process.stop()
+        await node.stop()
+        directory.withdraw_endpoint()
+        started.lock.close()
+        raise
+    return Connection(node, process=started.process, lock=started.lock, directory=directory)

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from cis_bot.app.connect import open_connection, run_alias_prefix
+from cis_bot.app.connect import open_connection
 from cis_bot.app.drive import OnStarted, RunPlan, announce, chat_scope, drive_run
 from cis_bot.app.federation import await_workers
-from cis_bot.app.localhs import LocalHomeserverDir
+from cis_bot.app.localhs import LocalHomeserverDir, run_alias_prefix
 from cis_bot.config import Config, ExecutionMode
 from cis_bot.dag.spec import DagSpec, resolve_stakeholders
 from cis_bot.ids import new_run_id
 from cis_bot.run.driver import RunObserver
+
+if TYPE_CHECKING:
+    from cis_bot.app.hsprocess import LocalStart
 
 
 @attrs.frozen
@@ -29,6 +32,8 @@ class RunRequest:
     room: str | None = None
     #: Federation mode: the only workers (node or user ids) the run may use.
     workers: tuple[str, ...] | None = None
+    #: Local mode: the local homeserver, already starting in a child (``hsprocess.py``).
+    started: LocalStart | None = attrs.field(default=None, eq=False)
 
 
 async def execute(
@@ -39,7 +44,9 @@ async def execute(
 ) -> dict[str, Any]:
     """Run the DAG: a new run in its room (local mode: a new room on the local homeserver;
     else the room the request names); returns the report."""
-    connection = await open_connection(request.config, request.mode, request.state_dir)
+    connection = await open_connection(
+        request.config, request.mode, request.state_dir, started=request.started
+    )
     try:
         node = connection.node
         run_id = new_run_id()

@@ -5,7 +5,8 @@
 - the embedded homeserver's SQLite database and media (the local runs' rooms);
 - ``appservices/*.yaml``: the registrations it loads, among them ``local-node.yaml``, the local
   node's (its tokens and appservice port persist, so a homeserver started earlier knows them);
-- ``lock``: held by the one process that runs the homeserver on this database;
+- ``lock``: held by the one process that runs the homeserver on this database (a local run
+  started from the command line shares it with its homeserver child, ``hsprocess.py``);
 - ``endpoint.json``: where a standalone ``cis homeserver`` listens, so local runs use it instead
   of starting their own (and a person's Matrix client sees their rooms live).
 """
@@ -15,10 +16,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import secrets
 import socket
+import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import attrs
 import yaml
@@ -27,7 +30,15 @@ from cis_bot import private
 from cis_bot.errors import UserError
 from cis_bot.matrix.identity import NodeIdentity
 
+if TYPE_CHECKING:
+    from cis_bot.config import Config
+
 LOCAL_NODE_ID = "local"
+
+
+def run_alias_prefix(config: Config) -> str:
+    """Local run rooms are ``#<prefix><run_id>:<server>`` (from ``[dag.matrix] room_prefix``)."""
+    return config.dag.matrix.room_prefix.lstrip("!#") or "dag-"
 
 
 class InUse(UserError):
@@ -59,9 +70,10 @@ class LocalHomeserverDir:
 
     def human_accounts(self) -> list[str]:
         """The people's accounts on this homeserver (``cis homeserver add-user``'s)."""
-        from cis_bot.homeserver.server import DB_NAME, human_accounts
+        from cis_bot.homeserver.storage.database import DB_NAME
+        from cis_bot.homeserver.storage.registration import human_users_in
 
-        return human_accounts(self.path / DB_NAME)
+        return human_users_in(self.path / DB_NAME)
 
     def registrations(self) -> list[Path]:
         return sorted((self.path / "appservices").glob("*.yaml"))
@@ -98,18 +110,27 @@ class LocalHomeserverDir:
         text = yaml.safe_dump(identity.registration(url=url, room_alias_prefix=alias_prefix))
         private.write_file(self.registration, text)
 
-    def lock(self, what: str) -> IO[str]:
-        """Hold the directory (released when the returned file is closed); InUse if taken."""
+    def lock(self, what: str, *, orphan_wait: float = 5.0) -> IO[str]:
+        """Hold the directory (released when the returned file is closed); InUse if taken.
+
+        A run's homeserver child shares its run's hold and ends moments after the run does
+        (``hsprocess.py``): when the holder named in the file is gone, wait up to
+        ``orphan_wait`` seconds for that child to let go."""
         private.make_dirs(self.path)
         fd = private.open_file(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_APPEND)
         handle = os.fdopen(fd, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise InUse(self.path, holder) from None
+        deadline = time.monotonic() + orphan_wait
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                if _alive(_holder_pid(holder)) or time.monotonic() >= deadline:
+                    handle.close()
+                    raise InUse(self.path, holder) from None
+                time.sleep(0.01)
         handle.seek(0)
         handle.truncate()
         handle.write(f"{what} (pid {os.getpid()})")
@@ -133,13 +154,25 @@ class LocalHomeserverDir:
             standalone = bool(data.get("standalone"))
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return base_url, standalone
+        return (base_url, standalone) if _alive(pid) else None
+
+
+def _holder_pid(holder: str) -> int | None:
+    found = re.search(r"\(pid (\d+)\)$", holder)
+    return int(found.group(1)) if found else None
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether the process is there (True when unknown: then nothing is waited for)."""
+    if pid is None:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _free_port() -> int:

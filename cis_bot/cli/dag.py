@@ -187,7 +187,6 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _execute(args: argparse.Namespace) -> int:
-    from cis_bot.app.execute import RunRequest
     from cis_bot.config import ExecutionMode, open_state_dir
 
     parser: argparse.ArgumentParser = args.parser
@@ -215,15 +214,26 @@ def _execute(args: argparse.Namespace) -> int:
         parser.error(f"--{mode} needs --room R")
     if args.dry_run and mode in (ExecutionMode.MATRIX, ExecutionMode.FEDERATION):
         raise UserError("--dry-run runs the tasks on this machine: use it with --local or --hybrid")
+    state_dir = open_state_dir(args.state_dir)
+    started = None
+    if mode is ExecutionMode.LOCAL:
+        # Before the imports below, the better part of the start: the homeserver starts on
+        # another core meanwhile (see cis_bot/app/hsprocess.py).
+        from cis_bot.app.hsprocess import start_local
+
+        started = start_local(state_dir, config)
+    from cis_bot.app.execute import RunRequest
+
     request = RunRequest(
         spec=spec,
         config=config,
         mode=mode,
         max_workers=args.max_workers or spec.max_workers or config.dag.local.max_workers,
-        state_dir=open_state_dir(args.state_dir),
+        state_dir=state_dir,
         work_dir=Path.cwd(),
         room=args.room,
         workers=workers,
+        started=started,
     )
     where = _where(args)
     return _finish(

@@ -14,10 +14,15 @@ first ``/versions`` answers within half a second of process start.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cis_bot.errors import UserError
+
+if TYPE_CHECKING:
+    import asyncio
 
 if sys.argv[1:2] == ["homeserver"]:
     # This process is `cis homeserver`: structlog imports rich when it can (for pretty
@@ -58,6 +63,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--log-level", default="info", help="debug, info, warning or error (default info)"
     )
+    # A local run's own homeserver (cis_bot/app/hsprocess.py): the run holds the directory and
+    # publishes where it answers; it stops when its stdin closes.
+    parser.add_argument("--for-run", action="store_true", help=argparse.SUPPRESS)
     parser.set_defaults(handler=run)
     commands = parser.add_subparsers(dest="homeserver_command", metavar="COMMAND")
     add_user = commands.add_parser(
@@ -108,11 +116,13 @@ async def _serve(args: argparse.Namespace) -> int:
     from cis_bot.homeserver.server import EmbeddedHomeserver
 
     directory = LocalHomeserverDir.of(_state_dir(args.state_dir))
-    lock = directory.lock("cis homeserver")
+    # For a run, the run holds the directory (this process inherited its locked file).
+    lock = None if args.for_run else directory.lock("cis homeserver")
     try:
-        # The local node's registration, so local runs can use this server (it reads
-        # registrations only now).
-        directory.local_identity(args.server_name, alias_prefix="dag-")
+        if not args.for_run:
+            # The local node's registration, so local runs can use this server (it reads
+            # registrations only now).
+            directory.local_identity(args.server_name, alias_prefix="dag-")
         server = EmbeddedHomeserver(
             state_dir=directory.path,
             server_name=args.server_name,
@@ -130,16 +140,40 @@ async def _serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        directory.publish_endpoint(server.base_url, standalone=True)
+        if args.for_run:
+            loop.add_reader(sys.stdin.fileno(), _stop_at_eof, sys.stdin.fileno(), stop)
+        else:
+            directory.publish_endpoint(server.base_url, standalone=True)
         print(f"listening on {server.base_url}", flush=True)
         try:
             await stop.wait()
         finally:
-            directory.withdraw_endpoint()
-            await server.stop()
+            if not args.for_run:
+                directory.withdraw_endpoint()
+            # A run's own: its node is still listening, and takes its last events now (they
+            # would wait in the database for an appservice that is gone).
+            await server.stop(drain=_RUN_DRAIN_SECS if args.for_run else 0.0)
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
     return 0
+
+
+#: How long a run's homeserver, told to stop, keeps delivering to the run's node.
+_RUN_DRAIN_SECS = 5.0
+
+
+def _stop_at_eof(fd: int, stop: asyncio.Event) -> None:
+    """The run that started this homeserver closed our stdin, or is gone."""
+    import asyncio
+
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        data = b""
+    if not data:
+        asyncio.get_running_loop().remove_reader(fd)
+        stop.set()
 
 
 def _state_dir(given: Path | None) -> Path:

@@ -55,6 +55,7 @@ from cis_bot.homeserver.rest import (
     sync,
 )
 from cis_bot.homeserver.rest.base import MAX_JSON_BODY, HttpFrontend, Router, error_response
+from cis_bot.homeserver.storage.database import DB_NAME
 from cis_bot.homeserver.storage.registration import UserExistsError
 from cis_bot.homeserver.storage.store import Store
 
@@ -67,7 +68,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-DB_NAME = "homeserver.db"
 DEFAULT_MAX_UPLOAD = 50 * 1024 * 1024
 
 
@@ -211,17 +211,6 @@ def store_account(store: Store, user_id: str, password_hash: str, admin: bool) -
         raise ValueError(f"user {user_id} already exists") from None
 
 
-def human_accounts(database: Path) -> list[str]:
-    """The people's accounts in a homeserver database (none when it does not exist yet)."""
-    if not database.exists():
-        return []
-    store = Store(database)
-    try:
-        return store.human_users()
-    finally:
-        store.close()
-
-
 class EmbeddedHomeserver:
     """A loopback Matrix homeserver on SQLite, started inside the caller's event loop."""
 
@@ -319,9 +308,13 @@ class EmbeddedHomeserver:
             hs.pushers[service.id] = pusher
             pusher.start()
 
-    async def stop(self) -> None:
+    async def stop(self, *, drain: float = 0.0) -> None:
+        """Stop; ``drain``: first give the appservices, up to that many seconds, the events
+        they have not had (a run's own homeserver, before the run's node goes)."""
         hs = self.hs
         if hs is not None:
+            if drain > 0:
+                await asyncio.gather(*(p.drain(drain) for p in hs.pushers.values()))
             for pusher in hs.pushers.values():
                 await pusher.stop()
         if self._http is not None:

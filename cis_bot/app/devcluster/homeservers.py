@@ -98,7 +98,8 @@ class EmbeddedHomeserver(Homeserver):
         return argv
 
     async def create_person(self, http: aiohttp.ClientSession, password: str) -> None:
-        from cis_bot.homeserver.server import DB_NAME, new_account, store_account
+        from cis_bot.homeserver.server import new_account, store_account
+        from cis_bot.homeserver.storage.database import DB_NAME
         from cis_bot.homeserver.storage.store import Store
 
         store = Store(self.directory.embedded_state / "homeserver" / DB_NAME)

@@ -74,12 +74,36 @@ class AppservicePusher:
         self._task: asyncio.Task[None] | None = None
         #: Set by a successful ping: a transaction waiting out its backoff goes at once.
         self._retry_now = asyncio.Event()
+        #: Set whenever a transaction was delivered or there was nothing to deliver.
+        self._progress = asyncio.Event()
+        #: The last attempt failed: the appservice is away (perhaps for good).
+        self._failing = False
 
     def start(self) -> None:
         if self.store.appservice_state(self.service.id) is None:
             # A newly registered appservice starts from now, as in Synapse: no history replay.
             self.store.init_appservice_state(self.service.id, self.store.current_stream)
         self._task = asyncio.create_task(self._run(), name=f"appservice-pusher-{self.service.id}")
+
+    async def drain(self, timeout: float) -> None:
+        """Wait, up to ``timeout`` seconds, until the appservice has every event stored so far,
+        unless it is failing to take them (away, perhaps for good: no use waiting)."""
+        if self._task is None or self.service.url is None:
+            return
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self._failing and not self._delivered_all():
+            self._progress.clear()
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                await asyncio.wait_for(self._progress.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _delivered_all(self) -> bool:
+        state = self.store.appservice_state(self.service.id)
+        if state is not None and state[0] < self.store.current_stream:
+            return False
+        return not self.store.pending_appservice_txns(self.service.id)
 
     async def stop(self) -> None:
         if self._task is None:
@@ -99,6 +123,7 @@ class AppservicePusher:
                 for txn_id, streams in self.store.pending_appservice_txns(self.service.id):
                     await self._deliver(txn_id, streams)
                 if not self._sort_new_events():
+                    self._progress.set()
                     await self.notifier.wait_for_stream()
             except asyncio.CancelledError:
                 raise
@@ -160,9 +185,12 @@ class AppservicePusher:
         while True:
             body = self._body(events)
             ok = await self._put(txn_id, body)
+            self._failing = not ok
             if ok:
                 self.store.complete_appservice_txn(self.service.id, txn_id)
+                self._progress.set()
                 return
+            self._progress.set()  # a drain stops waiting on a failing appservice
             delay = min(self.retry_initial * (2**attempt), self.retry_max)
             attempt += 1
             log.warning(

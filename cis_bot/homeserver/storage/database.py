@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 SCHEMA_VERSION = 1
+#: The database's file in the homeserver's state directory.
+DB_NAME = "homeserver.db"
 
 
 def now_ms() -> int:

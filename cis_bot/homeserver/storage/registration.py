@@ -4,10 +4,32 @@ DeviceStore)."""
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import attrs
 
 from cis_bot.homeserver.storage.database import StoreBase, now_ms
+
+_HUMAN_USERS = (
+    "SELECT user_id FROM users WHERE appservice_id IS NULL AND deactivated = 0 ORDER BY user_id"
+)
+
+
+def human_users_in(database: Path) -> list[str]:
+    """``RegistrationStore.human_users`` of a database another process may be running a
+    homeserver on, or starting one on: read only, without the store's set-up (none when there
+    is no database or no table yet)."""
+    if not database.exists():
+        return []
+    conn = sqlite3.connect(database, timeout=10.0)
+    try:
+        return [r[0] for r in conn.execute(_HUMAN_USERS).fetchall()]
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise
+    finally:
+        conn.close()
 
 
 class UserExistsError(Exception):
@@ -38,11 +60,7 @@ class RegistrationStore(StoreBase):
 
     def human_users(self) -> list[str]:
         """Active accounts that belong to no appservice (``cis homeserver add-user``'s)."""
-        rows = self.conn.execute(
-            "SELECT user_id FROM users WHERE appservice_id IS NULL AND deactivated = 0"
-            " ORDER BY user_id"
-        ).fetchall()
-        return [r[0] for r in rows]
+        return [r[0] for r in self.conn.execute(_HUMAN_USERS).fetchall()]
 
     def get_user_case_insensitive(self, user_id: str) -> list[str]:
         rows = self.conn.execute(

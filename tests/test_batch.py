@@ -13,6 +13,8 @@ from typing import Any
 import aiohttp
 import attrs
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cis_bot.matrix import events as ev
 from cis_bot.matrix.batch import BATCH_TYPE, BATCHING, make_batch, unpack
@@ -201,6 +203,34 @@ def test_a_full_batch_stays_within_the_event_size_bound() -> None:
     carrier = make_batch(taken)
     assert ev.decode(BATCH_TYPE, carrier.content)  # within MAX_CONTENT_BYTES, as read back
     assert len(json.dumps(carrier.content, ensure_ascii=False).encode()) <= ev.MAX_CONTENT_BYTES
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(
+    event_type=st.sampled_from(sorted(ev.RUN_LOG_TYPES)) | st.text(min_size=1),
+    content=st.dictionaries(st.text(), JSON, max_size=6),
+)
+def test_an_events_batch_size_is_what_it_encodes_to_measured_or_not(
+    event_type: str, content: dict[str, Any]
+) -> None:
+    """The size batching counts is the entry's encoded bytes, whether ``outgoing`` measured the
+    content already or batching measures it."""
+    entry = {"type": event_type, "content": content}
+    exact = len(json.dumps(entry, ensure_ascii=False).encode()) + 2
+    assert BATCHING.size(Outgoing(event_type, content)) == exact
+    measured = len(json.dumps(content, ensure_ascii=False).encode())
+    assert BATCHING.size(Outgoing(event_type, content, content_bytes=measured)) == exact
+
+
+def test_outgoing_measures_the_content_once_and_batching_believes_it() -> None:
+    item = outgoing(assigned("a", "@w:cis.local"))
+    assert item.content_bytes == len(json.dumps(item.content, ensure_ascii=False).encode())
 
 
 # --- on a homeserver -----------------------------------------------------------------------------

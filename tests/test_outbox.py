@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -451,6 +452,43 @@ async def test_events_whose_preparation_outgrows_the_batch_wait_for_the_next_one
     await r.until(lambda: len(r.started) == 3)
     assert r.started[2] == "b1"
     r.gates["b1"].set()
+    assert await box.flush(timeout=2)
+    await box.close()
+
+
+async def test_what_preparation_adds_counts_against_the_event_size_bound() -> None:
+    """Events measured as posted (``content_bytes``) are measured again once prepared: two that
+    each grow past half the bound do not share a batch."""
+    from cis_bot.matrix import events as ev
+    from cis_bot.matrix.batch import BATCHING as REAL
+
+    r = Recorder(hold=True)
+    half = ev.MAX_CONTENT_BYTES // 2 + 1
+
+    async def grow(item: Outgoing) -> None:
+        item.content["upload"] = "x" * half
+
+    def big(name: str, key: str) -> Outgoing:
+        content = {"n": name}
+        measured = len(json.dumps(content).encode())
+        return Outgoing(
+            "cis.dag.task.claimed", content, key=key, batchable=True, prepare=grow,
+            content_bytes=measured,
+        )  # fmt: skip
+
+    box = Outbox(r.send, batching=attrs.evolve(REAL, make=batch_of))
+    box.start()
+    box.post(batched("x", "x"))
+    await r.until(lambda: r.started == ["x"])
+    box.post(big("a", "a"))
+    box.post(big("b", "b"))
+    r.gates["x"].set()
+    await r.until(lambda: len(r.started) == 2)
+    assert r.started[1] == "a"  # b, prepared too, no longer fits beside it
+    r.gates["a"].set()
+    await r.until(lambda: len(r.started) == 3)
+    assert r.started[2] == "b"
+    r.gates["b"].set()
     assert await box.flush(timeout=2)
     await box.close()
 

@@ -15,6 +15,7 @@ homeserver would have refused it.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -41,11 +42,18 @@ def batchable(event_type: str, state_key: str | None) -> bool:
 
 def _size(item: Outgoing) -> int:
     """What the event adds to a batch's content, in encoded bytes (with its separator)."""
-    entry = {"type": item.event_type, "content": item.content}
-    size = len(json.dumps(entry, ensure_ascii=False).encode()) + 2
+    if item.content_bytes is None:
+        item.content_bytes = len(json.dumps(item.content, ensure_ascii=False).encode())
+    size = item.content_bytes + _entry_bytes(item.event_type) + 2
     if item.prepare is not None and not item.prepared:
         size += _PREPARE_RESERVE_BYTES
     return size
+
+
+@functools.cache
+def _entry_bytes(event_type: str) -> int:
+    """What ``{"type": ..., "content": ...}`` adds around its content, encoded."""
+    return len(json.dumps({"type": event_type, "content": {}}, ensure_ascii=False).encode()) - 2
 
 
 def make_batch(items: Sequence[Outgoing]) -> Outgoing:

@@ -964,6 +964,12 @@ def decode(event_type: str, content: object) -> EventContent:
 def encode(payload: EventContent) -> tuple[str, dict[str, Any]]:
     """(event type, content) ready to send; ContentTooLarge, naming the largest field, for a
     content over the size bound (``fit`` first moves what it can to media)."""
+    event_type, content, _ = encode_sized(payload)
+    return event_type, content
+
+
+def encode_sized(payload: EventContent) -> tuple[str, dict[str, Any], int]:
+    """``encode``, and the content's size encoded (JSON, bytes), measured for the bound."""
     content = payload.content()
     size = _size(content)
     if size > MAX_CONTENT_BYTES:
@@ -972,7 +978,7 @@ def encode(payload: EventContent) -> tuple[str, dict[str, Any]]:
             f"{payload.TYPE} content is {size} bytes, over the {MAX_CONTENT_BYTES}-byte bound "
             f"(its largest field is {largest!r})"
         )
-    return payload.TYPE, content
+    return payload.TYPE, content, size
 
 
 def _size(content: Mapping[str, Any]) -> int:

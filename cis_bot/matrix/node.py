@@ -505,12 +505,12 @@ def outgoing(
         raise ValueError(f"{payload.TYPE}: a state key goes with state event types, and only them")
     media: ev.Media = {}
     try:
-        event_type, content = ev.encode(payload)
+        event_type, content, size = ev.encode_sized(payload)
     except ev.ContentTooLarge:
         payload, media = payload.fit()
         if media and upload is None:
             raise
-        event_type, content = ev.encode(payload)
+        event_type, content, size = ev.encode_sized(payload)
     key: str | None = None
     if isinstance(payload, ev.NodeHeartbeatContent):
         key = f"heartbeat:{state_key}"
@@ -528,6 +528,7 @@ def outgoing(
         droppable=droppable,
         key=key,
         batchable=batchable(event_type, state_key),
+        content_bytes=size,
     )
     if media:
         assert upload is not None

@@ -64,6 +64,9 @@ class Outgoing:
     batchable: bool = False
     txn_id: str = attrs.Factory(lambda: secrets.token_hex(8))
     prepared: bool = False
+    #: The content's size encoded (JSON, bytes), when known: batching reads it instead of
+    #: encoding again. Forgotten when ``prepare`` has run (it may change the content).
+    content_bytes: int | None = None
     in_flight: bool = False
     #: Posting order, and the outbox's bookkeeping: where the event waits, whether it left.
     _seq: int = attrs.field(default=0, init=False, repr=False)
@@ -481,6 +484,7 @@ class Outbox:
         for item, result in zip(waiting, results, strict=True):
             if result is None:
                 item.prepared = True
+                item.content_bytes = None
             elif _is_offline(result):
                 offline = offline or result
             elif isinstance(result, MatrixRequestError):

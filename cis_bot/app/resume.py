@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -31,6 +31,9 @@ from cis_bot.errors import UserError
 from cis_bot.ids import new_run_id
 from cis_bot.matrix.runs import RoomRun, joined_rooms, pick_run, read_runs
 from cis_bot.run.driver import RunObserver
+
+if TYPE_CHECKING:
+    from cis_bot.app.hsprocess import LocalStart
 
 
 @attrs.frozen
@@ -84,9 +87,11 @@ async def resume(
     work_dir: Path,
     observers: Sequence[RunObserver] = (),
     on_started: OnStarted | None = None,
+    started: LocalStart | None = None,
 ) -> dict[str, Any]:
-    """Resume the run ``wanted`` names (an id or a unique prefix); returns the report."""
-    connection = await open_connection(config, mode, state_dir)
+    """Resume the run ``wanted`` names (an id or a unique prefix); returns the report.
+    ``started``: the local homeserver, already starting in a child (``hsprocess.py``)."""
+    connection = await open_connection(config, mode, state_dir, started=started)
     try:
         node = connection.node
         rooms = await joined_rooms(node, room)

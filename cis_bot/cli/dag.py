@@ -22,6 +22,7 @@ from cis_bot.errors import UserError
 if TYPE_CHECKING:
     from cis_bot.app.drive import OnStarted, StartedRun
     from cis_bot.app.execute import RunRequest
+    from cis_bot.app.hsprocess import LocalStart
     from cis_bot.cli.live import Attach, LiveProgress
     from cis_bot.config import Config, ExecutionMode
     from cis_bot.dag.spec import DagSpec
@@ -215,13 +216,7 @@ def _execute(args: argparse.Namespace) -> int:
     if args.dry_run and mode in (ExecutionMode.MATRIX, ExecutionMode.FEDERATION):
         raise UserError("--dry-run runs the tasks on this machine: use it with --local or --hybrid")
     state_dir = open_state_dir(args.state_dir)
-    started = None
-    if mode is ExecutionMode.LOCAL:
-        # Before the imports below, the better part of the start: the homeserver starts on
-        # another core meanwhile (see cis_bot/app/hsprocess.py).
-        from cis_bot.app.hsprocess import start_local
-
-        started = start_local(state_dir, config)
+    started = _start_homeserver(mode, state_dir, config)
     from cis_bot.app.execute import RunRequest
 
     request = RunRequest(
@@ -241,6 +236,18 @@ def _execute(args: argparse.Namespace) -> int:
         args.json,
         where,
     )
+
+
+def _start_homeserver(mode: ExecutionMode, state_dir: Path, config: Config) -> LocalStart | None:
+    """A local run's homeserver, started before the run's imports, the better part of its
+    start: it loads on another core meanwhile (see cis_bot/app/hsprocess.py)."""
+    from cis_bot.config import ExecutionMode
+
+    if mode is not ExecutionMode.LOCAL:
+        return None
+    from cis_bot.app.hsprocess import start_local
+
+    return start_local(state_dir, config)
 
 
 def _where(args: argparse.Namespace) -> str:
@@ -471,13 +478,22 @@ def _created_at(summary: dict[str, Any]) -> int:
 
 def _resume(args: argparse.Namespace) -> int:
     where = _where(args)
-    return _finish(lambda: _resume_run(args, where), args.json, where)
-
-
-async def _resume_run(args: argparse.Namespace, where: str) -> dict[str, Any]:
-    from cis_bot.app.resume import resume
-
     config, mode, state_dir = _reader_mode(args)
+    started = _start_homeserver(mode, state_dir, config)
+    return _finish(
+        lambda: _resume_run(args, where, config, mode, state_dir, started), args.json, where
+    )
+
+
+async def _resume_run(
+    args: argparse.Namespace,
+    where: str,
+    config: Config,
+    mode: ExecutionMode,
+    state_dir: Path,
+    started: LocalStart | None,
+) -> dict[str, Any]:
+    from cis_bot.app.resume import resume
 
     async def run(observers: list[RunObserver], on_started: OnStarted) -> dict[str, Any]:
         return await resume(
@@ -489,6 +505,7 @@ async def _resume_run(args: argparse.Namespace, where: str) -> dict[str, Any]:
             work_dir=Path.cwd(),
             observers=observers,
             on_started=on_started,
+            started=started,
         )
 
     return await _with_progress(

@@ -11,7 +11,9 @@ first as an installed package is (see compiled.py); baselines are measured in th
 interleaved. Reported, as medians: the whole process (until it exits: the run's
 room has every event, the report is written) and, for every size, the time until the last task
 ran (from process start to the newest transcript); the ratio and the overhead per task
-((cis - baseline) / N) of each; cis_bot's peak RSS and the memory each task adds to it.
+((cis - baseline) / N) of each; cis_bot's peak RSS and the memory each task adds to it, and the
+peak RSS of the run's homeserver, which runs in a child of its own (app/hsprocess.py; read from
+its /proc/PID/status while it lives).
 
 A run counts only if all N tasks ran (one transcript each). A run that ends with an error after
 they did (exit status other than 0, no JSON report: before item 6 of the security review, runs
@@ -33,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -72,6 +75,8 @@ class Run:
     started_at: float = 0.0
     #: From the process's start until the last task ran (its transcript's last write).
     tasks_s: float = 0.0
+    #: The run's homeserver child's peak RSS (0: not seen).
+    homeserver_rss_kib: int = 0
 
 
 @dataclasses.dataclass
@@ -83,6 +88,7 @@ class Result:
     tasks_s: float
     baseline_s: float
     peak_rss_mib: float
+    homeserver_rss_mib: float
     #: Every run exited 0 with its report (else: it ended in an error after all tasks ran).
     completed: bool
     ratio: float = 0.0
@@ -104,21 +110,62 @@ class Result:
         )
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> Run:
-    """Wall time, exit status and peak RSS (of the process, or what it waited for)."""
+def timed(cmd: list[str], env: dict[str, str] | None = None, *, watch: bool = False) -> Run:
+    """Wall time, exit status and peak RSS (of the process, or what it waited for); ``watch``:
+    also the peak RSS of its ``--for-run`` homeserver child."""
     started_at = time.time()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    peak = [0]
+    watcher = threading.Thread(target=_watch_homeserver, args=(proc, peak), daemon=True)
+    if watch:
+        watcher.start()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return Run(wall, proc.returncode, usage.ru_maxrss, started_at=started_at)
+    if watch:
+        watcher.join(10)
+    return Run(
+        wall, proc.returncode, usage.ru_maxrss, started_at=started_at, homeserver_rss_kib=peak[0]
+    )
+
+
+def _watch_homeserver(proc: subprocess.Popen[bytes], peak: list[int]) -> None:
+    """Find ``proc``'s homeserver child and keep its VmHWM (the kernel's peak RSS) until it
+    is gone. Polls every 20 ms: the peak is a high-water mark, so the last read is it."""
+    child = None
+    while child is None and proc.poll() is None:
+        child = _homeserver_child(proc.pid)
+        time.sleep(0.02)
+    while child is not None:
+        try:
+            status = Path(f"/proc/{child}/status").read_text()
+        except OSError:
+            return
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                peak[0] = max(peak[0], int(line.split()[1]))
+        time.sleep(0.02)
+
+
+def _homeserver_child(parent: int) -> int | None:
+    try:
+        children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    except OSError:
+        return None
+    for pid in children:
+        try:
+            if b"--for-run" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                return int(pid)
+        except OSError:
+            continue
+    return None
 
 
 def run_cis(dag: Path, state: Path) -> Run:
     env = {**os.environ, "CIS_CONFIG": os.devnull}
     cmd = [sys.executable, "-m", "cis_bot", "dag", "execute", "--local", str(dag), "--json"]
-    run = timed([*cmd, "--state-dir", str(state)], env=env)
+    run = timed([*cmd, "--state-dir", str(state)], env=env, watch=True)
     (run_dir,) = (state / "runs").iterdir()
     transcripts = list((run_dir / "sessions").iterdir())
     run.ran = len(transcripts)
@@ -146,6 +193,7 @@ def measure(workload: str, n: int, repeat: int, root: Path) -> Result:
         tasks_s=statistics.median(r.tasks_s for r in ours),
         baseline_s=statistics.median(theirs),
         peak_rss_mib=max(r.peak_rss_kib for r in ours) / 1024,
+        homeserver_rss_mib=max(r.homeserver_rss_kib for r in ours) / 1024,
         completed=all(r.status == 0 and r.report for r in ours),
     )
 
@@ -184,7 +232,7 @@ def main() -> None:
     print(
         f"{'workload':8} {'tasks':>6} {'baseline':>9} | {'cis':>8} {'ratio':>6} {'ms/task':>8}"
         f" {'vs first':>8} | {'last ran':>8} {'ratio':>6} {'ms/task':>8} {'vs first':>8} |"
-        f" {'peak RSS':>9} {'KiB/task':>9}"
+        f" {'peak RSS':>9} {'KiB/task':>9} {'hs RSS':>8}"
     )
     for r in results:
         per_task = "" if r.kib_per_extra_task is None else f"{r.kib_per_extra_task:.1f}"
@@ -193,12 +241,13 @@ def main() -> None:
             f"{r.workload:8} {r.tasks:>6} {r.baseline_s:>8.2f}s | {r.cis_s:>7.2f}s {r.ratio:>6.2f}"
             f" {r.overhead_ms_per_task:>8.2f} {r.overhead_vs_smallest:>8.2f} |"
             f" {r.tasks_s:>7.2f}s {r.tasks_ratio:>6.2f} {r.tasks_overhead_ms_per_task:>8.2f}"
-            f" {r.tasks_overhead_vs_smallest:>8.2f} | {r.peak_rss_mib:>7.1f}Mi {per_task:>9}{note}"
+            f" {r.tasks_overhead_vs_smallest:>8.2f} | {r.peak_rss_mib:>7.1f}Mi {per_task:>9}"
+            f" {r.homeserver_rss_mib:>6.1f}Mi{note}"
         )
     print(
         "cis: the whole process; last ran: until the last task ran. ms/task: overhead per task, "
         "(cis - baseline) / tasks; vs first: over the smallest size's. KiB/task: peak RSS over "
-        "the smallest size's, per extra task."
+        "the smallest size's, per extra task. hs RSS: the run's homeserver process's peak RSS."
     )
 
 

@@ -49,13 +49,19 @@ def pending(tmp_path: Path) -> list[tuple[int, list[int]]]:
         store.close()
 
 
+async def in_flight(tmp_path: Path, receiver: TransactionReceiver) -> EmbeddedHomeserver:
+    """A homeserver whose first transaction to ``receiver`` is on its way, held there."""
+    hs, token = await started_with_receiver(tmp_path, receiver)
+    receiver.hold()
+    async with aiohttp.ClientSession() as http:
+        await send_one(http, hs, token)
+    await receiver.until(lambda ds: len(ds) >= 1)
+    return hs
+
+
 async def test_a_drain_delivers_what_is_in_flight_before_stopping(tmp_path: Path) -> None:
     with TransactionReceiver(hs_token=None) as receiver:
-        hs, token = await started_with_receiver(tmp_path, receiver)
-        receiver.hold()
-        async with aiohttp.ClientSession() as http:
-            await send_one(http, hs, token)
-        await receiver.until(lambda ds: len(ds) >= 1)  # the first transaction, held
+        hs = await in_flight(tmp_path, receiver)
         threading.Timer(0.3, receiver.release).start()  # the appservice answers a bit later
         started = time.monotonic()
         await hs.stop(drain=10)
@@ -68,11 +74,7 @@ async def test_a_drain_delivers_what_is_in_flight_before_stopping(tmp_path: Path
 
 async def test_without_a_drain_the_transaction_waits_in_the_database(tmp_path: Path) -> None:
     with TransactionReceiver(hs_token=None) as receiver:
-        hs, token = await started_with_receiver(tmp_path, receiver)
-        receiver.hold()
-        async with aiohttp.ClientSession() as http:
-            await send_one(http, hs, token)
-        await receiver.until(lambda ds: len(ds) >= 1)
+        hs = await in_flight(tmp_path, receiver)
         await hs.stop()
         receiver.release()
     assert pending(tmp_path), "the in-flight transaction is kept, to be sent again"

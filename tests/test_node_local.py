@@ -370,3 +370,45 @@ def test_the_directory_waits_for_a_gone_runs_homeserver_to_let_go_and_not_for_a_
         assert time.monotonic() - started < 0.5
     finally:
         held.close()
+
+
+def test_a_local_runs_homeserver_killed_midway_comes_back_and_the_room_gets_everything(
+    tmp_path: Path,
+) -> None:
+    """kill -9 of the run's homeserver: the run starts it again at the same address, its tasks
+    go on meanwhile, and what it posted while the homeserver was away reaches the room."""
+    dag = tmp_path / "gate.toml"
+    dag.write_text(
+        '[[tasks]]\nid = "gate"\n'
+        'command = "touch started; while [ ! -e go ]; do sleep 0.02; done"\n'
+        '[[tasks]]\nid = "after"\ndeps = ["gate"]\ncommand = "echo after"\n'
+    )
+    state = tmp_path / "state"
+    run = start_until_touched(dag, state, tmp_path / "started")
+    try:
+        (first,) = homeserver_children(state)
+        endpoint = json.loads((state / "homeserver" / "endpoint.json").read_text())
+        os.kill(first, signal.SIGKILL)
+        (tmp_path / "go").touch()  # the tasks finish while the homeserver is away, or back
+        deadline = time.monotonic() + 30
+        while not [pid for pid in homeserver_children(state) if pid != first]:
+            assert time.monotonic() < deadline, "the homeserver was not started again"
+            assert run.poll() is None, run.communicate()
+            time.sleep(0.02)
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, err
+    assert b"local.homeserver_ended" in err
+    report = json.loads(out)
+    assert report["status"] == "completed"
+    events = asyncio.run(local_room_events(state, report["room_id"]))
+    done = [
+        e["content"]["task_id"]
+        for e in events
+        if e["type"] == "cis.dag.session.completed" and e["content"]["status"] == "completed"
+    ]
+    assert sorted(done) == ["after", "gate"]
+    assert any(e["type"] == "cis.dag.run.completed" for e in events)
+    assert endpoint["base_url"].startswith("http://127.0.0.1:")

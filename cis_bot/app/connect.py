@@ -159,7 +159,8 @@ async def connect_started(
 ) -> Connection:
     """The local node on the homeserver ``start_local`` started in a child: the node listens
     where its registration says (the child loaded it), then connects once the child answers. If
-    that port is taken now, the node takes another and the child starts again with it."""
+    that port is taken now, the node takes another and the child starts again with it. From
+    then on the child is started again should it end before the run does."""
     from cis_bot.app.hsprocess import HomeserverProcess
 
     directory = started.directory
@@ -181,6 +182,7 @@ async def connect_started(
         base_url = await started.process.ready(ready_timeout)
         directory.publish_endpoint(base_url, standalone=False)
         await node.connect(base_url)
+        started.process.supervise(ready_timeout=ready_timeout)
     except BaseException:
         await started.process.stop()
         await node.stop()

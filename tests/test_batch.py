@@ -340,3 +340,38 @@ async def test_a_batch_cannot_say_what_its_sender_could_not_post_alone(
 
 async def _joined(admin: MatrixClient, room: str, user_id: str) -> bool:
     return user_id in await joined_members(admin, room)
+
+
+async def test_a_batch_met_while_the_homeserver_is_away_is_dropped_and_the_node_hears_on(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """A batch pushed to the node, its homeserver gone before the node could read who may post
+    what: a few tries, then dropped with a warning; the node's intake goes on (it died there)."""
+    from cis_bot.homeserver.server import EmbeddedHomeserver
+
+    (plan,) = plan_nodes(tmp_path, "cis.local", "wa")
+    hs = EmbeddedHomeserver(state_dir=tmp_path / "hs", appservice_files=registration_files([plan]))
+    await hs.start()
+    node = await started_node(hs, plan, "@admin:cis.local")
+    heard = Heard()
+    node.add_listener(heard)
+    try:
+        await hs.stop()  # away for good: reading the room's power levels fails
+        identity = plan.identity
+        url = f"http://127.0.0.1:{identity.listen_port}/_matrix/app/v1/transactions"
+        headers = {"Authorization": f"Bearer {identity.hs_token}"}
+        room = "!away:cis.local"
+        batch = {
+            "type": BATCH_TYPE, "room_id": room, "sender": node.user_id, "event_id": "$b",
+            "content": batch_content(claimed("lost")),
+        }  # fmt: skip
+        plain = {
+            "type": ev.TaskClaimedContent.TYPE, "room_id": room, "sender": node.user_id,
+            "event_id": "$p", "content": claimed("heard").content(),
+        }  # fmt: skip
+        for txn, event in (("1", batch), ("2", plain)):
+            async with http.put(f"{url}/{txn}", json={"events": [event]}, headers=headers) as r:
+                assert r.status == 200
+        await wait_for(lambda: asyncio.sleep(0, heard.ids() == ["heard"]), what="the intake")
+    finally:
+        await node.stop()

@@ -15,7 +15,7 @@ from cis_bot.matrix.identity import NodeIdentity
 from cis_bot.matrix.node import Node, PortInUse
 
 if TYPE_CHECKING:
-    from cis_bot.app.hsprocess import HomeserverProcess, LocalStart
+    from cis_bot.app.hsprocess import HomeserverProcess
     from cis_bot.homeserver.server import EmbeddedHomeserver
 
 log = structlog.get_logger(__name__)
@@ -53,7 +53,7 @@ async def open_connection(
     state_dir: Path,
     *,
     serve: bool = True,
-    started: LocalStart | None = None,
+    started: HomeserverProcess | None = None,
 ) -> Connection:
     """A node to work with in ``mode`` (``serve=False``: only to read rooms and post, no
     appservice; ``started``: the local homeserver this command started in a child)."""
@@ -151,7 +151,7 @@ async def connect_local(
 
 
 async def connect_started(
-    started: LocalStart,
+    process: HomeserverProcess,
     alias_prefix: str,
     *,
     allowed_users: tuple[str, ...] = (),
@@ -163,9 +163,9 @@ async def connect_started(
     then on the child is started again should it end before the run does."""
     from cis_bot.app.hsprocess import HomeserverProcess
 
-    directory = started.directory
+    directory, lock = process.directory, process.lock
     identity = attrs.evolve(
-        directory.local_identity(started.server_name, alias_prefix), allowed_users=allowed_users
+        directory.local_identity(process.server_name, alias_prefix), allowed_users=allowed_users
     )
     node = Node(identity)
     try:
@@ -175,18 +175,16 @@ async def connect_started(
             node.identity = attrs.evolve(identity, listen_port=0)
             node.identity = attrs.evolve(identity, listen_port=await node.listen())
             directory.save_registration(node.identity, alias_prefix)
-            await started.process.stop()
-            started.process = HomeserverProcess.start(
-                directory, started.lock, server_name=started.server_name
-            )
-        base_url = await started.process.ready(ready_timeout)
+            await process.stop()
+            process = HomeserverProcess.start(directory, lock, server_name=process.server_name)
+        base_url = await process.ready(ready_timeout)
         directory.publish_endpoint(base_url, standalone=False)
         await node.connect(base_url)
-        started.process.supervise(ready_timeout=ready_timeout)
+        process.supervise(ready_timeout=ready_timeout)
     except BaseException:
-        await started.process.stop()
+        await process.stop()
         await node.stop()
         directory.withdraw_endpoint()
-        started.lock.close()
+        lock.close()
         raise
-    return Connection(node, process=started.process, lock=started.lock, directory=directory)
+    return Connection(node, process=process, lock=lock, directory=directory)

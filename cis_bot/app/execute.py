@@ -18,7 +18,7 @@ from cis_bot.ids import new_run_id
 from cis_bot.run.driver import RunObserver
 
 if TYPE_CHECKING:
-    from cis_bot.app.hsprocess import LocalStart
+    from cis_bot.app.hsprocess import HomeserverProcess
 
 
 @attrs.frozen
@@ -33,7 +33,7 @@ class RunRequest:
     #: Federation mode: the only workers (node or user ids) the run may use.
     workers: tuple[str, ...] | None = None
     #: Local mode: the local homeserver, already starting in a child (``hsprocess.py``).
-    started: LocalStart | None = attrs.field(default=None, eq=False)
+    started: HomeserverProcess | None = attrs.field(default=None, eq=False)
 
 
 async def execute(

@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 from typing import IO
 
-import attrs
 import structlog
 
 from cis_bot.app.localhs import InUse, LocalHomeserverDir, run_alias_prefix
@@ -41,12 +40,18 @@ READY = "listening on "
 class HomeserverProcess:
     """One ``cis homeserver --for-run`` child (again, should it end while the run goes on)."""
 
-    def __init__(self, directory: LocalHomeserverDir, lock: IO[str], server_name: str) -> None:
+    def __init__(
+        self,
+        directory: LocalHomeserverDir,
+        lock: IO[str],
+        server_name: str,
+        proc: subprocess.Popen[bytes],
+    ) -> None:
         self.directory = directory
         self.lock = lock
         self.server_name = server_name
         self.base_url = ""
-        self._proc = self._spawn(port=0)
+        self._proc = proc
         self._pidfd = -1
         self._stopping = False
         self._restarts_left = 0
@@ -58,32 +63,7 @@ class HomeserverProcess:
         cls, directory: LocalHomeserverDir, lock: IO[str], *, server_name: str
     ) -> HomeserverProcess:
         """Start it on ``directory`` (held by ``lock``), loading the registrations there now."""
-        return cls(directory, lock, server_name)
-
-    def _spawn(self, port: int) -> subprocess.Popen[bytes]:
-        level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
-        argv = [
-            sys.executable,
-            "-m",
-            "cis_bot",
-            "homeserver",
-            "--for-run",
-            "--state-dir",
-            str(self.directory.path.parent),
-            "--port",
-            str(port),
-            "--server-name",
-            self.server_name,
-            "--log-level",
-            level,
-        ]
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            pass_fds=(self.lock.fileno(),),
-            start_new_session=True,
-        )
+        return cls(directory, lock, server_name, _spawn(directory, lock, server_name, port=0))
 
     @property
     def pid(self) -> int:
@@ -146,7 +126,7 @@ class HomeserverProcess:
             return
         self._restarts_left -= 1
         port = int(self.base_url.rsplit(":", 1)[1])
-        self._proc = self._spawn(port)
+        self._proc = _spawn(self.directory, self.lock, self.server_name, port)
         self._watch()  # should this one end too, the next try
         try:
             await self.ready(self._ready_timeout)
@@ -182,17 +162,35 @@ class HomeserverProcess:
                     pipe.close()
 
 
-@attrs.define
-class LocalStart:
-    """The local homeserver's directory, held by this process, and its homeserver starting."""
+def _spawn(
+    directory: LocalHomeserverDir, lock: IO[str], server_name: str, port: int
+) -> subprocess.Popen[bytes]:
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+    argv = [
+        sys.executable,
+        "-m",
+        "cis_bot",
+        "homeserver",
+        "--for-run",
+        "--state-dir",
+        str(directory.path.parent),
+        "--port",
+        str(port),
+        "--server-name",
+        server_name,
+        "--log-level",
+        level,
+    ]
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        pass_fds=(lock.fileno(),),
+        start_new_session=True,
+    )
 
-    directory: LocalHomeserverDir
-    lock: IO[str]
-    process: HomeserverProcess
-    server_name: str
 
-
-def start_local(state_dir: Path, config: Config) -> LocalStart | None:
+def start_local(state_dir: Path, config: Config) -> HomeserverProcess | None:
     """Hold the local homeserver's directory and start its homeserver for a run. None when
     another process runs it (``connect_local`` then uses it, or says why it cannot)."""
     server_name, alias_prefix = config.dag.matrix.home_server, run_alias_prefix(config)
@@ -207,4 +205,4 @@ def start_local(state_dir: Path, config: Config) -> LocalStart | None:
     except BaseException:
         lock.close()
         raise
-    return LocalStart(directory, lock, process, server_name)
+    return process

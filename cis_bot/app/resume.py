@@ -33,7 +33,7 @@ from cis_bot.matrix.runs import RoomRun, joined_rooms, pick_run, read_runs
 from cis_bot.run.driver import RunObserver
 
 if TYPE_CHECKING:
-    from cis_bot.app.hsprocess import LocalStart
+    from cis_bot.app.hsprocess import HomeserverProcess
 
 
 @attrs.frozen
@@ -87,7 +87,7 @@ async def resume(
     work_dir: Path,
     observers: Sequence[RunObserver] = (),
     on_started: OnStarted | None = None,
-    started: LocalStart | None = None,
+    started: HomeserverProcess | None = None,
 ) -> dict[str, Any]:
     """Resume the run ``wanted`` names (an id or a unique prefix); returns the report.
     ``started``: the local homeserver, already starting in a child (``hsprocess.py``)."""

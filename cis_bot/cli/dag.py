@@ -22,7 +22,7 @@ from cis_bot.errors import UserError
 if TYPE_CHECKING:
     from cis_bot.app.drive import OnStarted, StartedRun
     from cis_bot.app.execute import RunRequest
-    from cis_bot.app.hsprocess import LocalStart
+    from cis_bot.app.hsprocess import HomeserverProcess
     from cis_bot.cli.live import Attach, LiveProgress
     from cis_bot.config import Config, ExecutionMode
     from cis_bot.dag.spec import DagSpec
@@ -238,7 +238,9 @@ def _execute(args: argparse.Namespace) -> int:
     )
 
 
-def _start_homeserver(mode: ExecutionMode, state_dir: Path, config: Config) -> LocalStart | None:
+def _start_homeserver(
+    mode: ExecutionMode, state_dir: Path, config: Config
+) -> HomeserverProcess | None:
     """A local run's homeserver, started before the run's imports, the better part of its
     start: it loads on another core meanwhile (see cis_bot/app/hsprocess.py)."""
     from cis_bot.config import ExecutionMode
@@ -491,7 +493,7 @@ async def _resume_run(
     config: Config,
     mode: ExecutionMode,
     state_dir: Path,
-    started: LocalStart | None,
+    started: HomeserverProcess | None,
 ) -> dict[str, Any]:
     from cis_bot.app.resume import resume
 

@@ -58,6 +58,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+#: Waits between tries to read a room's power levels while the homeserver is away, before a
+#: batch from that room is dropped as unreadable.
+_POWERS_RETRY_SECS = (0.25, 0.5, 1.0)
+
 Listener = Callable[[str, Mapping[str, Any]], Awaitable[None]]
 #: A media upload: (data, mime type, file name) -> mxc URI.
 Upload = Callable[[bytes, str, str], Awaitable[str]]
@@ -233,19 +237,25 @@ class Node:
     async def _consume(self) -> None:
         while True:
             event = await self._queue.get()
-            room_id = event.get("room_id")
-            if not isinstance(room_id, str) or self._already_seen(event.get("event_id")):
-                continue
-            self._follow_power_levels(room_id, event)
-            if self._is_invite_for_me(event):
-                await self._on_invite(room_id, event)
-                continue
-            for each in await self._unpacked(room_id, event):
-                for listener in list(self._listeners):  # one may remove itself
-                    try:
-                        await listener(room_id, each)
-                    except Exception:
-                        log.exception("node.listener_failed", event_id=each.get("event_id"))
+            try:
+                await self._take(event)
+            except Exception:  # one event's trouble must not leave the node deaf for good
+                log.exception("node.event_failed", event_id=event.get("event_id"))
+
+    async def _take(self, event: dict[str, Any]) -> None:
+        room_id = event.get("room_id")
+        if not isinstance(room_id, str) or self._already_seen(event.get("event_id")):
+            return
+        self._follow_power_levels(room_id, event)
+        if self._is_invite_for_me(event):
+            await self._on_invite(room_id, event)
+            return
+        for each in await self._unpacked(room_id, event):
+            for listener in list(self._listeners):  # one may remove itself
+                try:
+                    await listener(room_id, each)
+                except Exception:
+                    log.exception("node.listener_failed", event_id=each.get("event_id"))
 
     async def _unpacked(self, room_id: str, event: dict[str, Any]) -> list[dict[str, Any]]:
         """The event, or the events a batch carries (``batch.py``), each as if sent alone."""
@@ -254,13 +264,21 @@ class Node:
         return unpack(event, await self._may_post(room_id, str(event.get("sender"))))
 
     async def _may_post(self, room_id: str, sender: str) -> MayPost:
-        """What ``sender`` may post in the room now (nothing, when its levels cannot be read)."""
-        try:
-            powers = await self._room_powers(room_id)
-        except MatrixRequestError as exc:
-            log.warning("room.power_levels_unread", room_id=room_id, error=exc.message)
+        """What ``sender`` may post in the room now (nothing, when its levels cannot be read:
+        refused, or the homeserver still away after a few tries)."""
+        waits = list(_POWERS_RETRY_SECS)
+        while True:
+            try:
+                return (await self._room_powers(room_id)).may_post(sender)
+            except MatrixConnectionError as exc:
+                if waits:
+                    await asyncio.sleep(waits.pop(0))
+                    continue
+                error = str(exc)
+            except MatrixRequestError as exc:
+                error = str(exc.message)
+            log.warning("room.power_levels_unread", room_id=room_id, error=error)
             return lambda _: False
-        return powers.may_post(sender)
 
     def _already_seen(self, event_id: object, keep: int = 20_000) -> bool:
         if not isinstance(event_id, str):

@@ -47,7 +47,7 @@ from cis_bot.dag.keys import (
     read_todo,
 )
 from cis_bot.dag.placement import parse_placement
-from cis_bot.dag.skills import Skill, SkillLibrary, UnknownSkill
+from cis_bot.dag.skills import SKILL_KEYS, Skill, SkillLibrary, UnknownSkill
 from cis_bot.dag.spec import (
     DEFAULT_AGENT_ALIAS,
     DEFAULT_RETRY,
@@ -71,20 +71,6 @@ from cis_bot.validation import (
 
 _DAG_KEYS = frozenset(
     {"name", "policy", "max_workers", "retry_backoff_secs", "tasks", "env", "todo", "adaptive"}
-)
-_SKILL_KEYS = frozenset(
-    {
-        "name",
-        "version",
-        "type",
-        "description",
-        "author",
-        "entry",
-        "icon",
-        "homepage",
-        "repository",
-        "license",
-    }
 )
 _TASK_KEYS = frozenset(
     {
@@ -226,8 +212,8 @@ def parse_dag(
 
 def _check_skill(skill: Table) -> str | None:
     """Validate CIS's ``[skill]`` header; returns its name."""
-    skill.reject_unknown(_SKILL_KEYS)
-    for key in _SKILL_KEYS - {"name", "type"}:
+    skill.reject_unknown(SKILL_KEYS)
+    for key in SKILL_KEYS - {"name", "type"}:
         skill.opt_string(key)
     kind = skill.opt_string("type")
     if kind is not None and kind != "dag":

@@ -70,7 +70,8 @@ class UnknownSkill(Exception):
         self.unreadable = tuple(unreadable)
 
 
-_SKILL_KEYS = frozenset(
+#: The keys of a ``[skill]`` header, in a skill file and in a DAG file that is one.
+SKILL_KEYS = frozenset(
     {
         "name",
         "version",
@@ -158,8 +159,8 @@ def read_skill(path: Path) -> Skill:
     header = root.table("skill")
     if header is None:
         root.fail("a skill file needs a [skill] table with its name and type", "skill")
-    header.reject_unknown(_SKILL_KEYS)
-    for key in _SKILL_KEYS - {"type"}:
+    header.reject_unknown(SKILL_KEYS)
+    for key in SKILL_KEYS - {"type"}:
         header.opt_string(key)
     name = header.opt_string("name", nonempty=True) or path.stem
     kind_text = header.string("type", nonempty=True)

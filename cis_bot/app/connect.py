@@ -164,9 +164,7 @@ async def connect_started(
     from cis_bot.app.hsprocess import HomeserverProcess
 
     directory, lock = process.directory, process.lock
-    identity = attrs.evolve(
-        directory.local_identity(process.server_name, alias_prefix), allowed_users=allowed_users
-    )
+    identity = attrs.evolve(process.node, allowed_users=allowed_users)
     node = Node(identity)
     try:
         try:
@@ -176,7 +174,7 @@ async def connect_started(
             node.identity = attrs.evolve(identity, listen_port=await node.listen())
             directory.save_registration(node.identity, alias_prefix)
             await process.stop()
-            process = HomeserverProcess.start(directory, lock, server_name=process.server_name)
+            process = HomeserverProcess.start(directory, lock, node.identity)
         base_url = await process.ready(ready_timeout)
         directory.publish_endpoint(base_url, standalone=False)
         await node.connect(base_url)

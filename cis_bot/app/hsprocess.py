@@ -30,6 +30,7 @@ import structlog
 from cis_bot.app.localhs import InUse, LocalHomeserverDir, run_alias_prefix
 from cis_bot.config import Config
 from cis_bot.errors import UserError
+from cis_bot.matrix.identity import NodeIdentity
 
 log = structlog.get_logger(__name__)
 
@@ -44,12 +45,13 @@ class HomeserverProcess:
         self,
         directory: LocalHomeserverDir,
         lock: IO[str],
-        server_name: str,
+        node: NodeIdentity,
         proc: subprocess.Popen[bytes],
     ) -> None:
         self.directory = directory
         self.lock = lock
-        self.server_name = server_name
+        #: The local node, as the registration it loaded says.
+        self.node = node
         self.base_url = ""
         self._proc = proc
         self._pidfd = -1
@@ -60,10 +62,12 @@ class HomeserverProcess:
 
     @classmethod
     def start(
-        cls, directory: LocalHomeserverDir, lock: IO[str], *, server_name: str
+        cls, directory: LocalHomeserverDir, lock: IO[str], node: NodeIdentity
     ) -> HomeserverProcess:
-        """Start it on ``directory`` (held by ``lock``), loading the registrations there now."""
-        return cls(directory, lock, server_name, _spawn(directory, lock, server_name, port=0))
+        """Start it on ``directory`` (held by ``lock``), loading the registrations there now,
+        ``node``'s among them."""
+        proc = _spawn(directory, lock, node.server_name, port=0)
+        return cls(directory, lock, node, proc)
 
     @property
     def pid(self) -> int:
@@ -126,7 +130,7 @@ class HomeserverProcess:
             return
         self._restarts_left -= 1
         port = int(self.base_url.rsplit(":", 1)[1])
-        self._proc = _spawn(self.directory, self.lock, self.server_name, port)
+        self._proc = _spawn(self.directory, self.lock, self.node.server_name, port)
         self._watch()  # should this one end too, the next try
         try:
             await self.ready(self._ready_timeout)
@@ -200,8 +204,8 @@ def start_local(state_dir: Path, config: Config) -> HomeserverProcess | None:
     except InUse:
         return None
     try:
-        directory.local_identity(server_name, alias_prefix)  # the registration it loads
-        process = HomeserverProcess.start(directory, lock, server_name=server_name)
+        node = directory.local_identity(server_name, alias_prefix)  # the registration it loads
+        process = HomeserverProcess.start(directory, lock, node)
     except BaseException:
         lock.close()
         raise
